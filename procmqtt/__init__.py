@@ -1,0 +1,10 @@
+"""procmqtt: run MQTT consumers on many CPU cores.
+
+One agent process holds the MQTT connection; N worker processes run your ``Worker.on_message``.
+"""
+
+from .message import Message
+from .worker import PublishHandle, Worker
+
+__version__ = "0.1.0"
+__all__ = ["Message", "PublishHandle", "Worker", "__version__"]

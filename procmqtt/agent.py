@@ -1,0 +1,518 @@
+"""The agent: the one process that holds the MQTT connection.
+
+One thread does everything, in one ``select`` loop: paho's socket (through paho's external-loop
+API), the shared publish channel, and every worker's channel. paho is never called from two
+threads, so no lock is needed and none can be left held. Everything here runs in the agent
+process, after fork.
+
+Delivery: a QoS 1 message is acknowledged to the broker only when a worker reports it done, so a
+message held by a worker that dies goes to another worker, and a message still held when the agent
+itself dies is sent again by the broker (persistent session). See README "Delivery guarantees".
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import json
+import os
+import random
+import select
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+
+from . import channel, logs
+from .backoff import Backoff
+from .config import Config
+from .dispatch import DISPATCHERS
+from .errors import ExitCode
+from .signals import SignalQueue
+
+CONNACK_TIMEOUT = 10.0
+"""Seconds to wait for CONNACK after the TCP connection is up (a TLS port answers nothing)."""
+TICK = 1.0
+"""Longest sleep of the loop: paho's keepalive and the orphan check run at least this often."""
+UPSTREAM_BATCH = 512
+"""Records read from the publish channel per pass, so the broker socket is never starved."""
+_AUTH_REFUSED = {134, 135}  # Bad user name or password, Not authorized (3.1.1 codes 4 and 5)
+
+
+class ConnState(enum.Enum):
+    DISCONNECTED = "disconnected"  # no socket; the next attempt is scheduled
+    CONNECTING = "connecting"  # CONNECT sent, waiting for CONNACK
+    CONNECTED = "connected"
+    CLOSING = "closing"  # DISCONNECT sent while stopping
+
+
+_TRANSITIONS = {
+    ConnState.DISCONNECTED: {ConnState.CONNECTING},
+    ConnState.CONNECTING: {ConnState.CONNECTED, ConnState.DISCONNECTED},
+    ConnState.CONNECTED: {ConnState.DISCONNECTED, ConnState.CLOSING},
+    ConnState.CLOSING: {ConnState.DISCONNECTED},
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+@dataclass
+class _Delivery:
+    delivery_id: int
+    mid: int
+    epoch: int  # connection the message arrived on; an ack on a later connection is meaningless
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    redelivered: bool
+    slot: int = -1
+
+
+@dataclass
+class _WorkerChannel:
+    slot: int
+    generation: int
+    sock: socket.socket
+    outstanding: set[int] = field(default_factory=set)
+    backlog: deque[channel.Record] = field(default_factory=deque)
+
+
+class Agent:
+    """Holds the broker connection; dispatches to workers and publishes for them."""
+
+    def __init__(self, config: Config, client_id: str, upstream: socket.socket,
+                 workers: dict[int, tuple[int, socket.socket]], state_dir: str, supervisor_pid: int) -> None:
+        """Runs in the agent process; ``workers`` maps slot to (generation, socket) at fork time."""
+        self.config = config
+        self.client_id = client_id
+        self.upstream = upstream
+        self.state_path = os.path.join(state_dir, "subscriptions.json")
+        self.supervisor_pid = supervisor_pid
+        self.log = logs.get("agent")
+        self.workers: dict[int, _WorkerChannel] = {}
+        for slot, (generation, sock) in workers.items():
+            sock.setblocking(False)
+            self.workers[slot] = _WorkerChannel(slot, generation, sock)
+        self.upstream.setblocking(False)
+        self.dispatcher = DISPATCHERS[config.workers.dispatch]()
+        self.prefetch = config.workers.prefetch
+        self.subscriptions = self._load_subscriptions()
+        self.state = ConnState.DISCONNECTED
+        self.epoch = 0
+        self.backoff = Backoff(base=0.5, cap=30.0)
+        self.next_attempt = 0.0
+        self.connack_deadline = 0.0
+        self.pending: deque[_Delivery] = deque()  # received, not yet given to a worker
+        self.deliveries: dict[int, _Delivery] = {}  # given to a worker, not yet done
+        self.delivery_ids = itertools.count(random.getrandbits(48))
+        self.publishes: dict[int, tuple[mqtt.MQTTMessageInfo, int, int, int]] = {}  # mid -> info, slot, gen, request
+        self.subscribe_requests: dict[int, list[str]] = {}
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.exit_code = ExitCode.OK
+        self.client: mqtt.Client = None  # type: ignore[assignment]  # created in run(), after fork
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """The agent process's main loop; returns its exit code."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor decides
+        self.signals = SignalQueue([signal.SIGTERM])
+        self.client = self._make_client()
+        self.log.info("agent started; broker %s:%d, client id %s, %d subscription(s)",
+                      self.config.mqtt.host, self.config.mqtt.port, self.client_id, len(self.subscriptions))
+        last_misc = 0.0
+        try:
+            while not self._finished():
+                self._step()
+                now = time.monotonic()
+                if now - last_misc >= TICK:
+                    last_misc = now
+                    self._tick(now)
+        finally:
+            sock = self.client.socket()
+            if sock is not None:
+                sock.close()
+        return self.exit_code
+
+    def _make_client(self) -> mqtt.Client:
+        m = self.config.mqtt
+        v5 = m.protocol == "5"
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else m.clean_session,
+            manual_ack=True,
+        )
+        if m.username is not None:
+            client.username_pw_set(m.username, m.password.value if m.password else None)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
+        if v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 0 if m.clean_session else m.session_expiry
+            props.ReceiveMaximum = min(65535, self.config.workers.count * self.prefetch)
+            client.connect_async(m.host, m.port, m.keepalive, clean_start=m.clean_session, properties=props)
+        else:
+            client.connect_async(m.host, m.port, m.keepalive)
+        return client
+
+    def _set_state(self, new: ConnState) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise IllegalTransition(f"agent connection: {self.state.value} -> {new.value}")
+        self.state = new
+
+    def _finished(self) -> bool:
+        if self.exit_code != ExitCode.OK:
+            return True
+        if not self.stopping:
+            return False
+        late = time.monotonic() >= self.stop_deadline
+        if self.workers and not late:
+            return False
+        if self.publishes and self.state is ConnState.CONNECTED and not late:
+            return False
+        if late and (self.workers or self.publishes):
+            self.log.warning("graceful timeout: %d worker(s) still running, %d publish(es) unconfirmed",
+                             len(self.workers), len(self.publishes))
+        self._disconnect()
+        return True
+
+    def _disconnect(self) -> None:
+        if self.state is not ConnState.CONNECTED:
+            return
+        self._set_state(ConnState.CLOSING)
+        self.client.disconnect()
+        deadline = time.monotonic() + 2.0
+        while self.client.want_write() and time.monotonic() < deadline and self.client.socket() is not None:
+            select.select([], [self.client.socket()], [], 0.1)
+            self.client.loop_write()
+        self.log.info("disconnected from the broker")
+
+    def begin_stop(self, reason: str) -> None:
+        """Stop dispatching; workers finish what they hold, then the agent flushes and leaves."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + self.config.workers.graceful_timeout
+        held = len(self.pending)
+        self.pending.clear()
+        self.log.info("stopping (%s): %d worker(s) finish what they hold; %d undispatched message(s) "
+                      "stay unacknowledged at the broker", reason, len(self.workers), held)
+        for worker in self.workers.values():
+            self._write(worker, channel.Stop())
+
+    # --- one pass of the loop ----------------------------------------------------------------
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        if self.state is ConnState.DISCONNECTED and now >= self.next_attempt and not self.stopping:
+            self._connect()
+        rlist: list[Any] = [self.upstream, self.signals]
+        wlist: list[Any] = []
+        by_sock: dict[socket.socket, _WorkerChannel] = {}
+        for worker in self.workers.values():
+            by_sock[worker.sock] = worker
+            rlist.append(worker.sock)
+            if worker.backlog:
+                wlist.append(worker.sock)
+        mqtt_sock = self.client.socket() if self.state is not ConnState.DISCONNECTED else None
+        if mqtt_sock is not None:
+            rlist.append(mqtt_sock)
+            if self.client.want_write():
+                wlist.append(mqtt_sock)
+        timeout = TICK
+        if self.state is ConnState.DISCONNECTED and not self.stopping:
+            timeout = max(0.0, min(timeout, self.next_attempt - now))
+        try:
+            readable, writable, _ = select.select(rlist, wlist, [], timeout)
+        except (OSError, ValueError):  # a socket closed under us by a paho callback; next pass rebuilds
+            return
+        if self.signals in readable and self.signals.pop():
+            self.begin_stop("SIGTERM received")
+        if mqtt_sock is not None and mqtt_sock in readable:
+            self.client.loop_read()
+        if self.upstream in readable:
+            self._read_upstream(UPSTREAM_BATCH)
+        gone = [by_sock[s] for s in readable if s in by_sock and self._at_eof(s)]
+        if gone:
+            # A dead worker's completions were queued on the publish channel before it died:
+            # read them all first, so nothing it finished is handed out again.
+            self._read_upstream(None)
+            for worker in gone:
+                if self.workers.get(worker.slot) is worker:
+                    self._forget_worker(worker)
+        for sock in writable:
+            worker = by_sock.get(sock)
+            if worker is not None and self.workers.get(worker.slot) is worker:
+                self._flush(worker)
+        if self.client.socket() is not None and self.client.want_write():
+            self.client.loop_write()
+
+    def _tick(self, now: float) -> None:
+        """Once a second: paho keepalive, CONNACK timeout, publish bookkeeping, orphan check."""
+        if self.state is not ConnState.DISCONNECTED and self.client.socket() is not None:
+            self.client.loop_misc()
+        if self.state is ConnState.CONNECTING and now >= self.connack_deadline:
+            self._set_state(ConnState.DISCONNECTED)
+            self._schedule_reconnect(f"no CONNACK within {CONNACK_TIMEOUT:g}s (is this an MQTT port?)")
+        if os.getppid() != self.supervisor_pid and not self.stopping:
+            self.begin_stop("the supervisor is gone")
+
+    # --- broker connection -------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        self._set_state(ConnState.CONNECTING)
+        try:
+            self.client.reconnect()
+        except (OSError, ValueError) as exc:
+            self._set_state(ConnState.DISCONNECTED)
+            self._schedule_reconnect(f"cannot connect: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+            return
+        self.connack_deadline = time.monotonic() + CONNACK_TIMEOUT
+        self._fail_lost_publishes()
+
+    def _schedule_reconnect(self, reason: str) -> None:
+        delay = self.backoff.next()
+        self.next_attempt = time.monotonic() + delay
+        m = self.config.mqtt
+        self.log.warning("broker %s:%d: %s; retrying in %.1fs", m.host, m.port, reason, delay)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            m = self.config.mqtt
+            if reason.value in _AUTH_REFUSED:
+                self.log.error("broker %s:%d refused the credentials of user %r: %s", m.host, m.port,
+                               m.username, reason)
+                self.exit_code = ExitCode.AUTH
+                return
+            self._set_state(ConnState.DISCONNECTED)
+            self._schedule_reconnect(f"connection refused: {reason}")
+            return
+        self._set_state(ConnState.CONNECTED)
+        self.backoff.reset()
+        self.epoch += 1
+        self.log.info("connected to %s:%d (session present: %s)", self.config.mqtt.host,
+                      self.config.mqtt.port, bool(flags.session_present))
+        if self.subscriptions:
+            self._subscribe(list(self.subscriptions.items()))
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if self.state in (ConnState.CLOSING, ConnState.DISCONNECTED) or self.exit_code != ExitCode.OK:
+            self.state = ConnState.DISCONNECTED  # expected: we closed it, or we are leaving
+            return
+        was_connected = self.state is ConnState.CONNECTED
+        self._set_state(ConnState.DISCONNECTED)
+        # Messages not yet given to a worker will come again from the broker (QoS 1) or are gone (QoS 0).
+        self.pending.clear()
+        if was_connected:
+            self.backoff.reset()
+        self._schedule_reconnect(f"connection lost ({reason})")
+
+    def _subscribe(self, subs: list[tuple[str, int]]) -> None:
+        rc, mid = self.client.subscribe(subs)
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+            self.subscribe_requests[mid] = [f for f, _ in subs]
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any], properties: Any) -> None:
+        filters = self.subscribe_requests.pop(mid, [])
+        granted = []
+        for topic_filter, reason in zip(filters, reasons):
+            if reason.is_failure:
+                self.log.error("the broker refused the subscription to %s: %s", topic_filter, reason)
+            else:
+                granted.append(f"{topic_filter} (qos {reason.value})")
+        if granted:
+            self.log.info("subscribed to %s", ", ".join(granted))
+
+    def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        for topic_filter in self.subscribe_requests.pop(mid, []):
+            self.log.info("unsubscribed from %s", topic_filter)
+
+    # --- messages in ---------------------------------------------------------------------------
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.qos == 2:
+            # paho has already sent PUBREC; holding PUBCOMP across a crash would strand the
+            # message (README "Delivery guarantees"), so QoS 2 completes on arrival.
+            client.ack(msg.mid, 2)
+        if self.stopping:
+            return  # QoS 1 stays unacknowledged at the broker; QoS 0 is dropped
+        self.pending.append(_Delivery(next(self.delivery_ids), msg.mid, self.epoch, msg.topic, msg.payload,
+                                      msg.qos, bool(msg.retain), bool(msg.dup)))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self.pending and not self.stopping:
+            ready = [slot for slot, w in self.workers.items() if len(w.outstanding) < self.prefetch]
+            if not ready:
+                return
+            worker = self.workers[self.dispatcher.choose(ready)]
+            d = self.pending.popleft()
+            d.slot = worker.slot
+            worker.outstanding.add(d.delivery_id)
+            self.deliveries[d.delivery_id] = d
+            self._write(worker, channel.Deliver(d.delivery_id, d.topic, d.payload, d.qos, d.retain, d.redelivered))
+
+    def _done(self, delivery_id: int) -> None:
+        d = self.deliveries.pop(delivery_id, None)
+        if d is None:
+            return  # finished for an earlier agent, or already redelivered
+        worker = self.workers.get(d.slot)
+        if worker is not None:
+            worker.outstanding.discard(delivery_id)
+        if d.qos == 1 and d.epoch == self.epoch and self.state is ConnState.CONNECTED:
+            self.client.ack(d.mid, 1)
+        self._dispatch()
+
+    # --- workers -------------------------------------------------------------------------------
+
+    def _write(self, worker: _WorkerChannel, record: channel.Record) -> None:
+        """Queue a record for a worker without ever blocking the loop."""
+        worker.backlog.append(record)
+        if len(worker.backlog) == 1:
+            self._flush(worker)
+
+    def _flush(self, worker: _WorkerChannel) -> None:
+        try:
+            while worker.backlog:
+                if not channel.send(worker.sock, worker.backlog[0], block=False):
+                    return
+                worker.backlog.popleft()
+        except OSError as exc:
+            if not channel.is_gone(exc):
+                raise
+            worker.backlog.clear()  # it is dead; its end of file arrives on the next pass
+
+    def _at_eof(self, sock: socket.socket) -> bool:
+        try:
+            return channel.receive(sock) is None
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    def _add_worker(self, record: channel.WorkerUp) -> None:
+        current = self.workers.get(record.slot)
+        if current is not None and current.generation >= record.generation:
+            record.sock.close()  # already known (inherited at fork), or stale
+            return
+        if current is not None:
+            self._forget_worker(current)
+        self.workers[record.slot] = _WorkerChannel(record.slot, record.generation, record.sock)
+        if self.stopping:
+            self._write(self.workers[record.slot], channel.Stop())
+        self._dispatch()
+
+    def _forget_worker(self, worker: _WorkerChannel) -> None:
+        """A worker is gone: what it held goes back to the front of the queue, marked redelivered."""
+        del self.workers[worker.slot]
+        worker.sock.close()
+        held = [self.deliveries.pop(i) for i in sorted(worker.outstanding) if i in self.deliveries]
+        if self.stopping:
+            if held:
+                self.log.warning("worker %d stopped holding %d message(s); QoS 1 ones stay at the broker",
+                                 worker.slot, len(held))
+            return
+        for d in reversed(held):
+            d.redelivered = True
+            self.pending.appendleft(d)
+        self.log.warning("worker %d is gone; %d unfinished message(s) go to other workers",
+                         worker.slot, len(held))
+        self._dispatch()
+
+    # --- the publish channel -----------------------------------------------------------------
+
+    def _read_upstream(self, limit: int | None) -> None:
+        count = 0
+        while limit is None or count < limit:
+            try:
+                record = channel.receive(self.upstream)
+            except BlockingIOError:
+                return
+            if record is None:
+                return
+            count += 1
+            self._handle_upstream(record)
+
+    def _handle_upstream(self, record: channel.Record) -> None:
+        if isinstance(record, channel.Done):
+            self._done(record.delivery_id)
+        elif isinstance(record, channel.Publish):
+            self._publish(record)
+        elif isinstance(record, channel.Subscribe):
+            self.subscriptions[record.topic_filter] = record.qos
+            self._save_subscriptions()
+            if self.state is ConnState.CONNECTED:
+                self._subscribe([(record.topic_filter, record.qos)])
+        elif isinstance(record, channel.Unsubscribe):
+            self.subscriptions.pop(record.topic_filter, None)
+            self._save_subscriptions()
+            if self.state is ConnState.CONNECTED:
+                _, mid = self.client.unsubscribe(record.topic_filter)
+                if mid is not None:
+                    self.subscribe_requests[mid] = [record.topic_filter]
+        elif isinstance(record, channel.WorkerUp):
+            self._add_worker(record)
+        elif isinstance(record, channel.StopAgent):
+            self.begin_stop("requested by the supervisor")
+
+    def _publish(self, record: channel.Publish) -> None:
+        info = self.client.publish(record.topic, record.payload, record.qos, record.retain)
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and record.qos == 0:
+            self._reply(record.slot, record.generation, record.request_id, info.rc)
+        elif info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            self.log.error("publish to %r failed: %s", record.topic, mqtt.error_string(info.rc))
+            self._reply(record.slot, record.generation, record.request_id, info.rc)
+        elif info.is_published():
+            self._reply(record.slot, record.generation, record.request_id, 0)
+        else:  # QoS 0 waiting for the socket, QoS 1/2 waiting for the broker (kept across reconnects)
+            self.publishes[info.mid] = (info, record.slot, record.generation, record.request_id)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        entry = self.publishes.pop(mid, None)
+        if entry is not None:
+            _, slot, generation, request_id = entry
+            self._reply(slot, generation, request_id, reason.value if reason.is_failure else 0)
+
+    def _fail_lost_publishes(self) -> None:
+        """paho drops unsent QoS 0 publishes on reconnect; tell their workers."""
+        for mid, (info, slot, generation, request_id) in list(self.publishes.items()):
+            if info.rc == MQTTErrorCode.MQTT_ERR_CONN_LOST:
+                del self.publishes[mid]
+                self._reply(slot, generation, request_id, info.rc)
+
+    def _reply(self, slot: int, generation: int, request_id: int, error: int) -> None:
+        worker = self.workers.get(slot)
+        if worker is not None and worker.generation == generation:
+            self._write(worker, channel.Published(request_id, int(error)))
+
+    # --- subscriptions survive agent restarts ------------------------------------------------
+
+    def _load_subscriptions(self) -> dict[str, int]:
+        try:
+            with open(self.state_path, encoding="utf-8") as f:
+                return {str(k): int(v) for k, v in json.load(f).items()}
+        except FileNotFoundError:
+            return {s.topic_filter: s.qos for s in self.config.mqtt.topics}
+
+    def _save_subscriptions(self) -> None:
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.subscriptions, f)
+        os.replace(tmp, self.state_path)

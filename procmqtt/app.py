@@ -1,0 +1,61 @@
+"""Loading the user's app: ``package.module:Class`` or ``path/to/file.py:Class``."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+from .errors import AppError
+from .worker import Worker
+
+
+def load_app(spec: str) -> type[Worker]:
+    """Import the Worker subclass named by ``spec``, in the supervisor before any fork.
+
+    Importing once, before fork, means an import error stops ``procmqtt`` at once (exit 3) and the
+    workers share the imported code's memory.
+    """
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise AppError(f"APP {spec!r}: expected package.module:Class or path/to/file.py:Class")
+    try:
+        if module_part.endswith(".py") or os.sep in module_part:
+            module = _import_file(spec, module_part)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_part)
+    except AppError:
+        raise
+    except ModuleNotFoundError as exc:
+        raise AppError(f"APP {spec!r}: cannot import {module_part}: {exc}") from None
+    except Exception as exc:
+        raise AppError(f"APP {spec!r}: importing {module_part} raised "
+                       f"{type(exc).__name__}: {exc}") from exc
+    obj = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AppError(f"APP {spec!r}: {module_part} has no attribute {attr!r}") from None
+    if not (isinstance(obj, type) and issubclass(obj, Worker)) or obj is Worker:
+        raise AppError(f"APP {spec!r}: {attr} is not a subclass of procmqtt.Worker")
+    return obj
+
+
+def _import_file(spec: str, path: str):  # type: ignore[no-untyped-def]
+    if not os.path.isfile(path):
+        raise AppError(f"APP {spec!r}: no such file {path}")
+    name = os.path.splitext(os.path.basename(path))[0]
+    directory = os.path.dirname(os.path.abspath(path))
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise AppError(f"APP {spec!r}: cannot load {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,280 @@
+"""Record channels between the supervisor, the agent and the workers.
+
+Every channel is an ``AF_UNIX``/``SOCK_SEQPACKET`` socket pair. The kernel queues each ``sendmsg``
+as one whole datagram or not at all, and hands each one out whole to one ``recvmsg``. So a process
+killed at any instant, mid-send or mid-receive, can neither leave a torn record behind nor hold a
+lock that others wait on: the failure that wedges ``multiprocessing.Queue`` cannot happen here.
+
+A record too large to travel inline (``INLINE_MAX``) is written to an anonymous memory file whose
+descriptor rides in the datagram (``SCM_RIGHTS``). The datagram with its descriptor is still one
+atomic unit, so large payloads need no chunking and no reassembly state that a dead writer could
+leave half-filled. The same descriptor passing carries a new worker's socket to the agent.
+
+Record layouts are ``struct`` formats; the first byte is the kind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import tempfile
+from dataclasses import dataclass
+from typing import Union
+
+INLINE_MAX = 32 * 1024
+"""Largest record sent inline; larger ones go through a memory file."""
+
+SOCKET_BUFFER = 1024 * 1024
+"""Requested send buffer per socket (the kernel caps it at net.core.wmem_max)."""
+
+_MAX_FDS = 4
+_ANCDATA_SIZE = socket.CMSG_SPACE(_MAX_FDS * struct.calcsize("i"))
+
+# Kinds: downstream (agent -> worker)
+DELIVER = 1
+PUBLISHED = 2
+STOP = 3
+# Kinds: upstream (workers and supervisor -> agent)
+DONE = 10
+PUBLISH = 11
+SUBSCRIBE = 12
+UNSUBSCRIBE = 13
+WORKER_UP = 20
+STOP_AGENT = 21
+# A record stored in the attached memory file.
+BLOB = 255
+
+_DELIVER = struct.Struct("!BQBBBH")  # kind, delivery id, qos, retain, redelivered, topic length
+_PUBLISHED = struct.Struct("!BQB")  # kind, request id, error code (0 = ok)
+_DONE = struct.Struct("!BQ")  # kind, delivery id
+_PUBLISH = struct.Struct("!BHIQBBH")  # kind, slot, generation, request id, qos, retain, topic length
+_SUBSCRIBE = struct.Struct("!BB")  # kind, qos; the filter follows
+_WORKER_UP = struct.Struct("!BHI")  # kind, slot, generation; the worker's socket is attached
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    delivery_id: int
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    redelivered: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    request_id: int
+    error: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    delivery_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    slot: int
+    generation: int
+    request_id: int
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    topic_filter: str
+    qos: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    topic_filter: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerUp:
+    slot: int
+    generation: int
+    sock: socket.socket
+
+
+@dataclass(frozen=True, slots=True)
+class StopAgent:
+    pass
+
+
+Record = Union[Deliver, Published, Stop, Done, Publish, Subscribe, Unsubscribe, WorkerUp, StopAgent]
+
+
+class ChannelError(Exception):
+    """A record that cannot be decoded: a bug, never a dead peer."""
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    """A connected channel; created in the supervisor before fork."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (a, b):
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        except OSError:  # pragma: no cover - the kernel keeps its default
+            pass
+    return a, b
+
+
+def encode(record: Record) -> bytes:
+    """Serialize a record (all kinds but ``WorkerUp``, whose payload is a descriptor)."""
+    if isinstance(record, Deliver):
+        topic = record.topic.encode()
+        head = _DELIVER.pack(DELIVER, record.delivery_id, record.qos, record.retain,
+                             record.redelivered, len(topic))
+        return b"".join((head, topic, record.payload))
+    if isinstance(record, Published):
+        return _PUBLISHED.pack(PUBLISHED, record.request_id, record.error)
+    if isinstance(record, Done):
+        return _DONE.pack(DONE, record.delivery_id)
+    if isinstance(record, Publish):
+        topic = record.topic.encode()
+        head = _PUBLISH.pack(PUBLISH, record.slot, record.generation, record.request_id,
+                             record.qos, record.retain, len(topic))
+        return b"".join((head, topic, record.payload))
+    if isinstance(record, Subscribe):
+        return _SUBSCRIBE.pack(SUBSCRIBE, record.qos) + record.topic_filter.encode()
+    if isinstance(record, Unsubscribe):
+        return bytes((UNSUBSCRIBE,)) + record.topic_filter.encode()
+    if isinstance(record, Stop):
+        return bytes((STOP,))
+    if isinstance(record, StopAgent):
+        return bytes((STOP_AGENT,))
+    raise TypeError(f"cannot encode {record!r}")
+
+
+def decode(data: bytes, fds: list[int]) -> Record:
+    """Turn one received datagram (and its descriptors) back into a record."""
+    kind = data[0]
+    if kind == DELIVER:
+        _, did, qos, retain, redelivered, tlen = _DELIVER.unpack_from(data)
+        start = _DELIVER.size
+        topic = data[start:start + tlen].decode()
+        return Deliver(did, topic, data[start + tlen:], qos, bool(retain), bool(redelivered))
+    if kind == PUBLISHED:
+        _, rid, error = _PUBLISHED.unpack(data)
+        return Published(rid, error)
+    if kind == DONE:
+        return Done(_DONE.unpack(data)[1])
+    if kind == PUBLISH:
+        _, slot, gen, rid, qos, retain, tlen = _PUBLISH.unpack_from(data)
+        start = _PUBLISH.size
+        topic = data[start:start + tlen].decode()
+        return Publish(slot, gen, rid, topic, data[start + tlen:], qos, bool(retain))
+    if kind == SUBSCRIBE:
+        return Subscribe(data[_SUBSCRIBE.size:].decode(), data[1])
+    if kind == UNSUBSCRIBE:
+        return Unsubscribe(data[1:].decode())
+    if kind == WORKER_UP:
+        _, slot, gen = _WORKER_UP.unpack(data)
+        if len(fds) != 1:
+            raise ChannelError("worker-up record without its socket")
+        sock = socket.socket(fileno=fds[0])
+        sock.setblocking(False)
+        return WorkerUp(slot, gen, sock)
+    if kind == STOP:
+        return Stop()
+    if kind == STOP_AGENT:
+        return StopAgent()
+    raise ChannelError(f"unknown record kind {kind}")
+
+
+def _memory_file(data: bytes) -> int:
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("procmqtt-record", os.MFD_CLOEXEC)
+    else:  # pragma: no cover - non-Linux
+        fd = os.dup(tempfile.TemporaryFile().fileno())
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return fd
+
+
+def _read_memory_file(fd: int) -> bytes:
+    try:
+        size = os.fstat(fd).st_size
+        chunks = []
+        offset = 0
+        while offset < size:
+            chunk = os.pread(fd, size - offset, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def send(sock: socket.socket, record: Record, *, block: bool = True) -> bool:
+    """Send one record. Returns False only when ``block`` is False and the channel is full.
+
+    Raises ``OSError`` (EPIPE, ECONNRESET) when the peer is gone for good.
+    """
+    flags = 0 if block else socket.MSG_DONTWAIT
+    if isinstance(record, WorkerUp):
+        data = _WORKER_UP.pack(WORKER_UP, record.slot, record.generation)
+        fds = [record.sock.fileno()]
+    else:
+        data = encode(record)
+        fds = []
+    fd_to_close = None
+    if len(data) > INLINE_MAX:
+        fd_to_close = _memory_file(data)
+        data, fds = bytes((BLOB,)), [fd_to_close]
+    try:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+        sock.sendmsg([data], ancillary, flags)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        if fd_to_close is not None:
+            os.close(fd_to_close)
+
+
+def receive(sock: socket.socket) -> Record | None:
+    """Receive one record; None at end of file (every peer closed its end).
+
+    Raises ``BlockingIOError`` on a non-blocking socket with nothing queued.
+    """
+    data, ancdata, msg_flags, _ = sock.recvmsg(INLINE_MAX + 64, _ANCDATA_SIZE)
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % struct.calcsize("i")
+            fds.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
+    if msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise ChannelError("truncated record")
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None
+    if data[0] == BLOB:
+        if len(fds) != 1:
+            raise ChannelError("blob record without its memory file")
+        return decode(_read_memory_file(fds[0]), [])
+    return decode(data, fds)
+
+
+def is_gone(exc: OSError) -> bool:
+    """True when a send failed because the peer closed its end."""
+    return exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)

@@ -1,0 +1,34 @@
+"""Exit codes and the errors that map to them: one table, shared by every process."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes of ``procmqtt``; documented in README.md."""
+
+    OK = 0
+    """Stopped gracefully."""
+    FORCED = 1
+    """Stopped forcibly (a second signal or the graceful timeout) or an internal error."""
+    USAGE = 2
+    """Bad command line or configuration."""
+    APP = 3
+    """The app could not be imported, is not a Worker subclass, or a worker failed to boot."""
+    AUTH = 4
+    """The broker refused our credentials."""
+
+
+class ProcmqttError(Exception):
+    """A user mistake with a one-line explanation; never shown as a traceback."""
+
+    exit_code = ExitCode.FORCED
+
+
+class ConfigError(ProcmqttError):
+    exit_code = ExitCode.USAGE
+
+
+class AppError(ProcmqttError):
+    exit_code = ExitCode.APP

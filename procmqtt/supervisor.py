@@ -1,0 +1,294 @@
+"""The supervisor: forks the agent and the workers, restarts what dies, stops everything in order.
+
+Modelled on gunicorn's arbiter. Signal handlers only queue the signal; ``run()`` shows one whole
+pass in order: signals, reaping, then either reconciling the process count or driving the stop.
+The supervisor never touches the broker and never blocks on a channel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from . import channel, logs
+from .agent import Agent
+from .backoff import Backoff
+from .config import Config, default_client_id
+from .errors import ExitCode
+from .signals import SignalQueue
+from .worker import Worker, serve
+
+STOP_MARGIN = 5.0
+"""Seconds past ``graceful_timeout`` before the supervisor SIGKILLs what is left."""
+STABLE_AFTER = 5.0
+"""A child that lived this long resets its restart backoff."""
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@dataclass
+class Child:
+    role: str  # "agent" or "worker"
+    slot: int  # the worker's id; -1 for the agent
+    generation: int  # unique per fork, so the agent can tell a replacement from a stale record
+    pid: int
+    started: float
+    agent_end: socket.socket | None = None  # a worker's channel, the end the agent uses
+
+
+class Supervisor:
+    """Runs in the process ``procmqtt run`` started; constructing it has no side effects."""
+
+    def __init__(self, app: type[Worker], app_spec: str, config: Config) -> None:
+        self.app = app
+        self.app_spec = app_spec
+        self.config = config
+        self.client_id = config.mqtt.client_id or default_client_id(app_spec)
+        self.log = logs.get("supervisor")
+        self.children: dict[int, Child] = {}
+        self.generations = itertools.count(1)
+        self.restart_at: dict[int, float] = {}  # slot (-1: agent) -> earliest restart time
+        self.backoffs: dict[int, Backoff] = {}
+        self.control: deque[channel.Record] = deque()  # records for the agent, sent without blocking
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.workers_signalled = False
+        self.exit_code = ExitCode.OK
+
+    # --- the main loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Supervise until stopped; returns the exit code for ``procmqtt run``."""
+        self.setup()
+        try:
+            while True:
+                self.handle_signals()
+                self.reap_children()
+                if self.stopping:
+                    if not self.children:
+                        break
+                    self.drive_stop()
+                else:
+                    self.reconcile()
+                self.flush_control()
+                self.sleep()
+        finally:
+            self.teardown()
+        self.log.info("stopped (exit code %d)", self.exit_code)
+        return self.exit_code
+
+    def setup(self) -> None:
+        self.pid = os.getpid()
+        self.state_dir = tempfile.mkdtemp(prefix="procmqtt-")
+        self.upstream_agent, self.upstream_writers = channel.pair()
+        # Blocking mode is shared by every process holding the socket: the workers block on a full
+        # channel, the supervisor never does (it sends with MSG_DONTWAIT).
+        self.signals = SignalQueue([*_STOP_SIGNALS, signal.SIGQUIT, signal.SIGCHLD])
+        m, w = self.config.mqtt, self.config.workers
+        self.log.info("procmqtt starting %s: %d worker(s), broker %s:%d, client id %s",
+                      self.app_spec, w.count, m.host, m.port, self.client_id)
+
+    def teardown(self) -> None:
+        self.signals.close()
+        for child in self.children.values():  # only after an internal error
+            _kill(child.pid, signal.SIGKILL)
+        for child in self.children.values():
+            if child.agent_end is not None:
+                child.agent_end.close()
+        self.upstream_agent.close()
+        self.upstream_writers.close()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def sleep(self) -> None:
+        now = time.monotonic()
+        wake = [now + 1.0, *self.restart_at.values()]
+        if self.stopping:
+            wake.append(self.stop_deadline)
+        if self.control:
+            wake.append(now + 0.05)
+        select.select([self.signals], [], [], max(0.0, min(wake) - now))
+
+    # --- signals -------------------------------------------------------------------------------
+
+    def handle_signals(self) -> None:
+        for signum in self.signals.pop():
+            name = signal.Signals(signum).name
+            if signum == signal.SIGCHLD:
+                continue  # reaping happens every pass
+            if signum == signal.SIGQUIT or (signum in _STOP_SIGNALS and self.stopping):
+                self.log.warning("%s: stopping now", name)
+                self.kill_all()
+            elif signum in _STOP_SIGNALS:
+                self.begin_stop(f"{name} received")
+
+    # --- children ------------------------------------------------------------------------------
+
+    def reap_children(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is not None:
+                self.child_exited(child, os.waitstatus_to_exitcode(status))
+
+    def child_exited(self, child: Child, code: int) -> None:
+        if child.agent_end is not None:
+            child.agent_end.close()
+        name = "agent" if child.role == "agent" else f"worker {child.slot}"
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        if self.stopping:
+            self.log.log(logging.INFO if code == 0 else logging.WARNING, "%s (pid %d) %s", name, child.pid, how)
+            return
+        if child.role == "agent" and code == ExitCode.AUTH:
+            self.fatal(ExitCode.AUTH, "the broker refused the credentials; see the agent's error above")
+            return
+        if child.role == "worker" and code == ExitCode.APP:
+            self.fatal(ExitCode.APP, f"worker {child.slot} failed to boot; see the traceback above")
+            return
+        backoff = self.backoffs.setdefault(child.slot, Backoff(base=0.5, cap=10.0))
+        if time.monotonic() - child.started >= STABLE_AFTER:
+            backoff.reset()
+        delay = backoff.next()
+        self.restart_at[child.slot] = time.monotonic() + delay
+        self.log.warning("%s (pid %d) %s; restarting in %.1fs", name, child.pid, how, delay)
+
+    def reconcile(self) -> None:
+        """Start whatever is missing and due: the agent, then each worker slot."""
+        now = time.monotonic()
+        running = {c.slot for c in self.children.values()}
+        for slot in (-1, *range(self.config.workers.count)):
+            if slot not in running and now >= self.restart_at.get(slot, 0.0):
+                self.restart_at.pop(slot, None)
+                if slot == -1:
+                    self.spawn_agent()
+                else:
+                    self.spawn_worker(slot)
+
+    def spawn_agent(self) -> None:
+        workers = {c.slot: (c.generation, c.agent_end) for c in self.children.values() if c.agent_end}
+        keep = [self.upstream_agent, *(sock for _, sock in workers.values())]
+
+        def main() -> int:
+            agent = Agent(self.config, self.client_id, self.upstream_agent, workers,  # type: ignore[arg-type]
+                          self.state_dir, self.pid)
+            return agent.run()
+        self._fork("agent", -1, main, keep)
+
+    def spawn_worker(self, slot: int) -> None:
+        agent_end, worker_end = channel.pair()
+        generation = next(self.generations)
+
+        def main() -> int:
+            return serve(self.app, slot, generation, self.config, worker_end, self.upstream_writers)
+        child = self._fork(f"worker-{slot}", slot, main, [worker_end, self.upstream_writers],
+                           generation=generation)
+        worker_end.close()
+        child.agent_end = agent_end
+        self.control.append(channel.WorkerUp(slot, generation, agent_end))
+
+    def _fork(self, role: str, slot: int, main: Callable[[], int], keep: list[socket.socket],
+              generation: int | None = None) -> Child:
+        generation = generation if generation is not None else next(self.generations)
+        pid = os.fork()
+        if pid == 0:  # child: never returns into the supervisor's code
+            code: int = ExitCode.FORCED
+            try:
+                logs.set_role(role)
+                self.signals.close()
+                self._close_except(keep)
+                code = main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else ExitCode.FORCED
+            except Exception:
+                self.log.exception("%s crashed", role)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        child = Child(role.split("-")[0], slot, generation, pid, time.monotonic())
+        self.children[pid] = child
+        self.log.info("started %s (pid %d)", role.replace("-", " "), pid)
+        return child
+
+    def _close_except(self, keep: list[socket.socket]) -> None:
+        """In a new child: drop the channel ends that belong to other processes."""
+        owned = [self.upstream_agent, self.upstream_writers,
+                 *(c.agent_end for c in self.children.values() if c.agent_end)]
+        for sock in owned:
+            if sock not in keep:
+                sock.close()
+
+    # --- talking to the agent --------------------------------------------------------------------
+
+    def flush_control(self) -> None:
+        while self.control:
+            record = self.control[0]
+            if isinstance(record, channel.WorkerUp) and record.sock.fileno() == -1:
+                self.control.popleft()  # that worker is already gone
+                continue
+            try:
+                if not channel.send(self.upstream_writers, record, block=False):
+                    return  # the agent is busy or down; try again next pass
+            except OSError as exc:
+                self.log.error("cannot reach the agent: %s", exc)
+                return
+            self.control.popleft()
+
+    # --- stopping ------------------------------------------------------------------------------
+
+    def begin_stop(self, reason: str) -> None:
+        """Graceful stop: the agent stops dispatching, workers finish, publishes flush."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.restart_at.clear()
+        timeout = self.config.workers.graceful_timeout
+        self.stop_deadline = time.monotonic() + timeout + STOP_MARGIN
+        self.log.info("%s: stopping gracefully (up to %gs)", reason, timeout)
+        self.control.append(channel.StopAgent())
+
+    def drive_stop(self) -> None:
+        agent_alive = any(c.role == "agent" for c in self.children.values())
+        if not agent_alive and not self.workers_signalled:
+            # Without an agent no one tells the workers to stop; do it directly.
+            self.workers_signalled = True
+            for child in self.children.values():
+                _kill(child.pid, signal.SIGTERM)
+        if time.monotonic() >= self.stop_deadline:
+            self.log.error("graceful stop timed out; killing %d process(es)", len(self.children))
+            self.kill_all()
+
+    def kill_all(self) -> None:
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + STOP_MARGIN
+        if self.exit_code == ExitCode.OK:
+            self.exit_code = ExitCode.FORCED
+        for child in self.children.values():
+            _kill(child.pid, signal.SIGKILL)
+
+    def fatal(self, code: ExitCode, message: str) -> None:
+        self.log.error("%s; stopping with exit code %d", message, code)
+        self.exit_code = code
+        self.begin_stop("fatal error")
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,52 @@
+"""MQTT topic names and filters, checked before anything reaches the broker.
+
+The broker would reject a bad filter with a SUBACK failure long after startup; checking here turns
+a typo into a startup error that names the key.
+"""
+
+from __future__ import annotations
+
+MAX_TOPIC_BYTES = 65535
+
+
+def filter_problem(topic_filter: object) -> str | None:
+    """Why ``topic_filter`` is not a valid MQTT subscription filter, or None when it is.
+
+    Accepts shared subscriptions (``$share/<group>/<filter>``).
+    """
+    if not isinstance(topic_filter, str):
+        return "a topic filter must be a string"
+    if not topic_filter:
+        return "a topic filter must not be empty"
+    if "\x00" in topic_filter:
+        return "a topic filter must not contain NUL"
+    if len(topic_filter.encode()) > MAX_TOPIC_BYTES:
+        return f"a topic filter must be at most {MAX_TOPIC_BYTES} bytes"
+    levels = topic_filter.split("/")
+    if levels[0] == "$share":
+        if len(levels) < 3 or not levels[1] or any(c in levels[1] for c in "+#"):
+            return "a shared subscription must look like $share/<group>/<filter>"
+        levels = levels[2:]
+        if not "/".join(levels):
+            return "a shared subscription must look like $share/<group>/<filter>"
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return "'#' must be a whole level and the last one"
+        if "+" in level and level != "+":
+            return "'+' must be a whole level"
+    return None
+
+
+def topic_problem(topic: object) -> str | None:
+    """Why ``topic`` is not a valid topic name to publish to, or None when it is."""
+    if not isinstance(topic, str):
+        return "a topic must be a string"
+    if not topic:
+        return "a topic must not be empty"
+    if "+" in topic or "#" in topic:
+        return "a topic to publish to must not contain wildcards ('+' or '#')"
+    if "\x00" in topic:
+        return "a topic must not contain NUL"
+    if len(topic.encode()) > MAX_TOPIC_BYTES:
+        return f"a topic must be at most {MAX_TOPIC_BYTES} bytes"
+    return None

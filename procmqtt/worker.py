@@ -1,0 +1,249 @@
+"""The ``Worker`` base class users subclass, and the loop that runs it in a worker process.
+
+A worker never talks to the broker. It reads deliveries from its own channel (written only by the
+agent), and sends completions, publishes and subscription changes on the publish channel that all
+workers share. Everything here runs in the worker process, after fork.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import select
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from . import channel, logs
+from .config import Config
+from .errors import ExitCode
+from .message import Message
+from .signals import SignalQueue
+from .topics import filter_problem, topic_problem
+
+Payload = Any  # bytes, str, None, or a JSON-serialisable object
+
+
+def to_bytes(payload: Payload) -> bytes:
+    """bytes stay bytes, str is UTF-8, None is empty, anything else is compact JSON."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    if payload is None:
+        return b""
+    return json.dumps(payload, separators=(",", ":")).encode("utf-8")
+
+
+class PublishHandle:
+    """What ``Worker.publish`` returns: ``wait()`` tells whether the publish reached the broker."""
+
+    def __init__(self, link: _AgentLink, request_id: int) -> None:
+        self._link = link
+        self.request_id = request_id
+        self.error: int | None = None  # paho's error code once known; 0 is success
+        self._done = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the agent handed the message to the broker (QoS 0) or the broker acknowledged
+        it (QoS 1/2); False when it failed or ``timeout`` seconds passed first."""
+        return self._link.wait_for(self, timeout)
+
+    def _resolve(self, error: int) -> None:
+        self.error = error
+        self._done.set()
+
+
+class _AgentLink:
+    """The worker's ends of the channels: its inbound socket and the shared publish channel."""
+
+    def __init__(self, slot: int, generation: int, inbound: socket.socket,
+                 upstream: socket.socket, wakeup: int | None = None) -> None:
+        self.slot = slot
+        self.generation = generation
+        self.inbound = inbound
+        self.upstream = upstream
+        self.wakeup = wakeup
+        self.closed = False  # the agent side is gone for good (end of file)
+        self._inbox: deque[channel.Record] = deque()
+        self._handles: dict[int, PublishHandle] = {}
+        self._requests = itertools.count(1)
+        self._lock = threading.Lock()  # one reader of ``inbound`` at a time
+
+    def send(self, record: channel.Record) -> None:
+        channel.send(self.upstream, record)
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> PublishHandle:
+        handle = PublishHandle(self, next(self._requests))
+        self._handles[handle.request_id] = handle
+        self.send(channel.Publish(self.slot, self.generation, handle.request_id, topic, payload, qos, retain))
+        return handle
+
+    def _pump(self, timeout: float | None, *, wake_on_signal: bool = True) -> bool:
+        """Read whatever the agent sent within ``timeout``; True if anything (or a signal) arrived."""
+        fds: list[Any] = [self.inbound]
+        if wake_on_signal and self.wakeup is not None:
+            fds.append(self.wakeup)
+        readable, _, _ = select.select(fds, [], [], timeout)
+        if self.inbound not in readable:
+            return bool(readable)
+        while True:
+            try:
+                record = channel.receive(self.inbound)
+            except BlockingIOError:
+                return True
+            except ConnectionResetError:
+                record = None
+            if record is None:
+                self.closed = True
+                return True
+            if isinstance(record, channel.Published):
+                handle = self._handles.pop(record.request_id, None)
+                if handle is not None:
+                    handle._resolve(record.error)
+            else:
+                self._inbox.append(record)
+
+    def next(self, timeout: float | None = None) -> channel.Record | None:
+        """The next delivery or stop record, or None (timeout, signal, or the agent side closed)."""
+        if not self._inbox and not self.closed:
+            with self._lock:
+                self._pump(timeout)
+        return self._inbox.popleft() if self._inbox else None
+
+    def wait_for(self, handle: PublishHandle, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not handle._done.is_set() and not self.closed:
+            remaining = 0.1 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if self._lock.acquire(blocking=False):
+                try:
+                    self._pump(min(remaining, 0.1), wake_on_signal=False)
+                finally:
+                    self._lock.release()
+            else:  # another thread is reading; it resolves our handle too
+                handle._done.wait(min(remaining, 0.01))
+        return handle._done.is_set() and handle.error == 0
+
+
+class Worker:
+    """Subclass this and implement ``on_message``.
+
+    One instance lives in each worker process; it is created after fork, so ``__init__`` and
+    ``on_start`` may open connections and files freely. ``worker_id``, ``config`` and ``log`` are
+    set before ``on_start`` runs.
+    """
+
+    worker_id: int
+    config: Config
+    log: logging.Logger
+    _link: _AgentLink | None = None
+
+    def on_start(self) -> None:
+        """Called once in the worker process before the first message."""
+
+    def on_message(self, message: Message) -> None:
+        """Called for each message this worker is given."""
+        raise NotImplementedError(f"{type(self).__name__} must implement on_message")
+
+    def on_stop(self) -> None:
+        """Called once when the worker stops gracefully."""
+
+    def publish(self, topic: str, payload: Payload = b"", qos: int = 0, retain: bool = False) -> PublishHandle:
+        """Publish through the agent. ``payload``: bytes, str (UTF-8) or a JSON-serialisable object."""
+        problem = topic_problem(topic)
+        if problem:
+            raise ValueError(f"publish: {problem}, got {topic!r}")
+        _check_qos(qos)
+        return self._require_link().publish(topic, to_bytes(payload), qos, bool(retain))
+
+    def subscribe(self, topic_filter: str, qos: int = 0) -> None:
+        """Subscribe the whole app (not just this worker); kept across reconnects and agent restarts."""
+        problem = filter_problem(topic_filter)
+        if problem:
+            raise ValueError(f"subscribe: {problem}, got {topic_filter!r}")
+        _check_qos(qos)
+        self._require_link().send(channel.Subscribe(topic_filter, qos))
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Unsubscribe the whole app from ``topic_filter``."""
+        problem = filter_problem(topic_filter)
+        if problem:
+            raise ValueError(f"unsubscribe: {problem}, got {topic_filter!r}")
+        self._require_link().send(channel.Unsubscribe(topic_filter))
+
+    def handle(self, message: Message) -> bool:
+        """Run ``on_message`` for one message; log (never raise) its exception. True on success.
+
+        The one code path for every message, in production and in tests.
+        """
+        try:
+            self.on_message(message)
+            return True
+        except Exception:
+            self.log.exception("on_message failed for topic %r", message.topic)
+            return False
+
+    def _attach(self, worker_id: int, config: Config, link: _AgentLink | None) -> None:
+        self.worker_id = worker_id
+        self.config = config
+        self.log = logging.getLogger(f"procmqtt.app.{type(self).__name__}")
+        self._link = link
+
+    def _require_link(self) -> _AgentLink:
+        if self._link is None:
+            raise RuntimeError("this worker is not running under procmqtt")
+        return self._link
+
+
+def _check_qos(qos: int) -> None:
+    if qos not in (0, 1, 2) or isinstance(qos, bool):
+        raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
+
+
+def serve(app: type[Worker], slot: int, generation: int, config: Config,
+          inbound: socket.socket, upstream: socket.socket) -> int:
+    """The worker process's main loop, after fork; returns the process exit code.
+
+    Exits: a STOP record (graceful stop: everything queued before it is handled first), SIGTERM
+    (stop after the current message), or the agent side closing for good.
+    """
+    log = logs.get("worker")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor decides
+    signals = SignalQueue([signal.SIGTERM])
+    inbound.setblocking(False)
+    link = _AgentLink(slot, generation, inbound, upstream, wakeup=signals.fileno())
+    try:
+        worker = app()
+        worker._attach(slot, config, link)
+        worker.on_start()
+    except Exception:
+        log.exception("worker %d failed to boot (%s.__init__ or on_start raised)", slot, app.__name__)
+        return ExitCode.APP
+    log.debug("worker %d ready", slot)
+    try:
+        while True:
+            if signals.pop():
+                log.info("SIGTERM: stopping after the current message")
+                break
+            record = link.next()
+            if isinstance(record, channel.Deliver):
+                worker.handle(Message(record.topic, record.payload, record.qos, record.retain, record.redelivered))
+                link.send(channel.Done(record.delivery_id))
+            elif isinstance(record, channel.Stop):
+                log.debug("stop requested; every message received was handled")
+                break
+            elif link.closed:
+                log.warning("the agent's channel closed; stopping")
+                break
+    finally:
+        try:
+            worker.on_stop()
+        except Exception:
+            log.exception("on_stop raised")
+    return ExitCode.OK

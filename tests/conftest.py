@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from harness import Mosquitto, Procmqtt
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if shutil.which("mosquitto") is None:
+        raise pytest.UsageError("the mosquitto binary is required (apt-get install mosquitto mosquitto-clients)")
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    b = Mosquitto(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Iterator[list[Procmqtt]]:
+    """Procmqtt runs started by a test; whatever is left running is killed afterwards."""
+    started: list[Procmqtt] = []
+    yield started
+    for run in started:
+        run.cleanup()

@@ -1,0 +1,263 @@
+"""Real parts for integration tests: a private Mosquitto, a procmqtt run, a paho subscriber.
+
+Nothing here is mocked: the broker is the ``mosquitto`` binary on a free loopback port (never
+1883), and procmqtt runs as a real process tree that tests signal and kill.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Mosquitto:
+    """A private broker from a generated config, so tests can stop, kill and restart it."""
+
+    def __init__(self, directory: Path, *, persistence: bool = False,
+                 users: dict[str, str] | None = None) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.persistence = persistence
+        self.users = users
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.dir / "mosquitto.log"
+
+    def _write_config(self) -> Path:
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {self.dir}/",
+            "autosave_interval 1",
+            "max_queued_messages 100000",
+            f"log_dest file {self.log_path}",
+            "log_type error", "log_type warning", "log_type notice", "log_type information",
+            "log_type subscribe",
+        ]
+        if os.geteuid() == 0:
+            lines.append("user root")  # otherwise it drops to 'mosquitto' and cannot write here
+        if self.users:
+            pwfile = self.dir / "passwd"
+            pwfile.write_text("")
+            for user, password in self.users.items():
+                subprocess.run(["mosquitto_passwd", "-b", str(pwfile), user, password], check=True,
+                               capture_output=True)
+            lines += ["allow_anonymous false", f"password_file {pwfile}"]
+        else:
+            lines.append("allow_anonymous true")
+        path = self.dir / "mosquitto.conf"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def start(self) -> None:
+        config = self._write_config()
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_until(self._accepts, 10, f"mosquitto on port {self.port}")
+
+    def _accepts(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"mosquitto exited: {self.log_path.read_text() if self.log_path.exists() else ''}")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+
+class Subscriber:
+    """An independent paho client that records what the broker sends it."""
+
+    def __init__(self, broker: Mosquitto, topic_filter: str, qos: int = 1) -> None:
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-sub-{os.getpid()}-{id(self)}")
+        subscribed = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, qos)
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", broker.port)
+        self.client.loop_start()
+        if not subscribed.wait(10):
+            raise AssertionError(f"test subscriber could not subscribe to {topic_filter}")
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.append(msg)
+
+    def payloads(self) -> list[bytes]:
+        with self.lock:
+            return [m.payload for m in self.messages]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def publisher(broker: Mosquitto) -> mqtt.Client:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-pub-{os.getpid()}-{time.monotonic_ns()}")
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    return client
+
+
+def publish_all(client: mqtt.Client, items: list[tuple[str, bytes]], qos: int = 1, timeout: float = 30) -> None:
+    infos = [client.publish(topic, payload, qos) for topic, payload in items]
+    deadline = time.monotonic() + timeout
+    for info in infos:
+        info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        assert info.is_published(), "test publisher could not publish"
+
+
+class Procmqtt:
+    """``procmqtt run`` as a real process tree, with its log on a file."""
+
+    def __init__(self, directory: Path, app: str, config: str | None, *args: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.log_path = directory / f"procmqtt-{time.monotonic_ns()}.log"
+        cmd = [sys.executable, "-m", "procmqtt", "run", app, *args]
+        if config is not None:
+            cmd += ["-c", config]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env={**os.environ, **(env or {})})
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str, timeout: float = 15, count: int = 1) -> None:
+        regex = re.compile(pattern)
+
+        def seen() -> bool:
+            if self.proc.poll() is not None and len(regex.findall(self.log())) < count:
+                raise AssertionError(f"procmqtt exited ({self.proc.returncode}) before {pattern!r}:\n{self.log()}")
+            return len(regex.findall(self.log())) >= count
+        wait_until(seen, timeout, f"log line {pattern!r} x{count}")
+
+    def ready(self, timeout: float = 15) -> None:
+        self.wait_for_log(r"\[agent\] INFO subscribed to", timeout)
+
+    def pids(self, role: str) -> dict[int, int]:
+        """Live pids by slot (-1 for the agent), from the supervisor's 'started' lines."""
+        found: dict[int, int] = {}
+        for m in re.finditer(r"started (agent|worker (\d+)) \(pid (\d+)\)", self.log()):
+            if (role == "agent") == (m.group(1) == "agent"):
+                found[int(m.group(2)) if m.group(2) else -1] = int(m.group(3))
+        return {slot: pid for slot, pid in found.items() if _alive(pid)}
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 30) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.flush()
+
+    def stop(self) -> int:
+        """Graceful stop; returns the exit code."""
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+        return self.wait(40)
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            for pid in _descendants(self.proc.pid):
+                _kill(pid)
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def write_config(path: Path, broker: Mosquitto, *, topics: dict[str, int], workers: int = 2,
+                 app: dict[str, Any] | None = None, extra: str = "") -> str:
+    """A procmqtt TOML file for ``broker``."""
+    lines = ["[mqtt]", 'host = "127.0.0.1"', f"port = {broker.port}",
+             f'client_id = "test-{path.stem}-{os.getpid()}"', "", "[mqtt.topics]"]
+    lines += [f'"{f}" = {{ qos = {q} }}' for f, q in topics.items()]
+    lines += ["", "[workers]", f"count = {workers}", "graceful_timeout = 10", "", "[app]"]
+    for key, value in (app or {}).items():
+        lines.append(f"{key} = {value!r}".replace("'", '"'))
+    text = "\n".join(lines) + "\n" + extra
+    path.write_text(text)
+    return str(path)

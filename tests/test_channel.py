@@ -1,0 +1,135 @@
+"""The record channels: round trips, descriptor passing, and writers SIGKILLed mid-send."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import select
+import signal
+import socket
+import time
+
+import pytest
+
+from procmqtt import channel
+
+
+def roundtrip(record: channel.Record) -> channel.Record:
+    a, b = channel.pair()
+    with a, b:
+        channel.send(a, record)
+        got = channel.receive(b)
+    assert got is not None
+    return got
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("record", [
+    channel.Deliver(2**60, "a/b/ü", b"\x00\xff" * 10, 1, True, False),
+    channel.Deliver(1, "t", b"", 0, False, True),
+    channel.Published(7, 0),
+    channel.Done(123456789),
+    channel.Publish(3, 99, 42, "out/x", b"payload", 2, True),
+    channel.Subscribe("$share/g/a/+/#", 1),
+    channel.Unsubscribe("a/#"),
+    channel.Stop(),
+    channel.StopAgent(),
+])
+def test_records_round_trip(record):
+    assert roundtrip(record) == record
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("size", [channel.INLINE_MAX - 100, channel.INLINE_MAX + 1, 5 * 1024 * 1024])
+def test_large_records_travel_whole(size):
+    payload = os.urandom(size)
+    got = roundtrip(channel.Publish(1, 1, 1, "big", payload, 1, False))
+    assert isinstance(got, channel.Publish) and got.payload == payload
+
+
+@pytest.mark.timeout(10)
+def test_worker_up_carries_a_working_socket():
+    agent_end, worker_end = channel.pair()
+    up = roundtrip(channel.WorkerUp(2, 5, agent_end))
+    assert isinstance(up, channel.WorkerUp) and (up.slot, up.generation) == (2, 5)
+    agent_end.close()  # the received descriptor is an independent reference
+    channel.send(up.sock, channel.Stop())
+    assert channel.receive(worker_end) == channel.Stop()
+    up.sock.close()
+    assert channel.receive(worker_end) is None  # end of file once every holder closed
+
+
+@pytest.mark.timeout(10)
+def test_full_channel_does_not_block_a_nonblocking_sender():
+    a, b = channel.pair()
+    with a, b:
+        sent = 0
+        while channel.send(a, channel.Publish(0, 0, sent, "t", b"x" * 20000, 0, False), block=False):
+            sent += 1
+            assert sent < 100_000
+        assert sent > 0
+
+
+def _writer(sock: socket.socket, seed: int) -> None:
+    """Child: send self-checking records of mixed sizes until killed."""
+    rng = random.Random(seed)
+    sizes = (10, 3000, 40_000, 700_000, 3_000_000)
+    n = 0
+    while True:
+        body = rng.randbytes(rng.choice(sizes))
+        channel.send(sock, channel.Publish(0, os.getpid() % 65536, n, "t", hashlib.sha1(body).digest() + body, 0, False))
+        n += 1
+
+
+def _spawn(sock: socket.socket) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _writer(sock, os.getpid())
+        finally:
+            os._exit(0)
+    return pid
+
+
+@pytest.mark.timeout(60)
+def test_writers_sigkilled_mid_send_never_corrupt_or_stall_the_channel():
+    """Three writers share one channel; one is SIGKILLed every 30 ms for 4 s, mid-send or not."""
+    reader, shared = channel.pair()
+    reader.setblocking(False)
+    writers = [_spawn(shared) for _ in range(3)]
+    kills = received = big = 0
+    longest_wait = 0.0
+    try:
+        end = time.monotonic() + 4.0
+        next_kill = time.monotonic() + 0.03
+        last = time.monotonic()
+        while time.monotonic() < end:
+            if time.monotonic() >= next_kill:
+                victim = writers.pop(random.randrange(len(writers)))
+                os.kill(victim, signal.SIGKILL)
+                os.waitpid(victim, 0)
+                writers.append(_spawn(shared))
+                kills += 1
+                next_kill = time.monotonic() + 0.03
+            ready, _, _ = select.select([reader], [], [], 2.0)
+            assert ready, "the reader stalled for 2 s with live writers"
+            try:
+                record = channel.receive(reader)
+            except BlockingIOError:
+                continue
+            now = time.monotonic()
+            longest_wait, last = max(longest_wait, now - last), now
+            assert isinstance(record, channel.Publish)
+            digest, body = record.payload[:20], record.payload[20:]
+            assert hashlib.sha1(body).digest() == digest, "corrupt record"
+            received += 1
+            big += len(body) > channel.INLINE_MAX
+    finally:
+        for pid in writers:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        reader.close()
+        shared.close()
+    print(f"kills={kills} records={received} large={big} longest_gap={longest_wait * 1000:.0f}ms")
+    assert kills >= 50 and received >= 200 and big >= 20

@@ -1,0 +1,145 @@
+"""Configuration loading: defaults, overrides, and a one-line error for every mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from procmqtt import config
+from procmqtt.errors import ConfigError
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def load_text(tmp_path: Path, text: str) -> config.Config:
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    return config.load(str(path))
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, text)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(tmp_path / "p.toml"))
+    return message
+
+
+def test_full_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MQ_PW", "s3cret")
+    cfg = load_text(tmp_path, """
+[mqtt]
+host = "broker.example"
+port = 8883
+client_id = "orders"
+username = "svc"
+password_env = "MQ_PW"
+keepalive = 30
+protocol = "5"
+[mqtt.topics]
+"sensors/+/temperature" = { qos = 1 }
+"commands/#" = { qos = 0 }
+"$share/g/jobs/#" = {}
+[workers]
+count = 4
+dispatch = "round_robin"
+[app]
+anything = { goes = [1, 2] }
+""")
+    assert cfg.mqtt.host == "broker.example" and cfg.mqtt.port == 8883 and cfg.mqtt.protocol == "5"
+    assert cfg.mqtt.password is not None and cfg.mqtt.password.value == "s3cret"
+    assert [(s.topic_filter, s.qos) for s in cfg.mqtt.topics] == [
+        ("sensors/+/temperature", 1), ("commands/#", 0), ("$share/g/jobs/#", 0)]
+    assert cfg.workers.count == 4 and cfg.workers.dispatch == "round_robin"
+    assert cfg.app["anything"] == {"goes": [1, 2]}
+    assert "s3cret" not in repr(cfg) and "s3cret" not in str(cfg.mqtt)
+
+
+def test_defaults_without_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(None)
+    assert cfg.mqtt.host == config.DEFAULT_HOST and cfg.mqtt.port == config.DEFAULT_PORT
+    assert cfg.workers.count == config.DEFAULT_WORKERS and cfg.mqtt.topics == ()
+
+
+def test_default_file_is_used_when_present(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "procmqtt.toml").write_text("[workers]\ncount = 3\n")
+    assert config.load(None).workers.count == 3
+
+
+def test_password_file(tmp_path):
+    (tmp_path / "pw").write_text("from-file\n")
+    cfg = load_text(tmp_path, f'[mqtt]\nusername = "u"\npassword_file = "{tmp_path / "pw"}"\n')
+    assert cfg.mqtt.password is not None and cfg.mqtt.password.value == "from-file"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[mqtt]\nhots = 'x'\n", "[mqtt] unknown key 'hots' (did you mean 'host'?)"),
+    ("[mqt]\nhost = 'x'\n", "unknown key 'mqt' (did you mean 'mqtt'?)"),
+    ("[workers]\ncuont = 2\n", "[workers] unknown key 'cuont' (did you mean 'count'?)"),
+    ("[mqtt]\nport = 'x'\n", "[mqtt] port: expected an integer from 1 to 65535, got 'x'"),
+    ("[mqtt]\nport = 70000\n", "[mqtt] port: expected an integer from 1 to 65535, got 70000"),
+    ("[mqtt]\nprotocol = '4'\n", '[mqtt] protocol: expected one of "3.1.1", "5"'),
+    ("[mqtt]\nclean_session = 1\n", "[mqtt] clean_session: expected true or false"),
+    ("[mqtt.topics]\n'a/b' = { qos = 7 }\n", '[mqtt.topics] "a/b" qos: expected an integer from 0 to 2, got 7'),
+    ("[mqtt.topics]\n'a/b' = { qso = 1 }\n", "unknown key 'qso' (did you mean 'qos'?)"),
+    ("[mqtt.topics]\n'a/b' = 1\n", 'expected a table like { qos = 1 }'),
+    ("[mqtt.topics]\n'a/#/b' = {}\n", "'#' must be a whole level and the last one"),
+    ("[mqtt.topics]\n'a/b+' = {}\n", "'+' must be a whole level"),
+    ("[mqtt.topics]\n'$share/g' = {}\n", "$share/<group>/<filter>"),
+    ("[workers]\ncount = -1\n", "[workers] count: expected an integer from 1 to 1024, got -1"),
+    ("[workers]\ncount = true\n", "[workers] count: expected an integer"),
+    ("[workers]\ndispatch = 'fastest'\n", '[workers] dispatch: expected one of "random", "round_robin"'),
+    ("[workers]\ngraceful_timeout = -2\n", "[workers] graceful_timeout: expected a number >= 0"),
+    ("mqtt = 3\n", "[mqtt] must be a table"),
+    ("[mqtt\n", "not valid TOML"),
+    ("[mqtt]\npassword = 'a'\npassword_env = 'B'\n", "set only one of password, password_env, password_file"),
+    ("[mqtt]\npassword_env = 'PROCMQTT_TEST_UNSET_VAR'\n", "environment variable PROCMQTT_TEST_UNSET_VAR is not set"),
+    ("[mqtt]\npassword_file = '/nonexistent/pw'\n", "password_file: cannot read /nonexistent/pw"),
+])
+def test_mistakes_name_file_key_and_expectation(tmp_path, text, expected):
+    assert expected in error_of(tmp_path, text)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match=r"^/nonexistent/procmqtt.toml: no such configuration file$"):
+        config.load("/nonexistent/procmqtt.toml")
+
+
+def test_password_never_in_errors(tmp_path):
+    message = error_of(tmp_path, "[mqtt]\npassword = 'hunter2'\nport = 0\n")
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize("url, host, port, user", [
+    ("mqtt://broker:1884", "broker", 1884, None),
+    ("mqtt://svc@10.0.0.1", "10.0.0.1", 1883, "svc"),
+    ("tcp://[::1]:1999", "::1", 1999, None),
+])
+def test_broker_override(url, host, port, user):
+    cfg = config.with_overrides(config.Config(), broker=url, workers=3)
+    assert (cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.username, cfg.workers.count) == (host, port, user, 3)
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("mqtt://u:hunter2@host", "do not put a password in the URL"),
+    ("http://host", "expected mqtt://[user@]host[:port]"),
+    ("mqtt://host:notaport", "expected mqtt://[user@]host[:port]"),
+    ("host:1883", "expected mqtt://[user@]host[:port]"),
+])
+def test_bad_broker_url(url, expected):
+    with pytest.raises(ConfigError) as info:
+        config.with_overrides(config.Config(), broker=url)
+    assert expected in str(info.value) and "hunter2" not in str(info.value)
+
+
+def test_bad_worker_count_flag():
+    with pytest.raises(ConfigError, match="--workers: expected an integer >= 1, got 0"):
+        config.with_overrides(config.Config(), workers=0)
+
+
+def test_default_client_id_is_stable_and_app_specific():
+    assert config.default_client_id("a:B") == config.default_client_id("a:B")
+    assert config.default_client_id("a:B") != config.default_client_id("a:C")

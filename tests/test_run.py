@@ -1,0 +1,225 @@
+"""End to end: `procmqtt run` against a private Mosquitto, with real processes and signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from harness import (Mosquitto, Procmqtt, Subscriber, publish_all, publisher, wait_until,
+                     write_config)
+
+
+def records(directory: Path, event: str = "done") -> list[dict]:
+    out = []
+    for path in directory.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["event"] == event:
+                out.append(rec)
+    return out
+
+
+def start(runs: list[Procmqtt], tmp_path: Path, broker: Mosquitto, *, topics: dict[str, int],
+          workers: int = 2, app: dict | None = None, args: tuple[str, ...] = (),
+          extra: str = "", wait_ready: bool = True) -> tuple[Procmqtt, Path]:
+    record_dir = tmp_path / "records"
+    record_dir.mkdir(exist_ok=True)
+    cfg = write_config(tmp_path / "procmqtt.toml", broker, topics=topics, workers=workers,
+                       app={"record_dir": str(record_dir), **(app or {})}, extra=extra)
+    run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg, *args)
+    runs.append(run)
+    if wait_ready:
+        run.ready()
+        run.wait_for_log(r"started worker", count=workers)
+    return run, record_dir
+
+
+@pytest.mark.timeout(60)
+def test_each_message_handled_exactly_once_and_spread_over_workers(tmp_path, broker, runs):
+    run, rec = start(runs, tmp_path, broker, topics={"load/#": 1}, workers=4)
+    pub = publisher(broker)
+    publish_all(pub, [(f"load/{i % 7}", str(i).encode()) for i in range(1000)])
+    wait_until(lambda: len(records(rec)) >= 1000, 30, "1000 messages handled")
+    done = records(rec)
+    counts = Counter(bytes.fromhex(r["payload"]).decode() for r in done)
+    assert set(counts) == {str(i) for i in range(1000)}
+    assert max(counts.values()) == 1, "a message was handled twice"
+    per_worker = Counter(r["worker"] for r in done)
+    assert set(per_worker) == {0, 1, 2, 3}, per_worker
+    print("per worker:", dict(sorted(per_worker.items())))
+    assert run.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_binary_payloads_are_byte_exact_both_ways(tmp_path, broker, runs):
+    run, rec = start(runs, tmp_path, broker, topics={"echo/#": 1})
+    sub = Subscriber(broker, "echoed/#")
+    payloads = [bytes(range(256)), b"\x00" * 10, b"", os.urandom(100_000), b"\xff\xfe not utf-8 \x80"]
+    pub = publisher(broker)
+    publish_all(pub, [(f"echo/{i}", p) for i, p in enumerate(payloads)])
+    wait_until(lambda: len(sub.payloads()) >= len(payloads), 20, "echoes")
+    got = {m.topic: m.payload for m in sub.messages}
+    assert got == {f"echoed/{i}": p for i, p in enumerate(payloads)}
+    sub.close()
+    assert run.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_publish_from_worker_seen_by_mosquitto_sub(tmp_path, broker, runs):
+    """Interop with Mosquitto's own clients, in both directions."""
+    run, _ = start(runs, tmp_path, broker, topics={"echo/#": 1})
+    sub = subprocess.Popen(["mosquitto_sub", "-p", str(broker.port), "-t", "echoed/#", "-v", "-C", "3",
+                            "-W", "20"], stdout=subprocess.PIPE)
+    wait_until(lambda: " echoed/#" in broker.log_path.read_text(), 10, "mosquitto_sub subscribed")
+    for i in range(3):
+        subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-t", f"echo/{i}", "-m", f"hello {i}"],
+                       check=True, timeout=10)
+    out, _ = sub.communicate(timeout=25)
+    assert sorted(out.decode().splitlines()) == [f"echoed/{i} hello {i}" for i in range(3)]
+    assert run.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_runtime_subscribe_and_unsubscribe(tmp_path, broker, runs):
+    run, rec = start(runs, tmp_path, broker, topics={"ctl/#": 1})
+    pub = publisher(broker)
+    publish_all(pub, [("extra/1", b"before")])
+    publish_all(pub, [("ctl/subscribe", b"extra/#")])
+    run.wait_for_log(r"subscribed to extra/#")
+    publish_all(pub, [("extra/2", b"during")])
+    wait_until(lambda: any(r["topic"] == "extra/2" for r in records(rec)), 10, "extra/2 handled")
+    publish_all(pub, [("ctl/unsubscribe", b"extra/#")])
+    run.wait_for_log(r"unsubscribed from extra/#")
+    publish_all(pub, [("extra/3", b"after"), ("ctl/marker", b"m")])
+    wait_until(lambda: any(r["topic"] == "ctl/marker" for r in records(rec)), 10, "marker handled")
+    topics = {r["topic"] for r in records(rec)}
+    assert "extra/1" not in topics and "extra/3" not in topics and "extra/2" in topics
+    assert run.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_finishes_everything_workers_received(tmp_path, broker, runs):
+    run, rec = start(runs, tmp_path, broker, topics={"slow/#": 1}, app={"delay": 0.02})
+    pub = publisher(broker)
+    for i in range(400):
+        pub.publish("slow/x", str(i).encode(), qos=1)
+    wait_until(lambda: len(records(rec)) >= 20, 20, "some messages handled")
+    run.signal(signal.SIGTERM)
+    assert run.wait(30) == 0
+    received = Counter(r["payload"] for r in records(rec, "received"))
+    done = Counter(r["payload"] for r in records(rec, "done"))
+    assert received == done, "a worker stopped without finishing a message it had received"
+    assert 20 <= sum(done.values()) < 400
+    log = run.log()
+    assert "Traceback" not in log
+    print(f"handled before stop: {sum(done.values())} of 400")
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_then_new_run_handles_the_rest(tmp_path, broker, runs):
+    """Undispatched QoS 1 messages stay at the broker (persistent session) for the next run."""
+    run, rec = start(runs, tmp_path, broker, topics={"slow/#": 1}, app={"delay": 0.01})
+    pub = publisher(broker)
+    publish_all(pub, [("slow/x", str(i).encode()) for i in range(300)])
+    wait_until(lambda: len(records(rec)) >= 20, 20, "some messages handled")
+    assert run.stop() == 0
+    run2, _ = start(runs, tmp_path, broker, topics={"slow/#": 1}, app={"delay": 0.0})
+    wait_until(lambda: len({r["payload"] for r in records(rec)}) >= 300, 30, "all 300 handled across runs")
+    assert run2.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_killed_worker_is_replaced_and_its_messages_redelivered(tmp_path, broker, runs):
+    run, rec = start(runs, tmp_path, broker, topics={"slow/#": 1}, workers=2, app={"delay": 0.05})
+    victim = run.pids("worker")[0]
+    pub = publisher(broker)
+    publish_all(pub, [("slow/x", str(i).encode()) for i in range(60)])
+    wait_until(lambda: any(r["pid"] == victim for r in records(rec, "received")), 10, "victim busy")
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: run.pids("worker").get(0) not in (None, victim), 10, "worker 0 replaced")
+    wait_until(lambda: len({r["payload"] for r in records(rec)}) >= 60, 30, "all 60 handled")
+    assert any(r["redelivered"] for r in records(rec)), "nothing held by the killed worker was redelivered"
+    assert "worker 0 is gone" in run.log()
+    assert run.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_killed_agent_is_replaced_and_resubscribes(tmp_path, broker, runs):
+    run, rec = start(runs, tmp_path, broker, topics={"a/#": 1, "ctl/#": 1})
+    pub = publisher(broker)
+    publish_all(pub, [("ctl/subscribe", b"runtime/#")])
+    run.wait_for_log(r"subscribed to runtime/#")
+    agent = run.pids("agent")[-1]
+    os.kill(agent, signal.SIGKILL)
+    run.wait_for_log(r"started agent", count=2)
+    run.wait_for_log(r"\[agent\] INFO subscribed to", count=3)
+    publish_all(pub, [("a/1", b"after"), ("runtime/1", b"after")])
+    wait_until(lambda: {"a/1", "runtime/1"} <= {r["topic"] for r in records(rec)}, 10, "both handled")
+    assert run.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_broker_unreachable_at_start_then_up(tmp_path, runs):
+    broker = Mosquitto(tmp_path / "late-broker")
+    run, rec = start(runs, tmp_path, broker, topics={"x/#": 1}, wait_ready=False)
+    run.wait_for_log(r"broker 127\.0\.0\.1:\d+: cannot connect: Connection refused; retrying in", count=2)
+    broker.start()
+    try:
+        run.ready(timeout=30)
+        pub = publisher(broker)
+        publish_all(pub, [("x/1", b"hi")])
+        wait_until(lambda: records(rec), 10, "message handled")
+        assert run.stop() == 0
+        assert "Traceback" not in run.log()
+    finally:
+        broker.stop()
+
+
+@pytest.mark.timeout(60)
+def test_wrong_credentials_exit_4_without_leaking_the_password(tmp_path, runs, monkeypatch):
+    broker = Mosquitto(tmp_path / "auth-broker", users={"svc": "right-password"})
+    broker.start()
+    try:
+        cfg = write_config(tmp_path / "auth.toml", broker, topics={"x/#": 1}, app={"record_dir": str(tmp_path)})
+        text = Path(cfg).read_text().replace("[mqtt]\n", '[mqtt]\nusername = "svc"\npassword_env = "PMQ_PW"\n')
+        Path(cfg).write_text(text)
+        run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg, env={"PMQ_PW": "Sup3r-Secret-Wrong"})
+        runs.append(run)
+        assert run.wait(30) == 4
+        log = run.log()
+        assert "refused the credentials" in log and "Sup3r-Secret-Wrong" not in log
+        # and the right password works
+        run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg, env={"PMQ_PW": "right-password"})
+        runs.append(run)
+        run.ready()
+        assert run.stop() == 0
+    finally:
+        broker.stop()
+
+
+@pytest.mark.timeout(60)
+def test_worker_that_fails_to_boot_stops_procmqtt_with_exit_3(tmp_path, broker, runs):
+    cfg = write_config(tmp_path / "boot.toml", broker, topics={"x/#": 1})
+    run = Procmqtt(tmp_path, "tests/apps.py:FailsToBoot", cfg)
+    runs.append(run)
+    assert run.wait(30) == 3
+    assert "worker 0 failed to boot" in run.log() or "worker 1 failed to boot" in run.log()
+    assert "database unreachable (on purpose)" in run.log()
+
+
+@pytest.mark.timeout(60)
+def test_handler_exception_is_logged_and_worker_goes_on(tmp_path, broker, runs):
+    run, rec = start(runs, tmp_path, broker, topics={"boom": 1, "ok/#": 1}, workers=1)
+    pub = publisher(broker)
+    publish_all(pub, [("boom", b"1"), ("ok/1", b"2")])
+    wait_until(lambda: any(r["topic"] == "ok/1" for r in records(rec)), 10, "ok/1 handled after the exception")
+    log = run.log()
+    assert "on_message failed for topic 'boom'" in log and "ValueError: boom requested" in log
+    assert len(run.pids("worker")) == 1 and "restarting" not in log
+    assert run.stop() == 0
