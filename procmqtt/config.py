@@ -160,16 +160,17 @@ def _unknown(source: str, where: str, key: str, known: Mapping[str, Any]) -> Con
     return ConfigError(f"{source}: {where}unknown key '{key}'{hint}")
 
 
-def _checked(source: str, section: str, table: Any, keys: Mapping[str, Check]) -> dict[str, Any]:
-    """The table's values, each checked against ``keys``."""
+def _checked(source: str, where: str, table: Any, keys: Mapping[str, Check],
+             not_a_table: str = "must be a table") -> dict[str, Any]:
+    """The table's values, each checked against ``keys``; ``where`` names the table in errors."""
     if not isinstance(table, dict):
-        raise ConfigError(f"{source}: [{section}] must be a table, got {_show(table)}")
+        raise ConfigError(f"{source}: {where} {not_a_table}, got {_show(table)}")
     for key, value in table.items():
         if key not in keys:
-            raise _unknown(source, f"[{section}] ", key, keys)
+            raise _unknown(source, f"{where} ", key, keys)
         expected = keys[key](value)
         if expected:
-            raise ConfigError(f"{source}: [{section}] {key}: expected {expected}, got {_show(value)}")
+            raise ConfigError(f"{source}: {where} {key}: expected {expected}, got {_show(value)}")
     return dict(table)
 
 
@@ -203,14 +204,7 @@ def _subscriptions(source: str, topics: dict[str, Any]) -> tuple[Subscription, .
         problem = filter_problem(topic_filter)
         if problem:
             raise ConfigError(f"{source}: {where}: expected a valid MQTT topic filter ({problem})")
-        if not isinstance(options, dict):
-            raise ConfigError(f"{source}: {where}: expected a table like {{ qos = 1 }}, got {_show(options)}")
-        for key, value in options.items():
-            if key not in _TOPIC_KEYS:
-                raise _unknown(source, f"{where} ", key, _TOPIC_KEYS)
-            expected = _TOPIC_KEYS[key](value)
-            if expected:
-                raise ConfigError(f"{source}: {where} {key}: expected {expected}, got {_show(value)}")
+        options = _checked(source, where, options, _TOPIC_KEYS, "expected a table like { qos = 1 }")
         subs.append(Subscription(topic_filter, options.get("qos", 0)))
     return tuple(subs)
 
@@ -220,8 +214,8 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
     for key in data:
         if key not in _SECTIONS:
             raise _unknown(source, "", key, _SECTIONS)
-    mqtt = _checked(source, "mqtt", data.get("mqtt", {}), _MQTT_KEYS)
-    workers = _checked(source, "workers", data.get("workers", {}), _WORKERS_KEYS)
+    mqtt = _checked(source, "[mqtt]", data.get("mqtt", {}), _MQTT_KEYS)
+    workers = _checked(source, "[workers]", data.get("workers", {}), _WORKERS_KEYS)
     app = data.get("app", {})
     if not isinstance(app, dict):
         raise ConfigError(f"{source}: [app] must be a table, got {_show(app)}")

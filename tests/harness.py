@@ -250,10 +250,10 @@ def _kill(pid: int) -> None:
 
 
 def write_config(path: Path, broker: Mosquitto, *, topics: dict[str, int], workers: int = 2,
-                 app: dict[str, Any] | None = None, extra: str = "") -> str:
+                 app: dict[str, Any] | None = None, mqtt: str = "", extra: str = "") -> str:
     """A procmqtt TOML file for ``broker``."""
     lines = ["[mqtt]", 'host = "127.0.0.1"', f"port = {broker.port}",
-             f'client_id = "test-{path.stem}-{os.getpid()}"', "", "[mqtt.topics]"]
+             f'client_id = "test-{path.stem}-{os.getpid()}"', mqtt, "", "[mqtt.topics]"]
     lines += [f'"{f}" = {{ qos = {q} }}' for f, q in topics.items()]
     lines += ["", "[workers]", f"count = {workers}", "graceful_timeout = 10", "", "[app]"]
     for key, value in (app or {}).items():

@@ -143,3 +143,12 @@ def test_bad_worker_count_flag():
 def test_default_client_id_is_stable_and_app_specific():
     assert config.default_client_id("a:B") == config.default_client_id("a:B")
     assert config.default_client_id("a:B") != config.default_client_id("a:C")
+
+
+def test_dispatchers():
+    from procmqtt.dispatch import RandomDispatcher, RoundRobinDispatcher
+    rr = RoundRobinDispatcher()
+    assert [rr.choose([0, 1, 2]) for _ in range(5)] == [0, 1, 2, 0, 1]
+    assert rr.choose([0, 2]) == 2 and rr.choose([0, 2]) == 0
+    rnd = RandomDispatcher()
+    assert {rnd.choose([3, 5]) for _ in range(200)} == {3, 5}

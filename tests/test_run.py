@@ -27,11 +27,11 @@ def records(directory: Path, event: str = "done") -> list[dict]:
 
 def start(runs: list[Procmqtt], tmp_path: Path, broker: Mosquitto, *, topics: dict[str, int],
           workers: int = 2, app: dict | None = None, args: tuple[str, ...] = (),
-          extra: str = "", wait_ready: bool = True) -> tuple[Procmqtt, Path]:
+          mqtt: str = "", wait_ready: bool = True) -> tuple[Procmqtt, Path]:
     record_dir = tmp_path / "records"
     record_dir.mkdir(exist_ok=True)
     cfg = write_config(tmp_path / "procmqtt.toml", broker, topics=topics, workers=workers,
-                       app={"record_dir": str(record_dir), **(app or {})}, extra=extra)
+                       app={"record_dir": str(record_dir), **(app or {})}, mqtt=mqtt)
     run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg, *args)
     runs.append(run)
     if wait_ready:
@@ -198,7 +198,10 @@ def test_wrong_credentials_exit_4_without_leaking_the_password(tmp_path, runs, m
         run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg, env={"PMQ_PW": "right-password"})
         runs.append(run)
         run.ready()
+        for pid in [run.pid, *run.pids("agent").values(), *run.pids("worker").values()]:
+            assert b"right-password" not in Path(f"/proc/{pid}/cmdline").read_bytes()
         assert run.stop() == 0
+        assert "right-password" not in run.log()
     finally:
         broker.stop()
 
@@ -222,4 +225,43 @@ def test_handler_exception_is_logged_and_worker_goes_on(tmp_path, broker, runs):
     log = run.log()
     assert "on_message failed for topic 'boom'" in log and "ValueError: boom requested" in log
     assert len(run.pids("worker")) == 1 and "restarting" not in log
+    assert run.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_mqtt5_with_qos2_subscription(tmp_path, broker, runs):
+    run, rec = start(runs, tmp_path, broker, topics={"q2/#": 2, "echo/#": 1}, mqtt='protocol = "5"')
+    assert "(p5, c0" in broker.log_path.read_text()  # MQTT 5, clean start off
+    sub = Subscriber(broker, "echoed/#")
+    pub = publisher(broker)
+    publish_all(pub, [(f"q2/{i}", str(i).encode()) for i in range(50)], qos=2)
+    publish_all(pub, [("echo/v5", b"five")])
+    wait_until(lambda: len({r["payload"] for r in records(rec) if r["topic"].startswith("q2/")}) >= 50, 20,
+               "50 QoS 2 messages handled")
+    wait_until(lambda: b"five" in sub.payloads(), 10, "the echo over MQTT 5")
+    assert {r["topic"]: r for r in records(rec)}["q2/0"]["size"] == 1
+    sub.close()
+    assert run.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_supervisor_sigkilled_leaves_no_orphans(tmp_path, broker, runs):
+    run, _ = start(runs, tmp_path, broker, topics={"x/#": 1}, workers=2)
+    children = [*run.pids("agent").values(), *run.pids("worker").values()]
+    assert len(children) == 3
+    run.proc.kill()
+    run.wait(10)
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), 15,
+               "the agent and workers to exit after the supervisor died")
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_to_the_agent_restarts_the_pipeline_without_loss(tmp_path, broker, runs):
+    run, rec = start(runs, tmp_path, broker, topics={"slow/#": 1}, workers=2, app={"delay": 0.01})
+    pub = publisher(broker)
+    publish_all(pub, [("slow/x", str(i).encode()) for i in range(200)])
+    wait_until(lambda: len(records(rec)) >= 10, 10, "some handled")
+    os.kill(run.pids("agent")[-1], signal.SIGTERM)
+    run.wait_for_log(r"started agent", count=2)
+    wait_until(lambda: len({r["payload"] for r in records(rec)}) >= 200, 30, "all 200 handled")
     assert run.stop() == 0
