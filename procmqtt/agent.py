@@ -13,6 +13,7 @@ itself dies is sent again by the broker (persistent session). See README "Delive
 from __future__ import annotations
 
 import enum
+import faulthandler
 import itertools
 import json
 import os
@@ -20,6 +21,7 @@ import random
 import select
 import signal
 import socket
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from .backoff import Backoff
 from .config import Config
 from .dispatch import DISPATCHERS
 from .errors import ExitCode
+from .shared import SharedState
 from .signals import SignalQueue
 
 CONNACK_TIMEOUT = 10.0
@@ -76,6 +79,7 @@ class _Delivery:
     retain: bool
     redelivered: bool
     slot: int = -1
+    attempts: int = 0  # workers that died or failed while handling it
 
 
 @dataclass
@@ -83,26 +87,31 @@ class _WorkerChannel:
     slot: int
     generation: int
     sock: socket.socket
-    outstanding: set[int] = field(default_factory=set)
+    outstanding: dict[int, None] = field(default_factory=dict)  # delivery ids, in the order sent
     backlog: deque[channel.Record] = field(default_factory=deque)
+    ready: bool = False  # on_start finished
+    retiring: bool = False  # recycling: gets nothing new, then a stop
+    released: bool = False  # left between messages: what it holds was never started
 
 
 class Agent:
     """Holds the broker connection; dispatches to workers and publishes for them."""
 
     def __init__(self, config: Config, client_id: str, upstream: socket.socket,
-                 workers: dict[int, tuple[int, socket.socket]], state_dir: str, supervisor_pid: int) -> None:
+                 workers: dict[int, tuple[int, socket.socket]], state_dir: str, supervisor_pid: int,
+                 shared: SharedState) -> None:
         """Runs in the agent process; ``workers`` maps slot to (generation, socket) at fork time."""
         self.config = config
         self.client_id = client_id
         self.upstream = upstream
         self.state_path = os.path.join(state_dir, "subscriptions.json")
         self.supervisor_pid = supervisor_pid
+        self.shared = shared
         self.log = logs.get("agent")
         self.workers: dict[int, _WorkerChannel] = {}
         for slot, (generation, sock) in workers.items():
             sock.setblocking(False)
-            self.workers[slot] = _WorkerChannel(slot, generation, sock)
+            self.workers[slot] = _WorkerChannel(slot, generation, sock, ready=True)
         self.upstream.setblocking(False)
         self.dispatcher = DISPATCHERS[config.workers.dispatch]()
         self.prefetch = config.workers.prefetch
@@ -115,8 +124,11 @@ class Agent:
         self.pending: deque[_Delivery] = deque()  # received, not yet given to a worker
         self.deliveries: dict[int, _Delivery] = {}  # given to a worker, not yet done
         self.delivery_ids = itertools.count(random.getrandbits(48))
-        self.publishes: dict[int, tuple[mqtt.MQTTMessageInfo, int, int, int]] = {}  # mid -> info, slot, gen, request
+        # mid -> (info, slot, generation, request id, qos) of publishes not yet confirmed
+        self.publishes: dict[int, tuple[mqtt.MQTTMessageInfo, int, int, int, int]] = {}
         self.subscribe_requests: dict[int, list[str]] = {}
+        self.dead_letters: dict[int, _Delivery] = {}  # mid of the dead-letter publish -> original
+        self.early_ready: set[tuple[int, int]] = set()  # (slot, generation) ready before its WorkerUp
         self.stopping = False
         self.stop_deadline = 0.0
         self.exit_code = ExitCode.OK
@@ -128,6 +140,7 @@ class Agent:
         """The agent process's main loop; returns its exit code."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor decides
         self.signals = SignalQueue([signal.SIGTERM])
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # stack on demand
         self.client = self._make_client()
         self.log.info("agent started; broker %s:%d, client id %s, %d subscription(s)",
                       self.config.mqtt.host, self.config.mqtt.port, self.client_id, len(self.subscriptions))
@@ -359,26 +372,64 @@ class Agent:
 
     def _dispatch(self) -> None:
         while self.pending and not self.stopping:
-            ready = [slot for slot, w in self.workers.items() if len(w.outstanding) < self.prefetch]
+            ready = [slot for slot, w in self.workers.items()
+                     if w.ready and not w.retiring and len(w.outstanding) < self.prefetch]
             if not ready:
                 return
             worker = self.workers[self.dispatcher.choose(ready)]
             d = self.pending.popleft()
             d.slot = worker.slot
-            worker.outstanding.add(d.delivery_id)
+            worker.outstanding[d.delivery_id] = None
             self.deliveries[d.delivery_id] = d
             self._write(worker, channel.Deliver(d.delivery_id, d.topic, d.payload, d.qos, d.retain, d.redelivered))
 
-    def _done(self, delivery_id: int) -> None:
-        d = self.deliveries.pop(delivery_id, None)
+    def _done(self, record: channel.Done) -> None:
+        d = self.deliveries.pop(record.delivery_id, None)
         if d is None:
             return  # finished for an earlier agent, or already redelivered
         worker = self.workers.get(d.slot)
         if worker is not None:
-            worker.outstanding.discard(delivery_id)
+            worker.outstanding.pop(record.delivery_id, None)
+        if record.failed and self.config.workers.on_error == "retry":
+            self._failed_attempt(d, "on_message raised", front=False)
+        else:
+            self._ack(d)
+        self._dispatch()
+
+    def _ack(self, d: _Delivery) -> None:
         if d.qos == 1 and d.epoch == self.epoch and self.state is ConnState.CONNECTED:
             self.client.ack(d.mid, 1)
-        self._dispatch()
+
+    def _failed_attempt(self, d: _Delivery, reason: str, *, front: bool) -> None:
+        """One more attempt used up: hand the message out again, or dead-letter it."""
+        d.attempts += 1
+        if d.attempts >= self.config.workers.max_attempts:
+            self._dead_letter(d, f"{reason} ({d.attempts} attempts)")
+            return
+        d.redelivered = True
+        if front:
+            self.pending.appendleft(d)
+        else:
+            self.pending.append(d)
+
+    def _dead_letter(self, d: _Delivery, reason: str) -> None:
+        topic = self.config.workers.dead_letter_topic
+        if topic is None:
+            self.log.error("dropping the message on %r: %s; set [workers] dead_letter_topic to keep such "
+                           "messages", d.topic, reason)
+            self._ack(d)
+            return
+        target = f"{topic}/{d.topic}"
+        self.log.error("dead-lettering the message on %r to %r: %s", d.topic, target, reason)
+        properties = None
+        if self.config.mqtt.protocol == "5":
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.UserProperty = [("procmqtt-reason", reason), ("procmqtt-topic", d.topic)]
+        info = self.client.publish(target, d.payload, 1, False, properties)
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS and info.is_published():
+            self._ack(d)
+        else:  # the original is acknowledged once the broker has the dead letter
+            self.dead_letters[info.mid] = d
 
     # --- workers -------------------------------------------------------------------------------
 
@@ -407,6 +458,21 @@ class Agent:
         except ConnectionResetError:
             return True
 
+    def _worker_record(self, record: channel.Ready | channel.Retire | channel.Release) -> None:
+        worker = self.workers.get(record.slot)
+        if worker is None or worker.generation != record.generation:
+            if isinstance(record, channel.Ready):
+                self.early_ready.add((record.slot, record.generation))  # its WorkerUp is still queued
+            return
+        if isinstance(record, channel.Ready):
+            worker.ready = True
+            self._dispatch()
+        elif isinstance(record, channel.Release):
+            worker.released = True
+        elif not worker.retiring:
+            worker.retiring = True
+            self._write(worker, channel.Stop())
+
     def _add_worker(self, record: channel.WorkerUp) -> None:
         current = self.workers.get(record.slot)
         if current is not None and current.generation >= record.generation:
@@ -414,7 +480,9 @@ class Agent:
             return
         if current is not None:
             self._forget_worker(current)
-        self.workers[record.slot] = _WorkerChannel(record.slot, record.generation, record.sock)
+        ready = (record.slot, record.generation) in self.early_ready
+        self.early_ready.discard((record.slot, record.generation))
+        self.workers[record.slot] = _WorkerChannel(record.slot, record.generation, record.sock, ready=ready)
         if self.stopping:
             self._write(self.workers[record.slot], channel.Stop())
         self._dispatch()
@@ -423,17 +491,22 @@ class Agent:
         """A worker is gone: what it held goes back to the front of the queue, marked redelivered."""
         del self.workers[worker.slot]
         worker.sock.close()
-        held = [self.deliveries.pop(i) for i in sorted(worker.outstanding) if i in self.deliveries]
+        held = [self.deliveries.pop(i) for i in worker.outstanding if i in self.deliveries]
         if self.stopping:
             if held:
                 self.log.warning("worker %d stopped holding %d message(s); QoS 1 ones stay at the broker",
                                  worker.slot, len(held))
             return
-        for d in reversed(held):
+        if not held:
+            return
+        self.log.warning("worker %d is gone holding %d unfinished message(s); they go to other workers",
+                         worker.slot, len(held))
+        for d in reversed(held[1:] if not worker.released else held):
             d.redelivered = True
             self.pending.appendleft(d)
-        self.log.warning("worker %d is gone; %d unfinished message(s) go to other workers",
-                         worker.slot, len(held))
+        if not worker.released:
+            # A worker handles its messages in order, so it died while handling the oldest one.
+            self._failed_attempt(held[0], f"worker {worker.slot} died while handling it", front=True)
         self._dispatch()
 
     # --- the publish channel -----------------------------------------------------------------
@@ -452,7 +525,7 @@ class Agent:
 
     def _handle_upstream(self, record: channel.Record) -> None:
         if isinstance(record, channel.Done):
-            self._done(record.delivery_id)
+            self._done(record)
         elif isinstance(record, channel.Publish):
             self._publish(record)
         elif isinstance(record, channel.Subscribe):
@@ -467,6 +540,8 @@ class Agent:
                 _, mid = self.client.unsubscribe(record.topic_filter)
                 if mid is not None:
                     self.subscribe_requests[mid] = [record.topic_filter]
+        elif isinstance(record, (channel.Ready, channel.Retire, channel.Release)):
+            self._worker_record(record)
         elif isinstance(record, channel.WorkerUp):
             self._add_worker(record)
         elif isinstance(record, channel.StopAgent):
@@ -474,28 +549,36 @@ class Agent:
 
     def _publish(self, record: channel.Publish) -> None:
         info = self.client.publish(record.topic, record.payload, record.qos, record.retain)
-        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and record.qos == 0:
-            self._reply(record.slot, record.generation, record.request_id, info.rc)
-        elif info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            self.log.error("publish to %r failed: %s", record.topic, mqtt.error_string(info.rc))
-            self._reply(record.slot, record.generation, record.request_id, info.rc)
-        elif info.is_published():
+        ok = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+        # Without a connection paho keeps QoS 1/2 messages and sends them after the reconnect.
+        kept = record.qos > 0 and info.rc in (MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        if ok and info.is_published():
             self._reply(record.slot, record.generation, record.request_id, 0)
-        else:  # QoS 0 waiting for the socket, QoS 1/2 waiting for the broker (kept across reconnects)
-            self.publishes[info.mid] = (info, record.slot, record.generation, record.request_id)
+        elif ok or kept:  # waiting for the socket (QoS 0) or the broker's acknowledgement
+            self.publishes[info.mid] = (info, record.slot, record.generation, record.request_id, record.qos)
+            self.shared.unconfirmed_publishes = len(self.publishes)
+        else:
+            self.log.warning("publish to %r failed: %s", record.topic, mqtt.error_string(info.rc))
+            self._reply(record.slot, record.generation, record.request_id, info.rc)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        dead = self.dead_letters.pop(mid, None)
+        if dead is not None:
+            self._ack(dead)
+            return
         entry = self.publishes.pop(mid, None)
+        self.shared.unconfirmed_publishes = len(self.publishes)
         if entry is not None:
-            _, slot, generation, request_id = entry
+            _, slot, generation, request_id, _ = entry
             self._reply(slot, generation, request_id, reason.value if reason.is_failure else 0)
 
     def _fail_lost_publishes(self) -> None:
         """paho drops unsent QoS 0 publishes on reconnect; tell their workers."""
-        for mid, (info, slot, generation, request_id) in list(self.publishes.items()):
-            if info.rc == MQTTErrorCode.MQTT_ERR_CONN_LOST:
+        for mid, (info, slot, generation, request_id, qos) in list(self.publishes.items()):
+            if qos == 0 and info.rc == MQTTErrorCode.MQTT_ERR_CONN_LOST:
                 del self.publishes[mid]
                 self._reply(slot, generation, request_id, info.rc)
+        self.shared.unconfirmed_publishes = len(self.publishes)
 
     def _reply(self, slot: int, generation: int, request_id: int, error: int) -> None:
         worker = self.workers.get(slot)

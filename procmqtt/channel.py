@@ -41,6 +41,9 @@ DONE = 10
 PUBLISH = 11
 SUBSCRIBE = 12
 UNSUBSCRIBE = 13
+RETIRE = 14
+RELEASE = 15
+READY = 16
 WORKER_UP = 20
 STOP_AGENT = 21
 # A record stored in the attached memory file.
@@ -48,10 +51,10 @@ BLOB = 255
 
 _DELIVER = struct.Struct("!BQBBBH")  # kind, delivery id, qos, retain, redelivered, topic length
 _PUBLISHED = struct.Struct("!BQB")  # kind, request id, error code (0 = ok)
-_DONE = struct.Struct("!BQ")  # kind, delivery id
+_DONE = struct.Struct("!BQB")  # kind, delivery id, failed
 _PUBLISH = struct.Struct("!BHIQBBH")  # kind, slot, generation, request id, qos, retain, topic length
 _SUBSCRIBE = struct.Struct("!BB")  # kind, qos; the filter follows
-_WORKER_UP = struct.Struct("!BHI")  # kind, slot, generation; the worker's socket is attached
+_SLOT = struct.Struct("!BHI")  # kind, slot, generation (worker-up: the worker's socket is attached)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,7 @@ class Stop:
 @dataclass(frozen=True, slots=True)
 class Done:
     delivery_id: int
+    failed: bool = False  # on_message raised
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,30 @@ class Unsubscribe:
 
 
 @dataclass(frozen=True, slots=True)
+class Ready:
+    """The worker finished on_start: the agent may give it messages."""
+
+    slot: int
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Retire:
+    """The worker wants to be replaced (recycling): send it nothing more, then a stop."""
+
+    slot: int
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """The worker is leaving between messages: what it still holds was never started."""
+
+    slot: int
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerUp:
     slot: int
     generation: int
@@ -114,7 +142,8 @@ class StopAgent:
     pass
 
 
-Record = Union[Deliver, Published, Stop, Done, Publish, Subscribe, Unsubscribe, WorkerUp, StopAgent]
+Record = Union[Deliver, Published, Stop, Done, Publish, Subscribe, Unsubscribe, Ready, Retire, Release,
+               WorkerUp, StopAgent]
 
 
 class ChannelError(Exception):
@@ -142,7 +171,7 @@ def encode(record: Record) -> bytes:
     if isinstance(record, Published):
         return _PUBLISHED.pack(PUBLISHED, record.request_id, record.error)
     if isinstance(record, Done):
-        return _DONE.pack(DONE, record.delivery_id)
+        return _DONE.pack(DONE, record.delivery_id, record.failed)
     if isinstance(record, Publish):
         topic = record.topic.encode()
         head = _PUBLISH.pack(PUBLISH, record.slot, record.generation, record.request_id,
@@ -152,6 +181,12 @@ def encode(record: Record) -> bytes:
         return _SUBSCRIBE.pack(SUBSCRIBE, record.qos) + record.topic_filter.encode()
     if isinstance(record, Unsubscribe):
         return bytes((UNSUBSCRIBE,)) + record.topic_filter.encode()
+    if isinstance(record, Ready):
+        return _SLOT.pack(READY, record.slot, record.generation)
+    if isinstance(record, Retire):
+        return _SLOT.pack(RETIRE, record.slot, record.generation)
+    if isinstance(record, Release):
+        return _SLOT.pack(RELEASE, record.slot, record.generation)
     if isinstance(record, Stop):
         return bytes((STOP,))
     if isinstance(record, StopAgent):
@@ -171,7 +206,8 @@ def decode(data: bytes, fds: list[int]) -> Record:
         _, rid, error = _PUBLISHED.unpack(data)
         return Published(rid, error)
     if kind == DONE:
-        return Done(_DONE.unpack(data)[1])
+        _, did, failed = _DONE.unpack(data)
+        return Done(did, bool(failed))
     if kind == PUBLISH:
         _, slot, gen, rid, qos, retain, tlen = _PUBLISH.unpack_from(data)
         start = _PUBLISH.size
@@ -181,8 +217,14 @@ def decode(data: bytes, fds: list[int]) -> Record:
         return Subscribe(data[_SUBSCRIBE.size:].decode(), data[1])
     if kind == UNSUBSCRIBE:
         return Unsubscribe(data[1:].decode())
+    if kind == READY:
+        return Ready(*_SLOT.unpack(data)[1:])
+    if kind == RETIRE:
+        return Retire(*_SLOT.unpack(data)[1:])
+    if kind == RELEASE:
+        return Release(*_SLOT.unpack(data)[1:])
     if kind == WORKER_UP:
-        _, slot, gen = _WORKER_UP.unpack(data)
+        _, slot, gen = _SLOT.unpack(data)
         if len(fds) != 1:
             raise ChannelError("worker-up record without its socket")
         sock = socket.socket(fileno=fds[0])
@@ -229,7 +271,7 @@ def send(sock: socket.socket, record: Record, *, block: bool = True) -> bool:
     """
     flags = 0 if block else socket.MSG_DONTWAIT
     if isinstance(record, WorkerUp):
-        data = _WORKER_UP.pack(WORKER_UP, record.slot, record.generation)
+        data = _SLOT.pack(WORKER_UP, record.slot, record.generation)
         fds = [record.sock.fileno()]
     else:
         data = encode(record)

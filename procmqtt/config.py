@@ -19,7 +19,8 @@ from typing import Any, Callable, Mapping
 
 from .dispatch import DISPATCHERS
 from .errors import ConfigError
-from .topics import filter_problem
+from .shared import MAX_SLOTS
+from .topics import filter_problem, topic_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,6 +37,14 @@ DEFAULT_WORKERS = 1
 DEFAULT_DISPATCH = "random"
 DEFAULT_PREFETCH = 8
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_ON_ERROR = "ack"
+DEFAULT_PUBLISH_BUFFER = 10_000
+DEFAULT_PUBLISH_TIMEOUT = 30.0
+
+ON_ERROR = ("ack", "retry")
+MAX_PUBLISH_BUFFER = 60_000  # paho's message ids are 16-bit: stay clear of MQTT_ERR_QUEUE_SIZE
 
 PROTOCOLS = ("3.1.1", "5")
 
@@ -69,6 +78,8 @@ class MqttConfig:
     protocol: str = DEFAULT_PROTOCOL
     clean_session: bool = False
     session_expiry: int = DEFAULT_SESSION_EXPIRY
+    publish_buffer: int = DEFAULT_PUBLISH_BUFFER
+    publish_timeout: float = DEFAULT_PUBLISH_TIMEOUT
     topics: tuple[Subscription, ...] = ()
 
 
@@ -78,6 +89,13 @@ class WorkersConfig:
     dispatch: str = DEFAULT_DISPATCH
     prefetch: int = DEFAULT_PREFETCH
     graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT
+    timeout: float = DEFAULT_TIMEOUT
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    on_error: str = DEFAULT_ON_ERROR
+    dead_letter_topic: str | None = None
+    max_messages: int = 0
+    max_messages_jitter: int = 0
+    max_memory_mb: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,6 +133,11 @@ def _text(v: Any) -> str | None:
     return None if isinstance(v, str) and v else "a non-empty string"
 
 
+def _topic_name(v: Any) -> str | None:
+    problem = topic_problem(v)
+    return f"a topic name to publish to ({problem})" if problem else None
+
+
 def _boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "true or false"
 
@@ -137,13 +160,22 @@ _MQTT_KEYS: dict[str, Check] = {
     "protocol": _one_of(*PROTOCOLS),
     "clean_session": _boolean,
     "session_expiry": _integer(0, 2**32 - 1),
+    "publish_buffer": _integer(1, MAX_PUBLISH_BUFFER),
+    "publish_timeout": _number(0),
     "topics": lambda v: None if isinstance(v, dict) else "a table of topic filters",
 }
 _WORKERS_KEYS: dict[str, Check] = {
-    "count": _integer(1, 1024),
+    "count": _integer(1, MAX_SLOTS),
     "dispatch": _one_of(*DISPATCHERS),
     "prefetch": _integer(1, 65535),
     "graceful_timeout": _number(0),
+    "timeout": _number(0),
+    "max_attempts": _integer(1, 1000),
+    "on_error": _one_of(*ON_ERROR),
+    "dead_letter_topic": _topic_name,
+    "max_messages": _integer(0),
+    "max_messages_jitter": _integer(0),
+    "max_memory_mb": _integer(0),
 }
 _TOPIC_KEYS: dict[str, Check] = {"qos": _integer(0, 2)}
 _SECTIONS = {"mqtt": _MQTT_KEYS, "workers": _WORKERS_KEYS, "app": {}}

@@ -32,3 +32,7 @@ class ConfigError(ProcmqttError):
 
 class AppError(ProcmqttError):
     exit_code = ExitCode.APP
+
+
+class PublishBufferFull(RuntimeError):
+    """``Worker.publish`` waited ``[mqtt] publish_timeout`` for room in the agent's publish buffer."""

@@ -26,6 +26,7 @@ from .agent import Agent
 from .backoff import Backoff
 from .config import Config, default_client_id
 from .errors import ExitCode
+from .shared import SharedState
 from .signals import SignalQueue
 from .worker import Worker, serve
 
@@ -33,6 +34,10 @@ STOP_MARGIN = 5.0
 """Seconds past ``graceful_timeout`` before the supervisor SIGKILLs what is left."""
 STABLE_AFTER = 5.0
 """A child that lived this long resets its restart backoff."""
+CRASH_LOOP = 5
+"""A worker slot whose process died this many times in a row before handling anything stops procmqtt."""
+DUMP_GRACE = 0.5
+"""Seconds between asking a hung worker for its stack (SIGUSR1) and SIGKILL."""
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -45,6 +50,7 @@ class Child:
     pid: int
     started: float
     agent_end: socket.socket | None = None  # a worker's channel, the end the agent uses
+    kill_at: float = 0.0  # hung: SIGKILL at this time (after the stack dump)
 
 
 class Supervisor:
@@ -60,6 +66,7 @@ class Supervisor:
         self.generations = itertools.count(1)
         self.restart_at: dict[int, float] = {}  # slot (-1: agent) -> earliest restart time
         self.backoffs: dict[int, Backoff] = {}
+        self.quick_deaths: dict[int, int] = {}  # slot -> deaths in a row before handling anything
         self.control: deque[channel.Record] = deque()  # records for the agent, sent without blocking
         self.stopping = False
         self.stop_deadline = 0.0
@@ -75,6 +82,7 @@ class Supervisor:
             while True:
                 self.handle_signals()
                 self.reap_children()
+                self.murder_hung_workers()
                 if self.stopping:
                     if not self.children:
                         break
@@ -91,6 +99,7 @@ class Supervisor:
     def setup(self) -> None:
         self.pid = os.getpid()
         self.state_dir = tempfile.mkdtemp(prefix="procmqtt-")
+        self.shared = SharedState()
         self.upstream_agent, self.upstream_writers = channel.pair()
         # Blocking mode is shared by every process holding the socket: the workers block on a full
         # channel, the supervisor never does (it sends with MSG_DONTWAIT).
@@ -115,6 +124,7 @@ class Supervisor:
         wake = [now + 1.0, *self.restart_at.values()]
         if self.stopping:
             wake.append(self.stop_deadline)
+        wake += [c.kill_at for c in self.children.values() if c.kill_at]
         if self.control:
             wake.append(now + 0.05)
         select.select([self.signals], [], [], max(0.0, min(wake) - now))
@@ -160,12 +170,44 @@ class Supervisor:
         if child.role == "worker" and code == ExitCode.APP:
             self.fatal(ExitCode.APP, f"worker {child.slot} failed to boot; see the traceback above")
             return
+        if child.role == "worker" and self.crash_looping(child, code):
+            self.fatal(ExitCode.APP, f"worker {child.slot} died {CRASH_LOOP} times in a row within "
+                                     f"{STABLE_AFTER:g}s of starting, before handling any message")
+            return
+        if code == 0:  # recycled, or asked to leave: replace it at once
+            self.log.info("%s (pid %d) exited; replacing it", name, child.pid)
+            return
         backoff = self.backoffs.setdefault(child.slot, Backoff(base=0.5, cap=10.0))
         if time.monotonic() - child.started >= STABLE_AFTER:
             backoff.reset()
         delay = backoff.next()
         self.restart_at[child.slot] = time.monotonic() + delay
         self.log.warning("%s (pid %d) %s; restarting in %.1fs", name, child.pid, how, delay)
+
+    def crash_looping(self, child: Child, code: int) -> bool:
+        """Count deaths that look like a broken boot, not a poison message or an outside kill."""
+        early = (code != 0 and time.monotonic() - child.started < STABLE_AFTER
+                 and self.shared.finished(child.slot) == 0 and self.shared.busy_since(child.slot) == 0)
+        self.quick_deaths[child.slot] = self.quick_deaths.get(child.slot, 0) + 1 if early else 0
+        return self.quick_deaths[child.slot] >= CRASH_LOOP
+
+    def murder_hung_workers(self) -> None:
+        """A worker past ``[workers] timeout`` on one message: dump its stack, then SIGKILL it."""
+        timeout = self.config.workers.timeout
+        now = time.monotonic()
+        for child in self.children.values():
+            if child.kill_at:
+                if now >= child.kill_at:
+                    _kill(child.pid, signal.SIGKILL)
+                continue
+            if child.role != "worker" or not timeout:
+                continue
+            busy = self.shared.busy_since(child.slot)
+            if busy and now - busy > timeout:
+                self.log.error("worker %d (pid %d) has spent %.1fs on one message (timeout %gs); its stack "
+                               "follows, then it is killed", child.slot, child.pid, now - busy, timeout)
+                _kill(child.pid, signal.SIGUSR1)  # faulthandler writes every thread's stack to stderr
+                child.kill_at = now + DUMP_GRACE
 
     def reconcile(self) -> None:
         """Start whatever is missing and due: the agent, then each worker slot."""
@@ -185,16 +227,17 @@ class Supervisor:
 
         def main() -> int:
             agent = Agent(self.config, self.client_id, self.upstream_agent, workers,  # type: ignore[arg-type]
-                          self.state_dir, self.pid)
+                          self.state_dir, self.pid, self.shared)
             return agent.run()
         self._fork("agent", -1, main, keep)
 
     def spawn_worker(self, slot: int) -> None:
+        self.shared.reset_slot(slot)
         agent_end, worker_end = channel.pair()
         generation = next(self.generations)
 
         def main() -> int:
-            return serve(self.app, slot, generation, self.config, worker_end, self.upstream_writers)
+            return serve(self.app, slot, generation, self.config, worker_end, self.upstream_writers, self.shared)
         child = self._fork(f"worker-{slot}", slot, main, [worker_end, self.upstream_writers],
                            generation=generation)
         worker_end.close()

@@ -7,12 +7,16 @@ workers share. Everything here runs in the worker process, after fork.
 
 from __future__ import annotations
 
+import faulthandler
 import itertools
 import json
 import logging
+import os
+import random
 import select
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -20,8 +24,9 @@ from typing import Any
 
 from . import channel, logs
 from .config import Config
-from .errors import ExitCode
+from .errors import ExitCode, PublishBufferFull
 from .message import Message
+from .shared import SharedState
 from .signals import SignalQueue
 from .topics import filter_problem, topic_problem
 
@@ -61,12 +66,15 @@ class PublishHandle:
 class _AgentLink:
     """The worker's ends of the channels: its inbound socket and the shared publish channel."""
 
-    def __init__(self, slot: int, generation: int, inbound: socket.socket,
-                 upstream: socket.socket, wakeup: int | None = None) -> None:
+    def __init__(self, slot: int, generation: int, inbound: socket.socket, upstream: socket.socket,
+                 shared: SharedState, config: Config, wakeup: int | None = None) -> None:
         self.slot = slot
         self.generation = generation
         self.inbound = inbound
         self.upstream = upstream
+        self.shared = shared
+        self.publish_buffer = config.mqtt.publish_buffer
+        self.publish_timeout = config.mqtt.publish_timeout
         self.wakeup = wakeup
         self.closed = False  # the agent side is gone for good (end of file)
         self._inbox: deque[channel.Record] = deque()
@@ -78,10 +86,22 @@ class _AgentLink:
         channel.send(self.upstream, record)
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> PublishHandle:
+        if self.shared.unconfirmed_publishes >= self.publish_buffer:
+            self._wait_for_room(topic)
         handle = PublishHandle(self, next(self._requests))
         self._handles[handle.request_id] = handle
         self.send(channel.Publish(self.slot, self.generation, handle.request_id, topic, payload, qos, retain))
         return handle
+
+    def _wait_for_room(self, topic: str) -> None:
+        """Block while the agent's publish buffer is full (broker down or slow), up to a timeout."""
+        deadline = time.monotonic() + self.publish_timeout
+        while self.shared.unconfirmed_publishes >= self.publish_buffer:
+            if time.monotonic() >= deadline:
+                raise PublishBufferFull(
+                    f"publish to {topic!r}: the agent already holds {self.publish_buffer} unconfirmed "
+                    f"publishes (is the broker reachable?); gave up after {self.publish_timeout:g}s")
+            time.sleep(0.01)
 
     def _pump(self, timeout: float | None, *, wake_on_signal: bool = True) -> bool:
         """Read whatever the agent sent within ``timeout``; True if anything (or a signal) arrived."""
@@ -206,18 +226,20 @@ def _check_qos(qos: int) -> None:
         raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
 
 
-def serve(app: type[Worker], slot: int, generation: int, config: Config,
-          inbound: socket.socket, upstream: socket.socket) -> int:
+def serve(app: type[Worker], slot: int, generation: int, config: Config, inbound: socket.socket,
+          upstream: socket.socket, shared: SharedState) -> int:
     """The worker process's main loop, after fork; returns the process exit code.
 
-    Exits: a STOP record (graceful stop: everything queued before it is handled first), SIGTERM
-    (stop after the current message), or the agent side closing for good.
+    Exits: a STOP record (graceful stop or recycling: everything queued before it is handled
+    first), SIGTERM (stop after the current message), or the agent side closing for good.
     """
     log = logs.get("worker")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor decides
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # the supervisor's hang report
     signals = SignalQueue([signal.SIGTERM])
     inbound.setblocking(False)
-    link = _AgentLink(slot, generation, inbound, upstream, wakeup=signals.fileno())
+    link = _AgentLink(slot, generation, inbound, upstream, shared, config, wakeup=signals.fileno())
+    recycle = _Recycler(config)
     try:
         worker = app()
         worker._attach(slot, config, link)
@@ -225,16 +247,28 @@ def serve(app: type[Worker], slot: int, generation: int, config: Config,
     except Exception:
         log.exception("worker %d failed to boot (%s.__init__ or on_start raised)", slot, app.__name__)
         return ExitCode.APP
+    link.send(channel.Ready(slot, generation))
     log.debug("worker %d ready", slot)
+    finished = 0
     try:
         while True:
             if signals.pop():
                 log.info("SIGTERM: stopping after the current message")
+                link.send(channel.Release(slot, generation))
                 break
             record = link.next()
             if isinstance(record, channel.Deliver):
-                worker.handle(Message(record.topic, record.payload, record.qos, record.retain, record.redelivered))
-                link.send(channel.Done(record.delivery_id))
+                shared.set_busy_since(slot, time.monotonic())
+                ok = worker.handle(Message(record.topic, record.payload, record.qos, record.retain,
+                                           record.redelivered))
+                shared.set_busy_since(slot, 0.0)
+                finished += 1
+                shared.set_finished(slot, finished)
+                link.send(channel.Done(record.delivery_id, failed=not ok))
+                reason = recycle.due(finished)
+                if reason:
+                    log.info("recycling: %s; finishing what this worker holds", reason)
+                    link.send(channel.Retire(slot, generation))
             elif isinstance(record, channel.Stop):
                 log.debug("stop requested; every message received was handled")
                 break
@@ -247,3 +281,37 @@ def serve(app: type[Worker], slot: int, generation: int, config: Config,
         except Exception:
             log.exception("on_stop raised")
     return ExitCode.OK
+
+
+class _Recycler:
+    """Decides when a worker should be replaced: after max_messages (+ jitter) or above max_memory_mb."""
+
+    def __init__(self, config: Config) -> None:
+        w = config.workers
+        self.limit = w.max_messages + random.randint(0, w.max_messages_jitter) if w.max_messages else 0
+        self.max_rss = w.max_memory_mb * 1024 * 1024
+        self.next_memory_check = 0.0
+        self.requested = False
+
+    def due(self, finished: int) -> str | None:
+        if self.requested:
+            return None
+        reason = None
+        if self.limit and finished >= self.limit:
+            reason = f"{finished} messages handled (max_messages)"
+        elif self.max_rss and time.monotonic() >= self.next_memory_check:
+            self.next_memory_check = time.monotonic() + 1.0
+            rss = _rss()
+            if rss > self.max_rss:
+                reason = f"resident memory {rss / 2**20:.0f} MB > max_memory_mb"
+        self.requested = reason is not None
+        return reason
+
+
+def _rss() -> int:
+    """This process's resident memory in bytes (Linux); 0 where unknown."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 
 from procmqtt import Message, Worker
@@ -20,6 +22,7 @@ class Recorder(Worker):
 
     def record(self, event: str, message: Message) -> None:
         line = {"event": event, "worker": self.worker_id, "pid": os.getpid(), "topic": message.topic,
+                "time": time.monotonic(),
                 "sha": hashlib.sha1(message.payload).hexdigest(), "size": len(message.payload),
                 "redelivered": message.redelivered}
         if len(message.payload) <= 64:
@@ -38,6 +41,14 @@ class Recorder(Worker):
                 raise RuntimeError("echo publish was not confirmed")
         elif message.topic == "boom":
             raise ValueError("boom requested")
+        elif message.topic == "poison":
+            os.kill(os.getpid(), signal.SIGKILL)  # as a segfault or the OOM killer would
+        elif message.topic == "hang":
+            threading.Event().wait()
+        elif message.topic.startswith("pub/"):
+            time.sleep(float(self.config.app.get("pub_delay", 0)))
+            for i in range(int(message.topic[4:])):
+                self.publish(f"buf/{i}", str(i), qos=1)
         if self.delay:
             time.sleep(self.delay)
         self.record("done", message)

@@ -6,6 +6,7 @@ Nothing here is mocked: the broker is the ``mosquitto`` binary on a free loopbac
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -46,6 +47,7 @@ class Mosquitto:
 
     def __init__(self, directory: Path, *, persistence: bool = False,
                  users: dict[str, str] | None = None) -> None:
+        """``persistence``: saved after every change, so a SIGKILL loses nothing it acknowledged."""
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -60,6 +62,7 @@ class Mosquitto:
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.dir}/",
             "autosave_interval 1",
+            "autosave_on_changes true",
             "max_queued_messages 100000",
             f"log_dest file {self.log_path}",
             "log_type error", "log_type warning", "log_type notice", "log_type information",
@@ -117,12 +120,17 @@ class Mosquitto:
 
 
 class Subscriber:
-    """An independent paho client that records what the broker sends it."""
+    """An independent paho client that records what the broker sends it.
 
-    def __init__(self, broker: Mosquitto, topic_filter: str, qos: int = 1) -> None:
+    ``persistent``: a session that outlives broker restarts (with a persistent broker).
+    """
+
+    def __init__(self, broker: Mosquitto, topic_filter: str, qos: int = 1, persistent: bool = False) -> None:
         self.messages: list[mqtt.MQTTMessage] = []
         self.lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-sub-{os.getpid()}-{id(self)}")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-sub-{os.getpid()}-{id(self)}",
+                                  clean_session=not persistent)
+        self.client.reconnect_delay_set(0.1, 1)
         subscribed = threading.Event()
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, qos)
         self.client.on_subscribe = lambda *a: subscribed.set()
@@ -148,6 +156,7 @@ class Subscriber:
 def publisher(broker: Mosquitto) -> mqtt.Client:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-pub-{os.getpid()}-{time.monotonic_ns()}")
     client.max_queued_messages_set(0)
+    client.reconnect_delay_set(0.1, 1)
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
     return client
@@ -250,14 +259,41 @@ def _kill(pid: int) -> None:
 
 
 def write_config(path: Path, broker: Mosquitto, *, topics: dict[str, int], workers: int = 2,
-                 app: dict[str, Any] | None = None, mqtt: str = "", extra: str = "") -> str:
+                 app: dict[str, Any] | None = None, mqtt: str = "", workers_toml: str = "") -> str:
     """A procmqtt TOML file for ``broker``."""
     lines = ["[mqtt]", 'host = "127.0.0.1"', f"port = {broker.port}",
              f'client_id = "test-{path.stem}-{os.getpid()}"', mqtt, "", "[mqtt.topics]"]
     lines += [f'"{f}" = {{ qos = {q} }}' for f, q in topics.items()]
-    lines += ["", "[workers]", f"count = {workers}", "graceful_timeout = 10", "", "[app]"]
+    lines += ["", "[workers]", f"count = {workers}", "graceful_timeout = 10", workers_toml, "", "[app]"]
     for key, value in (app or {}).items():
         lines.append(f"{key} = {value!r}".replace("'", '"'))
-    text = "\n".join(lines) + "\n" + extra
+    text = "\n".join(lines) + "\n"
     path.write_text(text)
     return str(path)
+
+
+def records(directory: Path, event: str = "done") -> list[dict[str, Any]]:
+    """What tests/apps.py:Recorder wrote: one dict per message and event."""
+    out = []
+    for path in directory.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["event"] == event:
+                out.append(rec)
+    return out
+
+
+def start(runs: list[Procmqtt], tmp_path: Path, broker: Mosquitto, *, topics: dict[str, int],
+          workers: int = 2, app: dict | None = None, args: tuple[str, ...] = (),
+          mqtt: str = "", workers_toml: str = "", wait_ready: bool = True) -> tuple[Procmqtt, Path]:
+    """Run tests/apps.py:Recorder; returns the run and the directory it records into."""
+    record_dir = tmp_path / "records"
+    record_dir.mkdir(exist_ok=True)
+    cfg = write_config(tmp_path / "procmqtt.toml", broker, topics=topics, workers=workers,
+                       app={"record_dir": str(record_dir), **(app or {})}, mqtt=mqtt, workers_toml=workers_toml)
+    run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg, *args)
+    runs.append(run)
+    if wait_ready:
+        run.ready()
+        run.wait_for_log(r"started worker", count=workers)
+    return run, record_dir

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,33 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import (Mosquitto, Procmqtt, Subscriber, publish_all, publisher, wait_until,
-                     write_config)
-
-
-def records(directory: Path, event: str = "done") -> list[dict]:
-    out = []
-    for path in directory.glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            if rec["event"] == event:
-                out.append(rec)
-    return out
-
-
-def start(runs: list[Procmqtt], tmp_path: Path, broker: Mosquitto, *, topics: dict[str, int],
-          workers: int = 2, app: dict | None = None, args: tuple[str, ...] = (),
-          mqtt: str = "", wait_ready: bool = True) -> tuple[Procmqtt, Path]:
-    record_dir = tmp_path / "records"
-    record_dir.mkdir(exist_ok=True)
-    cfg = write_config(tmp_path / "procmqtt.toml", broker, topics=topics, workers=workers,
-                       app={"record_dir": str(record_dir), **(app or {})}, mqtt=mqtt)
-    run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg, *args)
-    runs.append(run)
-    if wait_ready:
-        run.ready()
-        run.wait_for_log(r"started worker", count=workers)
-    return run, record_dir
+from harness import (Mosquitto, Procmqtt, Subscriber, publish_all, publisher, records, start,
+                     wait_until, write_config)
 
 
 @pytest.mark.timeout(60)

@@ -1,0 +1,59 @@
+"""A few numbers shared through memory by every process, without channels or locks.
+
+The supervisor maps the block before it forks, so every child sees the same pages. Each field has
+exactly one writer and is one aligned 8-byte word, so a reader never sees a torn value and no
+process can die holding a lock on it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+
+MAX_SLOTS = 1024
+"""Worker slots the block has room for (the largest allowed ``[workers] count``)."""
+
+_WORD = 8
+_HEADER_WORDS = 1  # unconfirmed publishes in the agent (writer: agent)
+_SLOT_WORDS = 2  # busy since (writer: worker; reset: supervisor), messages finished (writer: worker)
+_DOUBLE = struct.Struct("=d")
+_COUNT = struct.Struct("=q")
+
+
+class SharedState:
+    """Created in the supervisor before any fork."""
+
+    def __init__(self, slots: int = MAX_SLOTS) -> None:
+        self._mem = mmap.mmap(-1, _WORD * (_HEADER_WORDS + _SLOT_WORDS * slots))
+
+    def _slot(self, slot: int, word: int) -> int:
+        return _WORD * (_HEADER_WORDS + _SLOT_WORDS * slot + word)
+
+    # agent -> workers: publish backpressure
+    @property
+    def unconfirmed_publishes(self) -> int:
+        return _COUNT.unpack_from(self._mem, 0)[0]
+
+    @unconfirmed_publishes.setter
+    def unconfirmed_publishes(self, value: int) -> None:
+        _COUNT.pack_into(self._mem, 0, value)
+
+    # worker -> supervisor: hung handlers and crash loops
+    def busy_since(self, slot: int) -> float:
+        """``time.monotonic()`` when the slot's worker started its current message; 0 when idle."""
+        return _DOUBLE.unpack_from(self._mem, self._slot(slot, 0))[0]
+
+    def set_busy_since(self, slot: int, when: float) -> None:
+        _DOUBLE.pack_into(self._mem, self._slot(slot, 0), when)
+
+    def finished(self, slot: int) -> int:
+        """Messages the slot's current worker has finished since it started."""
+        return _COUNT.unpack_from(self._mem, self._slot(slot, 1))[0]
+
+    def set_finished(self, slot: int, count: int) -> None:
+        _COUNT.pack_into(self._mem, self._slot(slot, 1), count)
+
+    def reset_slot(self, slot: int) -> None:
+        """Before a new worker starts in ``slot`` (supervisor)."""
+        self.set_busy_since(slot, 0.0)
+        self.set_finished(slot, 0)
