@@ -262,7 +262,8 @@ class Agent:
             self.client.loop_read()
         if self.upstream in readable:
             self._read_upstream(UPSTREAM_BATCH)
-        gone = [by_sock[s] for s in readable if s in by_sock and self._at_eof(s)]
+        gone = [w for s in readable
+                if (w := by_sock.get(s)) is not None and self.workers.get(w.slot) is w and self._at_eof(s)]
         if gone:
             # A dead worker's completions were queued on the publish channel before it died:
             # read them all first, so nothing it finished is handed out again.
@@ -556,7 +557,6 @@ class Agent:
             self._reply(record.slot, record.generation, record.request_id, 0)
         elif ok or kept:  # waiting for the socket (QoS 0) or the broker's acknowledgement
             self.publishes[info.mid] = (info, record.slot, record.generation, record.request_id, record.qos)
-            self.shared.unconfirmed_publishes = len(self.publishes)
         else:
             self.log.warning("publish to %r failed: %s", record.topic, mqtt.error_string(info.rc))
             self._reply(record.slot, record.generation, record.request_id, info.rc)
@@ -567,7 +567,6 @@ class Agent:
             self._ack(dead)
             return
         entry = self.publishes.pop(mid, None)
-        self.shared.unconfirmed_publishes = len(self.publishes)
         if entry is not None:
             _, slot, generation, request_id, _ = entry
             self._reply(slot, generation, request_id, reason.value if reason.is_failure else 0)
@@ -578,7 +577,6 @@ class Agent:
             if qos == 0 and info.rc == MQTTErrorCode.MQTT_ERR_CONN_LOST:
                 del self.publishes[mid]
                 self._reply(slot, generation, request_id, info.rc)
-        self.shared.unconfirmed_publishes = len(self.publishes)
 
     def _reply(self, slot: int, generation: int, request_id: int, error: int) -> None:
         worker = self.workers.get(slot)

@@ -40,11 +40,11 @@ DEFAULT_GRACEFUL_TIMEOUT = 30.0
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_ON_ERROR = "ack"
-DEFAULT_PUBLISH_BUFFER = 10_000
+DEFAULT_PUBLISH_BUFFER = 1_000
 DEFAULT_PUBLISH_TIMEOUT = 30.0
 
 ON_ERROR = ("ack", "retry")
-MAX_PUBLISH_BUFFER = 60_000  # paho's message ids are 16-bit: stay clear of MQTT_ERR_QUEUE_SIZE
+MAX_PUBLISH_BUFFER = 60_000  # paho's message ids are 16-bit: workers x publish_buffer stays below 65,535
 
 PROTOCOLS = ("3.1.1", "5")
 
@@ -281,13 +281,18 @@ def load(path: str | None = None) -> Config:
 
 
 def with_overrides(config: Config, *, workers: int | None = None, broker: str | None = None) -> Config:
-    """Apply command-line flags, which win over the file."""
+    """Apply command-line flags, which win over the file, then check limits that span sections."""
     if workers is not None:
         if workers < 1:
             raise ConfigError(f"--workers: expected an integer >= 1, got {workers}")
         config = replace(config, workers=replace(config.workers, count=workers))
     if broker is not None:
         config = replace(config, mqtt=_broker_url(config.mqtt, broker))
+    total = config.workers.count * config.mqtt.publish_buffer
+    if total > MAX_PUBLISH_BUFFER:
+        raise ConfigError(f"{config.source}: [mqtt] publish_buffer ({config.mqtt.publish_buffer}) x worker count "
+                          f"({config.workers.count}) = {total} unconfirmed publishes, more than paho can number "
+                          f"(at most {MAX_PUBLISH_BUFFER}); lower publish_buffer")
     return config
 
 

@@ -14,7 +14,7 @@ MAX_SLOTS = 1024
 """Worker slots the block has room for (the largest allowed ``[workers] count``)."""
 
 _WORD = 8
-_HEADER_WORDS = 1  # unconfirmed publishes in the agent (writer: agent)
+_HEADER_WORDS = 0
 _SLOT_WORDS = 2  # busy since (writer: worker; reset: supervisor), messages finished (writer: worker)
 _DOUBLE = struct.Struct("=d")
 _COUNT = struct.Struct("=q")
@@ -28,15 +28,6 @@ class SharedState:
 
     def _slot(self, slot: int, word: int) -> int:
         return _WORD * (_HEADER_WORDS + _SLOT_WORDS * slot + word)
-
-    # agent -> workers: publish backpressure
-    @property
-    def unconfirmed_publishes(self) -> int:
-        return _COUNT.unpack_from(self._mem, 0)[0]
-
-    @unconfirmed_publishes.setter
-    def unconfirmed_publishes(self, value: int) -> None:
-        _COUNT.pack_into(self._mem, 0, value)
 
     # worker -> supervisor: hung handlers and crash loops
     def busy_since(self, slot: int) -> float:

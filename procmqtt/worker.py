@@ -67,12 +67,11 @@ class _AgentLink:
     """The worker's ends of the channels: its inbound socket and the shared publish channel."""
 
     def __init__(self, slot: int, generation: int, inbound: socket.socket, upstream: socket.socket,
-                 shared: SharedState, config: Config, wakeup: int | None = None) -> None:
+                 config: Config, wakeup: int | None = None) -> None:
         self.slot = slot
         self.generation = generation
         self.inbound = inbound
         self.upstream = upstream
-        self.shared = shared
         self.publish_buffer = config.mqtt.publish_buffer
         self.publish_timeout = config.mqtt.publish_timeout
         self.wakeup = wakeup
@@ -86,7 +85,7 @@ class _AgentLink:
         channel.send(self.upstream, record)
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> PublishHandle:
-        if self.shared.unconfirmed_publishes >= self.publish_buffer:
+        if len(self._handles) >= self.publish_buffer:
             self._wait_for_room(topic)
         handle = PublishHandle(self, next(self._requests))
         self._handles[handle.request_id] = handle
@@ -94,14 +93,17 @@ class _AgentLink:
         return handle
 
     def _wait_for_room(self, topic: str) -> None:
-        """Block while the agent's publish buffer is full (broker down or slow), up to a timeout."""
+        """Block while this worker has ``publish_buffer`` publishes unconfirmed (broker down or
+        slow), reading confirmations as they come, up to ``publish_timeout``."""
         deadline = time.monotonic() + self.publish_timeout
-        while self.shared.unconfirmed_publishes >= self.publish_buffer:
-            if time.monotonic() >= deadline:
+        while len(self._handles) >= self.publish_buffer and not self.closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise PublishBufferFull(
-                    f"publish to {topic!r}: the agent already holds {self.publish_buffer} unconfirmed "
+                    f"publish to {topic!r}: this worker already has {self.publish_buffer} unconfirmed "
                     f"publishes (is the broker reachable?); gave up after {self.publish_timeout:g}s")
-            time.sleep(0.01)
+            with self._lock:
+                self._pump(min(remaining, 0.1), wake_on_signal=False)
 
     def _pump(self, timeout: float | None, *, wake_on_signal: bool = True) -> bool:
         """Read whatever the agent sent within ``timeout``; True if anything (or a signal) arrived."""
@@ -238,7 +240,7 @@ def serve(app: type[Worker], slot: int, generation: int, config: Config, inbound
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # the supervisor's hang report
     signals = SignalQueue([signal.SIGTERM])
     inbound.setblocking(False)
-    link = _AgentLink(slot, generation, inbound, upstream, shared, config, wakeup=signals.fileno())
+    link = _AgentLink(slot, generation, inbound, upstream, config, wakeup=signals.fileno())
     recycle = _Recycler(config)
     try:
         worker = app()

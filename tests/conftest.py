@@ -29,3 +29,5 @@ def runs(tmp_path: Path) -> Iterator[list[Procmqtt]]:
     yield started
     for run in started:
         run.cleanup()
+    crashes = [line for run in started for line in run.log().splitlines() if "crashed" in line]
+    assert not crashes, f"a procmqtt process crashed: {crashes}"  # internal errors never pass silently

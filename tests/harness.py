@@ -280,7 +280,7 @@ def records(directory: Path, event: str = "done") -> list[dict[str, Any]]:
             rec = json.loads(line)
             if rec["event"] == event:
                 out.append(rec)
-    return out
+    return sorted(out, key=lambda rec: rec["time"])
 
 
 def start(runs: list[Procmqtt], tmp_path: Path, broker: Mosquitto, *, topics: dict[str, int],

@@ -152,3 +152,10 @@ def test_dispatchers():
     assert rr.choose([0, 2]) == 2 and rr.choose([0, 2]) == 0
     rnd = RandomDispatcher()
     assert {rnd.choose([3, 5]) for _ in range(200)} == {3, 5}
+
+
+def test_publish_buffer_times_workers_is_bounded():
+    cfg = config.from_mapping({"mqtt": {"publish_buffer": 20_000}}, "f.toml")
+    assert config.with_overrides(cfg, workers=3).workers.count == 3
+    with pytest.raises(ConfigError, match=r"^f.toml: \[mqtt\] publish_buffer \(20000\) x worker count \(4\)"):
+        config.with_overrides(cfg, workers=4)
