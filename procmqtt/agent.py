@@ -44,6 +44,9 @@ CONNACK_TIMEOUT = 10.0
 """Seconds to wait for CONNACK after the TCP connection is up (a TLS port answers nothing)."""
 TICK = 1.0
 """Longest sleep of the loop: paho's keepalive and the orphan check run at least this often."""
+MAX_PENDING_QOS0 = 10_000
+"""QoS 0 messages waiting for a free worker beyond this are dropped (QoS 1/2 are bounded by the
+broker's window, so they never need dropping)."""
 UPSTREAM_BATCH = 512
 """Records read from the publish channel per pass, so the broker socket is never starved."""
 _AUTH_REFUSED = {134, 135}  # Bad user name or password, Not authorized (3.1.1 codes 4 and 5)
@@ -129,6 +132,7 @@ class Agent:
         self.subscribe_requests: dict[int, list[str]] = {}
         self.dead_letters: dict[int, _Delivery] = {}  # mid of the dead-letter publish -> original
         self.early_ready: set[tuple[int, int]] = set()  # (slot, generation) ready before its WorkerUp
+        self.dropped_qos0 = 0
         self.stopping = False
         self.stop_deadline = 0.0
         self.exit_code = ExitCode.OK
@@ -367,6 +371,11 @@ class Agent:
             client.ack(msg.mid, 2)
         if self.stopping:
             return  # QoS 1 stays unacknowledged at the broker; QoS 0 is dropped
+        if msg.qos == 0 and len(self.pending) >= MAX_PENDING_QOS0:
+            self.dropped_qos0 += 1
+            if self.dropped_qos0 % 1000 == 1:
+                self.log.warning("workers are behind: dropped %d QoS 0 message(s) so far", self.dropped_qos0)
+            return
         self.pending.append(_Delivery(next(self.delivery_ids), msg.mid, self.epoch, msg.topic, msg.payload,
                                       msg.qos, bool(msg.retain), bool(msg.dup)))
         self._dispatch()

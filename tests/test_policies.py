@@ -119,3 +119,12 @@ def test_crash_loop_stops_with_exit_3(tmp_path, broker, runs):
     runs.append(run)
     assert run.wait(40) == 3
     assert "worker 0 died 5 times in a row within 5s of starting, before handling any message" in run.log()
+
+
+@pytest.mark.timeout(60)
+def test_qos0_backlog_is_bounded(tmp_path, broker, runs):
+    run, rec = start(runs, tmp_path, broker, topics={"fast/#": 0}, workers=1, app={"delay": 0.05})
+    pub = publisher(broker)
+    publish_all(pub, [(f"fast/{i}", b"x") for i in range(10_500)], qos=0)
+    run.wait_for_log(r"workers are behind: dropped \d+ QoS 0 message\(s\) so far")
+    assert run.stop() == 0
