@@ -202,8 +202,8 @@ class Agent:
         late = time.monotonic() >= self.stop_deadline
         if self.workers and not late:
             return False
-        if self.publishes and self.state is ConnState.CONNECTED and not late:
-            return False
+        if self.publishes and not late:
+            return False  # workers' publishes still unconfirmed (reconnecting for them if need be)
         if late and (self.workers or self.publishes):
             self.log.warning("graceful timeout: %d worker(s) still running, %d publish(es) unconfirmed",
                              len(self.workers), len(self.publishes))
@@ -238,7 +238,8 @@ class Agent:
 
     def _step(self) -> None:
         now = time.monotonic()
-        if self.state is ConnState.DISCONNECTED and now >= self.next_attempt and not self.stopping:
+        wanted = not self.stopping or self.publishes  # while stopping, only to flush publishes
+        if self.state is ConnState.DISCONNECTED and now >= self.next_attempt and wanted:
             self._connect()
         rlist: list[Any] = [self.upstream, self.signals]
         wlist: list[Any] = []
@@ -254,7 +255,7 @@ class Agent:
             if self.client.want_write():
                 wlist.append(mqtt_sock)
         timeout = TICK
-        if self.state is ConnState.DISCONNECTED and not self.stopping:
+        if self.state is ConnState.DISCONNECTED and wanted:
             timeout = max(0.0, min(timeout, self.next_attempt - now))
         try:
             readable, writable, _ = select.select(rlist, wlist, [], timeout)
@@ -336,8 +337,9 @@ class Agent:
             return
         was_connected = self.state is ConnState.CONNECTED
         self._set_state(ConnState.DISCONNECTED)
-        # Messages not yet given to a worker will come again from the broker (QoS 1) or are gone (QoS 0).
-        self.pending.clear()
+        # Undispatched QoS 1 messages come again from the broker on the next connection; QoS 0 and
+        # QoS 2 (already completed) would not, so they stay queued.
+        self.pending = deque(d for d in self.pending if d.qos != 1)
         if was_connected:
             self.backoff.reset()
         self._schedule_reconnect(f"connection lost ({reason})")

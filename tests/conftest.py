@@ -23,6 +23,15 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
 
 
 @pytest.fixture
+def persistent_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A broker that keeps sessions and messages across its own restarts (saved on every change)."""
+    b = Mosquitto(tmp_path / "persistent-broker", persistence=True)
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
 def runs(tmp_path: Path) -> Iterator[list[Procmqtt]]:
     """Procmqtt runs started by a test; whatever is left running is killed afterwards."""
     started: list[Procmqtt] = []

@@ -54,7 +54,10 @@ def test_1_random_worker_sigkilled_every_200ms(tmp_path, broker, runs):
     thread = threading.Thread(target=killer)
     thread.start()
     try:
-        publish_all(pub, [(f"load/{int(i) % 10}", i.encode()) for i in sent], timeout=60)
+        for start_at in range(0, len(sent), 400):  # a steady stream over about 5 s
+            batch = sent[start_at:start_at + 400]
+            publish_all(pub, [(f"load/{int(i) % 10}", i.encode()) for i in batch], timeout=60)
+            time.sleep(0.2)
         wait_until(handled_all(sent, rec), 60, "all 10,000 handled")
     finally:
         stop.set()
@@ -82,49 +85,45 @@ def test_2_agent_sigkilled_twice_mid_stream(tmp_path, broker, runs):
 
 
 @pytest.mark.timeout(150)
-def test_3_broker_sigkilled_and_restarted_while_workers_publish(tmp_path, runs):
-    broker = Mosquitto(tmp_path / "persistent-broker", persistence=True)
-    broker.start()
-    try:
-        run, rec = start(runs, tmp_path, broker, topics={"echo/#": 1}, workers=3)
-        echoes = Subscriber(broker, "echoed/#", qos=1, persistent=True)
-        pub = publisher(broker)
-        sent = [str(i) for i in range(1_500)]
-        infos = []
-        for i, seq in enumerate(sent):
-            infos.append(pub.publish(f"echo/{seq}", seq.encode(), qos=1))
-            if i == 500:
-                # Mosquitto acknowledges a publish before it saves it, so a message acknowledged
-                # in the instant before SIGKILL can die with the broker. Let the test's own
-                # publisher settle first: what is in flight at the kill is procmqtt's.
-                wait_until(lambda: all(info.is_published() for info in infos), 20, "publisher to settle")
-                time.sleep(0.2)
-                in_flight = 501 - len(records(rec))
-                broker.kill()
-                time.sleep(0.5)
-                broker.start()
-                # paho returns an error for a publish made while it is disconnected, so the test
-                # publisher waits; what it had in flight is resent by paho itself.
-                wait_until(pub.is_connected, 20, "the test publisher to reconnect")
-            time.sleep(0.001)
-        wait_until(lambda: all(info.is_published() for info in infos), 60, "the test publisher to finish")
-        handled = lambda: {r["topic"][5:] for r in records(rec) if r["topic"].startswith("echo/")}
-        wait_until(lambda: set(sent) <= handled(), 60, "every message handled")
-        wait_until(lambda: set(sent) <= {m.topic[7:] for m in echoes.messages}, 60, "every echo delivered")
-        got = Counter(r["topic"][5:] for r in records(rec) if r["topic"].startswith("echo/"))
-        echoed = Counter(m.topic[7:] for m in echoes.messages)
-        print(f"messages not yet handled by procmqtt when the broker was killed: {in_flight}")
-        print(f"in: sent={len(sent)} processed={len(got)} lost={len(set(sent) - set(got))} "
-              f"duplicates={sum(got.values()) - len(got)}")
-        print(f"out: sent={len(got)} processed={len(echoed)} lost={len(set(got) - set(echoed))} "
-              f"duplicates={sum(echoed.values()) - len(echoed)}")
-        assert set(got) == set(sent) and set(echoed) == set(sent)
-        assert in_flight > 0, "the broker was not killed mid-stream"
-        assert "connection lost" in run.log()
-        echoes.close()
-        assert run.stop() == 0
-    finally:
-        broker.stop()
+def test_3_broker_sigkilled_and_restarted_while_workers_publish(tmp_path, persistent_broker, runs):
+    broker = persistent_broker
+    run, rec = start(runs, tmp_path, broker, topics={"echo/#": 1}, workers=3)
+    echoes = Subscriber(broker, "echoed/#", qos=1, persistent=True)
+    pub = publisher(broker)
+    sent = [str(i) for i in range(1_500)]
+    infos = []
+    for i, seq in enumerate(sent):
+        infos.append(pub.publish(f"echo/{seq}", seq.encode(), qos=1))
+        if i == 500:
+            # Mosquitto acknowledges a publish before it saves it, so a message acknowledged
+            # in the instant before SIGKILL can die with the broker. Let the test's own
+            # publisher settle first: what is in flight at the kill is procmqtt's.
+            wait_until(lambda: all(info.is_published() for info in infos), 20, "publisher to settle")
+            time.sleep(0.2)
+            in_flight = 501 - len(records(rec))
+            broker.kill()
+            time.sleep(0.5)
+            broker.start()
+            # paho returns an error for a publish made while it is disconnected, so the test
+            # publisher waits; what it had in flight is resent by paho itself.
+            wait_until(pub.is_connected, 20, "the test publisher to reconnect")
+        time.sleep(0.001)
+    wait_until(lambda: all(info.is_published() for info in infos), 60, "the test publisher to finish")
+    handled = lambda: {r["topic"][5:] for r in records(rec) if r["topic"].startswith("echo/")}
+    wait_until(lambda: set(sent) <= handled(), 60, "every message handled")
+    wait_until(lambda: set(sent) <= {m.topic[7:] for m in echoes.messages}, 60, "every echo delivered")
+    got = Counter(r["topic"][5:] for r in records(rec) if r["topic"].startswith("echo/"))
+    echoed = Counter(m.topic[7:] for m in echoes.messages)
+    print(f"messages not yet handled by procmqtt when the broker was killed: {in_flight}")
+    print(f"in: sent={len(sent)} processed={len(got)} lost={len(set(sent) - set(got))} "
+          f"duplicates={sum(got.values()) - len(got)}")
+    print(f"out: sent={len(got)} processed={len(echoed)} lost={len(set(got) - set(echoed))} "
+          f"duplicates={sum(echoed.values()) - len(echoed)}")
+    assert set(got) == set(sent) and set(echoed) == set(sent)
+    assert in_flight > 0, "the broker was not killed mid-stream"
+    assert "connection lost" in run.log()
+    echoes.close()
+    assert run.stop() == 0
 
 
 @pytest.mark.timeout(120)

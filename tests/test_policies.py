@@ -83,28 +83,24 @@ def test_sigterm_to_a_worker_hands_its_queue_on_without_counting_attempts(tmp_pa
 
 
 @pytest.mark.timeout(60)
-def test_publish_buffer_full_blocks_then_raises_and_keeps_what_it_holds(tmp_path, runs):
-    broker = Mosquitto(tmp_path / "pbroker", persistence=True)
+def test_publish_buffer_full_blocks_then_raises_and_keeps_what_it_holds(tmp_path, persistent_broker, runs):
+    broker = persistent_broker
+    out = Subscriber(broker, "buf/#", qos=1, persistent=True)
+    cfg = write_config(tmp_path / "p.toml", broker, topics={"pub/#": 0}, workers=1,
+                       mqtt="publish_buffer = 5\npublish_timeout = 1",
+                       app={"record_dir": str(tmp_path), "pub_delay": 1.0})
+    run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg)
+    runs.append(run)
+    run.ready()
+    publish_all(publisher(broker), [("pub/8", b"")], qos=0)
+    wait_until(lambda: list(tmp_path.glob("*.jsonl")) and records(tmp_path, "received"), 10, "trigger")
+    broker.stop()  # the handler publishes 8 while the broker is down
+    run.wait_for_log(r"PublishBufferFull: publish to 'buf/5': this worker already has 5 unconfirmed")
     broker.start()
-    try:
-        out = Subscriber(broker, "buf/#", qos=1, persistent=True)
-        cfg = write_config(tmp_path / "p.toml", broker, topics={"pub/#": 0}, workers=1,
-                           mqtt="publish_buffer = 5\npublish_timeout = 1",
-                           app={"record_dir": str(tmp_path), "pub_delay": 1.0})
-        run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg)
-        runs.append(run)
-        run.ready()
-        publish_all(publisher(broker), [("pub/8", b"")], qos=0)
-        wait_until(lambda: list(tmp_path.glob("*.jsonl")) and records(tmp_path, "received"), 10, "trigger")
-        broker.stop()  # the handler publishes 8 while the broker is down
-        run.wait_for_log(r"PublishBufferFull: publish to 'buf/5': this worker already has 5 unconfirmed")
-        broker.start()
-        wait_until(lambda: len(out.messages) >= 5, 20, "the 5 buffered publishes")
-        assert sorted(m.topic for m in out.messages) == [f"buf/{i}" for i in range(5)]
-        out.close()
-        assert run.stop() == 0
-    finally:
-        broker.stop()
+    wait_until(lambda: len(out.messages) >= 5, 20, "the 5 buffered publishes")
+    assert sorted(m.topic for m in out.messages) == [f"buf/{i}" for i in range(5)]
+    out.close()
+    assert run.stop() == 0
 
 
 @pytest.mark.timeout(60)
