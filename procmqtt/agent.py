@@ -48,7 +48,9 @@ MAX_PENDING_QOS0 = 10_000
 """QoS 0 messages waiting for a free worker beyond this are dropped (QoS 1/2 are bounded by the
 broker's window, so they never need dropping)."""
 UPSTREAM_BATCH = 512
-"""Records read from the publish channel per pass, so the broker socket is never starved."""
+"""Datagrams read from the publish channel per pass, so the broker socket is never starved."""
+BROKER_BATCH = 256
+"""Packets read from the broker per pass, so the workers' channels are never starved."""
 _AUTH_REFUSED = {134, 135}  # Bad user name or password, Not authorized (3.1.1 codes 4 and 5)
 
 
@@ -91,10 +93,9 @@ class _WorkerChannel:
     generation: int
     sock: socket.socket
     outstanding: dict[int, None] = field(default_factory=dict)  # delivery ids, in the order sent
-    backlog: deque[channel.Record] = field(default_factory=deque)
+    backlog: deque[bytes] = field(default_factory=deque)  # encoded records not yet sent
     ready: bool = False  # on_start finished
     retiring: bool = False  # recycling: gets nothing new, then a stop
-    released: bool = False  # left between messages: what it holds was never started
 
 
 class Agent:
@@ -133,6 +134,7 @@ class Agent:
         self.dead_letters: dict[int, _Delivery] = {}  # mid of the dead-letter publish -> original
         self.early_ready: set[tuple[int, int]] = set()  # (slot, generation) ready before its WorkerUp
         self.dropped_qos0 = 0
+        self.dirty: set[int] = set()  # slots with records to flush at the end of this pass
         self.stopping = False
         self.stop_deadline = 0.0
         self.exit_code = ExitCode.OK
@@ -264,7 +266,7 @@ class Agent:
         if self.signals in readable and self.signals.pop():
             self.begin_stop("SIGTERM received")
         if mqtt_sock is not None and mqtt_sock in readable:
-            self.client.loop_read()
+            self._read_broker(mqtt_sock)
         if self.upstream in readable:
             self._read_upstream(UPSTREAM_BATCH)
         gone = [w for s in readable
@@ -279,7 +281,12 @@ class Agent:
         for sock in writable:
             worker = by_sock.get(sock)
             if worker is not None and self.workers.get(worker.slot) is worker:
+                self.dirty.add(worker.slot)
+        for slot in self.dirty:
+            worker = self.workers.get(slot)
+            if worker is not None:
                 self._flush(worker)
+        self.dirty.clear()
         if self.client.socket() is not None and self.client.want_write():
             self.client.loop_write()
 
@@ -446,23 +453,21 @@ class Agent:
     # --- workers -------------------------------------------------------------------------------
 
     def _write(self, worker: _WorkerChannel, record: channel.Record) -> None:
-        """Queue a record for a worker without ever blocking the loop."""
-        worker.backlog.append(record)
-        if len(worker.backlog) == 1:
-            self._flush(worker)
+        """Queue a record for a worker; the end of the pass sends each worker's queue as one batch."""
+        worker.backlog.append(channel.encode(record))
+        self.dirty.add(worker.slot)
 
     def _flush(self, worker: _WorkerChannel) -> None:
+        """Never blocks: what does not fit waits for the socket to be writable."""
         try:
-            while worker.backlog:
-                if not channel.send(worker.sock, worker.backlog[0], block=False):
-                    return
-                worker.backlog.popleft()
+            channel.send_many(worker.sock, worker.backlog, block=False)
         except OSError as exc:
             if not channel.is_gone(exc):
                 raise
             worker.backlog.clear()  # it is dead; its end of file arrives on the next pass
 
     def _at_eof(self, sock: socket.socket) -> bool:
+        """Workers never write to their own channel, so readable means end of file."""
         try:
             return channel.receive(sock) is None
         except BlockingIOError:
@@ -470,7 +475,7 @@ class Agent:
         except ConnectionResetError:
             return True
 
-    def _worker_record(self, record: channel.Ready | channel.Retire | channel.Release) -> None:
+    def _worker_record(self, record: channel.Ready | channel.Retire) -> None:
         worker = self.workers.get(record.slot)
         if worker is None or worker.generation != record.generation:
             if isinstance(record, channel.Ready):
@@ -479,8 +484,6 @@ class Agent:
         if isinstance(record, channel.Ready):
             worker.ready = True
             self._dispatch()
-        elif isinstance(record, channel.Release):
-            worker.released = True
         elif not worker.retiring:
             worker.retiring = True
             self._write(worker, channel.Stop())
@@ -513,12 +516,13 @@ class Agent:
             return
         self.log.warning("worker %d is gone holding %d unfinished message(s); they go to other workers",
                          worker.slot, len(held))
-        for d in reversed(held[1:] if not worker.released else held):
-            d.redelivered = True
-            self.pending.appendleft(d)
-        if not worker.released:
-            # A worker handles its messages in order, so it died while handling the oldest one.
-            self._failed_attempt(held[0], f"worker {worker.slot} died while handling it", front=True)
+        current = self.shared.current(worker.slot, worker.generation)
+        for d in reversed(held):
+            if d.delivery_id == current:  # the one it died on counts an attempt
+                self._failed_attempt(d, f"worker {worker.slot} died while handling it", front=True)
+            else:
+                d.redelivered = True
+                self.pending.appendleft(d)
         self._dispatch()
 
     # --- the publish channel -----------------------------------------------------------------
@@ -527,13 +531,21 @@ class Agent:
         count = 0
         while limit is None or count < limit:
             try:
-                record = channel.receive(self.upstream)
+                records = channel.receive(self.upstream)
             except BlockingIOError:
                 return
-            if record is None:
+            if records is None:
                 return
             count += 1
-            self._handle_upstream(record)
+            for record in records:
+                self._handle_upstream(record)
+
+    def _read_broker(self, sock: Any) -> None:
+        """paho reads one packet per call: keep reading while more is waiting, up to a bound."""
+        for _ in range(BROKER_BATCH):
+            self.client.loop_read()
+            if self.client.socket() is not sock or not select.select([sock], [], [], 0)[0]:
+                return
 
     def _handle_upstream(self, record: channel.Record) -> None:
         if isinstance(record, channel.Done):
@@ -552,7 +564,7 @@ class Agent:
                 _, mid = self.client.unsubscribe(record.topic_filter)
                 if mid is not None:
                     self.subscribe_requests[mid] = [record.topic_filter]
-        elif isinstance(record, (channel.Ready, channel.Retire, channel.Release)):
+        elif isinstance(record, (channel.Ready, channel.Retire)):
             self._worker_record(record)
         elif isinstance(record, channel.WorkerUp):
             self._add_worker(record)

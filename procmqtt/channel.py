@@ -5,12 +5,13 @@ as one whole datagram or not at all, and hands each one out whole to one ``recvm
 killed at any instant, mid-send or mid-receive, can neither leave a torn record behind nor hold a
 lock that others wait on: the failure that wedges ``multiprocessing.Queue`` cannot happen here.
 
-A record too large to travel inline (``INLINE_MAX``) is written to an anonymous memory file whose
-descriptor rides in the datagram (``SCM_RIGHTS``). The datagram with its descriptor is still one
+A datagram carries one or more length-prefixed records, so a burst costs one system call.
+A datagram too large to travel inline (``INLINE_MAX``) is written to an anonymous memory file
+whose descriptor rides in the datagram (``SCM_RIGHTS``). The datagram with its descriptor is still one
 atomic unit, so large payloads need no chunking and no reassembly state that a dead writer could
 leave half-filled. The same descriptor passing carries a new worker's socket to the agent.
 
-Record layouts are ``struct`` formats; the first byte is the kind.
+Record layouts are ``struct`` formats, not pickles; the first byte is the kind.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import os
 import socket
 import struct
 import tempfile
+from collections import deque
 from dataclasses import dataclass
 from typing import Union
 
-INLINE_MAX = 32 * 1024
-"""Largest record sent inline; larger ones go through a memory file."""
+INLINE_MAX = 128 * 1024
+"""Largest datagram sent inline; a larger record goes through a memory file."""
 
 SOCKET_BUFFER = 1024 * 1024
 """Requested send buffer per socket (the kernel caps it at net.core.wmem_max)."""
@@ -42,7 +44,6 @@ PUBLISH = 11
 SUBSCRIBE = 12
 UNSUBSCRIBE = 13
 RETIRE = 14
-RELEASE = 15
 READY = 16
 WORKER_UP = 20
 STOP_AGENT = 21
@@ -54,6 +55,7 @@ _PUBLISHED = struct.Struct("!BQB")  # kind, request id, error code (0 = ok)
 _DONE = struct.Struct("!BQB")  # kind, delivery id, failed
 _PUBLISH = struct.Struct("!BHIQBBH")  # kind, slot, generation, request id, qos, retain, topic length
 _SUBSCRIBE = struct.Struct("!BB")  # kind, qos; the filter follows
+_FRAME = struct.Struct("!I")  # length of one record inside a datagram
 _SLOT = struct.Struct("!BHI")  # kind, slot, generation (worker-up: the worker's socket is attached)
 
 
@@ -123,14 +125,6 @@ class Retire:
 
 
 @dataclass(frozen=True, slots=True)
-class Release:
-    """The worker is leaving between messages: what it still holds was never started."""
-
-    slot: int
-    generation: int
-
-
-@dataclass(frozen=True, slots=True)
 class WorkerUp:
     slot: int
     generation: int
@@ -142,7 +136,7 @@ class StopAgent:
     pass
 
 
-Record = Union[Deliver, Published, Stop, Done, Publish, Subscribe, Unsubscribe, Ready, Retire, Release,
+Record = Union[Deliver, Published, Stop, Done, Publish, Subscribe, Unsubscribe, Ready, Retire,
                WorkerUp, StopAgent]
 
 
@@ -185,8 +179,6 @@ def encode(record: Record) -> bytes:
         return _SLOT.pack(READY, record.slot, record.generation)
     if isinstance(record, Retire):
         return _SLOT.pack(RETIRE, record.slot, record.generation)
-    if isinstance(record, Release):
-        return _SLOT.pack(RELEASE, record.slot, record.generation)
     if isinstance(record, Stop):
         return bytes((STOP,))
     if isinstance(record, StopAgent):
@@ -194,14 +186,14 @@ def encode(record: Record) -> bytes:
     raise TypeError(f"cannot encode {record!r}")
 
 
-def decode(data: bytes, fds: list[int]) -> Record:
-    """Turn one received datagram (and its descriptors) back into a record."""
+def decode(data: bytes | memoryview, fds: list[int]) -> Record:
+    """Turn one received record back into a record object; a worker-up takes a descriptor."""
     kind = data[0]
     if kind == DELIVER:
         _, did, qos, retain, redelivered, tlen = _DELIVER.unpack_from(data)
         start = _DELIVER.size
-        topic = data[start:start + tlen].decode()
-        return Deliver(did, topic, data[start + tlen:], qos, bool(retain), bool(redelivered))
+        topic = str(data[start:start + tlen], "utf-8")
+        return Deliver(did, topic, bytes(data[start + tlen:]), qos, bool(retain), bool(redelivered))
     if kind == PUBLISHED:
         _, rid, error = _PUBLISHED.unpack(data)
         return Published(rid, error)
@@ -211,23 +203,21 @@ def decode(data: bytes, fds: list[int]) -> Record:
     if kind == PUBLISH:
         _, slot, gen, rid, qos, retain, tlen = _PUBLISH.unpack_from(data)
         start = _PUBLISH.size
-        topic = data[start:start + tlen].decode()
-        return Publish(slot, gen, rid, topic, data[start + tlen:], qos, bool(retain))
+        topic = str(data[start:start + tlen], "utf-8")
+        return Publish(slot, gen, rid, topic, bytes(data[start + tlen:]), qos, bool(retain))
     if kind == SUBSCRIBE:
-        return Subscribe(data[_SUBSCRIBE.size:].decode(), data[1])
+        return Subscribe(str(data[_SUBSCRIBE.size:], "utf-8"), data[1])
     if kind == UNSUBSCRIBE:
-        return Unsubscribe(data[1:].decode())
+        return Unsubscribe(str(data[1:], "utf-8"))
     if kind == READY:
         return Ready(*_SLOT.unpack(data)[1:])
     if kind == RETIRE:
         return Retire(*_SLOT.unpack(data)[1:])
-    if kind == RELEASE:
-        return Release(*_SLOT.unpack(data)[1:])
     if kind == WORKER_UP:
         _, slot, gen = _SLOT.unpack(data)
-        if len(fds) != 1:
+        if not fds:
             raise ChannelError("worker-up record without its socket")
-        sock = socket.socket(fileno=fds[0])
+        sock = socket.socket(fileno=fds.pop(0))
         sock.setblocking(False)
         return WorkerUp(slot, gen, sock)
     if kind == STOP:
@@ -264,25 +254,15 @@ def _read_memory_file(fd: int) -> bytes:
         os.close(fd)
 
 
-def send(sock: socket.socket, record: Record, *, block: bool = True) -> bool:
-    """Send one record. Returns False only when ``block`` is False and the channel is full.
-
-    Raises ``OSError`` (EPIPE, ECONNRESET) when the peer is gone for good.
-    """
+def _send_datagram(sock: socket.socket, body: bytes, fds: list[int], block: bool) -> bool:
     flags = 0 if block else socket.MSG_DONTWAIT
-    if isinstance(record, WorkerUp):
-        data = _SLOT.pack(WORKER_UP, record.slot, record.generation)
-        fds = [record.sock.fileno()]
-    else:
-        data = encode(record)
-        fds = []
     fd_to_close = None
-    if len(data) > INLINE_MAX:
-        fd_to_close = _memory_file(data)
-        data, fds = bytes((BLOB,)), [fd_to_close]
+    if len(body) > INLINE_MAX:
+        fd_to_close = _memory_file(body)
+        body, fds = bytes((BLOB,)), [*fds, fd_to_close]
     try:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
-        sock.sendmsg([data], ancillary, flags)
+        sock.sendmsg([body], ancillary, flags)
         return True
     except BlockingIOError:
         return False
@@ -291,30 +271,73 @@ def send(sock: socket.socket, record: Record, *, block: bool = True) -> bool:
             os.close(fd_to_close)
 
 
-def receive(sock: socket.socket) -> Record | None:
-    """Receive one record; None at end of file (every peer closed its end).
+def send(sock: socket.socket, record: Record, *, block: bool = True) -> bool:
+    """Send one record. Returns False only when ``block`` is False and the channel is full.
+
+    Raises ``OSError`` (EPIPE, ECONNRESET) when the peer is gone for good.
+    """
+    if isinstance(record, WorkerUp):
+        data = _SLOT.pack(WORKER_UP, record.slot, record.generation)
+        return _send_datagram(sock, _FRAME.pack(len(data)) + data, [record.sock.fileno()], block)
+    data = encode(record)
+    return _send_datagram(sock, _FRAME.pack(len(data)) + data, [], block)
+
+
+def send_many(sock: socket.socket, queue: deque[bytes], *, block: bool = True) -> bool:
+    """Send encoded records from the left of ``queue``, as few datagrams as fit, popping what went.
+
+    Batching is what makes the hot path cheap: one system call carries many records. Returns
+    False when ``block`` is False and the channel filled up before the queue was empty.
+    """
+    while queue:
+        frames: list[bytes] = []
+        size = 0
+        for data in queue:
+            if frames and size + _FRAME.size + len(data) > INLINE_MAX:
+                break
+            frames += (_FRAME.pack(len(data)), data)
+            size += _FRAME.size + len(data)
+        if not _send_datagram(sock, b"".join(frames), [], block):
+            return False
+        for _ in range(len(frames) // 2):
+            queue.popleft()
+    return True
+
+
+_buffer = bytearray(INLINE_MAX + 64)  # one reader per process at a time (the worker holds a lock)
+_view = memoryview(_buffer)
+
+
+def receive(sock: socket.socket) -> list[Record] | None:
+    """The records of one datagram; None at end of file (every peer closed its end).
 
     Raises ``BlockingIOError`` on a non-blocking socket with nothing queued.
     """
-    data, ancdata, msg_flags, _ = sock.recvmsg(INLINE_MAX + 64, _ANCDATA_SIZE)
+    nbytes, ancdata, msg_flags, _ = sock.recvmsg_into([_view], _ANCDATA_SIZE)
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(payload) - len(payload) % struct.calcsize("i")
             fds.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
-    if msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+    if msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or nbytes == 0:
         for fd in fds:
             os.close(fd)
+        if nbytes == 0:
+            return None
         raise ChannelError("truncated record")
-    if not data:
-        for fd in fds:
-            os.close(fd)
-        return None
-    if data[0] == BLOB:
-        if len(fds) != 1:
+    body: bytes | memoryview = _view[:nbytes]
+    if nbytes == 1 and body[0] == BLOB:
+        if not fds:
             raise ChannelError("blob record without its memory file")
-        return decode(_read_memory_file(fds[0]), [])
-    return decode(data, fds)
+        body = _read_memory_file(fds.pop())
+    records = []
+    pos = 0
+    while pos < len(body):
+        (length,) = _FRAME.unpack_from(body, pos)
+        pos += _FRAME.size
+        records.append(decode(body[pos:pos + length], fds))
+        pos += length
+    return records
 
 
 def is_gone(exc: OSError) -> bool:

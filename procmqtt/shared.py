@@ -15,7 +15,9 @@ MAX_SLOTS = 1024
 
 _WORD = 8
 _HEADER_WORDS = 0
-_SLOT_WORDS = 2  # busy since (writer: worker; reset: supervisor), messages finished (writer: worker)
+# Per slot: busy since (writer: worker; reset: supervisor), messages finished (same), and the
+# delivery in progress with the generation of the worker handling it (writer: worker; reader: agent).
+_SLOT_WORDS = 4
 _DOUBLE = struct.Struct("=d")
 _COUNT = struct.Struct("=q")
 
@@ -44,7 +46,22 @@ class SharedState:
     def set_finished(self, slot: int, count: int) -> None:
         _COUNT.pack_into(self._mem, self._slot(slot, 1), count)
 
+    def set_current(self, slot: int, generation: int, delivery_id: int) -> None:
+        """The worker starts (or, with 0, finished) a delivery."""
+        _COUNT.pack_into(self._mem, self._slot(slot, 2), generation)
+        _COUNT.pack_into(self._mem, self._slot(slot, 3), delivery_id)
+
+    def current(self, slot: int, generation: int) -> int:
+        """The delivery the slot's worker of ``generation`` was handling, or 0.
+
+        Read by the agent after that worker died; its replacement writes here only once the agent
+        has given it a message, which is after the agent read this.
+        """
+        if _COUNT.unpack_from(self._mem, self._slot(slot, 2))[0] != generation:
+            return 0
+        return _COUNT.unpack_from(self._mem, self._slot(slot, 3))[0]
+
     def reset_slot(self, slot: int) -> None:
-        """Before a new worker starts in ``slot`` (supervisor)."""
+        """Before a new worker starts in ``slot`` (supervisor); the agent's words stay."""
         self.set_busy_since(slot, 0.0)
         self.set_finished(slot, 0)

@@ -76,13 +76,31 @@ class _AgentLink:
         self.publish_timeout = config.mqtt.publish_timeout
         self.wakeup = wakeup
         self.closed = False  # the agent side is gone for good (end of file)
+        self._outbox: deque[bytes] = deque()  # encoded records for the agent, sent in batches
+        self._flush_at = max(1, config.workers.prefetch // 2)  # so the agent never waits on a full batch
+        self._send_lock = threading.Lock()  # keeps the outbox in order when threads publish
         self._inbox: deque[channel.Record] = deque()
         self._handles: dict[int, PublishHandle] = {}
         self._requests = itertools.count(1)
         self._lock = threading.Lock()  # one reader of ``inbound`` at a time
 
     def send(self, record: channel.Record) -> None:
-        channel.send(self.upstream, record)
+        """Send now, after whatever is queued (so completions never overtake each other)."""
+        with self._send_lock:
+            self._outbox.append(channel.encode(record))
+            channel.send_many(self.upstream, self._outbox)
+
+    def send_later(self, record: channel.Record) -> None:
+        """Queue a record (a completion) to go with the next batch."""
+        with self._send_lock:
+            self._outbox.append(channel.encode(record))
+            if len(self._outbox) >= self._flush_at:
+                channel.send_many(self.upstream, self._outbox)
+
+    def flush(self) -> None:
+        with self._send_lock:
+            if self._outbox:
+                channel.send_many(self.upstream, self._outbox)
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> PublishHandle:
         if len(self._handles) >= self.publish_buffer:
@@ -113,28 +131,40 @@ class _AgentLink:
         readable, _, _ = select.select(fds, [], [], timeout)
         if self.inbound not in readable:
             return bool(readable)
+        self._read()
+        return True
+
+    def _read(self) -> None:
+        """Everything already queued on the inbound channel, without waiting."""
         while True:
             try:
-                record = channel.receive(self.inbound)
+                records = channel.receive(self.inbound)
             except BlockingIOError:
-                return True
+                return
             except ConnectionResetError:
-                record = None
-            if record is None:
+                records = None
+            if records is None:
                 self.closed = True
-                return True
-            if isinstance(record, channel.Published):
-                handle = self._handles.pop(record.request_id, None)
-                if handle is not None:
-                    handle._resolve(record.error)
-            else:
-                self._inbox.append(record)
+                return
+            for record in records:
+                if isinstance(record, channel.Published):
+                    handle = self._handles.pop(record.request_id, None)
+                    if handle is not None:
+                        handle._resolve(record.error)
+                else:
+                    self._inbox.append(record)
 
     def next(self, timeout: float | None = None) -> channel.Record | None:
-        """The next delivery or stop record, or None (timeout, signal, or the agent side closed)."""
+        """The next delivery or stop record, or None (timeout, signal, or the agent side closed).
+
+        Queued completions go out before the worker waits, so the agent always hears in time.
+        """
         if not self._inbox and not self.closed:
             with self._lock:
-                self._pump(timeout)
+                self._read()
+                if not self._inbox and not self.closed:
+                    self.flush()
+                    self._pump(timeout)
         return self._inbox.popleft() if self._inbox else None
 
     def wait_for(self, handle: PublishHandle, timeout: float | None) -> bool:
@@ -256,17 +286,18 @@ def serve(app: type[Worker], slot: int, generation: int, config: Config, inbound
         while True:
             if signals.pop():
                 log.info("SIGTERM: stopping after the current message")
-                link.send(channel.Release(slot, generation))
                 break
             record = link.next()
             if isinstance(record, channel.Deliver):
+                shared.set_current(slot, generation, record.delivery_id)
                 shared.set_busy_since(slot, time.monotonic())
                 ok = worker.handle(Message(record.topic, record.payload, record.qos, record.retain,
                                            record.redelivered))
                 shared.set_busy_since(slot, 0.0)
+                shared.set_current(slot, generation, 0)
                 finished += 1
                 shared.set_finished(slot, finished)
-                link.send(channel.Done(record.delivery_id, failed=not ok))
+                link.send_later(channel.Done(record.delivery_id, failed=not ok))
                 reason = recycle.due(finished)
                 if reason:
                     log.info("recycling: %s; finishing what this worker holds", reason)
@@ -278,6 +309,7 @@ def serve(app: type[Worker], slot: int, generation: int, config: Config, inbound
                 log.warning("the agent's channel closed; stopping")
                 break
     finally:
+        link.flush()
         try:
             worker.on_stop()
         except Exception:

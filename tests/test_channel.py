@@ -9,6 +9,7 @@ import select
 import signal
 import socket
 import time
+from collections import deque
 
 import pytest
 
@@ -20,8 +21,8 @@ def roundtrip(record: channel.Record) -> channel.Record:
     with a, b:
         channel.send(a, record)
         got = channel.receive(b)
-    assert got is not None
-    return got
+    assert got is not None and len(got) == 1
+    return got[0]
 
 
 @pytest.mark.timeout(10)
@@ -32,7 +33,7 @@ def roundtrip(record: channel.Record) -> channel.Record:
     channel.Done(123456789),
     channel.Done(5, failed=True),
     channel.Retire(3, 17),
-    channel.Release(1023, 2**31),
+    channel.Ready(1023, 2**31),
     channel.Publish(3, 99, 42, "out/x", b"payload", 2, True),
     channel.Subscribe("$share/g/a/+/#", 1),
     channel.Unsubscribe("a/#"),
@@ -58,9 +59,26 @@ def test_worker_up_carries_a_working_socket():
     assert isinstance(up, channel.WorkerUp) and (up.slot, up.generation) == (2, 5)
     agent_end.close()  # the received descriptor is an independent reference
     channel.send(up.sock, channel.Stop())
-    assert channel.receive(worker_end) == channel.Stop()
+    assert channel.receive(worker_end) == [channel.Stop()]
     up.sock.close()
     assert channel.receive(worker_end) is None  # end of file once every holder closed
+
+
+@pytest.mark.timeout(10)
+def test_batches_keep_order_and_split_at_the_datagram_limit():
+    a, b = channel.pair()
+    with a, b:
+        queue = deque(channel.encode(channel.Done(i)) for i in range(10))
+        queue.append(channel.encode(channel.Publish(0, 0, 1, "big", b"x" * 200_000, 1, False)))
+        queue.extend(channel.encode(channel.Done(i)) for i in range(10, 20))
+        assert channel.send_many(a, queue) and not queue
+        got = []
+        while len(got) < 21:
+            batch = channel.receive(b)
+            assert batch
+            got.extend(batch)
+        assert [r.delivery_id for r in got if isinstance(r, channel.Done)] == list(range(20))
+        assert isinstance(got[10], channel.Publish) and len(got[10].payload) == 200_000
 
 
 @pytest.mark.timeout(10)
@@ -118,7 +136,7 @@ def test_writers_sigkilled_mid_send_never_corrupt_or_stall_the_channel():
             ready, _, _ = select.select([reader], [], [], 2.0)
             assert ready, "the reader stalled for 2 s with live writers"
             try:
-                record = channel.receive(reader)
+                (record,) = channel.receive(reader)
             except BlockingIOError:
                 continue
             now = time.monotonic()
