@@ -106,7 +106,7 @@ def start_broker(directory: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     conf = directory / "mosquitto.conf"
     lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false",
-             "max_queued_messages 2000000", "max_queued_bytes 0", "log_type error"]
+             "max_queued_messages 2000000", "max_queued_bytes 0", "queue_qos0_messages true", "log_type error"]
     if os.geteuid() == 0:
         lines.append("user root")
     conf.write_text("\n".join(lines) + "\n")

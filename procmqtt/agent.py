@@ -134,6 +134,7 @@ class Agent:
         self.dead_letters: dict[int, _Delivery] = {}  # mid of the dead-letter publish -> original
         self.early_ready: set[tuple[int, int]] = set()  # (slot, generation) ready before its WorkerUp
         self.dropped_qos0 = 0
+        self.received = 0
         self.dirty: set[int] = set()  # slots with records to flush at the end of this pass
         self.stopping = False
         self.stop_deadline = 0.0
@@ -374,6 +375,7 @@ class Agent:
     # --- messages in ---------------------------------------------------------------------------
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.received += 1
         if msg.qos == 2:
             # paho has already sent PUBREC; holding PUBCOMP across a crash would strand the
             # message (README "Delivery guarantees"), so QoS 2 completes on arrival.
@@ -541,10 +543,12 @@ class Agent:
                 self._handle_upstream(record)
 
     def _read_broker(self, sock: Any) -> None:
-        """paho reads one packet per call: keep reading while more is waiting, up to a bound."""
+        """paho reads one packet per call: keep reading while messages keep coming, up to a bound,
+        so a burst is dispatched as one batch per worker."""
         for _ in range(BROKER_BATCH):
+            before = self.received
             self.client.loop_read()
-            if self.client.socket() is not sock or not select.select([sock], [], [], 0)[0]:
+            if self.received == before or self.client.socket() is not sock:
                 return
 
     def _handle_upstream(self, record: channel.Record) -> None:
