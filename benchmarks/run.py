@@ -249,8 +249,8 @@ def measure(peer: Peer, w: Workload, port: int, work: Path, run_id: str, spin: i
         proc = subprocess.Popen(peer.command(port, client_id, topic_filter, w.qos, config), env=env,
                                 stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
     try:
-        startup = ready(proc, peer, log_path)
-        result.startup_s = startup
+        if w.mode != "drain":  # a drain needs no wait: its messages are already queued
+            result.startup_s = ready(proc, peer, log_path)
         published_at = time.monotonic()
         if w.mode == "live":
             publish(port, f"bench/{run_id}/x", items, w.qos)
@@ -284,7 +284,8 @@ def measure(peer: Peer, w: Workload, port: int, work: Path, run_id: str, spin: i
         result.pss_mb = peak
         for pid, role in roles(peer, proc.pid, log_path.read_text(errors="replace")).items():
             result.cpu[role] = result.cpu.get(role, 0.0) + cpu_seconds(pid)
-        _ = began
+        if w.mode == "drain" and handled:
+            result.startup_s = first - began  # process start to first message handled
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -414,6 +415,7 @@ def chart(table: dict[str, dict[str, dict[str, Any]]], peers: list[Peer], worklo
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tenth of the messages, one repetition")
+    parser.add_argument("--scale", type=float, default=None, help="multiply every message count (--quick: 0.1)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3, or 1 with --quick)")
     parser.add_argument("--peers", default="", help="comma-separated peer key prefixes, e.g. 'A,procmqtt'")
     parser.add_argument("--workloads", default="", help="comma-separated workload keys, e.g. 'W1,W2'")
@@ -425,8 +427,9 @@ def main() -> int:
     reps = args.reps or (1 if args.quick else 3)
     peers = [p for p in PEERS if not args.peers or any(p.key.startswith(k) for k in args.peers.split(","))]
     workloads = [w for w in WORKLOADS if not args.workloads or w.key in args.workloads.split(",")]
-    if args.quick:
-        workloads = [Workload(w.key, w.title, w.qos, w.mode, max(200, w.n // 10), w.payload, w.handler)
+    scale = args.scale if args.scale is not None else (0.1 if args.quick else 1.0)
+    if scale != 1.0:
+        workloads = [Workload(w.key, w.title, w.qos, w.mode, max(100, int(w.n * scale)), w.payload, w.handler)
                      for w in workloads]
     spin = calibrate()
     work = Path(tempfile.mkdtemp(prefix="procmqtt-bench-"))
@@ -454,7 +457,7 @@ def main() -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine(), "spin_iterations_per_ms": spin, "reps": reps, "quick": args.quick,
+    report = {"machine": machine(), "spin_iterations_per_ms": spin, "reps": reps, "scale": scale,
               "workloads": [w.__dict__ for w in workloads], "table": table,
               "runs": [r.__dict__ for r in results]}
     (out / "latest.json").write_text(json.dumps(report, indent=1, default=str))

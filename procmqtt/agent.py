@@ -44,9 +44,6 @@ CONNACK_TIMEOUT = 10.0
 """Seconds to wait for CONNACK after the TCP connection is up (a TLS port answers nothing)."""
 TICK = 1.0
 """Longest sleep of the loop: paho's keepalive and the orphan check run at least this often."""
-MAX_PENDING_QOS0 = 10_000
-"""QoS 0 messages waiting for a free worker beyond this are dropped (QoS 1/2 are bounded by the
-broker's window, so they never need dropping)."""
 UPSTREAM_BATCH = 512
 """Datagrams read from the publish channel per pass, so the broker socket is never starved."""
 BROKER_BATCH = 256
@@ -133,8 +130,9 @@ class Agent:
         self.subscribe_requests: dict[int, list[str]] = {}
         self.dead_letters: dict[int, _Delivery] = {}  # mid of the dead-letter publish -> original
         self.early_ready: set[tuple[int, int]] = set()  # (slot, generation) ready before its WorkerUp
-        self.dropped_qos0 = 0
         self.received = 0
+        self.last_broker_read = 0.0
+        self.backlog_limit = config.workers.count * self.prefetch  # undispatched messages we read ahead
         self.dirty: set[int] = set()  # slots with records to flush at the end of this pass
         self.stopping = False
         self.stop_deadline = 0.0
@@ -253,7 +251,7 @@ class Agent:
             if worker.backlog:
                 wlist.append(worker.sock)
         mqtt_sock = self.client.socket() if self.state is not ConnState.DISCONNECTED else None
-        if mqtt_sock is not None:
+        if mqtt_sock is not None and self._want_broker_data(now):
             rlist.append(mqtt_sock)
             if self.client.want_write():
                 wlist.append(mqtt_sock)
@@ -268,6 +266,7 @@ class Agent:
             self.begin_stop("SIGTERM received")
         if mqtt_sock is not None and mqtt_sock in readable:
             self._read_broker(mqtt_sock)
+            self.last_broker_read = time.monotonic()
         if self.upstream in readable:
             self._read_upstream(UPSTREAM_BATCH)
         gone = [w for s in readable
@@ -382,11 +381,6 @@ class Agent:
             client.ack(msg.mid, 2)
         if self.stopping:
             return  # QoS 1 stays unacknowledged at the broker; QoS 0 is dropped
-        if msg.qos == 0 and len(self.pending) >= MAX_PENDING_QOS0:
-            self.dropped_qos0 += 1
-            if self.dropped_qos0 % 1000 == 1:
-                self.log.warning("workers are behind: dropped %d QoS 0 message(s) so far", self.dropped_qos0)
-            return
         self.pending.append(_Delivery(next(self.delivery_ids), msg.mid, self.epoch, msg.topic, msg.payload,
                                       msg.qos, bool(msg.retain), bool(msg.dup)))
         self._dispatch()
@@ -542,6 +536,15 @@ class Agent:
             for record in records:
                 self._handle_upstream(record)
 
+    def _want_broker_data(self, now: float) -> bool:
+        """Backpressure: read from the broker only while workers can take more, so a flood waits in
+        the broker (and TCP), not in the agent. Read anyway while acknowledgements are awaited
+        (handlers may be waiting on them; ``_read_broker`` then takes one packet per pass) and now
+        and then for PINGRESP."""
+        return (len(self.pending) < self.backlog_limit
+                or bool(self.publishes or self.dead_letters or self.subscribe_requests)
+                or now - self.last_broker_read > self.config.mqtt.keepalive / 4)
+
     def _read_broker(self, sock: Any) -> None:
         """paho reads one packet per call: keep reading while messages keep coming, up to a bound,
         so a burst is dispatched as one batch per worker."""
@@ -549,6 +552,8 @@ class Agent:
             before = self.received
             self.client.loop_read()
             if self.received == before or self.client.socket() is not sock:
+                return
+            if len(self.pending) >= self.backlog_limit:
                 return
 
     def _handle_upstream(self, record: channel.Record) -> None:
