@@ -247,7 +247,7 @@ def measure(peer: Peer, w: Workload, port: int, work: Path, run_id: str, spin: i
     with open(log_path, "wb") as log:
         began = time.monotonic()
         proc = subprocess.Popen(peer.command(port, client_id, topic_filter, w.qos, config), env=env,
-                                stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
+                                stdout=log, stderr=subprocess.STDOUT, cwd=HERE, start_new_session=True)
     try:
         if w.mode != "drain":  # a drain needs no wait: its messages are already queued
             result.startup_s = ready(proc, peer, log_path)
@@ -291,10 +291,12 @@ def measure(peer: Peer, w: Workload, port: int, work: Path, run_id: str, spin: i
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
-            for pid in tree(proc.pid):
-                os.kill(pid, signal.SIGKILL)
             proc.kill()
             proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the peer left behind
+        except ProcessLookupError:
+            pass
         if subscriber is not None:
             subscriber.close()
     return result
@@ -357,7 +359,7 @@ def summarize(results: list[Result]) -> dict[str, dict[str, dict[str, Any]]]:
             roles_ = {role for r in rs for role in r.cpu}
             row["cpu_s"] = {role: statistics.median(r.cpu.get(role, 0.0) for r in rs) for role in roles_}
             table.setdefault(w, {})[p] = row
-    for w, rows in table.items():
+    for rows in table.values():
         base = rows.get(PEERS[0].key, {}).get("rate") or 0
         for row in rows.values():
             row["ratio"] = row["rate"] / base if base else None
@@ -385,6 +387,31 @@ def print_table(table: dict[str, dict[str, dict[str, Any]]], peers: list[Peer], 
     lines.append("")
     lines.append(f"{'peak PSS (MB), W3':16}" + "".join(
         f"{p.key}: {table.get('W3', {}).get(p.key, {}).get('pss_mb', 0):.0f}  " for p in peers))
+    return "\n".join(lines)
+
+
+def markdown(table: dict[str, dict[str, dict[str, Any]]], peers: list[Peer], workloads: list[Workload]) -> str:
+    """The table for docs/performance.md: median msg/s (ratio to A) [spread]; W4 p50/p99."""
+    head = "| peer | " + " | ".join(f"{w.key} {w.title}" for w in workloads) + " | PSS W3 | startup |"
+    lines = [head, "|" + "---|" * (len(workloads) + 3)]
+    for p in peers:
+        cells = []
+        for w in workloads:
+            row = table.get(w.key, {}).get(p.key)
+            if not row:
+                cells.append("n/a")
+            elif row["p50_ms"] is not None:
+                cells.append(f"{row['p50_ms']:.2f} / {row['p99_ms']:.2f} ms")
+            else:
+                lo, hi = row["spread"]
+                cells.append(f"{row['rate']:,.0f} ({row['ratio']:.2f}) [{lo:,.0f}-{hi:,.0f}]"
+                             + (f" lost {row['lost']}" if row["lost"] else ""))
+        w3 = table.get("W3", {}).get(p.key, {})
+        starts = [table[w.key][p.key]["startup_s"] for w in workloads
+                  if w.mode != "drain" and table.get(w.key, {}).get(p.key, {}).get("startup_s") is not None]
+        cells.append(f"{w3.get('pss_mb', 0):.0f} MB")
+        cells.append(f"{statistics.median(starts):.2f} s" if starts else "")
+        lines.append(f"| {p.key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -461,6 +488,7 @@ def main() -> int:
               "workloads": [w.__dict__ for w in workloads], "table": table,
               "runs": [r.__dict__ for r in results]}
     (out / "latest.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "latest.md").write_text(markdown(table, peers, workloads) + "\n")
     drawn = chart(table, peers, workloads, out / "latest.png")
     print(f"\nmachine: {report['machine']}")
     print(f"wrote {out / 'latest.json'}" + (f" and {out / 'latest.png'}" if drawn else

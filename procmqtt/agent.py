@@ -359,7 +359,7 @@ class Agent:
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any], properties: Any) -> None:
         filters = self.subscribe_requests.pop(mid, [])
         granted = []
-        for topic_filter, reason in zip(filters, reasons):
+        for topic_filter, reason in zip(filters, reasons, strict=False):
             if reason.is_failure:
                 self.log.error("the broker refused the subscription to %s: %s", topic_filter, reason)
             else:

@@ -309,7 +309,10 @@ def serve(app: type[Worker], slot: int, generation: int, config: Config, inbound
                 log.warning("the agent's channel closed; stopping")
                 break
     finally:
-        link.flush()
+        try:
+            link.flush()  # completions still queued
+        except OSError:
+            log.warning("could not report the last completions: the agent side is gone")
         try:
             worker.on_stop()
         except Exception:

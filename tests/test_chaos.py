@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import (Mosquitto, Procmqtt, Subscriber, _alive, publish_all, publisher, records, start,
+from harness import (Procmqtt, Subscriber, _alive, publish_all, publisher, records, start,
                      wait_until, write_config)
 
 
@@ -75,7 +75,7 @@ def test_2_agent_sigkilled_twice_mid_stream(tmp_path, broker, runs):
     pub = publisher(broker)
     publish_all(pub, [(f"load/{i}", i.encode()) for i in sent], timeout=60)
     for n, threshold in enumerate((1_000, 3_000), start=2):
-        wait_until(lambda: len(records(rec)) >= threshold, 60, f"{threshold} handled")
+        wait_until(lambda t=threshold: len(records(rec)) >= t, 60, f"{threshold} handled")
         os.kill(run.pids("agent")[-1], signal.SIGKILL)
         run.wait_for_log(r"started agent", count=n)
     wait_until(handled_all(sent, rec), 60, "all 5,000 handled")

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from harness import (Mosquitto, Procmqtt, Subscriber, publish_all, publisher, records, start, wait_until,
+from harness import (Procmqtt, Subscriber, publish_all, publisher, records, start, wait_until,
                      write_config)
 
 
