@@ -131,6 +131,7 @@ class Agent:
         self.dead_letters: dict[int, _Delivery] = {}  # mid of the dead-letter publish -> original
         self.early_ready: set[tuple[int, int]] = set()  # (slot, generation) ready before its WorkerUp
         self.received = 0
+        self.counts = dict.fromkeys(("done", "failed", "redelivered", "dead-lettered", "dropped"), 0)
         self.last_broker_read = 0.0
         self.backlog_limit = config.workers.count * self.prefetch  # undispatched messages we read ahead
         self.dirty: set[int] = set()  # slots with records to flush at the end of this pass
@@ -161,6 +162,8 @@ class Agent:
             sock = self.client.socket()
             if sock is not None:
                 sock.close()
+            self.log.info("agent exiting: %d message(s) received; %s", self.received,
+                          ", ".join(f"{n} {what}" for what, n in self.counts.items()))
         return self.exit_code
 
     def _make_client(self) -> mqtt.Client:
@@ -405,6 +408,7 @@ class Agent:
         worker = self.workers.get(d.slot)
         if worker is not None:
             worker.outstanding.pop(record.delivery_id, None)
+        self.counts["failed" if record.failed else "done"] += 1
         if record.failed and self.config.workers.on_error == "retry":
             self._failed_attempt(d, "on_message raised", front=False)
         else:
@@ -422,6 +426,7 @@ class Agent:
             self._dead_letter(d, f"{reason} ({d.attempts} attempts)")
             return
         d.redelivered = True
+        self.counts["redelivered"] += 1
         if front:
             self.pending.appendleft(d)
         else:
@@ -429,6 +434,7 @@ class Agent:
 
     def _dead_letter(self, d: _Delivery, reason: str) -> None:
         topic = self.config.workers.dead_letter_topic
+        self.counts["dead-lettered" if topic else "dropped"] += 1
         if topic is None:
             self.log.error("dropping the message on %r: %s; set [workers] dead_letter_topic to keep such "
                            "messages", d.topic, reason)
@@ -518,6 +524,7 @@ class Agent:
                 self._failed_attempt(d, f"worker {worker.slot} died while handling it", front=True)
             else:
                 d.redelivered = True
+                self.counts["redelivered"] += 1
                 self.pending.appendleft(d)
         self._dispatch()
 

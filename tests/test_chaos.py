@@ -161,6 +161,7 @@ def test_5_poison_message_is_dead_lettered_after_max_attempts(tmp_path, broker, 
     assert "dead-lettering the message on 'poison'" in run.log()
     dlq.close()
     assert run.stop() == 0
+    assert ", 1 dead-lettered," in run.log()  # the agent's closing summary
 
 
 @pytest.mark.timeout(120)
