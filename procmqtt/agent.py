@@ -90,7 +90,7 @@ class _WorkerChannel:
     generation: int
     sock: socket.socket
     outstanding: dict[int, None] = field(default_factory=dict)  # delivery ids, in the order sent
-    backlog: deque[channel.Parts] = field(default_factory=deque)  # encoded records not yet sent
+    backlog: deque[bytes] = field(default_factory=deque)  # encoded records not yet sent
     ready: bool = False  # on_start finished
     retiring: bool = False  # recycling: gets nothing new, then a stop
 

@@ -56,8 +56,6 @@ _DONE = struct.Struct("!BQB")  # kind, delivery id, failed
 _PUBLISH = struct.Struct("!BHIQBBH")  # kind, slot, generation, request id, qos, retain, topic length
 _SUBSCRIBE = struct.Struct("!BB")  # kind, qos; the filter follows
 _FRAME = struct.Struct("!I")  # length of one record inside a datagram
-_MAX_BATCH = 200  # records per datagram, so the iovec stays far below IOV_MAX (1024)
-Parts = tuple[bytes, ...]
 _SLOT = struct.Struct("!BHI")  # kind, slot, generation (worker-up: the worker's socket is attached)
 
 
@@ -157,30 +155,22 @@ def pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def encode(record: Record) -> Parts:
-    """Serialize a record (all kinds but ``WorkerUp``, whose payload is a descriptor).
-
-    The result is a tuple of byte strings that ``sendmsg`` gathers itself, so a large payload is
-    never copied into a joined buffer on its way out.
-    """
+def encode(record: Record) -> bytes:
+    """Serialize a record (all kinds but ``WorkerUp``, whose payload is a descriptor)."""
     if isinstance(record, Deliver):
         topic = record.topic.encode()
         head = _DELIVER.pack(DELIVER, record.delivery_id, record.qos, record.retain,
                              record.redelivered, len(topic))
-        return head, topic, record.payload
-    if isinstance(record, Publish):
-        topic = record.topic.encode()
-        head = _PUBLISH.pack(PUBLISH, record.slot, record.generation, record.request_id,
-                             record.qos, record.retain, len(topic))
-        return head, topic, record.payload
-    return (_encode_small(record),)
-
-
-def _encode_small(record: Record) -> bytes:
+        return b"".join((head, topic, record.payload))
     if isinstance(record, Published):
         return _PUBLISHED.pack(PUBLISHED, record.request_id, record.error)
     if isinstance(record, Done):
         return _DONE.pack(DONE, record.delivery_id, record.failed)
+    if isinstance(record, Publish):
+        topic = record.topic.encode()
+        head = _PUBLISH.pack(PUBLISH, record.slot, record.generation, record.request_id,
+                             record.qos, record.retain, len(topic))
+        return b"".join((head, topic, record.payload))
     if isinstance(record, Subscribe):
         return _SUBSCRIBE.pack(SUBSCRIBE, record.qos) + record.topic_filter.encode()
     if isinstance(record, Unsubscribe):
@@ -264,15 +254,15 @@ def _read_memory_file(fd: int) -> bytes:
         os.close(fd)
 
 
-def _send_datagram(sock: socket.socket, parts: list[bytes], fds: list[int], block: bool) -> bool:
+def _send_datagram(sock: socket.socket, body: bytes, fds: list[int], block: bool) -> bool:
     flags = 0 if block else socket.MSG_DONTWAIT
     fd_to_close = None
-    if sum(map(len, parts)) > INLINE_MAX:
-        fd_to_close = _memory_file(b"".join(parts))
-        parts, fds = [bytes((BLOB,))], [*fds, fd_to_close]
+    if len(body) > INLINE_MAX:
+        fd_to_close = _memory_file(body)
+        body, fds = bytes((BLOB,)), [*fds, fd_to_close]
     try:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
-        sock.sendmsg(parts, ancillary, flags)
+        sock.sendmsg([body], ancillary, flags)
         return True
     except BlockingIOError:
         return False
@@ -288,30 +278,28 @@ def send(sock: socket.socket, record: Record, *, block: bool = True) -> bool:
     """
     if isinstance(record, WorkerUp):
         data = _SLOT.pack(WORKER_UP, record.slot, record.generation)
-        return _send_datagram(sock, [_FRAME.pack(len(data)), data], [record.sock.fileno()], block)
-    return send_many(sock, deque([encode(record)]), block=block)
+        return _send_datagram(sock, _FRAME.pack(len(data)) + data, [record.sock.fileno()], block)
+    data = encode(record)
+    return _send_datagram(sock, _FRAME.pack(len(data)) + data, [], block)
 
 
-def send_many(sock: socket.socket, queue: deque[Parts], *, block: bool = True) -> bool:
+def send_many(sock: socket.socket, queue: deque[bytes], *, block: bool = True) -> bool:
     """Send encoded records from the left of ``queue``, as few datagrams as fit, popping what went.
 
     Batching is what makes the hot path cheap: one system call carries many records. Returns
     False when ``block`` is False and the channel filled up before the queue was empty.
     """
     while queue:
-        iovec: list[bytes] = []
-        size = count = 0
-        for parts in queue:
-            length = sum(map(len, parts))
-            if count and (size + _FRAME.size + length > INLINE_MAX or count == _MAX_BATCH):
+        frames: list[bytes] = []
+        size = 0
+        for data in queue:
+            if frames and size + _FRAME.size + len(data) > INLINE_MAX:
                 break
-            iovec.append(_FRAME.pack(length))
-            iovec += parts
-            size += _FRAME.size + length
-            count += 1
-        if not _send_datagram(sock, iovec, [], block):
+            frames += (_FRAME.pack(len(data)), data)
+            size += _FRAME.size + len(data)
+        if not _send_datagram(sock, b"".join(frames), [], block):
             return False
-        for _ in range(count):
+        for _ in range(len(frames) // 2):
             queue.popleft()
     return True
 

@@ -76,7 +76,7 @@ class _AgentLink:
         self.publish_timeout = config.mqtt.publish_timeout
         self.wakeup = wakeup
         self.closed = False  # the agent side is gone for good (end of file)
-        self._outbox: deque[channel.Parts] = deque()  # encoded records for the agent, sent in batches
+        self._outbox: deque[bytes] = deque()  # encoded records for the agent, sent in batches
         self._flush_at = max(1, config.workers.prefetch // 2)  # so the agent never waits on a full batch
         self._send_lock = threading.Lock()  # keeps the outbox in order when threads publish
         self._inbox: deque[channel.Record] = deque()
