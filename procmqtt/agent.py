@@ -131,6 +131,7 @@ class Agent:
         self.dead_letters: dict[int, _Delivery] = {}  # mid of the dead-letter publish -> original
         self.early_ready: set[tuple[int, int]] = set()  # (slot, generation) ready before its WorkerUp
         self.received = 0
+        self.syncing = 0  # mid of the UNSUBSCRIBE that proves the broker has our acknowledgements
         self.counts = dict.fromkeys(("done", "failed", "redelivered", "dead-lettered", "dropped"), 0)
         self.last_broker_read = 0.0
         self.backlog_limit = config.workers.count * self.prefetch  # undispatched messages we read ahead
@@ -217,6 +218,9 @@ class Agent:
     def _disconnect(self) -> None:
         if self.state is not ConnState.CONNECTED:
             return
+        self._sync_with_broker()
+        if self.state is not ConnState.CONNECTED:  # the broker went away meanwhile
+            return
         self._set_state(ConnState.CLOSING)
         self.client.disconnect()
         deadline = time.monotonic() + 2.0
@@ -224,6 +228,29 @@ class Agent:
             select.select([], [self.client.socket()], [], 0.1)
             self.client.loop_write()
         self.log.info("disconnected from the broker")
+
+    def _sync_with_broker(self, timeout: float = 2.0) -> None:
+        """Wait until the broker has processed every acknowledgement we sent.
+
+        paho closes the socket right after DISCONNECT; with unread messages in our receive buffer
+        the kernel answers with a reset, and the broker may drop our last PUBACKs unread, so their
+        messages would come again next run. The broker handles a client's packets in order, so the
+        UNSUBACK of a harmless UNSUBSCRIBE proves every earlier PUBACK arrived.
+        """
+        _, mid = self.client.unsubscribe(f"procmqtt/sync/{self.client_id}")
+        if mid is None:
+            return
+        self.syncing = mid
+        deadline = time.monotonic() + timeout
+        while self.syncing and time.monotonic() < deadline:
+            sock = self.client.socket()
+            if sock is None:
+                return
+            readable, _, _ = select.select([sock], [sock] if self.client.want_write() else [], [], 0.05)
+            if readable:
+                self.client.loop_read()  # messages arriving now are ignored: we are stopping
+            if self.client.socket() is not None and self.client.want_write():
+                self.client.loop_write()
 
     def begin_stop(self, reason: str) -> None:
         """Stop dispatching; workers finish what they hold, then the agent flushes and leaves."""
@@ -371,6 +398,9 @@ class Agent:
             self.log.info("subscribed to %s", ", ".join(granted))
 
     def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        if mid == self.syncing:
+            self.syncing = 0
+            return
         for topic_filter in self.subscribe_requests.pop(mid, []):
             self.log.info("unsubscribed from %s", topic_filter)
 
