@@ -180,8 +180,9 @@ class Procmqtt:
         if config is not None:
             cmd += ["-c", config]
         self._log = open(self.log_path, "wb")
+        # its own session, so a test can signal the whole process group as a terminal would
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
 
     @property
     def pid(self) -> int:

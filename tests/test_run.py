@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -239,3 +240,29 @@ def test_sigterm_to_the_agent_restarts_the_pipeline_without_loss(tmp_path, broke
     run.wait_for_log(r"started agent", count=2)
     wait_until(lambda: len({r["payload"] for r in records(rec)}) >= 200, 30, "all 200 handled")
     assert run.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_to_the_process_group_stops_gracefully(tmp_path, broker, runs):
+    """A terminal's Ctrl-C reaches every process; only the supervisor acts on it."""
+    run, rec = start(runs, tmp_path, broker, topics={"slow/#": 1}, app={"delay": 0.02})
+    publish_all(publisher(broker), [("slow/x", str(i).encode()) for i in range(100)])
+    wait_until(lambda: len(records(rec)) >= 5, 10, "some handled")
+    os.killpg(run.pid, signal.SIGINT)
+    assert run.wait(30) == 0
+    assert Counter(r["payload"] for r in records(rec, "received")) == Counter(r["payload"] for r in records(rec))
+    assert "Traceback" not in run.log() and "KeyboardInterrupt" not in run.log()
+
+
+@pytest.mark.timeout(60)
+def test_second_signal_stops_at_once_with_exit_1(tmp_path, broker, runs):
+    run, rec = start(runs, tmp_path, broker, topics={"slow/#": 1}, app={"delay": 20})
+    publish_all(publisher(broker), [("slow/x", b"1")])
+    wait_until(lambda: records(rec, "received"), 10, "the slow handler to start")
+    run.signal(signal.SIGTERM)
+    run.wait_for_log(r"stopping gracefully")
+    began = time.monotonic()
+    run.signal(signal.SIGTERM)
+    assert run.wait(10) == 1
+    assert time.monotonic() - began < 5
+    assert "SIGTERM: stopping now" in run.log()
