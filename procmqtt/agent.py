@@ -455,6 +455,10 @@ class Agent:
         if d.attempts >= self.config.workers.max_attempts:
             self._dead_letter(d, f"{reason} ({d.attempts} attempts)")
             return
+        self._requeue(d, front=front)
+
+    def _requeue(self, d: _Delivery, *, front: bool) -> None:
+        """Hand a message out again, to whichever worker is free next, marked redelivered."""
         d.redelivered = True
         self.counts["redelivered"] += 1
         if front:
@@ -553,9 +557,7 @@ class Agent:
             if d.delivery_id == current:  # the one it died on counts an attempt
                 self._failed_attempt(d, f"worker {worker.slot} died while handling it", front=True)
             else:
-                d.redelivered = True
-                self.counts["redelivered"] += 1
-                self.pending.appendleft(d)
+                self._requeue(d, front=True)
         self._dispatch()
 
     # --- the publish channel -----------------------------------------------------------------

@@ -279,8 +279,7 @@ def send(sock: socket.socket, record: Record, *, block: bool = True) -> bool:
     if isinstance(record, WorkerUp):
         data = _SLOT.pack(WORKER_UP, record.slot, record.generation)
         return _send_datagram(sock, _FRAME.pack(len(data)) + data, [record.sock.fileno()], block)
-    data = encode(record)
-    return _send_datagram(sock, _FRAME.pack(len(data)) + data, [], block)
+    return send_many(sock, deque([encode(record)]), block=block)
 
 
 def send_many(sock: socket.socket, queue: deque[bytes], *, block: bool = True) -> bool:

@@ -14,7 +14,6 @@ MAX_SLOTS = 1024
 """Worker slots the block has room for (the largest allowed ``[workers] count``)."""
 
 _WORD = 8
-_HEADER_WORDS = 0
 # Per slot: busy since (writer: worker; reset: supervisor), messages finished (same), and the
 # delivery in progress with the generation of the worker handling it (writer: worker; reader: agent).
 _SLOT_WORDS = 4
@@ -26,10 +25,10 @@ class SharedState:
     """Created in the supervisor before any fork."""
 
     def __init__(self, slots: int = MAX_SLOTS) -> None:
-        self._mem = mmap.mmap(-1, _WORD * (_HEADER_WORDS + _SLOT_WORDS * slots))
+        self._mem = mmap.mmap(-1, _WORD * _SLOT_WORDS * slots)
 
     def _slot(self, slot: int, word: int) -> int:
-        return _WORD * (_HEADER_WORDS + _SLOT_WORDS * slot + word)
+        return _WORD * (_SLOT_WORDS * slot + word)
 
     # worker -> supervisor: hung handlers and crash loops
     def busy_since(self, slot: int) -> float:
