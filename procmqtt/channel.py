@@ -25,6 +25,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Union
 
+from .message import Outcome
+
 INLINE_MAX = 128 * 1024
 """Largest datagram sent inline; a larger record goes through a memory file."""
 
@@ -52,7 +54,7 @@ BLOB = 255
 
 _DELIVER = struct.Struct("!BQBBBH")  # kind, delivery id, qos, retain, redelivered, topic length
 _PUBLISHED = struct.Struct("!BQB")  # kind, request id, error code (0 = ok)
-_DONE = struct.Struct("!BQB")  # kind, delivery id, failed
+_DONE = struct.Struct("!BQBf")  # kind, delivery id, outcome, seconds spent in the handler
 _PUBLISH = struct.Struct("!BHIQBBH")  # kind, slot, generation, request id, qos, retain, topic length
 _SUBSCRIBE = struct.Struct("!BB")  # kind, qos; the filter follows
 _FRAME = struct.Struct("!I")  # length of one record inside a datagram
@@ -83,7 +85,12 @@ class Stop:
 @dataclass(frozen=True, slots=True)
 class Done:
     delivery_id: int
-    failed: bool = False  # on_message raised
+    outcome: Outcome = Outcome.OK
+    seconds: float = 0.0  # time in the handler, for the processing-time metric
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome is Outcome.FAILED
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +172,7 @@ def encode(record: Record) -> bytes:
     if isinstance(record, Published):
         return _PUBLISHED.pack(PUBLISHED, record.request_id, record.error)
     if isinstance(record, Done):
-        return _DONE.pack(DONE, record.delivery_id, record.failed)
+        return _DONE.pack(DONE, record.delivery_id, record.outcome, record.seconds)
     if isinstance(record, Publish):
         topic = record.topic.encode()
         head = _PUBLISH.pack(PUBLISH, record.slot, record.generation, record.request_id,
@@ -198,8 +205,8 @@ def decode(data: bytes | memoryview, fds: list[int]) -> Record:
         _, rid, error = _PUBLISHED.unpack(data)
         return Published(rid, error)
     if kind == DONE:
-        _, did, failed = _DONE.unpack(data)
-        return Done(did, bool(failed))
+        _, did, outcome, seconds = _DONE.unpack(data)
+        return Done(did, Outcome(outcome), seconds)
     if kind == PUBLISH:
         _, slot, gen, rid, qos, retain, tlen = _PUBLISH.unpack_from(data)
         start = _PUBLISH.size

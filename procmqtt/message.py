@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import enum
 import json as _json
 from dataclasses import dataclass
 from typing import Any
+
+
+class Outcome(enum.IntEnum):
+    """How handling one message ended; travels back to the agent with the completion."""
+
+    OK = 0
+    FAILED = 1  # the handler raised
+    UNROUTED = 2  # no route matched (acknowledged like OK, counted apart)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from typing import Any
 from . import channel, logs
 from .config import Config
 from .errors import ExitCode, PublishBufferFull
-from .message import Message
+from .message import Message, Outcome
 from .shared import SharedState
 from .signals import SignalQueue
 from .topics import filter_problem, topic_problem
@@ -229,17 +229,17 @@ class Worker:
             raise ValueError(f"unsubscribe: {problem}, got {topic_filter!r}")
         self._require_link().send(channel.Unsubscribe(topic_filter))
 
-    def handle(self, message: Message) -> bool:
-        """Run ``on_message`` for one message; log (never raise) its exception. True on success.
+    def handle(self, message: Message) -> Outcome:
+        """Run ``on_message`` for one message; log (never raise) its exception.
 
         The one code path for every message, in production and in tests.
         """
         try:
             self.on_message(message)
-            return True
+            return Outcome.OK
         except Exception:
             self.log.exception("on_message failed for topic %r", message.topic)
-            return False
+            return Outcome.FAILED
 
     def _attach(self, worker_id: int, config: Config, link: _AgentLink | None) -> None:
         self.worker_id = worker_id
@@ -290,14 +290,15 @@ def serve(app: type[Worker], slot: int, generation: int, config: Config, inbound
             record = link.next()
             if isinstance(record, channel.Deliver):
                 shared.set_current(slot, generation, record.delivery_id)
-                shared.set_busy_since(slot, time.monotonic())
-                ok = worker.handle(Message(record.topic, record.payload, record.qos, record.retain,
-                                           record.redelivered))
+                began = time.monotonic()
+                shared.set_busy_since(slot, began)
+                outcome = worker.handle(Message(record.topic, record.payload, record.qos, record.retain,
+                                                record.redelivered))
                 shared.set_busy_since(slot, 0.0)
                 shared.set_current(slot, generation, 0)
                 finished += 1
                 shared.set_finished(slot, finished)
-                link.send_later(channel.Done(record.delivery_id, failed=not ok))
+                link.send_later(channel.Done(record.delivery_id, outcome, time.monotonic() - began))
                 reason = recycle.due(finished)
                 if reason:
                     log.info("recycling: %s; finishing what this worker holds", reason)

@@ -31,7 +31,7 @@ def roundtrip(record: channel.Record) -> channel.Record:
     channel.Deliver(1, "t", b"", 0, False, True),
     channel.Published(7, 0),
     channel.Done(123456789),
-    channel.Done(5, failed=True),
+    channel.Done(5, channel.Outcome.FAILED, 0.25),
     channel.Retire(3, 17),
     channel.Ready(1023, 2**31),
     channel.Publish(3, 99, 42, "out/x", b"payload", 2, True),
