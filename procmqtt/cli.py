@@ -71,9 +71,9 @@ def _status(args: argparse.Namespace) -> int:
     from . import status
 
     try:
-        config = config_mod.with_overrides(config_mod.load(args.config))
         if args.watch is not None and args.watch <= 0:
             raise ConfigError(f"--watch: expected a number of seconds > 0, got {args.watch:g}")
+        config = config_mod.with_overrides(config_mod.load(args.config))
         return status.main(config, args.watch)
     except ProcmqttError as exc:
         print(f"procmqtt: error: {exc}", file=sys.stderr)

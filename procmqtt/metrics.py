@@ -30,13 +30,16 @@ Everything but ``listen`` runs in the agent process.
 
 from __future__ import annotations
 
-import bisect
+import errno
 import logging
 import socket
 import sys
 import threading
+import time
+from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
@@ -51,6 +54,7 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 """Upper bounds (seconds) of ``procmqtt_processing_seconds``: 0.1 ms to 60 s, then +Inf."""
 
 log = logging.getLogger("procmqtt.metrics")
+_OK, _FAILED = Outcome.OK, Outcome.FAILED  # an enum attribute lookup costs more than a whole increment
 
 
 @dataclass(frozen=True)
@@ -119,14 +123,12 @@ class Counters:
         self._histogram: list[float] = [0] * (len(BUCKETS) + 1) + [0.0]  # counts per bucket, then the sum
 
     def done(self, slot: int, outcome: Outcome, seconds: float) -> None:
-        """Worker ``slot`` finished a message in ``seconds``."""
+        """Worker ``slot`` finished a message in ``seconds``. Once per message: kept to a few operations."""
         self.processed[slot] += 1
-        if outcome is Outcome.FAILED:
-            self.failed[slot] += 1
-        elif outcome is Outcome.UNROUTED:
-            self.unrouted[slot] += 1
+        if outcome is not _OK:
+            (self.failed if outcome is _FAILED else self.unrouted)[slot] += 1
         h = self._histogram
-        h[bisect.bisect_left(BUCKETS, seconds)] += 1
+        h[bisect_left(BUCKETS, seconds)] += 1
         h[-1] += seconds
 
     def published(self, error: int) -> None:
@@ -272,7 +274,7 @@ def listen(config: Config) -> socket.socket | None:
         sock.listen(64)
     except OSError as exc:
         sock.close()
-        hint = " (another process uses that port; pick another [metrics] port)" if exc.errno == 98 else ""
+        hint = " (another process uses that port; pick another [metrics] port)" if exc.errno == errno.EADDRINUSE else ""
         raise ConfigError(f"{where}: {exc.strerror or exc}{hint}") from None
     return sock
 
@@ -282,9 +284,6 @@ def serve(sock: socket.socket, counters: Counters) -> threading.Thread:
 
     The thread only reads ``counters`` (see the module docstring); it dies with the agent.
     """
-    import time
-    from http.server import ThreadingHTTPServer
-
     from prometheus_client import CollectorRegistry
     from prometheus_client.exposition import MetricsHandler
 
