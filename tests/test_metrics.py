@@ -300,7 +300,7 @@ def test_worker_restarts_by_cause_and_redeliveries(tmp_path, broker, runs):
 def test_recycled_workers_are_counted(tmp_path, broker, runs):
     port = free_port()
     run, _ = start(runs, tmp_path, broker, topics={"load/#": 1}, workers=1,
-                     workers_toml=with_metrics(port, "max_messages = 5"))
+                     workers_toml=with_metrics(port, "max_messages = 5\nprefetch = 1"))
     publish_all(publisher(broker), [(f"load/{i}", b"x") for i in range(12)])
     wait_until(lambda: snap(port).restarts.get("recycled", 0) >= 2, 20, "two recycles")
     assert run.stop() == 0
