@@ -7,8 +7,8 @@ import logging
 import sys
 from typing import Sequence
 
-from . import __version__, config as config_mod, logs
-from .errors import ExitCode, ProcmqttError
+from . import __version__, config as config_mod, logs, metrics
+from .errors import ConfigError, ExitCode, ProcmqttError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -28,14 +28,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-w", "--workers", type=int, metavar="N", help="number of worker processes")
     run.add_argument("--broker", metavar="URL", help="mqtt://[user@]host[:port], overrides [mqtt]")
     run.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
+    status = commands.add_parser("status", help="show a running app's numbers",
+                                 description="Read the [metrics] endpoint of a running procmqtt and print "
+                                             "per-worker counts, msg/s, in-flight, failures and publishes.")
+    status.add_argument("-c", "--config", metavar="FILE",
+                        help=f"TOML configuration (default: ./{config_mod.DEFAULT_PATH} when it exists)")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="print again every SECONDS until Ctrl-C")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command != "run":
+    commands = {"run": _run, "status": _status}
+    if args.command not in commands:
         _parser().print_help(sys.stderr)
         return ExitCode.USAGE
+    return commands[args.command](args)
+
+
+def _run(args: argparse.Namespace) -> int:
     logs.setup(args.log_level)
     log = logs.get()
     try:
@@ -45,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_mod.with_overrides(config_mod.load(args.config), workers=args.workers,
                                            broker=args.broker)
         app = load_app(args.app)
+        metrics_listener = metrics.listen(config)
     except ProcmqttError as exc:
         print(f"procmqtt: error: {exc}", file=sys.stderr)
         if exc.__cause__ is not None:
@@ -52,7 +64,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     if not config.mqtt.topics:
         log.warning("no [mqtt.topics] configured; the app receives only what it subscribes to at runtime")
-    return Supervisor(app, args.app, config).run()
+    return Supervisor(app, args.app, config, metrics_listener).run()
+
+
+def _status(args: argparse.Namespace) -> int:
+    from . import status
+
+    try:
+        if args.watch is not None and args.watch <= 0:
+            raise ConfigError(f"--watch: expected a number of seconds > 0, got {args.watch:g}")
+        config = config_mod.with_overrides(config_mod.load(args.config))
+        return status.main(config, args.watch)
+    except ProcmqttError as exc:
+        print(f"procmqtt: error: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 def entry() -> None:

@@ -42,6 +42,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_ON_ERROR = "ack"
 DEFAULT_PUBLISH_BUFFER = 1_000
 DEFAULT_PUBLISH_TIMEOUT = 30.0
+DEFAULT_METRICS_HOST = "127.0.0.1"  # loopback: the numbers are for this host unless asked otherwise
 
 ON_ERROR = ("ack", "retry")
 MAX_PUBLISH_BUFFER = 60_000  # paho's message ids are 16-bit: workers x publish_buffer stays below 65,535
@@ -99,11 +100,20 @@ class WorkersConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``port`` None: no metrics endpoint (the default)."""
+
+    port: int | None = None
+    host: str = DEFAULT_METRICS_HOST
+
+
+@dataclass(frozen=True)
 class Config:
     """The loaded configuration; workers see it as ``self.config``."""
 
     mqtt: MqttConfig = MqttConfig()
     workers: WorkersConfig = WorkersConfig()
+    metrics: MetricsConfig = MetricsConfig()
     app: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
     source: str = "<defaults>"
 
@@ -177,8 +187,12 @@ _WORKERS_KEYS: dict[str, Check] = {
     "max_messages_jitter": _integer(0),
     "max_memory_mb": _integer(0),
 }
+_METRICS_KEYS: dict[str, Check] = {
+    "port": _integer(1, 65535),
+    "host": _text,
+}
 _TOPIC_KEYS: dict[str, Check] = {"qos": _integer(0, 2)}
-_SECTIONS = {"mqtt": _MQTT_KEYS, "workers": _WORKERS_KEYS, "app": {}}
+_SECTIONS = {"mqtt": _MQTT_KEYS, "workers": _WORKERS_KEYS, "metrics": _METRICS_KEYS, "app": {}}
 
 
 def _show(value: Any) -> str:
@@ -248,6 +262,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
             raise _unknown(source, "", key, _SECTIONS)
     mqtt = _checked(source, "[mqtt]", data.get("mqtt", {}), _MQTT_KEYS)
     workers = _checked(source, "[workers]", data.get("workers", {}), _WORKERS_KEYS)
+    metrics = _checked(source, "[metrics]", data.get("metrics", {}), _METRICS_KEYS)
     app = data.get("app", {})
     if not isinstance(app, dict):
         raise ConfigError(f"{source}: [app] must be a table, got {_show(app)}")
@@ -257,6 +272,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
         mqtt=MqttConfig(**plain, password=_password(source, mqtt),
                         topics=_subscriptions(source, mqtt.get("topics", {}))),
         workers=WorkersConfig(**workers),
+        metrics=MetricsConfig(**metrics),
         app=types.MappingProxyType(app),
         source=source,
     )

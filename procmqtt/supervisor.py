@@ -56,7 +56,9 @@ class Child:
 class Supervisor:
     """Runs in the process ``procmqtt run`` started; constructing it has no side effects."""
 
-    def __init__(self, app: type[Worker], app_spec: str, config: Config) -> None:
+    def __init__(self, app: type[Worker], app_spec: str, config: Config,
+                 metrics_listener: socket.socket | None = None) -> None:
+        """``metrics_listener``: the ``[metrics]`` socket (``metrics.listen``), handed to every agent."""
         self.app = app
         self.app_spec = app_spec
         self.config = config
@@ -68,6 +70,8 @@ class Supervisor:
         self.backoffs: dict[int, Backoff] = {}
         self.quick_deaths: dict[int, int] = {}  # slot -> deaths in a row before handling anything
         self.control: deque[channel.Record] = deque()  # records for the agent, sent without blocking
+        self.metrics_listener = metrics_listener
+        self.restarts: dict[str, int] = {}  # worker restarts by cause, for the agent's metrics
         self.stopping = False
         self.stop_deadline = 0.0
         self.workers_signalled = False
@@ -117,6 +121,8 @@ class Supervisor:
                 child.agent_end.close()
         self.upstream_agent.close()
         self.upstream_writers.close()
+        if self.metrics_listener is not None:
+            self.metrics_listener.close()
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def sleep(self) -> None:
@@ -174,6 +180,8 @@ class Supervisor:
             self.fatal(ExitCode.APP, f"worker {child.slot} died {CRASH_LOOP} times in a row within "
                                      f"{STABLE_AFTER:g}s of starting, before handling any message")
             return
+        if child.role == "worker":
+            self.count_restart(child, code)
         if code == 0:  # recycled, or asked to leave: replace it at once
             self.log.info("%s (pid %d) exited; replacing it", name, child.pid)
             return
@@ -183,6 +191,17 @@ class Supervisor:
         delay = backoff.next()
         self.restart_at[child.slot] = time.monotonic() + delay
         self.log.warning("%s (pid %d) %s; restarting in %.1fs", name, child.pid, how, delay)
+
+    def count_restart(self, child: Child, code: int) -> None:
+        """Tell the agent the running total for this cause: exit_<code>, a signal name, recycled, hung."""
+        if child.kill_at:
+            cause = "hung"
+        elif code == 0:
+            cause = "recycled"  # or a SIGTERM sent to that worker alone: both leave with code 0
+        else:
+            cause = signal.Signals(-code).name if code < 0 else f"exit_{code}"
+        self.restarts[cause] = self.restarts.get(cause, 0) + 1
+        self.control.append(channel.Restarts(cause, self.restarts[cause]))
 
     def crash_looping(self, child: Child, code: int) -> bool:
         """Count deaths that look like a broken boot, not a poison message or an outside kill."""
@@ -225,9 +244,14 @@ class Supervisor:
         workers = {c.slot: (c.generation, c.agent_end) for c in self.children.values() if c.agent_end}
         keep = [self.upstream_agent, *(sock for _, sock in workers.values())]
 
+        if self.metrics_listener is not None:
+            keep.append(self.metrics_listener)
+            # a new agent starts from zero; restart totals live here
+            self.control.extend(channel.Restarts(cause, n) for cause, n in self.restarts.items())
+
         def main() -> int:
             agent = Agent(self.config, self.client_id, self.upstream_agent, workers,  # type: ignore[arg-type]
-                          self.state_dir, self.pid, self.shared)
+                          self.state_dir, self.pid, self.shared, self.metrics_listener)
             return agent.run()
         self._fork("agent", -1, main, keep)
 
@@ -270,10 +294,10 @@ class Supervisor:
 
     def _close_except(self, keep: list[socket.socket]) -> None:
         """In a new child: drop the channel ends that belong to other processes."""
-        owned = [self.upstream_agent, self.upstream_writers,
+        owned = [self.upstream_agent, self.upstream_writers, self.metrics_listener,
                  *(c.agent_end for c in self.children.values() if c.agent_end)]
         for sock in owned:
-            if sock not in keep:
+            if sock is not None and sock not in keep:
                 sock.close()
 
     # --- talking to the agent --------------------------------------------------------------------
