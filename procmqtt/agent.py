@@ -21,6 +21,7 @@ import random
 import select
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections import deque
@@ -40,8 +41,6 @@ from .errors import ExitCode
 from .shared import SharedState
 from .signals import SignalQueue
 
-CONNACK_TIMEOUT = 10.0
-"""Seconds to wait for CONNACK after the TCP connection is up (a TLS port answers nothing)."""
 TICK = 1.0
 """Longest sleep of the loop: paho's keepalive and the orphan check run at least this often."""
 UPSTREAM_BATCH = 512
@@ -183,6 +182,13 @@ class Agent:
         )
         if m.username is not None:
             client.username_pw_set(m.username, m.password.value if m.password else None)
+        client.connect_timeout = m.connect_timeout  # TCP connect and TLS handshake (paho blocks in them)
+        if m.tls is not None:
+            client.tls_set(ca_certs=m.tls.ca_certs, certfile=m.tls.certfile, keyfile=m.tls.keyfile,
+                           cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_insecure_set(m.tls.insecure)
+        if m.will is not None:
+            client.will_set(m.will.topic, m.will.payload, m.will.qos, m.will.retain)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -222,6 +228,9 @@ class Agent:
     def _disconnect(self) -> None:
         if self.state is not ConnState.CONNECTED:
             return
+        will = self.config.mqtt.will
+        if will is not None:  # a clean DISCONNECT suppresses the will: say it ourselves
+            self.client.publish(will.topic, will.payload, will.qos, will.retain)
         self._sync_with_broker()
         if self.state is not ConnState.CONNECTED:  # the broker went away meanwhile
             return
@@ -330,7 +339,7 @@ class Agent:
             self.client.loop_misc()
         if self.state is ConnState.CONNECTING and now >= self.connack_deadline:
             self._set_state(ConnState.DISCONNECTED)
-            self._schedule_reconnect(f"no CONNACK within {CONNACK_TIMEOUT:g}s (is this an MQTT port?)")
+            self._schedule_reconnect(f"no CONNACK within {self.config.mqtt.connect_timeout:g}s {self._connect_hint()}")
         if os.getppid() != self.supervisor_pid and not self.stopping:
             self.begin_stop("the supervisor is gone")
         self.metrics.sample({slot: len(w.outstanding) for slot, w in self.workers.items()},
@@ -344,10 +353,22 @@ class Agent:
             self.client.reconnect()
         except (OSError, ValueError) as exc:
             self._set_state(ConnState.DISCONNECTED)
-            self._schedule_reconnect(f"cannot connect: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                reason = f"TLS handshake failed: {exc.reason or exc}"
+            else:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                if self.config.mqtt.tls is not None:
+                    reason += " " + self._connect_hint()
+            self._schedule_reconnect(f"cannot connect: {reason}")
             return
-        self.connack_deadline = time.monotonic() + CONNACK_TIMEOUT
+        self.connack_deadline = time.monotonic() + self.config.mqtt.connect_timeout
         self._fail_lost_publishes()
+
+    def _connect_hint(self) -> str:
+        """paho reports TLS mix-ups as silence or a bare disconnect; say what to check."""
+        tls = "TLS on" if self.config.mqtt.tls else "no TLS"
+        return (f"({tls}): is this an MQTT port, does it expect TLS ([mqtt.tls]), and does it require "
+                f"a client certificate?")
 
     def _schedule_reconnect(self, reason: str) -> None:
         delay = self.backoff.next()
@@ -375,6 +396,9 @@ class Agent:
                       self.config.mqtt.port, bool(flags.session_present))
         if self.subscriptions:
             self._subscribe(list(self.subscriptions.items()))
+        birth = self.config.mqtt.birth
+        if birth is not None:
+            self.client.publish(birth.topic, birth.payload, birth.qos, birth.retain)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if self.state in (ConnState.CLOSING, ConnState.DISCONNECTED) or self.exit_code != ExitCode.OK:
@@ -382,6 +406,9 @@ class Agent:
             return
         was_connected = self.state is ConnState.CONNECTED
         self._set_state(ConnState.DISCONNECTED)
+        if not was_connected:
+            self._schedule_reconnect(f"the broker closed the connection before CONNACK {self._connect_hint()}")
+            return
         # Undispatched QoS 1 messages come again from the broker on the next connection; QoS 0 and
         # QoS 2 (already completed) would not, so they stay queued.
         self.pending = deque(d for d in self.pending if d.qos != 1)
@@ -390,9 +417,10 @@ class Agent:
         self._schedule_reconnect(f"connection lost ({reason})")
 
     def _subscribe(self, subs: list[tuple[str, int]]) -> None:
-        rc, mid = self.client.subscribe(subs)
+        wire = [(self.config.mqtt.wire_filter(f), qos) for f, qos in subs]
+        rc, mid = self.client.subscribe(wire)
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
-            self.subscribe_requests[mid] = [f for f, _ in subs]
+            self.subscribe_requests[mid] = [f for f, _ in wire]
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any], properties: Any) -> None:
         filters = self.subscribe_requests.pop(mid, [])
@@ -619,9 +647,10 @@ class Agent:
             self.subscriptions.pop(record.topic_filter, None)
             self._save_subscriptions()
             if self.state is ConnState.CONNECTED:
-                _, mid = self.client.unsubscribe(record.topic_filter)
+                wire = self.config.mqtt.wire_filter(record.topic_filter)
+                _, mid = self.client.unsubscribe(wire)
                 if mid is not None:
-                    self.subscribe_requests[mid] = [record.topic_filter]
+                    self.subscribe_requests[mid] = [wire]
         elif isinstance(record, (channel.Ready, channel.Retire)):
             self._worker_record(record)
         elif isinstance(record, channel.WorkerUp):

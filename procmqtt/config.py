@@ -30,6 +30,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 DEFAULT_PATH = "procmqtt.toml"
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 1883
+DEFAULT_TLS_PORT = 8883
+DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_KEEPALIVE = 60
 DEFAULT_PROTOCOL = "3.1.1"
 DEFAULT_SESSION_EXPIRY = 3600
@@ -69,6 +71,26 @@ class Subscription:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """``[mqtt.tls]``: present means TLS. Certificates are checked by default (``insecure`` off)."""
+
+    ca_certs: str | None = None  # None: the system's trusted CAs
+    certfile: str | None = None  # client certificate, for mutual TLS
+    keyfile: str | None = None  # its key, when not inside certfile
+    insecure: bool = False  # skip the host name check (never in production)
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """``[mqtt.will]`` and ``[mqtt.birth]``: one message about this app's presence."""
+
+    topic: str
+    payload: str = ""
+    qos: int = 0
+    retain: bool = False
+
+
+@dataclass(frozen=True)
 class MqttConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -81,7 +103,18 @@ class MqttConfig:
     session_expiry: int = DEFAULT_SESSION_EXPIRY
     publish_buffer: int = DEFAULT_PUBLISH_BUFFER
     publish_timeout: float = DEFAULT_PUBLISH_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    share_group: str | None = None
     topics: tuple[Subscription, ...] = ()
+    tls: TlsConfig | None = None
+    will: Announcement | None = None
+    birth: Announcement | None = None
+
+    def wire_filter(self, topic_filter: str) -> str:
+        """The filter as subscribed: inside ``$share/<share_group>/`` when a group is set."""
+        if self.share_group and not topic_filter.startswith("$share/"):
+            return f"$share/{self.share_group}/{topic_filter}"
+        return topic_filter
 
 
 @dataclass(frozen=True)
@@ -152,6 +185,15 @@ def _boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "true or false"
 
 
+def _share_group(v: Any) -> str | None:
+    ok = isinstance(v, str) and v and not any(c in v for c in "/+#")
+    return None if ok else "a non-empty name without '/', '+' or '#'"
+
+
+def _table(v: Any) -> str | None:
+    return None if isinstance(v, dict) else "a table"
+
+
 def _one_of(*options: str) -> Check:
     def check(v: Any) -> str | None:
         return None if v in options else "one of " + ", ".join(f'"{o}"' for o in options)
@@ -172,8 +214,16 @@ _MQTT_KEYS: dict[str, Check] = {
     "session_expiry": _integer(0, 2**32 - 1),
     "publish_buffer": _integer(1, MAX_PUBLISH_BUFFER),
     "publish_timeout": _number(0),
+    "connect_timeout": _number(0.1),
+    "share_group": _share_group,
     "topics": lambda v: None if isinstance(v, dict) else "a table of topic filters",
+    "tls": _table,
+    "will": _table,
+    "birth": _table,
 }
+_TLS_KEYS: dict[str, Check] = {"ca_certs": _text, "certfile": _text, "keyfile": _text, "insecure": _boolean}
+_ANNOUNCEMENT_KEYS: dict[str, Check] = {"topic": _topic_name, "payload": lambda v: None if isinstance(v, str) else "a string",
+                                        "qos": _integer(0, 2), "retain": _boolean}
 _WORKERS_KEYS: dict[str, Check] = {
     "count": _integer(1, MAX_SLOTS),
     "dispatch": _one_of(*DISPATCHERS),
@@ -255,6 +305,29 @@ def _subscriptions(source: str, topics: dict[str, Any]) -> tuple[Subscription, .
     return tuple(subs)
 
 
+def _tls(source: str, table: Any) -> TlsConfig | None:
+    if table is None:
+        return None
+    tls = _checked(source, "[mqtt.tls]", table, _TLS_KEYS)
+    for key in ("ca_certs", "certfile", "keyfile"):
+        path = tls.get(key)
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f"{source}: [mqtt.tls] {key}: cannot read {path}")
+    if "keyfile" in tls and "certfile" not in tls:
+        raise ConfigError(f"{source}: [mqtt.tls] keyfile needs certfile (the client certificate)")
+    return TlsConfig(**tls)
+
+
+def _announcement(source: str, name: str, table: Any) -> Announcement | None:
+    if table is None:
+        return None
+    where = f"[mqtt.{name}]"
+    checked = _checked(source, where, table, _ANNOUNCEMENT_KEYS)
+    if "topic" not in checked:
+        raise ConfigError(f"{source}: {where} topic: required (the topic the message goes to)")
+    return Announcement(**checked)
+
+
 def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Build a checked ``Config`` from parsed TOML (or any mapping of the same shape)."""
     for key in data:
@@ -267,10 +340,15 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
     if not isinstance(app, dict):
         raise ConfigError(f"{source}: [app] must be a table, got {_show(app)}")
     plain = {k: v for k, v in mqtt.items()
-             if k not in ("password", "password_env", "password_file", "topics")}
+             if k not in ("password", "password_env", "password_file", "topics", "tls", "will", "birth")}
+    tls = _tls(source, mqtt.get("tls"))
+    if tls is not None and "port" not in plain:
+        plain["port"] = DEFAULT_TLS_PORT
     return Config(
         mqtt=MqttConfig(**plain, password=_password(source, mqtt),
-                        topics=_subscriptions(source, mqtt.get("topics", {}))),
+                        topics=_subscriptions(source, mqtt.get("topics", {})), tls=tls,
+                        will=_announcement(source, "will", mqtt.get("will")),
+                        birth=_announcement(source, "birth", mqtt.get("birth"))),
         workers=WorkersConfig(**workers),
         metrics=MetricsConfig(**metrics),
         app=types.MappingProxyType(app),
@@ -313,7 +391,7 @@ def with_overrides(config: Config, *, workers: int | None = None, broker: str | 
 
 
 def _broker_url(mqtt: MqttConfig, url: str) -> MqttConfig:
-    expected = "expected mqtt://[user@]host[:port]"
+    expected = "expected mqtt://[user@]host[:port] or mqtts://[user@]host[:port]"
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
@@ -322,9 +400,14 @@ def _broker_url(mqtt: MqttConfig, url: str) -> MqttConfig:
     if parts.password is not None:
         raise ConfigError("--broker: do not put a password in the URL (command lines are visible "
                           "in ps); use [mqtt] password_env or password_file")
-    if parts.scheme not in ("mqtt", "tcp") or not parts.hostname or parts.path not in ("", "/"):
+    if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname or parts.path not in ("", "/"):
         raise ConfigError(f"--broker: {expected}, got {_show(url)}")
-    return replace(mqtt, host=parts.hostname, port=port or DEFAULT_PORT,
+    tls = mqtt.tls
+    if parts.scheme in ("mqtts", "ssl") and tls is None:
+        tls = TlsConfig()  # the system's CAs; [mqtt.tls] adds certificates
+    elif parts.scheme in ("mqtt", "tcp"):
+        tls = None
+    return replace(mqtt, host=parts.hostname, port=port or (DEFAULT_TLS_PORT if tls else DEFAULT_PORT), tls=tls,
                    username=urllib.parse.unquote(parts.username) if parts.username else mqtt.username)
 
 
