@@ -34,8 +34,9 @@ def test_no_command_is_a_usage_error():
 
 @pytest.mark.parametrize("args, expected", [
     (["-c", "/nonexistent.toml"], "/nonexistent.toml: no such configuration file"),
-    (["-w", "0"], "--workers: expected an integer >= 1, got 0"),
-    (["-w", "-3"], "--workers: expected an integer >= 1, got -3"),
+    (["-w", "0"], "--workers: expected an integer from 1 to 1024, got 0"),
+    (["-w", "-3"], "--workers: expected an integer from 1 to 1024, got -3"),
+    (["-w", "5000"], "--workers: expected an integer from 1 to 1024, got 5000"),
     (["--broker", "mqtt://u:pw123@h"], "--broker: do not put a password in the URL"),
     (["--broker", "ftp://h"], "--broker: expected mqtt://[user@]host[:port]"),
 ])
