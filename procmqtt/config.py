@@ -216,7 +216,7 @@ def _checked(source: str, where: str, table: Any, keys: Mapping[str, Check],
     return dict(table)
 
 
-def _password(source: str, mqtt: dict[str, Any]) -> Secret | None:
+def _password(source: str, mqtt: dict[str, Any], environ: Mapping[str, str]) -> Secret | None:
     given = [k for k in ("password", "password_env", "password_file") if k in mqtt]
     if len(given) > 1:
         raise ConfigError(f"{source}: [mqtt] set only one of password, password_env, password_file "
@@ -225,9 +225,9 @@ def _password(source: str, mqtt: dict[str, Any]) -> Secret | None:
         return Secret(mqtt["password"])
     if "password_env" in mqtt:
         name = mqtt["password_env"]
-        if name not in os.environ:
+        if name not in environ:
             raise ConfigError(f"{source}: [mqtt] password_env: environment variable {name} is not set")
-        return Secret(os.environ[name])
+        return Secret(environ[name])
     if "password_file" in mqtt:
         path = mqtt["password_file"]
         try:
@@ -251,8 +251,12 @@ def _subscriptions(source: str, topics: dict[str, Any]) -> tuple[Subscription, .
     return tuple(subs)
 
 
-def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
-    """Build a checked ``Config`` from parsed TOML (or any mapping of the same shape)."""
+def from_mapping(data: Mapping[str, Any], source: str = "<config>",
+                 environ: Mapping[str, str] | None = None) -> Config:
+    """Build a checked ``Config`` from parsed TOML (or any mapping of the same shape).
+
+    ``environ`` (default ``os.environ``) is where ``password_env`` is looked up.
+    """
     for key in data:
         if key not in _SECTIONS:
             raise _unknown(source, "", key, _SECTIONS)
@@ -264,7 +268,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
     plain = {k: v for k, v in mqtt.items()
              if k not in ("password", "password_env", "password_file", "topics")}
     return Config(
-        mqtt=MqttConfig(**plain, password=_password(source, mqtt),
+        mqtt=MqttConfig(**plain, password=_password(source, mqtt, os.environ if environ is None else environ),
                         topics=_subscriptions(source, mqtt.get("topics", {}))),
         workers=WorkersConfig(**workers),
         app=types.MappingProxyType(app),
@@ -435,7 +439,7 @@ def resolve(path: str | None = None, *, environ: Mapping[str, str] | None = None
     for k in _PASSWORD_KEYS[1:]:  # the one password value, whatever form it was given in
         if f"mqtt.{k}" in origins:
             origins["mqtt.password"] = f"{origins.pop(f'mqtt.{k}')} ({k})"
-    config = replace(from_mapping(merged, source), origins=types.MappingProxyType(origins))
+    config = replace(from_mapping(merged, source, environ), origins=types.MappingProxyType(origins))
     return with_overrides(config, workers=workers, broker=broker)
 
 
