@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from . import channel, logs
+from . import channel, logs, proctitle
 from .agent import Agent
 from .backoff import Backoff
 from .config import Config, default_client_id
@@ -102,6 +102,7 @@ class Supervisor:
 
     def setup(self) -> None:
         self.pid = os.getpid()
+        proctitle.set_title("supervisor", self.app_spec)
         self.state_dir = tempfile.mkdtemp(prefix="procmqtt-")
         self.shared = SharedState()
         self.upstream_agent, self.upstream_writers = channel.pair()
@@ -276,6 +277,7 @@ class Supervisor:
             code: int = ExitCode.FORCED
             try:
                 logs.set_role(role)
+                proctitle.set_title(role.replace("-", " "), self.app_spec)
                 self.signals.close()
                 self._close_except(keep)
                 code = main()
