@@ -40,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = logs.get()
     try:
         from .app import load_app
+        from .routes import routes_of
         from .supervisor import Supervisor
 
         config = config_mod.with_overrides(config_mod.load(args.config), workers=args.workers,
@@ -50,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.__cause__ is not None:
             log.debug("cause", exc_info=exc.__cause__)
         return exc.exit_code
-    if not config.mqtt.topics:
+    if not config.mqtt.topics and not routes_of(app):
         log.warning("no [mqtt.topics] configured; the app receives only what it subscribes to at runtime")
     return Supervisor(app, args.app, config).run()
 
