@@ -72,8 +72,8 @@ class PublishHandle:
 
     async def wait_async(self, timeout: float | None = None) -> bool:
         """``wait()`` for coroutines: the worker's event loop reads the confirmation meanwhile."""
-        if self._done.is_set():
-            return self.error == 0
+        if self._done.is_set() or getattr(self._link, "closed", False):  # closed: as wait(), False
+            return self._done.is_set() and self.error == 0
         if not getattr(self._link, "loop_thread", None):  # no event loop reads the channel
             return await asyncio.to_thread(self.wait, timeout)
         future = asyncio.get_running_loop().create_future()

@@ -147,15 +147,25 @@ class FakeAgent:
         os.waitpid(self.pid, 0)
         raise AssertionError("the worker did not exit")
 
+    def stop(self) -> int:
+        """The agent's graceful stop record; the worker's exit code."""
+        self.send(channel.Stop())
+        return self.wait()
+
     def close(self) -> None:
         self.down.close()
         self.up.close()
 
 
 @pytest.fixture
-def agents():
+def forked():
+    """``forked(concurrency)``: the Sleepy app in a worker process, with this test as its agent."""
     started: list[FakeAgent] = []
-    yield started
+
+    def start(concurrency: int) -> FakeAgent:
+        started.append(FakeAgent(Sleepy, from_mapping({"workers": {"concurrency": concurrency}})))
+        return started[-1]
+    yield start
     for agent in started:
         try:
             os.kill(agent.pid, signal.SIGKILL)
@@ -169,14 +179,9 @@ def _deliver(delivery_id: int, topic: str, payload: bytes = b"") -> channel.Deli
     return channel.Deliver(delivery_id, topic, payload, 1, False, False)
 
 
-def _config(concurrency: int) -> Config:
-    return from_mapping({"workers": {"concurrency": concurrency}})
-
-
 @pytest.mark.timeout(20)
-def test_messages_overlap_and_each_completes_on_its_own(agents):
-    agent = FakeAgent(Sleepy, _config(4))
-    agents.append(agent)
+def test_messages_overlap_and_each_completes_on_its_own(forked):
+    agent = forked(4)
     began = time.monotonic()
     # 1 takes longest; the others finish first and are reported at once, not held behind it.
     agent.send(_deliver(1, "sleep/1", b"0.9"), *(_deliver(i, f"sleep/{i}", b"0.2") for i in range(2, 9)))
@@ -186,28 +191,24 @@ def test_messages_overlap_and_each_completes_on_its_own(agents):
     assert sorted(d.delivery_id for d in done) == list(range(1, 9))
     assert done[-1].delivery_id == 1 and 0.85 < done[-1].seconds < 1.3
     assert elapsed < 0.9 + 0.4, f"8 messages with concurrency 4 took {elapsed:.2f}s"  # serial: 2.3s
-    agent.send(channel.Stop())
-    assert agent.wait() == 0
+    assert agent.stop() == 0
 
 
 @pytest.mark.timeout(20)
-def test_never_more_than_concurrency_in_flight(agents):
-    agent = FakeAgent(Sleepy, _config(2))
-    agents.append(agent)
+def test_never_more_than_concurrency_in_flight(forked):
+    agent = forked(2)
     began = time.monotonic()
     agent.send(*(_deliver(i, f"sleep/{i}", b"0.2") for i in range(1, 7)))
     done = [agent.next() for _ in range(6)]
     elapsed = time.monotonic() - began
     assert sorted(d.delivery_id for d in done) == list(range(1, 7))
     assert elapsed >= 3 * 0.2 - 0.02, f"6 x 0.2s with concurrency 2 took only {elapsed:.2f}s"
-    agent.send(channel.Stop())
-    assert agent.wait() == 0
+    assert agent.stop() == 0
 
 
 @pytest.mark.timeout(20)
-def test_the_hang_check_watches_the_oldest_message_in_flight(agents):
-    agent = FakeAgent(Sleepy, _config(4))
-    agents.append(agent)
+def test_the_hang_check_watches_the_oldest_message_in_flight(forked):
+    agent = forked(4)
     agent.send(_deliver(11, "sleep/a", b"0.8"))
     wait_until(lambda: agent.shared.current(0, 7) == 11, 5, "the first message in progress")
     started = agent.shared.busy_since(0)
@@ -220,14 +221,12 @@ def test_the_hang_check_watches_the_oldest_message_in_flight(agents):
     assert agent.next().delivery_id == 13  # type: ignore[union-attr]
     wait_until(lambda: agent.shared.busy_since(0) == 0 and agent.shared.current(0, 7) == 0, 2, "idle")
     assert agent.shared.finished(0) == 3
-    agent.send(channel.Stop())
-    assert agent.wait() == 0
+    assert agent.stop() == 0
 
 
 @pytest.mark.timeout(20)
-def test_awaited_publishes_resolve_from_the_agents_replies(agents):
-    agent = FakeAgent(Sleepy, _config(2))
-    agents.append(agent)
+def test_awaited_publishes_resolve_from_the_agents_replies(forked):
+    agent = forked(2)
     agent.send(_deliver(1, "pub/x"), _deliver(2, "boom"))
     publish = agent.next()  # tasks start in order: 1 publishes and waits, meanwhile 2 fails
     assert isinstance(publish, channel.Publish) and publish.topic == "first"
@@ -240,14 +239,12 @@ def test_awaited_publishes_resolve_from_the_agents_replies(agents):
     assert isinstance(result, channel.Publish) and (result.topic, result.payload) == ("result", b"True False")
     done = agent.next()
     assert isinstance(done, channel.Done) and done.delivery_id == 1 and done.outcome is Outcome.OK
-    agent.send(channel.Stop())
-    assert agent.wait() == 0
+    assert agent.stop() == 0
 
 
 @pytest.mark.timeout(20)
-def test_sigterm_finishes_the_messages_in_flight_and_starts_no_more(agents):
-    agent = FakeAgent(Sleepy, _config(2))
-    agents.append(agent)
+def test_sigterm_finishes_the_messages_in_flight_and_starts_no_more(forked):
+    agent = forked(2)
     agent.send(*(_deliver(i, f"sleep/{i}", b"0.4") for i in range(1, 5)))
     wait_until(lambda: agent.shared.busy_since(0), 5, "work in progress")
     os.kill(agent.pid, signal.SIGTERM)
@@ -262,9 +259,8 @@ def test_sigterm_finishes_the_messages_in_flight_and_starts_no_more(agents):
 
 
 @pytest.mark.timeout(20)
-def test_stop_record_comes_after_everything_received(agents):
-    agent = FakeAgent(Sleepy, _config(3))
-    agents.append(agent)
+def test_stop_record_comes_after_everything_received(forked):
+    agent = forked(3)
     agent.send(*(_deliver(i, f"sleep/{i}", b"0.1") for i in range(1, 8)), channel.Stop())
     assert agent.wait() == 0
     done = [agent.next(timeout=1) for _ in range(7)]

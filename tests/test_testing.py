@@ -183,3 +183,22 @@ def test_background_tasks_are_cancelled_on_exit():
     with WorkerHarness(Background) as h:
         h.deliver("x")
     assert cancelled == [True]
+
+
+class ReadmeSensors(Worker):
+    """The README's "Routes" example, as written there."""
+
+    @route("sensors/{device}/temperature", qos=1)
+    def temperature(self, message: Message, device: str) -> None:
+        if message.json()["celsius"] > self.config.app.get("alert_above", 30):
+            self.publish(f"alerts/{device}", message.payload, qos=1)
+
+    @route("logs/#")
+    def logs(self, message: Message) -> None: ...
+
+
+def test_the_readme_example():
+    with WorkerHarness(ReadmeSensors, config={"app": {"alert_above": 30}}) as h:
+        assert h.deliver("sensors/d1/temperature", {"celsius": 31.5}) is Outcome.OK
+        assert h.published == [("alerts/d1", b'{"celsius":31.5}', 1, False)]
+        assert h.deliver("nobody/listens") is Outcome.UNROUTED
