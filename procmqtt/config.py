@@ -40,6 +40,8 @@ DEFAULT_SESSION_EXPIRY = 3600
 DEFAULT_WORKERS = 1
 DEFAULT_DISPATCH = "random"
 DEFAULT_PREFETCH = 16
+DEFAULT_CONCURRENCY = 1
+MAX_CONCURRENCY = 1000
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MAX_ATTEMPTS = 3
@@ -132,6 +134,7 @@ class WorkersConfig:
     max_messages: int = 0
     max_messages_jitter: int = 0
     max_memory_mb: int = 0
+    concurrency: int = DEFAULT_CONCURRENCY  # messages in flight per worker, for async handlers
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,7 @@ _WORKERS_KEYS: dict[str, Check] = {
     "max_messages": _integer(0),
     "max_messages_jitter": _integer(0),
     "max_memory_mb": _integer(0),
+    "concurrency": _integer(1, MAX_CONCURRENCY),
 }
 _METRICS_KEYS: dict[str, Check] = {
     "port": _integer(1, 65535),
@@ -345,6 +349,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>",
             raise _unknown(source, "", key, _SECTIONS)
     mqtt = _checked(source, "[mqtt]", data.get("mqtt", {}), _MQTT_KEYS)
     workers = _checked(source, "[workers]", data.get("workers", {}), _WORKERS_KEYS)
+    _prefetch_for_concurrency(source, workers)
     metrics = _checked(source, "[metrics]", data.get("metrics", {}), _METRICS_KEYS)
     app = data.get("app", {})
     if not isinstance(app, dict):
@@ -364,6 +369,17 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>",
         app=types.MappingProxyType(app),
         source=source,
     )
+
+
+def _prefetch_for_concurrency(source: str, workers: dict[str, Any]) -> None:
+    """A worker holds at most ``prefetch`` messages, so it could never have more in flight: raise an
+    unset prefetch to ``concurrency``, refuse a smaller one that was set."""
+    concurrency = workers.get("concurrency", DEFAULT_CONCURRENCY)
+    if "prefetch" not in workers:
+        workers["prefetch"] = max(DEFAULT_PREFETCH, concurrency)
+    elif workers["prefetch"] < concurrency:
+        raise ConfigError(f"{source}: [workers] prefetch ({workers['prefetch']}) must be at least "
+                          f"concurrency ({concurrency}): a worker can only run the messages it holds")
 
 
 def _read(path: str | None) -> tuple[dict[str, Any], str]:

@@ -150,7 +150,8 @@ class Counters:
 
     def summary(self) -> str:
         """For the agent's closing log line."""
-        return (f"{self.received} received, {sum(self.processed)} processed, {sum(self.failed)} failed, "
+        return (f"{self.received} received, {sum(self.processed)} processed ({sum(self.unrouted)} unrouted), "
+                f"{sum(self.failed)} failed, "
                 f"{self.redelivered} redelivered, {self.dead_lettered} dead-lettered, {self.dropped} dropped")
 
     def snapshot(self, taken: float = 0.0) -> Snapshot:

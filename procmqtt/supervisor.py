@@ -26,9 +26,10 @@ from .agent import Agent
 from .backoff import Backoff
 from .config import Config, default_client_id
 from .errors import ExitCode
+from .routes import with_route_subscriptions
 from .shared import SharedState
 from .signals import SignalQueue
-from .worker import Worker, serve
+from .worker import Worker, serve, uses_asyncio
 
 STOP_MARGIN = 5.0
 """Seconds past ``graceful_timeout`` before the supervisor SIGKILLs what is left."""
@@ -61,7 +62,7 @@ class Supervisor:
         """``metrics_listener``: the ``[metrics]`` socket (``metrics.listen``), handed to every agent."""
         self.app = app
         self.app_spec = app_spec
-        self.config = config
+        self.config = with_route_subscriptions(config, app)  # routes subscribe like [mqtt.topics]
         self.client_id = config.mqtt.client_id or default_client_id(app_spec)
         self.log = logs.get("supervisor")
         self.children: dict[int, Child] = {}
@@ -112,6 +113,9 @@ class Supervisor:
         m, w = self.config.mqtt, self.config.workers
         self.log.info("procmqtt starting %s: %d worker(s), broker %s:%d, client id %s",
                       self.app_spec, w.count, m.host, m.port, self.client_id)
+        if w.concurrency > 1 and not uses_asyncio(self.app):
+            self.log.warning("[workers] concurrency = %d has no effect: %s has no async handlers, so each "
+                             "worker handles one message at a time", w.concurrency, self.app.__name__)
 
     def teardown(self) -> None:
         self.signals.close()
