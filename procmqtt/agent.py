@@ -434,9 +434,13 @@ class Agent:
             self.subscribe_requests[mid] = [f for f, _ in wire]
 
     def _subscribe_replies(self) -> None:
-        """Replies are this instance's own: never inside the share group, never saved."""
+        """Replies are this instance's own: never inside the share group, never saved.
+
+        QoS 0: a QoS 1 reply would need a slot of the Receive Maximum window, which handlers waiting
+        for replies may hold entirely; it would then wait for a slot only its own arrival can free.
+        """
         reply_filter = self.reply_prefix + "+"
-        rc, mid = self.client.subscribe(reply_filter, 1)
+        rc, mid = self.client.subscribe(reply_filter, 0)
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self.subscribe_requests[mid] = [reply_filter]
 

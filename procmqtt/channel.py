@@ -76,8 +76,11 @@ _PAIR = struct.Struct("!HH")
 _HAS_FORMAT, _HAS_EXPIRY, _HAS_TYPE, _HAS_RESPONSE, _HAS_CORRELATION = 1, 2, 4, 8, 16
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Deliver:
+    """One message for a worker. Not frozen, unlike the other records: it is built twice per message
+    (agent, worker) and a frozen dataclass's ``__init__`` costs about four times as much."""
+
     delivery_id: int
     topic: str
     payload: bytes

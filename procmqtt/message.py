@@ -28,7 +28,7 @@ class Properties:
 
     ``user_properties`` keeps order and repeated names, as MQTT does. ``message_expiry`` is in
     seconds; on a received message it is what was left when the broker delivered it.
-    ``payload_format_indicator`` 1 declares the payload UTF-8 (the broker may check it). A field left
+    ``payload_format_indicator`` 1 declares the payload UTF-8 (receivers may check it). A field left
     at None is not sent. Values are checked on construction (``ValueError``), so a mistake shows in
     the worker that made it, not as a dropped connection.
     """

@@ -539,7 +539,8 @@ def check_app(app: type[Worker]) -> None:
 
 
 def _check_format(what: str, properties: Properties | None, payload: bytes) -> None:
-    """A payload declared UTF-8 that is not would make the broker drop the agent's connection."""
+    """MQTT 5 calls a payload declared UTF-8 that is not malformed: brokers and subscribers may refuse it
+    (reason code 0x99), so the worker that made the mistake hears of it instead."""
     if properties is not None and properties.payload_format_indicator == 1:
         try:
             payload.decode("utf-8")

@@ -236,3 +236,19 @@ def test_receive_maximum_is_workers_times_prefetch_at_the_broker(tmp_path, runs,
         assert again.stop() == 0
     finally:
         broker.stop()
+
+
+@pytest.mark.timeout(60)
+def test_replies_never_wait_behind_the_window_their_requests_hold(tmp_path, broker, runs):
+    """One worker with prefetch 2: both messages of the Receive Maximum window are held by handlers
+    waiting for replies. Replies come at QoS 0, outside that window, so none waits for a slot that
+    only its own arrival would free."""
+    run_app(runs, tmp_path / "responder", broker, "tests/apps_mqtt5.py:Props", topics={"service/#": 1})
+    run, rec = run_app(runs, tmp_path / "asker", broker, "tests/apps_mqtt5.py:Props", topics={"ask/#": 1},
+                       workers=1, workers_toml="prefetch = 2", settings={"request_timeout": 3})
+    pub = v5_client(broker, "pub5")
+    for i in range(10):
+        publish_v5(pub, f"ask/{i}", f"question {i}".encode())
+    wait_until(lambda: len(records(rec, "done")) >= 10, 40, "10 requests over")
+    assert not records(rec, "timeout") and len(records(rec, "reply")) == 10
+    assert run.stop() == 0
