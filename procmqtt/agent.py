@@ -179,7 +179,10 @@ class Agent:
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else m.clean_session,
             manual_ack=True,
+            transport=m.transport,
         )
+        if m.transport == "websockets":
+            client.ws_set_options(path=m.ws_path)
         if m.username is not None:
             client.username_pw_set(m.username, m.password.value if m.password else None)
         client.connect_timeout = m.connect_timeout  # TCP connect and TLS handshake (paho blocks in them)
@@ -380,8 +383,9 @@ class Agent:
         if reason.is_failure:
             m = self.config.mqtt
             if reason.value in _AUTH_REFUSED:
-                self.log.error("broker %s:%d refused the credentials of user %r: %s", m.host, m.port,
-                               m.username, reason)
+                code = reason.value if self.config.mqtt.protocol == "5" else {134: 4, 135: 5}[reason.value]
+                self.log.error("broker %s:%d refused the credentials of user %r: %s (CONNACK reason code %d)",
+                               m.host, m.port, m.username, reason, code)
                 self.exit_code = ExitCode.AUTH
                 return
             self._set_state(ConnState.DISCONNECTED)
