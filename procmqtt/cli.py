@@ -26,25 +26,47 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", metavar="FILE",
                      help=f"TOML configuration (default: ./{config_mod.DEFAULT_PATH} when it exists)")
     run.add_argument("-w", "--workers", type=int, metavar="N", help="number of worker processes")
-    run.add_argument("--broker", metavar="URL", help="mqtt://[user@]host[:port], overrides [mqtt]")
+    run.add_argument("--broker", metavar="URL",
+                     help="mqtt://[user@]host[:port], overrides [mqtt]; or 'embedded': a private mosquitto "
+                          "on a free loopback port, started and stopped with the app (local development)")
     run.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
+    demo = commands.add_parser("demo", help="see procmqtt work: a private broker, an app, a stream, a live view",
+                               description="Start a private mosquitto, run the demo app on N workers, publish "
+                                           "a steady stream to it and show a live view, then a summary.")
+    demo.add_argument("-w", "--workers", type=int, default=4, metavar="N", help="worker processes (default 4)")
+    demo.add_argument("--seconds", type=float, default=10.0, metavar="S",
+                      help="how long to stream (default 10; Ctrl-C stops earlier)")
+    demo.add_argument("--rate", type=float, default=200.0, metavar="MSGS",
+                      help="messages per second (default 200)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command != "run":
+    commands = {"run": _run, "demo": _demo}
+    if args.command not in commands:
         _parser().print_help(sys.stderr)
         return ExitCode.USAGE
+    return commands[args.command](args)
+
+
+def _run(args: argparse.Namespace) -> int:
     logs.setup(args.log_level)
     log = logs.get()
     try:
         from .app import load_app
         from .supervisor import Supervisor
 
+        broker = None
+        if args.broker == "embedded":
+            from .embedded import EmbeddedBroker
+            broker = EmbeddedBroker()  # finds the binary and a port; starts below, after every check
+            args.broker = broker.url
         config = config_mod.with_overrides(config_mod.load(args.config), workers=args.workers,
                                            broker=args.broker)
         app = load_app(args.app)
+        if broker is not None:
+            broker.start()
     except ProcmqttError as exc:
         print(f"procmqtt: error: {exc}", file=sys.stderr)
         if exc.__cause__ is not None:
@@ -52,7 +74,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     if not config.mqtt.topics:
         log.warning("no [mqtt.topics] configured; the app receives only what it subscribes to at runtime")
-    return Supervisor(app, args.app, config).run()
+    try:
+        return Supervisor(app, args.app, config, broker=broker).run()
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import Demo
+
+    try:
+        return Demo(workers=args.workers, seconds=args.seconds, rate=args.rate).run()
+    except ProcmqttError as exc:
+        print(f"procmqtt: error: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 def entry() -> None:
