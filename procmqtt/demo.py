@@ -255,9 +255,9 @@ class Demo:
     def summary(self, duration: float, drained: bool, app_code: int) -> int:
         handled = sum(r["readings"] for r in self.reports.values())
         lost = self.sent - handled
-        how = "interrupted" if self.interrupts else "streamed"
+        how = "interrupted (Ctrl-C) after" if self.interrupts else "streamed for"
         self.say("")
-        self.say(f"summary: {how} for {duration:.1f}s: sent {self.sent}, handled {handled}, lost {lost}; "
+        self.say(f"summary: {how} {duration:.1f}s: sent {self.sent}, handled {handled}, lost {lost}; "
                  f"{self.alerts} alert(s) published by the workers")
         for slot in range(self.workers):
             report = self.reports.get(slot)

@@ -113,7 +113,7 @@ class EmbeddedBroker:
             "persistence false",
             f"max_queued_messages {MAX_QUEUED}",
             f"log_dest file {self.log_path}",
-            "log_type error", "log_type warning", "log_type notice",
+            "log_type error", "log_type warning",
         ]
         if os.geteuid() == 0:
             lines.append("user root")  # otherwise it drops to 'mosquitto', who cannot write our temp dir
