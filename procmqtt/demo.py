@@ -69,6 +69,7 @@ class Demo:
         self.sent = 0
         self.alerts = 0
         self.pongs: set[bytes] = set()
+        self.pong_count = 0
         self.reports: dict[int, dict[str, Any]] = {}
         self.subscribed = threading.Event()
         self.random = random.Random(5)
@@ -171,6 +172,7 @@ class Demo:
         """paho's thread."""
         if msg.topic == demo_app.PONG:
             self.pongs.add(msg.payload)
+            self.pong_count += 1
         elif msg.topic.startswith("demo/alerts/"):
             self.alerts += 1
         elif msg.topic.startswith("demo/workers/"):
@@ -266,6 +268,8 @@ class Demo:
             else:
                 share = 100 * report["readings"] / handled if handled else 0
                 self.say(f"  worker {slot}: {report['readings']:6d} readings ({share:4.1f}%), {report['alerts']} alert(s)")
+        if status is not None:
+            self.say(f"  (the live view's totals also count the {self.pong_count} ping(s) the app answered)")
         if app_code != 0:
             self.say(f"the app exited with code {app_code}{self.app_tail()}")
         ok = app_code == 0 and lost == 0 and drained and len(self.reports) == self.workers
