@@ -103,7 +103,7 @@ class Demo:
             if ready:
                 self.stream()
             duration = time.monotonic() - started
-            drained = ready and self.drain()
+            drained = self.drain() if ready else self.sent == 0
             if ready:
                 self.frame(duration)  # the final numbers: every reading has been handed to a worker
             code = self.stop_app()
@@ -132,11 +132,12 @@ class Demo:
         config.write_text(self.config_text())
         self.app_log = self.dir / "app.log"
         package_parent = str(Path(demo_app.__file__).resolve().parent.parent)  # this very procmqtt
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent,
-                                                                          os.environ.get("PYTHONPATH")]))}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROCMQTT_")}  # our config, not theirs
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
         with open(self.app_log, "wb") as log:
             self.app = subprocess.Popen(
-                [sys.executable, "-m", "procmqtt", "run", APP, "-c", str(config), "--broker", self.broker.url],
+                [sys.executable, "-m", "procmqtt", "run", APP, "-c", str(config), "-w", str(self.workers),
+                 "--broker", self.broker.url],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, env=env,
                 start_new_session=True, preexec_fn=_pdeathsig)  # noqa: PLW1509 - no thread runs yet
 
@@ -272,7 +273,8 @@ class Demo:
             self.say(f"  (the live view's totals also count the {self.pong_count} ping(s) the app answered)")
         if app_code != 0:
             self.say(f"the app exited with code {app_code}{self.app_tail()}")
-        ok = app_code == 0 and lost == 0 and drained and len(self.reports) == self.workers
+        reported = len(self.reports) == self.workers or self.sent == 0  # Ctrl-C before the stream began
+        ok = app_code == 0 and lost == 0 and drained and reported
         self.say("stopped gracefully: the app and the private broker are gone" if ok else
                  "the demo did not end cleanly (see above)")
         return ExitCode.OK if ok else ExitCode.FORCED

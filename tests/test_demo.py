@@ -11,16 +11,9 @@ from pathlib import Path
 
 import pytest
 from harness import ROOT, Procmqtt, records, wait_until
+from harness import _alive as alive
 
 from procmqtt.embedded import INSTALL_HINT
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def group_members(pgid: int) -> list[int]:
@@ -179,3 +172,29 @@ def test_demo_usage_errors(args, expected):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"procmqtt: error: {expected}")
+
+
+def test_embedded_config_is_private(tmp_path):
+    from procmqtt.embedded import EmbeddedBroker
+
+    broker = EmbeddedBroker()
+    broker.dir = tmp_path
+    lines = broker.config_text().splitlines()
+    assert f"listener {broker.port} 127.0.0.1" in lines and broker.port != 1883
+    assert "persistence false" in lines and "allow_anonymous true" in lines
+    assert ("user root" in lines) == (os.geteuid() == 0)  # as root, mosquitto would drop to 'mosquitto'
+
+
+@pytest.mark.timeout(30)
+def test_embedded_broker_that_will_not_start_is_one_line(tmp_path):
+    fake = tmp_path / "bin" / "mosquitto"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    fake.chmod(0o755)
+    result = subprocess.run([sys.executable, "-m", "procmqtt", "run", "tests/apps.py:Recorder", "--broker", "embedded"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=20, check=False,
+                            env={**os.environ, "PATH": str(fake.parent)})
+    assert result.returncode == 1
+    port = re.search(r"127\.0\.0\.1:(\d+)", result.stderr).group(1)
+    assert result.stderr.strip().splitlines() == [
+        f"procmqtt: error: the embedded broker (mosquitto on 127.0.0.1:{port}) exited with code 3"]
