@@ -36,7 +36,9 @@ try:  # the live per-worker view reads the app's [metrics] (needs procmqtt.statu
     import importlib.util
 
     from . import status
-    if importlib.util.find_spec("prometheus_client") is None:
+    from .config import Config as _Config
+    if (importlib.util.find_spec("prometheus_client") is None or "metrics" not in _Config.__dataclass_fields__
+            or Path(status.__file__).parent != Path(__file__).parent):  # a stale install's status.py
         status = None  # type: ignore[assignment]
 except ImportError:
     status = None  # type: ignore[assignment]
