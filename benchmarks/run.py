@@ -361,8 +361,10 @@ def summarize(results: list[Result]) -> dict[str, dict[str, dict[str, Any]]]:
             table.setdefault(w, {})[p] = row
     for rows in table.values():
         base = rows.get(PEERS[0].key, {}).get("rate") or 0
+        base_p99 = rows.get(PEERS[0].key, {}).get("p99_ms") or 0
         for row in rows.values():
             row["ratio"] = row["rate"] / base if base else None
+            row["p99_ratio"] = row["p99_ms"] / base_p99 if base_p99 and row["p99_ms"] is not None else None
     return table
 
 
@@ -379,7 +381,7 @@ def print_table(table: dict[str, dict[str, dict[str, Any]]], peers: list[Peer], 
                 continue
             text = f"{row['rate']:,.0f}/s ({row['ratio']:.2f})" if row["ratio"] else f"{row['rate']:,.0f}/s"
             if row["p50_ms"] is not None:
-                text = f"{row['p50_ms']:.2f}/{row['p99_ms']:.2f} ms {row['ratio']:.2f}x"
+                text = f"{row['p50_ms']:.2f}/{row['p99_ms']:.2f} ms ({row['p99_ratio'] or 0:.2f})"
             if row["lost"]:
                 text += f" lost {row['lost']}"
             cells.append(f"{text:>27}")
@@ -401,7 +403,7 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]], peers: list[Peer], wor
             if not row:
                 cells.append("n/a")
             elif row["p50_ms"] is not None:
-                cells.append(f"{row['p50_ms']:.2f} / {row['p99_ms']:.2f} ms")
+                cells.append(f"{row['p50_ms']:.2f} / {row['p99_ms']:.2f} ms (p99 {row['p99_ratio'] or 0:.2f} × A)")
             else:
                 lo, hi = row["spread"]
                 cells.append(f"{row['rate']:,.0f} ({row['ratio']:.2f}) [{lo:,.0f}-{hi:,.0f}]"

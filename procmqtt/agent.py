@@ -21,6 +21,7 @@ import random
 import select
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections import deque
@@ -32,7 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
-from . import channel, logs
+from . import channel, logs, metrics
 from .backoff import Backoff
 from .config import Config
 from .dispatch import DISPATCHERS
@@ -40,8 +41,6 @@ from .errors import ExitCode
 from .shared import SharedState
 from .signals import SignalQueue
 
-CONNACK_TIMEOUT = 10.0
-"""Seconds to wait for CONNACK after the TCP connection is up (a TLS port answers nothing)."""
 TICK = 1.0
 """Longest sleep of the loop: paho's keepalive and the orphan check run at least this often."""
 UPSTREAM_BATCH = 512
@@ -100,8 +99,11 @@ class Agent:
 
     def __init__(self, config: Config, client_id: str, upstream: socket.socket,
                  workers: dict[int, tuple[int, socket.socket]], state_dir: str, supervisor_pid: int,
-                 shared: SharedState) -> None:
-        """Runs in the agent process; ``workers`` maps slot to (generation, socket) at fork time."""
+                 shared: SharedState, metrics_listener: socket.socket | None = None) -> None:
+        """Runs in the agent process; ``workers`` maps slot to (generation, socket) at fork time.
+
+        ``metrics_listener``: the ``[metrics]`` socket the supervisor opened, or None.
+        """
         self.config = config
         self.client_id = client_id
         self.upstream = upstream
@@ -130,9 +132,9 @@ class Agent:
         self.subscribe_requests: dict[int, list[str]] = {}
         self.dead_letters: dict[int, _Delivery] = {}  # mid of the dead-letter publish -> original
         self.early_ready: set[tuple[int, int]] = set()  # (slot, generation) ready before its WorkerUp
-        self.received = 0
         self.syncing = 0  # mid of the UNSUBSCRIBE that proves the broker has our acknowledgements
-        self.counts = dict.fromkeys(("done", "failed", "redelivered", "dead-lettered", "dropped"), 0)
+        self.metrics = metrics.Counters(config.workers.count)
+        self.metrics_listener = metrics_listener
         self.last_broker_read = 0.0
         self.backlog_limit = config.workers.count * self.prefetch  # undispatched messages we read ahead
         self.dirty: set[int] = set()  # slots with records to flush at the end of this pass
@@ -149,6 +151,8 @@ class Agent:
         self.signals = SignalQueue([signal.SIGTERM])
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # stack on demand
         self.client = self._make_client()
+        if self.metrics_listener is not None:
+            metrics.serve(self.metrics_listener, self.metrics)
         self.log.info("agent started; broker %s:%d, client id %s, %d subscription(s)",
                       self.config.mqtt.host, self.config.mqtt.port, self.client_id, len(self.subscriptions))
         last_misc = 0.0
@@ -163,8 +167,7 @@ class Agent:
             sock = self.client.socket()
             if sock is not None:
                 sock.close()
-            self.log.info("agent exiting: %d message(s) received; %s", self.received,
-                          ", ".join(f"{n} {what}" for what, n in self.counts.items()))
+            self.log.info("agent exiting: %s", self.metrics.summary())
         return self.exit_code
 
     def _make_client(self) -> mqtt.Client:
@@ -179,6 +182,13 @@ class Agent:
         )
         if m.username is not None:
             client.username_pw_set(m.username, m.password.value if m.password else None)
+        client.connect_timeout = m.connect_timeout  # TCP connect and TLS handshake (paho blocks in them)
+        if m.tls is not None:
+            client.tls_set(ca_certs=m.tls.ca_certs, certfile=m.tls.certfile, keyfile=m.tls.keyfile,
+                           cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_insecure_set(m.tls.insecure)
+        if m.will is not None:
+            client.will_set(m.will.topic, m.will.payload, m.will.qos, m.will.retain)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -218,6 +228,9 @@ class Agent:
     def _disconnect(self) -> None:
         if self.state is not ConnState.CONNECTED:
             return
+        will = self.config.mqtt.will
+        if will is not None:  # a clean DISCONNECT suppresses the will: say it ourselves
+            self.client.publish(will.topic, will.payload, will.qos, will.retain)
         self._sync_with_broker()
         if self.state is not ConnState.CONNECTED:  # the broker went away meanwhile
             return
@@ -321,14 +334,16 @@ class Agent:
             self.client.loop_write()
 
     def _tick(self, now: float) -> None:
-        """Once a second: paho keepalive, CONNACK timeout, publish bookkeeping, orphan check."""
+        """Once a second: paho keepalive, CONNACK timeout, publish bookkeeping, orphan check, gauges."""
         if self.state is not ConnState.DISCONNECTED and self.client.socket() is not None:
             self.client.loop_misc()
         if self.state is ConnState.CONNECTING and now >= self.connack_deadline:
             self._set_state(ConnState.DISCONNECTED)
-            self._schedule_reconnect(f"no CONNACK within {CONNACK_TIMEOUT:g}s (is this an MQTT port?)")
+            self._schedule_reconnect(f"no CONNACK within {self.config.mqtt.connect_timeout:g}s {self._connect_hint()}")
         if os.getppid() != self.supervisor_pid and not self.stopping:
             self.begin_stop("the supervisor is gone")
+        self.metrics.sample({slot: len(w.outstanding) for slot, w in self.workers.items()},
+                            self.prefetch * sum(w.ready and not w.retiring for w in self.workers.values()))
 
     # --- broker connection -------------------------------------------------------------------
 
@@ -338,10 +353,22 @@ class Agent:
             self.client.reconnect()
         except (OSError, ValueError) as exc:
             self._set_state(ConnState.DISCONNECTED)
-            self._schedule_reconnect(f"cannot connect: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                reason = f"TLS handshake failed: {exc.reason or exc}"
+            else:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                if self.config.mqtt.tls is not None:
+                    reason += " " + self._connect_hint()
+            self._schedule_reconnect(f"cannot connect: {reason}")
             return
-        self.connack_deadline = time.monotonic() + CONNACK_TIMEOUT
+        self.connack_deadline = time.monotonic() + self.config.mqtt.connect_timeout
         self._fail_lost_publishes()
+
+    def _connect_hint(self) -> str:
+        """paho reports TLS mix-ups as silence or a bare disconnect; say what to check."""
+        tls = "TLS on" if self.config.mqtt.tls else "no TLS"
+        return (f"({tls}): is this an MQTT port, does it expect TLS ([mqtt.tls]), and does it require "
+                f"a client certificate?")
 
     def _schedule_reconnect(self, reason: str) -> None:
         delay = self.backoff.next()
@@ -363,10 +390,15 @@ class Agent:
         self._set_state(ConnState.CONNECTED)
         self.backoff.reset()
         self.epoch += 1
+        if self.epoch > 1:
+            self.metrics.reconnects += 1
         self.log.info("connected to %s:%d (session present: %s)", self.config.mqtt.host,
                       self.config.mqtt.port, bool(flags.session_present))
         if self.subscriptions:
             self._subscribe(list(self.subscriptions.items()))
+        birth = self.config.mqtt.birth
+        if birth is not None:
+            self.client.publish(birth.topic, birth.payload, birth.qos, birth.retain)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if self.state in (ConnState.CLOSING, ConnState.DISCONNECTED) or self.exit_code != ExitCode.OK:
@@ -374,6 +406,9 @@ class Agent:
             return
         was_connected = self.state is ConnState.CONNECTED
         self._set_state(ConnState.DISCONNECTED)
+        if not was_connected:
+            self._schedule_reconnect(f"the broker closed the connection before CONNACK {self._connect_hint()}")
+            return
         # Undispatched QoS 1 messages come again from the broker on the next connection; QoS 0 and
         # QoS 2 (already completed) would not, so they stay queued.
         self.pending = deque(d for d in self.pending if d.qos != 1)
@@ -382,9 +417,10 @@ class Agent:
         self._schedule_reconnect(f"connection lost ({reason})")
 
     def _subscribe(self, subs: list[tuple[str, int]]) -> None:
-        rc, mid = self.client.subscribe(subs)
+        wire = [(self.config.mqtt.wire_filter(f), qos) for f, qos in subs]
+        rc, mid = self.client.subscribe(wire)
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
-            self.subscribe_requests[mid] = [f for f, _ in subs]
+            self.subscribe_requests[mid] = [f for f, _ in wire]
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any], properties: Any) -> None:
         filters = self.subscribe_requests.pop(mid, [])
@@ -407,7 +443,7 @@ class Agent:
     # --- messages in ---------------------------------------------------------------------------
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self.received += 1
+        self.metrics.received += 1
         if msg.qos == 2:
             # paho has already sent PUBREC; holding PUBCOMP across a crash would strand the
             # message (README "Delivery guarantees"), so QoS 2 completes on arrival.
@@ -428,6 +464,7 @@ class Agent:
             d = self.pending.popleft()
             d.slot = worker.slot
             worker.outstanding[d.delivery_id] = None
+            self.metrics.dispatched[worker.slot] += 1
             self.deliveries[d.delivery_id] = d
             self._write(worker, channel.Deliver(d.delivery_id, d.topic, d.payload, d.qos, d.retain, d.redelivered))
 
@@ -438,7 +475,7 @@ class Agent:
         worker = self.workers.get(d.slot)
         if worker is not None:
             worker.outstanding.pop(record.delivery_id, None)
-        self.counts["failed" if record.failed else "done"] += 1
+        self.metrics.done(d.slot, record.outcome, record.seconds)
         if record.failed and self.config.workers.on_error == "retry":
             self._failed_attempt(d, "on_message raised", front=False)
         else:
@@ -460,7 +497,7 @@ class Agent:
     def _requeue(self, d: _Delivery, *, front: bool) -> None:
         """Hand a message out again, to whichever worker is free next, marked redelivered."""
         d.redelivered = True
-        self.counts["redelivered"] += 1
+        self.metrics.redelivered += 1
         if front:
             self.pending.appendleft(d)
         else:
@@ -468,12 +505,13 @@ class Agent:
 
     def _dead_letter(self, d: _Delivery, reason: str) -> None:
         topic = self.config.workers.dead_letter_topic
-        self.counts["dead-lettered" if topic else "dropped"] += 1
         if topic is None:
+            self.metrics.dropped += 1
             self.log.error("dropping the message on %r: %s; set [workers] dead_letter_topic to keep such "
                            "messages", d.topic, reason)
             self._ack(d)
             return
+        self.metrics.dead_lettered += 1
         target = f"{topic}/{d.topic}"
         self.log.error("dead-lettering the message on %r to %r: %s", d.topic, target, reason)
         properties = None
@@ -588,9 +626,9 @@ class Agent:
         """paho reads one packet per call: keep reading while messages keep coming, up to a bound,
         so a burst is dispatched as one batch per worker."""
         for _ in range(BROKER_BATCH):
-            before = self.received
+            before = self.metrics.received
             self.client.loop_read()
-            if self.received == before or self.client.socket() is not sock:
+            if self.metrics.received == before or self.client.socket() is not sock:
                 return
             if len(self.pending) >= self.backlog_limit:
                 return
@@ -609,15 +647,18 @@ class Agent:
             self.subscriptions.pop(record.topic_filter, None)
             self._save_subscriptions()
             if self.state is ConnState.CONNECTED:
-                _, mid = self.client.unsubscribe(record.topic_filter)
+                wire = self.config.mqtt.wire_filter(record.topic_filter)
+                _, mid = self.client.unsubscribe(wire)
                 if mid is not None:
-                    self.subscribe_requests[mid] = [record.topic_filter]
+                    self.subscribe_requests[mid] = [wire]
         elif isinstance(record, (channel.Ready, channel.Retire)):
             self._worker_record(record)
         elif isinstance(record, channel.WorkerUp):
             self._add_worker(record)
         elif isinstance(record, channel.StopAgent):
             self.begin_stop("requested by the supervisor")
+        elif isinstance(record, channel.Restarts):
+            self.metrics.set_restarts(record.cause, record.total)
 
     def _publish(self, record: channel.Publish) -> None:
         info = self.client.publish(record.topic, record.payload, record.qos, record.retain)
@@ -650,6 +691,7 @@ class Agent:
                 self._reply(slot, generation, request_id, info.rc)
 
     def _reply(self, slot: int, generation: int, request_id: int, error: int) -> None:
+        self.metrics.published(error)  # every worker publish ends here once
         worker = self.workers.get(slot)
         if worker is not None and worker.generation == generation:
             self._write(worker, channel.Published(request_id, int(error)))

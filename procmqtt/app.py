@@ -8,14 +8,15 @@ import os
 import sys
 
 from .errors import AppError
-from .worker import Worker
+from .worker import Worker, check_app
 
 
 def load_app(spec: str) -> type[Worker]:
     """Import the Worker subclass named by ``spec``, in the supervisor before any fork.
 
     Importing once, before fork, means an import error stops ``procmqtt`` at once (exit 3) and the
-    workers share the imported code's memory.
+    workers share the imported code's memory. The ``@route`` methods are checked here too, so a bad
+    route stops it before any fork (exit 2).
     """
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
@@ -42,6 +43,10 @@ def load_app(spec: str) -> type[Worker]:
             raise AppError(f"APP {spec!r}: {module_part} has no attribute {attr!r}") from None
     if not (isinstance(obj, type) and issubclass(obj, Worker)) or obj is Worker:
         raise AppError(f"APP {spec!r}: {attr} is not a subclass of procmqtt.Worker")
+    try:
+        check_app(obj)
+    except AppError as exc:
+        raise type(exc)(f"APP {spec!r}: {exc}") from None
     return obj
 
 

@@ -49,6 +49,7 @@ RETIRE = 14
 READY = 16
 WORKER_UP = 20
 STOP_AGENT = 21
+RESTARTS = 22
 # A record stored in the attached memory file.
 BLOB = 255
 
@@ -59,6 +60,7 @@ _PUBLISH = struct.Struct("!BHIQBBH")  # kind, slot, generation, request id, qos,
 _SUBSCRIBE = struct.Struct("!BB")  # kind, qos; the filter follows
 _FRAME = struct.Struct("!I")  # length of one record inside a datagram
 _SLOT = struct.Struct("!BHI")  # kind, slot, generation (worker-up: the worker's socket is attached)
+_RESTARTS = struct.Struct("!BQ")  # kind, running total; the cause follows
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +145,20 @@ class StopAgent:
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class Restarts:
+    """The supervisor's running total of worker restarts for one cause, for the metrics.
+
+    A total, not an increment: a new agent is sent every total, and one that also reads a record
+    queued for its dead predecessor counts nothing twice.
+    """
+
+    cause: str
+    total: int
+
+
 Record = Union[Deliver, Published, Stop, Done, Publish, Subscribe, Unsubscribe, Ready, Retire,
-               WorkerUp, StopAgent]
+               WorkerUp, StopAgent, Restarts]
 
 
 class ChannelError(Exception):
@@ -190,6 +204,8 @@ def encode(record: Record) -> bytes:
         return bytes((STOP,))
     if isinstance(record, StopAgent):
         return bytes((STOP_AGENT,))
+    if isinstance(record, Restarts):
+        return _RESTARTS.pack(RESTARTS, record.total) + record.cause.encode()
     raise TypeError(f"cannot encode {record!r}")
 
 
@@ -231,6 +247,9 @@ def decode(data: bytes | memoryview, fds: list[int]) -> Record:
         return Stop()
     if kind == STOP_AGENT:
         return StopAgent()
+    if kind == RESTARTS:
+        (_, total) = _RESTARTS.unpack_from(data)
+        return Restarts(str(data[_RESTARTS.size:], "utf-8"), total)
     raise ChannelError(f"unknown record kind {kind}")
 
 

@@ -1,16 +1,29 @@
-"""``procmqtt`` command line: parse, load, check, then hand over to the supervisor."""
+"""``procmqtt`` command line: one small function per subcommand, chosen from ``COMMANDS``.
+
+``run`` and ``check`` share one path up to the fork (resolve the configuration, import the app,
+collect its routes), so ``check`` fails exactly where and how ``run`` would.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from . import __version__, config as config_mod, logs
-from .errors import ExitCode, ProcmqttError
+from . import __version__, logs, metrics
+from . import config as config_mod
+from .errors import ConfigError, ExitCode, ProcmqttError
+
+if TYPE_CHECKING:
+    from .embedded import EmbeddedBroker
+    from .routes import Route
+    from .worker import Worker
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMAT_ENV = "PROCMQTT_LOG_FORMAT"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,15 +34,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"procmqtt {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
     run = commands.add_parser("run", help="run an app", description="Run APP with N worker processes.")
-    run.add_argument("app", metavar="APP", help="package.module:Class or path/to/file.py:Class")
-    run.add_argument("-c", "--config", metavar="FILE",
-                     help=f"TOML configuration (default: ./{config_mod.DEFAULT_PATH} when it exists)")
-    run.add_argument("-w", "--workers", type=int, metavar="N", help="number of worker processes")
-    run.add_argument("--broker", metavar="URL",
-                     help="mqtt://[user@]host[:port], overrides [mqtt]; or 'embedded': a private mosquitto "
-                          "on a free loopback port, started and stopped with the app (local development)")
-    run.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
+    _app_arguments(run)
+    run.add_argument("--print-config", action="store_true",
+                     help="print the effective configuration (secrets masked) and exit")
+
+    check = commands.add_parser(
+        "check", help="check an app and its configuration without running it",
+        description="Resolve the configuration as run would, import APP, list the subscriptions and "
+                    "what each reaches, and print the effective configuration (secrets masked). "
+                    "Never connects to the broker. Exit 0, or the error and exit code run would give.")
+    _app_arguments(check)
+
+    status = commands.add_parser("status", help="show a running app's numbers",
+                                 description="Read the [metrics] endpoint of a running procmqtt and print "
+                                             "per-worker counts, msg/s, in-flight, failures and publishes.")
+    status.add_argument("-c", "--config", metavar="FILE",
+                        help=f"TOML configuration (default: ${config_mod.CONFIG_ENV}, else "
+                             f"./{config_mod.DEFAULT_PATH} when it exists)")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="print again every SECONDS until Ctrl-C")
+
     demo = commands.add_parser("demo", help="see procmqtt work: a private broker, an app, a stream, a live view",
                                description="Start a private mosquitto, run the demo app on N workers, publish "
                                            "a steady stream to it and show a live view, then a summary.")
@@ -41,53 +66,125 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    commands = {"run": _run, "demo": _demo}
-    if args.command not in commands:
-        _parser().print_help(sys.stderr)
-        return ExitCode.USAGE
-    return commands[args.command](args)
+def _app_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of every subcommand that loads an app: APP and what overrides the configuration."""
+    parser.add_argument("app", metavar="APP", help="package.module:Class or path/to/file.py:Class")
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help=f"TOML configuration (default: ${config_mod.CONFIG_ENV}, else "
+                             f"./{config_mod.DEFAULT_PATH} when it exists)")
+    parser.add_argument("-w", "--workers", type=int, metavar="N", help="number of worker processes")
+    parser.add_argument("--broker", metavar="URL",
+                        help="mqtt://[user@]host[:port], overrides [mqtt]; or 'embedded': a private mosquitto "
+                             "on a free loopback port, started and stopped with the app (local development)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
+    parser.add_argument("--log-format", choices=logs.FORMATS,
+                        help=f"text (default) or json, one object per line (env {LOG_FORMAT_ENV})")
 
 
-def _run(args: argparse.Namespace) -> int:
-    logs.setup(args.log_level)
-    log = logs.get()
+def _setup_logs(args: argparse.Namespace) -> None:
+    fmt = args.log_format or os.environ.get(LOG_FORMAT_ENV) or logs.DEFAULT_FORMAT
+    if fmt not in logs.FORMATS:
+        expected = ", ".join(f'"{f}"' for f in logs.FORMATS)
+        raise ConfigError(f"{LOG_FORMAT_ENV}: expected one of {expected}, got {fmt!r}")
+    logs.setup(args.log_level, fmt)
+
+
+def _embedded_broker(args: argparse.Namespace) -> EmbeddedBroker | None:
+    """``--broker embedded``: find mosquitto and a free port, and put its URL in ``args.broker``.
+    Nothing starts here; ``run`` starts it after every other check."""
+    if args.broker != "embedded":
+        return None
+    from .embedded import EmbeddedBroker
+
+    broker = EmbeddedBroker()
+    args.broker = broker.url
+    return broker
+
+
+def _resolve(args: argparse.Namespace) -> config_mod.Config:
+    return config_mod.resolve(args.config, workers=args.workers, broker=args.broker)
+
+
+def _prepare(args: argparse.Namespace) -> tuple[config_mod.Config, type[Worker], tuple[Route, ...]]:
+    """Everything ``run`` does before it forks: configuration, app, routes. Raises ProcmqttError."""
+    from .app import load_app
+    from .routes import routes_of
+
+    config = _resolve(args)
+    app = load_app(args.app)
+    return config, app, routes_of(app)
+
+
+def run(args: argparse.Namespace) -> int:
+    _setup_logs(args)
+    broker = _embedded_broker(args)
+    if args.print_config:
+        from .check import render_config
+
+        sys.stdout.write(render_config(_resolve(args), args.app))
+        return ExitCode.OK
+    config, app, routes = _prepare(args)
+    metrics_listener = metrics.listen(config)  # before any fork: a port in use stops us here
+    if not config.mqtt.topics and not routes:
+        logs.get().warning("no [mqtt.topics] configured and no routes; the app receives only what it "
+                           "subscribes to at runtime")
+    from .supervisor import Supervisor
+
+    if broker is not None:
+        broker.start()
     try:
-        from .app import load_app
-        from .supervisor import Supervisor
-
-        broker = None
-        if args.broker == "embedded":
-            from .embedded import EmbeddedBroker
-            broker = EmbeddedBroker()  # finds the binary and a port; starts below, after every check
-            args.broker = broker.url
-        config = config_mod.with_overrides(config_mod.load(args.config), workers=args.workers,
-                                           broker=args.broker)
-        app = load_app(args.app)
-        if broker is not None:
-            broker.start()
-    except ProcmqttError as exc:
-        print(f"procmqtt: error: {exc}", file=sys.stderr)
-        if exc.__cause__ is not None:
-            log.debug("cause", exc_info=exc.__cause__)
-        return exc.exit_code
-    if not config.mqtt.topics:
-        log.warning("no [mqtt.topics] configured; the app receives only what it subscribes to at runtime")
-    try:
-        return Supervisor(app, args.app, config, broker=broker).run()
+        return Supervisor(app, args.app, config, metrics_listener, broker=broker).run()
     finally:
         if broker is not None:
             broker.stop()
 
 
-def _demo(args: argparse.Namespace) -> int:
+def check(args: argparse.Namespace) -> int:
+    from .check import render_check
+
+    _setup_logs(args)
+    _embedded_broker(args)  # check fails where run would (no mosquitto); the port is only an example
+    config, app, routes = _prepare(args)
+    sys.stdout.write(render_check(args.app, app, config, routes))
+    return ExitCode.OK
+
+
+def status(args: argparse.Namespace) -> int:
+    from . import status as status_mod
+
+    if args.watch is not None and args.watch <= 0:
+        raise ConfigError(f"--watch: expected a number of seconds > 0, got {args.watch:g}")
+    return status_mod.main(config_mod.resolve(args.config), args.watch)
+
+
+def demo(args: argparse.Namespace) -> int:
     from .demo import Demo
 
+    return Demo(workers=args.workers, seconds=args.seconds, rate=args.rate).run()
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": run,
+    "check": check,
+    "status": status,
+    "demo": demo,
+}
+"""Subcommand -> function; each returns the exit code and may raise ProcmqttError."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    command = COMMANDS.get(args.command)
+    if command is None:
+        parser.print_help(sys.stderr)
+        return ExitCode.USAGE
     try:
-        return Demo(workers=args.workers, seconds=args.seconds, rate=args.rate).run()
+        return command(args)
     except ProcmqttError as exc:
         print(f"procmqtt: error: {exc}", file=sys.stderr)
+        if exc.__cause__ is not None:
+            logs.get().debug("cause", exc_info=exc.__cause__)
         return exc.exit_code
 
 

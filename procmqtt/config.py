@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 import os
 import re
 import socket
 import sys
 import types
 import urllib.parse
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .dispatch import DISPATCHERS
 from .errors import ConfigError
@@ -30,18 +32,23 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 DEFAULT_PATH = "procmqtt.toml"
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 1883
+DEFAULT_TLS_PORT = 8883
+DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_KEEPALIVE = 60
 DEFAULT_PROTOCOL = "3.1.1"
 DEFAULT_SESSION_EXPIRY = 3600
 DEFAULT_WORKERS = 1
 DEFAULT_DISPATCH = "random"
 DEFAULT_PREFETCH = 16
+DEFAULT_CONCURRENCY = 1
+MAX_CONCURRENCY = 1000
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_ON_ERROR = "ack"
 DEFAULT_PUBLISH_BUFFER = 1_000
 DEFAULT_PUBLISH_TIMEOUT = 30.0
+DEFAULT_METRICS_HOST = "127.0.0.1"  # loopback: the numbers are for this host unless asked otherwise
 
 ON_ERROR = ("ack", "retry")
 MAX_PUBLISH_BUFFER = 60_000  # paho's message ids are 16-bit: workers x publish_buffer stays below 65,535
@@ -68,6 +75,26 @@ class Subscription:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """``[mqtt.tls]``: present means TLS. Certificates are checked by default (``insecure`` off)."""
+
+    ca_certs: str | None = None  # None: the system's trusted CAs
+    certfile: str | None = None  # client certificate, for mutual TLS
+    keyfile: str | None = None  # its key, when not inside certfile
+    insecure: bool = False  # skip the host name check (never in production)
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """``[mqtt.will]`` and ``[mqtt.birth]``: one message about this app's presence."""
+
+    topic: str
+    payload: str = ""
+    qos: int = 0
+    retain: bool = False
+
+
+@dataclass(frozen=True)
 class MqttConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -80,7 +107,18 @@ class MqttConfig:
     session_expiry: int = DEFAULT_SESSION_EXPIRY
     publish_buffer: int = DEFAULT_PUBLISH_BUFFER
     publish_timeout: float = DEFAULT_PUBLISH_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    share_group: str | None = None
     topics: tuple[Subscription, ...] = ()
+    tls: TlsConfig | None = None
+    will: Announcement | None = None
+    birth: Announcement | None = None
+
+    def wire_filter(self, topic_filter: str) -> str:
+        """The filter as subscribed: inside ``$share/<share_group>/`` when a group is set."""
+        if self.share_group and not topic_filter.startswith("$share/"):
+            return f"$share/{self.share_group}/{topic_filter}"
+        return topic_filter
 
 
 @dataclass(frozen=True)
@@ -96,6 +134,15 @@ class WorkersConfig:
     max_messages: int = 0
     max_messages_jitter: int = 0
     max_memory_mb: int = 0
+    concurrency: int = DEFAULT_CONCURRENCY  # messages in flight per worker, for async handlers
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``port`` None: no metrics endpoint (the default)."""
+
+    port: int | None = None
+    host: str = DEFAULT_METRICS_HOST
 
 
 @dataclass(frozen=True)
@@ -104,8 +151,12 @@ class Config:
 
     mqtt: MqttConfig = MqttConfig()
     workers: WorkersConfig = WorkersConfig()
+    metrics: MetricsConfig = MetricsConfig()
     app: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
     source: str = "<defaults>"
+    origins: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}),
+                                       repr=False, compare=False)
+    """Where each value that is not a default came from: "mqtt.host" -> "PROCMQTT_MQTT_HOST", say."""
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -142,10 +193,20 @@ def _boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "true or false"
 
 
+def _share_group(v: Any) -> str | None:
+    ok = isinstance(v, str) and v and not any(c in v for c in "/+#")
+    return None if ok else "a non-empty name without '/', '+' or '#'"
+
+
 def _one_of(*options: str) -> Check:
     def check(v: Any) -> str | None:
         return None if v in options else "one of " + ", ".join(f'"{o}"' for o in options)
     return check
+
+
+def _table(v: Any) -> str | None:
+    """A sub-table (``[mqtt.topics]``, ``[mqtt.tls]``...): set in TOML only, never from one environment variable."""
+    return None if isinstance(v, dict) else "a table"
 
 
 _MQTT_KEYS: dict[str, Check] = {
@@ -162,8 +223,16 @@ _MQTT_KEYS: dict[str, Check] = {
     "session_expiry": _integer(0, 2**32 - 1),
     "publish_buffer": _integer(1, MAX_PUBLISH_BUFFER),
     "publish_timeout": _number(0),
-    "topics": lambda v: None if isinstance(v, dict) else "a table of topic filters",
+    "connect_timeout": _number(0.1),
+    "share_group": _share_group,
+    "topics": _table,
+    "tls": _table,
+    "will": _table,
+    "birth": _table,
 }
+_TLS_KEYS: dict[str, Check] = {"ca_certs": _text, "certfile": _text, "keyfile": _text, "insecure": _boolean}
+_ANNOUNCEMENT_KEYS: dict[str, Check] = {"topic": _topic_name, "payload": lambda v: None if isinstance(v, str) else "a string",
+                                        "qos": _integer(0, 2), "retain": _boolean}
 _WORKERS_KEYS: dict[str, Check] = {
     "count": _integer(1, MAX_SLOTS),
     "dispatch": _one_of(*DISPATCHERS),
@@ -176,9 +245,14 @@ _WORKERS_KEYS: dict[str, Check] = {
     "max_messages": _integer(0),
     "max_messages_jitter": _integer(0),
     "max_memory_mb": _integer(0),
+    "concurrency": _integer(1, MAX_CONCURRENCY),
+}
+_METRICS_KEYS: dict[str, Check] = {
+    "port": _integer(1, 65535),
+    "host": _text,
 }
 _TOPIC_KEYS: dict[str, Check] = {"qos": _integer(0, 2)}
-_SECTIONS = {"mqtt": _MQTT_KEYS, "workers": _WORKERS_KEYS, "app": {}}
+_SECTIONS = {"mqtt": _MQTT_KEYS, "workers": _WORKERS_KEYS, "metrics": _METRICS_KEYS, "app": {}}
 
 
 def _show(value: Any) -> str:
@@ -206,7 +280,7 @@ def _checked(source: str, where: str, table: Any, keys: Mapping[str, Check],
     return dict(table)
 
 
-def _password(source: str, mqtt: dict[str, Any]) -> Secret | None:
+def _password(source: str, mqtt: dict[str, Any], environ: Mapping[str, str]) -> Secret | None:
     given = [k for k in ("password", "password_env", "password_file") if k in mqtt]
     if len(given) > 1:
         raise ConfigError(f"{source}: [mqtt] set only one of password, password_env, password_file "
@@ -215,9 +289,9 @@ def _password(source: str, mqtt: dict[str, Any]) -> Secret | None:
         return Secret(mqtt["password"])
     if "password_env" in mqtt:
         name = mqtt["password_env"]
-        if name not in os.environ:
+        if name not in environ:
             raise ConfigError(f"{source}: [mqtt] password_env: environment variable {name} is not set")
-        return Secret(os.environ[name])
+        return Secret(environ[name])
     if "password_file" in mqtt:
         path = mqtt["password_file"]
         try:
@@ -241,63 +315,242 @@ def _subscriptions(source: str, topics: dict[str, Any]) -> tuple[Subscription, .
     return tuple(subs)
 
 
-def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
-    """Build a checked ``Config`` from parsed TOML (or any mapping of the same shape)."""
+def _tls(source: str, table: Any) -> TlsConfig | None:
+    if table is None:
+        return None
+    tls = _checked(source, "[mqtt.tls]", table, _TLS_KEYS)
+    for key in ("ca_certs", "certfile", "keyfile"):
+        path = tls.get(key)
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f"{source}: [mqtt.tls] {key}: cannot read {path}")
+    if "keyfile" in tls and "certfile" not in tls:
+        raise ConfigError(f"{source}: [mqtt.tls] keyfile needs certfile (the client certificate)")
+    return TlsConfig(**tls)
+
+
+def _announcement(source: str, name: str, table: Any) -> Announcement | None:
+    if table is None:
+        return None
+    where = f"[mqtt.{name}]"
+    checked = _checked(source, where, table, _ANNOUNCEMENT_KEYS)
+    if "topic" not in checked:
+        raise ConfigError(f"{source}: {where} topic: required (the topic the message goes to)")
+    return Announcement(**checked)
+
+
+def from_mapping(data: Mapping[str, Any], source: str = "<config>",
+                 environ: Mapping[str, str] | None = None) -> Config:
+    """Build a checked ``Config`` from parsed TOML (or any mapping of the same shape).
+
+    ``environ`` (default ``os.environ``) is where ``password_env`` is looked up.
+    """
     for key in data:
         if key not in _SECTIONS:
             raise _unknown(source, "", key, _SECTIONS)
     mqtt = _checked(source, "[mqtt]", data.get("mqtt", {}), _MQTT_KEYS)
     workers = _checked(source, "[workers]", data.get("workers", {}), _WORKERS_KEYS)
+    _prefetch_for_concurrency(source, workers)
+    metrics = _checked(source, "[metrics]", data.get("metrics", {}), _METRICS_KEYS)
     app = data.get("app", {})
     if not isinstance(app, dict):
         raise ConfigError(f"{source}: [app] must be a table, got {_show(app)}")
     plain = {k: v for k, v in mqtt.items()
-             if k not in ("password", "password_env", "password_file", "topics")}
+             if k not in ("password", "password_env", "password_file", "topics", "tls", "will", "birth")}
+    tls = _tls(source, mqtt.get("tls"))
+    if tls is not None and "port" not in plain:
+        plain["port"] = DEFAULT_TLS_PORT
     return Config(
-        mqtt=MqttConfig(**plain, password=_password(source, mqtt),
-                        topics=_subscriptions(source, mqtt.get("topics", {}))),
+        mqtt=MqttConfig(**plain, password=_password(source, mqtt, os.environ if environ is None else environ),
+                        topics=_subscriptions(source, mqtt.get("topics", {})), tls=tls,
+                        will=_announcement(source, "will", mqtt.get("will")),
+                        birth=_announcement(source, "birth", mqtt.get("birth"))),
         workers=WorkersConfig(**workers),
+        metrics=MetricsConfig(**metrics),
         app=types.MappingProxyType(app),
         source=source,
     )
 
 
-def load(path: str | None = None) -> Config:
-    """Load ``path``, or ``./procmqtt.toml`` when no path is given and it exists, or defaults."""
+def _prefetch_for_concurrency(source: str, workers: dict[str, Any]) -> None:
+    """A worker holds at most ``prefetch`` messages, so it could never have more in flight: raise an
+    unset prefetch to ``concurrency``, refuse a smaller one that was set."""
+    concurrency = workers.get("concurrency", DEFAULT_CONCURRENCY)
+    if "prefetch" not in workers:
+        workers["prefetch"] = max(DEFAULT_PREFETCH, concurrency)
+    elif workers["prefetch"] < concurrency:
+        raise ConfigError(f"{source}: [workers] prefetch ({workers['prefetch']}) must be at least "
+                          f"concurrency ({concurrency}): a worker can only run the messages it holds")
+
+
+def _read(path: str | None) -> tuple[dict[str, Any], str]:
+    """The parsed TOML of ``path``, or of ``./procmqtt.toml`` when it exists, and its name."""
     if path is None:
         if not os.path.exists(DEFAULT_PATH):
-            return Config()
+            return {}, Config.source
         path = DEFAULT_PATH
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f), path
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such configuration file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return from_mapping(data, path)
+
+
+def load(path: str | None = None) -> Config:
+    """Load ``path``, or ``./procmqtt.toml`` when no path is given and it exists, or defaults.
+
+    The file alone: ``resolve`` adds the environment and the command line.
+    """
+    return from_mapping(*_read(path))
 
 
 def with_overrides(config: Config, *, workers: int | None = None, broker: str | None = None) -> Config:
     """Apply command-line flags, which win over the file, then check limits that span sections."""
+    origins = dict(config.origins)
     if workers is not None:
-        if workers < 1:
-            raise ConfigError(f"--workers: expected an integer >= 1, got {workers}")
+        expected = _WORKERS_KEYS["count"](workers)
+        if expected:
+            raise ConfigError(f"--workers: expected {expected}, got {workers}")
         config = replace(config, workers=replace(config.workers, count=workers))
+        origins["workers.count"] = "--workers"
     if broker is not None:
-        config = replace(config, mqtt=_broker_url(config.mqtt, broker))
+        mqtt = _broker_url(config.mqtt, broker)
+        origins.update({f"mqtt.{key}": "--broker" for key in ("host", "port", "username")
+                        if getattr(mqtt, key) != getattr(config.mqtt, key)})
+        config = replace(config, mqtt=mqtt)
     total = config.workers.count * config.mqtt.publish_buffer
     if total > MAX_PUBLISH_BUFFER:
         raise ConfigError(f"{config.source}: [mqtt] publish_buffer ({config.mqtt.publish_buffer}) x worker count "
                           f"({config.workers.count}) = {total} unconfirmed publishes, more than paho can number "
                           f"(at most {MAX_PUBLISH_BUFFER}); lower publish_buffer")
-    return config
+    return replace(config, origins=types.MappingProxyType(origins))
+
+
+# --- the environment, and the whole precedence chain -------------------------------------------
+
+ENV_PREFIX = "PROCMQTT_"
+CONFIG_ENV = "PROCMQTT_CONFIG"
+_PASSWORD_KEYS = ("password", "password_env", "password_file")
+_SECRET_KEYS = {("mqtt", "password")}
+_INVALID = object()
+_log = logging.getLogger("procmqtt.config")
+
+
+def env_variables() -> dict[str, tuple[str, str]]:
+    """Every settable variable, ``PROCMQTT_MQTT_HOST`` -> ("mqtt", "host").
+
+    Derived from the schema tables, so a key or a section added there gets its variable for free;
+    sub-tables (``[mqtt.topics]``) and the free-form ``[app]`` have none.
+    """
+    return {f"{ENV_PREFIX}{section}_{key}".upper(): (section, key)
+            for section, keys in _SECTIONS.items() for key, check in keys.items() if check is not _table}
+
+
+def _from_text(text: str, check: Check) -> Any:
+    """The first reading of ``text`` that ``check`` accepts: as a string, an int, a float, a bool.
+
+    Trying the key's own validator on each reading gives every key its type (``"1883"`` is an int
+    for ``port``, ``"5"`` stays a string for ``protocol``) without a second schema.
+    """
+    readings: list[Any] = [text]
+    for parse in (int, float):
+        try:
+            readings.append(parse(text))
+        except ValueError:
+            pass
+    word = text.strip().lower()
+    if word in ("true", "1", "false", "0"):
+        readings.append(word in ("true", "1"))
+    return next((value for value in readings if check(value) is None), _INVALID)
+
+
+def from_environ(environ: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The settings given as ``PROCMQTT_<SECTION>_<KEY>``, each checked, and the variable of each.
+
+    A bad value is an error naming the variable; a variable under a known section that names no
+    key is only a warning (with the nearest name), since the environment is shared with other tools.
+    """
+    known = env_variables()
+    values: dict[str, dict[str, Any]] = {}
+    origins: dict[str, str] = {}
+    for name in sorted(environ):
+        if name not in known:
+            _warn_unknown(name, known)
+            continue
+        section, key = known[name]
+        check = _SECTIONS[section][key]
+        value = _from_text(environ[name], check)
+        if value is _INVALID:
+            secret = (section, key) in _SECRET_KEYS and environ[name]
+            got = "'********'" if secret else _show(environ[name])
+            raise ConfigError(f"{name}: expected {check(environ[name])}, got {got}")
+        if key == "password_env" and value not in environ:
+            raise ConfigError(f"{name}: environment variable {value} is not set")
+        values.setdefault(section, {})[key] = value
+        origins[f"{section}.{key}"] = name
+    passwords = [f"{ENV_PREFIX}MQTT_{k.upper()}" for k in _PASSWORD_KEYS if k in values.get("mqtt", {})]
+    if len(passwords) > 1:
+        raise ConfigError(f"set only one of {', '.join(passwords)}")
+    return values, origins
+
+
+def _warn_unknown(name: str, known: Mapping[str, tuple[str, str]]) -> None:
+    rest = name[len(ENV_PREFIX):].lower() if name.startswith(ENV_PREFIX) else ""
+    section = next((s for s in sorted(_SECTIONS, key=len, reverse=True) if rest.startswith(s + "_")), None)
+    if section is None:
+        return  # PROCMQTT_CONFIG, PROCMQTT_LOG_FORMAT, or not ours
+    key = rest[len(section) + 1:]
+    tables = [k for k, check in _SECTIONS[section].items() if check is _table]
+    if not _SECTIONS[section] or any(key == t or key.startswith(t + "_") for t in tables):
+        table = next((f"{section}.{t}" for t in tables if key.startswith(t)), section)
+        _log.warning("%s: ignored; [%s] is set in the configuration file only", name, table)
+        return
+    close = difflib.get_close_matches(name, [v for v, (s, _) in known.items() if s == section], n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    _log.warning("%s: not a procmqtt setting, ignored%s", name, hint)
+
+
+def resolve(path: str | None = None, *, environ: Mapping[str, str] | None = None,
+            workers: int | None = None, broker: str | None = None) -> Config:
+    """The effective configuration: defaults < TOML file < environment < command line.
+
+    ``path`` is ``-c``; without it ``PROCMQTT_CONFIG``, then ``./procmqtt.toml``. Runs in the
+    supervisor (and ``check``), before any fork; every mistake is one ``ConfigError`` line.
+    """
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get(CONFIG_ENV):
+        try:
+            data, source = _read(environ[CONFIG_ENV])
+        except ConfigError as exc:
+            raise ConfigError(f"{CONFIG_ENV}: {exc}") from None
+    else:
+        data, source = _read(path)
+    env, env_origins = from_environ(environ)
+    merged = {name: dict(table) if isinstance(table, dict) else table for name, table in data.items()}
+    origins = {f"{name}.{key}": source for name, table in merged.items() if isinstance(table, dict)
+               for key in table}
+    for section, values in env.items():
+        table = merged.setdefault(section, {})
+        if not isinstance(table, dict):
+            continue  # from_mapping names the file's mistake
+        if section == "mqtt" and any(k in values for k in _PASSWORD_KEYS):
+            for k in _PASSWORD_KEYS:  # the environment's password replaces the file's, whatever its form
+                table.pop(k, None)
+                origins.pop(f"mqtt.{k}", None)
+        table.update(values)
+    origins.update(env_origins)
+    for k in _PASSWORD_KEYS[1:]:  # the one password value, whatever form it was given in
+        if f"mqtt.{k}" in origins:
+            origins["mqtt.password"] = f"{origins.pop(f'mqtt.{k}')} ({k})"
+    config = replace(from_mapping(merged, source, environ), origins=types.MappingProxyType(origins))
+    return with_overrides(config, workers=workers, broker=broker)
 
 
 def _broker_url(mqtt: MqttConfig, url: str) -> MqttConfig:
-    expected = "expected mqtt://[user@]host[:port]"
+    expected = "expected mqtt://[user@]host[:port] or mqtts://[user@]host[:port]"
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
@@ -306,9 +559,14 @@ def _broker_url(mqtt: MqttConfig, url: str) -> MqttConfig:
     if parts.password is not None:
         raise ConfigError("--broker: do not put a password in the URL (command lines are visible "
                           "in ps); use [mqtt] password_env or password_file")
-    if parts.scheme not in ("mqtt", "tcp") or not parts.hostname or parts.path not in ("", "/"):
+    if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname or parts.path not in ("", "/"):
         raise ConfigError(f"--broker: {expected}, got {_show(url)}")
-    return replace(mqtt, host=parts.hostname, port=port or DEFAULT_PORT,
+    tls = mqtt.tls
+    if parts.scheme in ("mqtts", "ssl") and tls is None:
+        tls = TlsConfig()  # the system's CAs; [mqtt.tls] adds certificates
+    elif parts.scheme in ("mqtt", "tcp"):
+        tls = None
+    return replace(mqtt, host=parts.hostname, port=port or (DEFAULT_TLS_PORT if tls else DEFAULT_PORT), tls=tls,
                    username=urllib.parse.unquote(parts.username) if parts.username else mqtt.username)
 
 

@@ -13,7 +13,7 @@ class ExitCode(IntEnum):
     FORCED = 1
     """Stopped forcibly (a second signal or the graceful timeout) or an internal error."""
     USAGE = 2
-    """Bad command line or configuration."""
+    """Bad command line, configuration or ``@route``."""
     APP = 3
     """The app could not be imported, is not a Worker subclass, or a worker failed to boot."""
     AUTH = 4
@@ -32,6 +32,12 @@ class ConfigError(ProcmqttError):
 
 class AppError(ProcmqttError):
     exit_code = ExitCode.APP
+
+
+class RouteError(AppError):
+    """A ``@route`` that cannot work (bad filter, qos or parameter): a usage mistake, found at load."""
+
+    exit_code = ExitCode.USAGE
 
 
 class PublishBufferFull(RuntimeError):

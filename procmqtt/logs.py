@@ -1,12 +1,21 @@
-"""One log format for every process: time, pid, role, level, message, on stderr."""
+"""One log format for every process, on stderr: every line carries time, level, role and pid.
+
+``text`` is for people at a terminal; ``json`` (one object per line) is for log collectors. The
+handler is installed once, in the supervisor; forked children inherit it and only change their
+role (``set_role``), so the agent and the workers write the same format with no set-up of their own.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from datetime import datetime, timezone
 
 LOGGER = "procmqtt"
 FORMAT = "%(asctime)s [%(process)d] [%(role)s] %(levelname)s %(message)s"
+FORMATS = ("text", "json")
+DEFAULT_FORMAT = "text"
 
 _role = "supervisor"
 
@@ -17,10 +26,34 @@ class _RoleFilter(logging.Filter):
         return True
 
 
-def setup(level: str = "INFO") -> None:
-    """Install the stderr handler on the root logger; called once, in the supervisor."""
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time (ISO 8601, UTC), level, role, pid, logger, message, exc_info.
+
+    A traceback stays inside the object (``exc_info`` text), so every line parses on its own.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "role": getattr(record, "role", _role),
+            "pid": record.process,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack_info"] = self.formatStack(record.stack_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def setup(level: str = "INFO", fmt: str = DEFAULT_FORMAT) -> None:
+    """Install the stderr handler on the root logger; called once, in the supervisor, before fork."""
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(FORMAT))
     handler.addFilter(_RoleFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

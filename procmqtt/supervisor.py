@@ -21,14 +21,15 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from . import channel, logs
+from . import channel, logs, proctitle
 from .agent import Agent
 from .backoff import Backoff
 from .config import Config, default_client_id
 from .errors import ExitCode
+from .routes import with_route_subscriptions
 from .shared import SharedState
 from .signals import SignalQueue
-from .worker import Worker, serve
+from .worker import Worker, serve, uses_asyncio
 
 if TYPE_CHECKING:
     from .embedded import EmbeddedBroker
@@ -61,13 +62,14 @@ class Child:
 class Supervisor:
     """Runs in the process ``procmqtt run`` started; constructing it has no side effects."""
 
-    def __init__(self, app: type[Worker], app_spec: str, config: Config, *,
-                 broker: EmbeddedBroker | None = None) -> None:
-        """``broker``: an embedded broker already started; supervised like a child, stopped last."""
+    def __init__(self, app: type[Worker], app_spec: str, config: Config,
+                 metrics_listener: socket.socket | None = None, *, broker: EmbeddedBroker | None = None) -> None:
+        """``metrics_listener``: the ``[metrics]`` socket (``metrics.listen``), handed to every agent.
+        ``broker``: an embedded broker already started; supervised like a child, stopped last."""
         self.app = app
         self.broker = broker
         self.app_spec = app_spec
-        self.config = config
+        self.config = with_route_subscriptions(config, app)  # routes subscribe like [mqtt.topics]
         self.client_id = config.mqtt.client_id or default_client_id(app_spec)
         self.log = logs.get("supervisor")
         self.children: dict[int, Child] = {}
@@ -76,6 +78,8 @@ class Supervisor:
         self.backoffs: dict[int, Backoff] = {}
         self.quick_deaths: dict[int, int] = {}  # slot -> deaths in a row before handling anything
         self.control: deque[channel.Record] = deque()  # records for the agent, sent without blocking
+        self.metrics_listener = metrics_listener
+        self.restarts: dict[str, int] = {}  # worker restarts by cause, for the agent's metrics
         self.stopping = False
         self.stop_deadline = 0.0
         self.workers_signalled = False
@@ -107,6 +111,7 @@ class Supervisor:
 
     def setup(self) -> None:
         self.pid = os.getpid()
+        proctitle.set_title("supervisor", self.app_spec)
         self.state_dir = tempfile.mkdtemp(prefix="procmqtt-")
         self.shared = SharedState()
         self.upstream_agent, self.upstream_writers = channel.pair()
@@ -116,6 +121,9 @@ class Supervisor:
         m, w = self.config.mqtt, self.config.workers
         self.log.info("procmqtt starting %s: %d worker(s), broker %s:%d, client id %s",
                       self.app_spec, w.count, m.host, m.port, self.client_id)
+        if w.concurrency > 1 and not uses_asyncio(self.app):
+            self.log.warning("[workers] concurrency = %d has no effect: %s has no async handlers, so each "
+                             "worker handles one message at a time", w.concurrency, self.app.__name__)
         if self.broker is not None and self.broker.pid is not None:
             self.children[self.broker.pid] = Child("broker", BROKER_SLOT, next(self.generations),
                                                    self.broker.pid, time.monotonic())
@@ -129,6 +137,8 @@ class Supervisor:
                 child.agent_end.close()
         self.upstream_agent.close()
         self.upstream_writers.close()
+        if self.metrics_listener is not None:
+            self.metrics_listener.close()
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def sleep(self) -> None:
@@ -189,6 +199,8 @@ class Supervisor:
             self.fatal(ExitCode.APP, f"worker {child.slot} died {CRASH_LOOP} times in a row within "
                                      f"{STABLE_AFTER:g}s of starting, before handling any message")
             return
+        if child.role == "worker":
+            self.count_restart(child, code)
         if code == 0 and child.role != "broker":  # recycled, or asked to leave: replace it at once
             self.log.info("%s (pid %d) exited; replacing it", name, child.pid)
             return
@@ -198,6 +210,17 @@ class Supervisor:
         delay = backoff.next()
         self.restart_at[child.slot] = time.monotonic() + delay
         self.log.warning("%s (pid %d) %s; restarting in %.1fs", name, child.pid, how, delay)
+
+    def count_restart(self, child: Child, code: int) -> None:
+        """Tell the agent the running total for this cause: exit_<code>, a signal name, recycled, hung."""
+        if child.kill_at:
+            cause = "hung"
+        elif code == 0:
+            cause = "recycled"  # or a SIGTERM sent to that worker alone: both leave with code 0
+        else:
+            cause = signal.Signals(-code).name if code < 0 else f"exit_{code}"
+        self.restarts[cause] = self.restarts.get(cause, 0) + 1
+        self.control.append(channel.Restarts(cause, self.restarts[cause]))
 
     def crash_looping(self, child: Child, code: int) -> bool:
         """Count deaths that look like a broken boot, not a poison message or an outside kill."""
@@ -250,9 +273,14 @@ class Supervisor:
         workers = {c.slot: (c.generation, c.agent_end) for c in self.children.values() if c.agent_end}
         keep = [self.upstream_agent, *(sock for _, sock in workers.values())]
 
+        if self.metrics_listener is not None:
+            keep.append(self.metrics_listener)
+            # a new agent starts from zero; restart totals live here
+            self.control.extend(channel.Restarts(cause, n) for cause, n in self.restarts.items())
+
         def main() -> int:
             agent = Agent(self.config, self.client_id, self.upstream_agent, workers,  # type: ignore[arg-type]
-                          self.state_dir, self.pid, self.shared)
+                          self.state_dir, self.pid, self.shared, self.metrics_listener)
             return agent.run()
         self._fork("agent", -1, main, keep)
 
@@ -277,6 +305,7 @@ class Supervisor:
             code: int = ExitCode.FORCED
             try:
                 logs.set_role(role)
+                proctitle.set_title(role.replace("-", " "), self.app_spec)
                 self.signals.close()
                 self._close_except(keep)
                 code = main()
@@ -295,10 +324,10 @@ class Supervisor:
 
     def _close_except(self, keep: list[socket.socket]) -> None:
         """In a new child: drop the channel ends that belong to other processes."""
-        owned = [self.upstream_agent, self.upstream_writers,
+        owned = [self.upstream_agent, self.upstream_writers, self.metrics_listener,
                  *(c.agent_end for c in self.children.values() if c.agent_end)]
         for sock in owned:
-            if sock not in keep:
+            if sock is not None and sock not in keep:
                 sock.close()
 
     # --- talking to the agent --------------------------------------------------------------------

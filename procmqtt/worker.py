@@ -7,7 +7,9 @@ workers share. Everything here runs in the worker process, after fork.
 
 from __future__ import annotations
 
+import asyncio
 import faulthandler
+import inspect
 import itertools
 import json
 import logging
@@ -20,17 +22,22 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Generator
 from typing import Any
 
-from . import channel, logs
+from . import aioworker, channel, logs
 from .config import Config
-from .errors import ExitCode, PublishBufferFull
+from .errors import AppError, ExitCode, PublishBufferFull
 from .message import Message, Outcome
+from .routes import Router, routes_of
 from .shared import SharedState
 from .signals import SignalQueue
 from .topics import filter_problem, topic_problem
 
 Payload = Any  # bytes, str, None, or a JSON-serialisable object
+
+AGENT_GONE = 7
+"""``PublishHandle.error`` when the agent's side closed before confirming (paho's MQTT_ERR_CONN_LOST)."""
 
 
 def to_bytes(payload: Payload) -> bytes:
@@ -45,22 +52,59 @@ def to_bytes(payload: Payload) -> bytes:
 
 
 class PublishHandle:
-    """What ``Worker.publish`` returns: ``wait()`` tells whether the publish reached the broker."""
+    """What ``Worker.publish`` returns: ``wait()`` tells whether the publish reached the broker.
 
-    def __init__(self, link: _AgentLink, request_id: int) -> None:
+    In an async handler, ``await handle`` (or ``await handle.wait_async(timeout)``) gives the same
+    answer without blocking the event loop.
+    """
+
+    def __init__(self, link: Any, request_id: int) -> None:
         self._link = link
         self.request_id = request_id
         self.error: int | None = None  # paho's error code once known; 0 is success
         self._done = threading.Event()
+        self._waiters: list[asyncio.Future[None]] = []
 
     def wait(self, timeout: float | None = None) -> bool:
         """True once the agent handed the message to the broker (QoS 0) or the broker acknowledged
         it (QoS 1/2); False when it failed or ``timeout`` seconds passed first."""
         return self._link.wait_for(self, timeout)
 
+    async def wait_async(self, timeout: float | None = None) -> bool:
+        """``wait()`` for coroutines: the worker's event loop reads the confirmation meanwhile."""
+        if self._done.is_set() or getattr(self._link, "closed", False):  # closed: as wait(), False
+            return self._done.is_set() and self.error == 0
+        if not getattr(self._link, "loop_thread", None):  # no event loop reads the channel
+            return await asyncio.to_thread(self.wait, timeout)
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        if self._done.is_set():  # resolved by another thread just now
+            future.set_result(None)
+        try:
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._waiters.remove(future)
+        return self._done.is_set() and self.error == 0
+
+    def __await__(self) -> Generator[Any, None, bool]:
+        return self.wait_async().__await__()
+
     def _resolve(self, error: int) -> None:
         self.error = error
         self._done.set()
+        for future in self._waiters:
+            loop = future.get_loop()
+            if threading.get_ident() == self._link.loop_thread:
+                _settle(future)
+            else:
+                loop.call_soon_threadsafe(_settle, future)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class _AgentLink:
@@ -76,6 +120,7 @@ class _AgentLink:
         self.publish_timeout = config.mqtt.publish_timeout
         self.wakeup = wakeup
         self.closed = False  # the agent side is gone for good (end of file)
+        self.loop_thread: int | None = None  # async apps: the event loop's thread, the one reader
         self._outbox: deque[bytes] = deque()  # encoded records for the agent, sent in batches
         self._flush_at = max(1, config.workers.prefetch // 2)  # so the agent never waits on a full batch
         self._send_lock = threading.Lock()  # keeps the outbox in order when threads publish
@@ -120,6 +165,9 @@ class _AgentLink:
                 raise PublishBufferFull(
                     f"publish to {topic!r}: this worker already has {self.publish_buffer} unconfirmed "
                     f"publishes (is the broker reachable?); gave up after {self.publish_timeout:g}s")
+            if self._loop_reads():
+                time.sleep(min(remaining, 0.01))  # the event loop reads the confirmations
+                continue
             with self._lock:
                 self._pump(min(remaining, 0.1), wake_on_signal=False)
 
@@ -145,6 +193,9 @@ class _AgentLink:
                 records = None
             if records is None:
                 self.closed = True
+                for handle in self._handles.values():  # never confirmed now; wake their waiters
+                    handle._resolve(AGENT_GONE)
+                self._handles.clear()
                 return
             for record in records:
                 if isinstance(record, channel.Published):
@@ -153,6 +204,18 @@ class _AgentLink:
                         handle._resolve(record.error)
                 else:
                     self._inbox.append(record)
+
+    def read_available(self) -> None:
+        """Read what the agent sent, without waiting (the async loop's reader callback)."""
+        with self._lock:
+            self._read()
+
+    def has_records(self) -> bool:
+        return bool(self._inbox)
+
+    def take(self) -> channel.Record | None:
+        """The next delivery or stop record already read, or None (the async loop)."""
+        return self._inbox.popleft() if self._inbox else None
 
     def next(self, timeout: float | None = None) -> channel.Record | None:
         """The next delivery or stop record, or None (timeout, signal, or the agent side closed).
@@ -173,7 +236,7 @@ class _AgentLink:
             remaining = 0.1 if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 break
-            if self._lock.acquire(blocking=False):
+            if not self._loop_reads() and self._lock.acquire(blocking=False):
                 try:
                     self._pump(min(remaining, 0.1), wake_on_signal=False)
                 finally:
@@ -182,26 +245,44 @@ class _AgentLink:
                 handle._done.wait(min(remaining, 0.01))
         return handle._done.is_set() and handle.error == 0
 
+    def _loop_reads(self) -> bool:
+        """True in a thread other than a running event loop's, which reads the channel itself."""
+        return self.loop_thread is not None and threading.get_ident() != self.loop_thread
+
 
 class Worker:
-    """Subclass this and implement ``on_message``.
+    """Subclass this and add ``@route`` methods, or implement ``on_message``.
 
     One instance lives in each worker process; it is created after fork, so ``__init__`` and
     ``on_start`` may open connections and files freely. ``worker_id``, ``config`` and ``log`` are
-    set before ``on_start`` runs.
+    set before ``on_start`` runs. Any of ``on_start``, ``on_message``, ``on_stop`` and the routes
+    may be ``async def``: the worker then runs them on an event loop (see ``aioworker``).
     """
 
     worker_id: int
     config: Config
     log: logging.Logger
-    _link: _AgentLink | None = None
+    _link: Any = None
+    _router: Router | None = None
+    _raise_errors = False  # procmqtt.testing: let a handler's exception through
 
     def on_start(self) -> None:
         """Called once in the worker process before the first message."""
 
-    def on_message(self, message: Message) -> None:
-        """Called for each message this worker is given."""
-        raise NotImplementedError(f"{type(self).__name__} must implement on_message")
+    def on_message(self, message: Message) -> Any:
+        """Called for each message this worker is given.
+
+        The default hands the message to the most specific matching ``@route`` method and returns
+        ``Outcome.UNROUTED`` when none matches. An override receives every message (routes then
+        only subscribe), and may call ``super().on_message(message)`` to dispatch.
+        """
+        router = self._router or self._make_router()
+        found = router.match(message.topic)
+        if found is None:
+            router.unrouted(message.topic)
+            return Outcome.UNROUTED
+        handler, params = found
+        return handler(message, **params)
 
     def on_stop(self) -> None:
         """Called once when the worker stops gracefully."""
@@ -232,25 +313,72 @@ class Worker:
     def handle(self, message: Message) -> Outcome:
         """Run ``on_message`` for one message; log (never raise) its exception.
 
-        The one code path for every message, in production and in tests.
+        The one code path for every message of a sync app, in production and in tests;
+        ``handle_async`` is its twin for apps with async handlers.
         """
         try:
-            self.on_message(message)
-            return Outcome.OK
+            result = self.on_message(message)
         except Exception:
-            self.log.exception("on_message failed for topic %r", message.topic)
+            if self._raise_errors:
+                raise
+            return self._failed(message)
+        if result is None:
+            return Outcome.OK
+        if result is Outcome.UNROUTED:
+            return Outcome.UNROUTED
+        if inspect.iscoroutine(result):  # an async handler reached from a sync app: a bug, say so
+            result.close()
+            self.log.error("on_message for topic %r returned a coroutine, but this worker runs no event "
+                           "loop; declare the handler with async def on the class", message.topic)
             return Outcome.FAILED
+        return Outcome.OK
 
-    def _attach(self, worker_id: int, config: Config, link: _AgentLink | None) -> None:
+    async def handle_async(self, message: Message) -> Outcome:
+        """``handle`` for apps with async handlers, on the worker's event loop; sync handlers run inline."""
+        try:
+            result = self.on_message(message)
+            if inspect.iscoroutine(result):
+                result = await result
+        except Exception:
+            if self._raise_errors:
+                raise
+            return self._failed(message)
+        return Outcome.UNROUTED if result is Outcome.UNROUTED else Outcome.OK
+
+    def _failed(self, message: Message) -> Outcome:
+        """Called in an except block: log the handler's exception with its traceback."""
+        self.log.exception("on_message failed for topic %r", message.topic)
+        return Outcome.FAILED
+
+    def _attach(self, worker_id: int, config: Config, link: Any) -> None:
         self.worker_id = worker_id
         self.config = config
         self.log = logging.getLogger(f"procmqtt.app.{type(self).__name__}")
         self._link = link
+        self._make_router()
+
+    def _make_router(self) -> Router:
+        self._router = Router(routes_of(type(self)), self, logging.getLogger("procmqtt.worker.routes"))
+        return self._router
 
     def _require_link(self) -> _AgentLink:
         if self._link is None:
             raise RuntimeError("this worker is not running under procmqtt")
         return self._link
+
+
+def uses_asyncio(app: type[Worker]) -> bool:
+    """True when any hook or route is ``async def``: the worker then runs an event loop."""
+    names = ["on_start", "on_message", "on_stop", *(r.name for r in routes_of(app))]
+    return any(inspect.iscoroutinefunction(getattr(app, name)) for name in names)
+
+
+def check_app(app: type[Worker]) -> None:
+    """Load-time checks (supervisor, harness): the routes are valid, and something handles messages."""
+    routes = routes_of(app)
+    if not routes and app.on_message is Worker.on_message:
+        raise AppError(f"{app.__qualname__} has no @route methods and does not override on_message, "
+                       "so it would handle nothing")
 
 
 def _check_qos(qos: int) -> None:
@@ -264,6 +392,7 @@ def serve(app: type[Worker], slot: int, generation: int, config: Config, inbound
 
     Exits: a STOP record (graceful stop or recycling: everything queued before it is handled
     first), SIGTERM (stop after the current message), or the agent side closing for good.
+    Apps with async handlers run ``aioworker.serve_async`` instead, with the same exits.
     """
     log = logs.get("worker")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor decides
@@ -272,6 +401,8 @@ def serve(app: type[Worker], slot: int, generation: int, config: Config, inbound
     inbound.setblocking(False)
     link = _AgentLink(slot, generation, inbound, upstream, config, wakeup=signals.fileno())
     recycle = _Recycler(config)
+    if uses_asyncio(app):
+        return aioworker.serve_async(app, slot, generation, config, link, shared, signals, recycle)
     try:
         worker = app()
         worker._attach(slot, config, link)

@@ -46,19 +46,32 @@ class Mosquitto:
     """A private broker from a generated config, so tests can stop, kill and restart it."""
 
     def __init__(self, directory: Path, *, persistence: bool = False,
-                 users: dict[str, str] | None = None) -> None:
-        """``persistence``: saved after every change, so a SIGKILL loses nothing it acknowledged."""
+                 users: dict[str, str] | None = None, tls: Any = None, require_certificate: bool = False,
+                 websockets: bool = False) -> None:
+        """``persistence``: saved after every change, so a SIGKILL loses nothing it acknowledged.
+        ``tls`` (tests/certs.py ``Certs``) adds a TLS listener on ``tls_port``; ``websockets`` a
+        websockets listener on ``ws_port``. The plain listener on ``port`` is always there."""
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.tls = tls
+        self.require_certificate = require_certificate
+        self.tls_port = free_port() if tls else None
+        self.ws_port = free_port() if websockets else None
         self.persistence = persistence
         self.users = users
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "mosquitto.log"
 
     def _write_config(self) -> Path:
-        lines = [
-            f"listener {self.port} 127.0.0.1",
+        lines = ["per_listener_settings false", f"listener {self.port} 127.0.0.1"]
+        if self.tls:
+            lines += [f"listener {self.tls_port} 127.0.0.1", f"cafile {self.tls.ca}",
+                      f"certfile {self.tls.server_cert}", f"keyfile {self.tls.server_key}",
+                      f"require_certificate {'true' if self.require_certificate else 'false'}"]
+        if self.ws_port:
+            lines += [f"listener {self.ws_port} 127.0.0.1", "protocol websockets"]
+        lines += [
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.dir}/",
             "autosave_interval 1",
@@ -260,10 +273,11 @@ def _kill(pid: int) -> None:
 
 
 def write_config(path: Path, broker: Mosquitto, *, topics: dict[str, int], workers: int = 2,
-                 app: dict[str, Any] | None = None, mqtt: str = "", workers_toml: str = "") -> str:
-    """A procmqtt TOML file for ``broker``."""
-    lines = ["[mqtt]", 'host = "127.0.0.1"', f"port = {broker.port}",
-             f'client_id = "test-{path.stem}-{os.getpid()}"', mqtt, "", "[mqtt.topics]"]
+                 app: dict[str, Any] | None = None, mqtt: str = "", workers_toml: str = "",
+                 port: int | None = None) -> str:
+    """A procmqtt TOML file for ``broker`` (its plain listener unless ``port`` names another)."""
+    lines = ["[mqtt]", 'host = "127.0.0.1"', f"port = {port or broker.port}",
+             f'client_id = "test-{path.parent.name}-{os.getpid()}"', mqtt, "", "[mqtt.topics]"]
     lines += [f'"{f}" = {{ qos = {q} }}' for f, q in topics.items()]
     lines += ["", "[workers]", f"count = {workers}", "graceful_timeout = 10", workers_toml, "", "[app]"]
     for key, value in (app or {}).items():
@@ -286,12 +300,14 @@ def records(directory: Path, event: str = "done") -> list[dict[str, Any]]:
 
 def start(runs: list[Procmqtt], tmp_path: Path, broker: Mosquitto, *, topics: dict[str, int],
           workers: int = 2, app: dict | None = None, args: tuple[str, ...] = (),
-          mqtt: str = "", workers_toml: str = "", wait_ready: bool = True) -> tuple[Procmqtt, Path]:
+          mqtt: str = "", workers_toml: str = "", wait_ready: bool = True,
+          port: int | None = None) -> tuple[Procmqtt, Path]:
     """Run tests/apps.py:Recorder; returns the run and the directory it records into."""
     record_dir = tmp_path / "records"
     record_dir.mkdir(exist_ok=True)
     cfg = write_config(tmp_path / "procmqtt.toml", broker, topics=topics, workers=workers,
-                       app={"record_dir": str(record_dir), **(app or {})}, mqtt=mqtt, workers_toml=workers_toml)
+                       app={"record_dir": str(record_dir), **(app or {})}, mqtt=mqtt, workers_toml=workers_toml,
+                       port=port)
     run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg, *args)
     runs.append(run)
     if wait_ready:

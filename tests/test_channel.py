@@ -39,6 +39,8 @@ def roundtrip(record: channel.Record) -> channel.Record:
     channel.Unsubscribe("a/#"),
     channel.Stop(),
     channel.StopAgent(),
+    channel.Restarts("SIGKILL", 3),
+    channel.Restarts("exit_1", 2**40),
 ])
 def test_records_round_trip(record):
     assert roundtrip(record) == record

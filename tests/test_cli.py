@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+from harness import (
+    ROOT,
+    Procmqtt,
+    publish_all,
+    publisher,
+    start,
+    wait_until,
+    write_config,
+)
 
-from harness import ROOT
+from procmqtt import logs, proctitle
 
 pytestmark = pytest.mark.timeout(30)
 
 
 def procmqtt(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROCMQTT_")}
     return subprocess.run([sys.executable, "-m", "procmqtt", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=20)
+                          cwd=cwd, timeout=20, env=env, check=False)
 
 
 def test_version():
@@ -26,6 +41,14 @@ def test_version():
 def test_run_help():
     result = procmqtt("run", "--help")
     assert result.returncode == 0 and "--workers" in result.stdout and "--broker" in result.stdout
+    assert "--print-config" in result.stdout and "--log-format" in result.stdout
+
+
+def test_subcommands_are_one_dict():
+    from procmqtt import cli
+    assert {"run", "check"} <= set(cli.COMMANDS)
+    result = procmqtt()
+    assert "run" in result.stderr and "check" in result.stderr
 
 
 def test_no_command_is_a_usage_error():
@@ -34,8 +57,9 @@ def test_no_command_is_a_usage_error():
 
 @pytest.mark.parametrize("args, expected", [
     (["-c", "/nonexistent.toml"], "/nonexistent.toml: no such configuration file"),
-    (["-w", "0"], "--workers: expected an integer >= 1, got 0"),
-    (["-w", "-3"], "--workers: expected an integer >= 1, got -3"),
+    (["-w", "0"], "--workers: expected an integer from 1 to 1024, got 0"),
+    (["-w", "-3"], "--workers: expected an integer from 1 to 1024, got -3"),
+    (["-w", "5000"], "--workers: expected an integer from 1 to 1024, got 5000"),
     (["--broker", "mqtt://u:pw123@h"], "--broker: do not put a password in the URL"),
     (["--broker", "ftp://h"], "--broker: expected mqtt://[user@]host[:port]"),
 ])
@@ -52,8 +76,8 @@ def test_bad_config_file_exits_2(tmp_path):
     result = procmqtt("run", "tests/apps.py:Recorder", "-c", str(tmp_path / "bad.toml"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f'procmqtt: error: {tmp_path / "bad.toml"}: [mqtt.topics] "a/#/b": expected a valid MQTT topic '
-        "filter ('#' must be a whole level and the last one)"]
+        (f'procmqtt: error: {tmp_path / "bad.toml"}: [mqtt.topics] "a/#/b": expected a valid MQTT topic '
+         "filter ('#' must be a whole level and the last one)")]
 
 
 def test_default_config_file_in_cwd_is_read(tmp_path):
@@ -83,3 +107,127 @@ def test_app_module_that_raises_exits_3(tmp_path):
     assert result.returncode == 3
     assert "importing" in result.stderr and "RuntimeError: config missing" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- log formats ---------------------------------------------------------------------------------
+
+def _record(exc: bool = False) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            exc_info = sys.exc_info()
+    record = logging.LogRecord("procmqtt.agent", logging.ERROR, __file__, 1, "failed on %s", ("a/b",), exc_info)
+    logs._RoleFilter().filter(record)
+    return record
+
+
+def test_json_format_has_every_field(monkeypatch):
+    monkeypatch.setattr(logs, "_role", "worker-2")
+    line = logs.JsonFormatter().format(_record(exc=True))
+    assert "\n" not in line
+    obj = json.loads(line)
+    assert obj["level"] == "ERROR" and obj["role"] == "worker-2" and obj["pid"] == os.getpid()
+    assert obj["logger"] == "procmqtt.agent" and obj["message"] == "failed on a/b"
+    assert datetime.fromisoformat(obj["time"]).utcoffset() is not None
+    assert obj["exc_info"].startswith("Traceback") and "ValueError: boom" in obj["exc_info"]
+    assert "exc_info" not in json.loads(logs.JsonFormatter().format(_record()))
+
+
+def test_text_format_carries_time_pid_role_level(monkeypatch):
+    monkeypatch.setattr(logs, "_role", "agent")
+    line = logging.Formatter(logs.FORMAT).format(_record())
+    assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}} \[{os.getpid()}\] \[agent\] ERROR failed on a/b", line)
+
+
+@pytest.mark.timeout(90)
+def test_json_logs_from_a_real_run(runs, tmp_path, broker):
+    """Every line every process writes parses as one JSON object with the required fields."""
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    cfg = write_config(tmp_path / "procmqtt.toml", broker, topics={"boom": 1, "t/#": 1}, workers=2,
+                       app={"record_dir": str(record_dir)})
+    run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg, "--log-format", "json", "--log-level", "DEBUG")
+    runs.append(run)
+    run.wait_for_log(r'"message": "subscribed to ')
+    run.wait_for_log(r'"message": "worker \d ready"', count=2)
+    client = publisher(broker)
+    try:
+        publish_all(client, [("boom", b"x"), ("t/1", b"y")])
+        run.wait_for_log(r'"exc_info": "Traceback')
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert run.stop() == 0
+    lines = run.log().splitlines()
+    objects = [json.loads(line) for line in lines]  # raises on any line that is not one JSON object
+    assert len(objects) > 10
+    for obj in objects:
+        assert {"time", "level", "role", "pid", "logger", "message"} <= obj.keys(), obj
+        assert datetime.fromisoformat(obj["time"]) and obj["level"] in ("DEBUG", "INFO", "WARNING", "ERROR")
+    roles = {obj["role"]: obj["pid"] for obj in objects}
+    assert {"supervisor", "agent", "worker-0", "worker-1"} <= roles.keys()
+    assert roles["supervisor"] == run.pid
+    started = {m["message"].split(" (pid")[0][len("started "):]: int(m["message"].split("pid ")[1].rstrip(")"))
+               for m in objects if m["message"].startswith("started ")}
+    assert started["agent"] == roles["agent"] and started["worker 1"] == roles["worker-1"]
+    failed = [obj for obj in objects if obj["message"].startswith("on_message failed")]
+    assert failed and failed[0]["role"].startswith("worker-") and failed[0]["logger"] == "procmqtt.app.Recorder"
+    assert "ValueError: boom requested" in failed[0]["exc_info"]
+
+
+def test_log_format_from_the_environment(tmp_path):
+    (tmp_path / "bad.toml").write_text("[workers]\ncount = 2\n")
+    result = subprocess.run([sys.executable, "-m", "procmqtt", "check", "tests/apps.py:Recorder", "-c",
+                             str(tmp_path / "bad.toml")], capture_output=True, text=True, cwd=ROOT, timeout=20,
+                            env={**os.environ, "PROCMQTT_LOG_FORMAT": "json", "PROCMQTT_MQTT_HOTS": "x"}, check=False)
+    assert result.returncode == 0, result.stderr
+    warning = json.loads(result.stderr)
+    assert warning["level"] == "WARNING" and warning["role"] == "supervisor"
+    assert "did you mean PROCMQTT_MQTT_HOST?" in warning["message"]
+
+
+# --- process titles ------------------------------------------------------------------------------
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+@pytest.mark.timeout(90)
+def test_process_titles(runs, tmp_path, broker):
+    pytest.importorskip("setproctitle")
+    app = "tests/apps.py:Recorder"
+    run, _ = start(runs, tmp_path, broker, topics={"t/#": 1}, workers=2,
+                   args=("--broker", f"mqtt://title-user@127.0.0.1:{broker.port}"))
+    titles = {run.pid: f"procmqtt: supervisor [{app}]"}
+    titles.update({pid: f"procmqtt: agent [{app}]" for pid in run.pids("agent").values()})
+    titles.update({pid: f"procmqtt: worker {slot} [{app}]" for slot, pid in run.pids("worker").items()})
+    assert len(titles) == 4
+    wait_until(lambda: all(_cmdline(pid) == title for pid, title in titles.items()), 10,
+               f"process titles {titles}, seen {[_cmdline(pid) for pid in titles]}")
+    assert not [pid for pid in titles if "title-user" in _cmdline(pid) or "mqtt://" in _cmdline(pid)]
+    assert run.stop() == 0
+
+
+def test_no_setproctitle_changes_nothing():
+    code = ("import sys; sys.modules['setproctitle'] = None\n"
+            "from procmqtt import proctitle\n"
+            "before = open('/proc/self/cmdline', 'rb').read()\n"
+            "proctitle.set_title('worker 1', 'app:A')\n"
+            "assert open('/proc/self/cmdline', 'rb').read() == before\n"
+            "print(proctitle.setproctitle)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=20,
+                            check=False)
+    assert result.returncode == 0 and result.stdout == "None\n", result.stderr
+
+
+def test_title_is_built_from_role_and_app_only(monkeypatch):
+    seen = []
+    monkeypatch.setattr(proctitle, "setproctitle", seen.append)
+    proctitle.set_title("worker 2", "app:Sensors")
+    assert seen == ["procmqtt: worker 2 [app:Sensors]"]

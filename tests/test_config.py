@@ -136,7 +136,7 @@ def test_bad_broker_url(url, expected):
 
 
 def test_bad_worker_count_flag():
-    with pytest.raises(ConfigError, match="--workers: expected an integer >= 1, got 0"):
+    with pytest.raises(ConfigError, match="--workers: expected an integer from 1 to 1024, got 0"):
         config.with_overrides(config.Config(), workers=0)
 
 

@@ -1,0 +1,136 @@
+"""``procmqtt check`` and ``--print-config``: what ``run`` would do, shown without connecting anywhere.
+
+Runs in the one ``procmqtt`` process, after the configuration is resolved and the app imported,
+exactly as ``run`` does before it forks. Secrets are masked here, in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .config import Config, Secret, Subscription, default_client_id
+from .routes import Route
+
+MASK = "********"
+SECRET_NAME = re.compile(r"pass|secret|token|credential|api_?key|private", re.IGNORECASE)
+"""Keys of the free-form ``[app]`` table whose values are masked when printed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Subscribed:
+    """One filter the agent subscribes to at start, and what a message on it reaches."""
+
+    topic_filter: str
+    qos: int
+    reaches: tuple[str, ...]
+
+
+def subscriptions(config: Config, routes: Iterable[Route]) -> list[Subscribed]:
+    """``[mqtt.topics]`` entries reach ``on_message``; routes reach their method; a filter in both
+    shows both. The agent holds one subscription per filter, so its QoS is the highest asked for."""
+    targets: dict[str, list[tuple[str, int]]] = {}
+    for sub in config.mqtt.topics:
+        targets.setdefault(sub.topic_filter, []).append(("on_message", sub.qos))
+    for route in routes:
+        shown = route.name if route.pattern == route.topic_filter else f"{route.name} ({route.pattern})"
+        targets.setdefault(route.topic_filter, []).append((shown, route.qos))
+    rows = []
+    for topic_filter, found in targets.items():
+        qos = max(q for _, q in found)
+        reaches = tuple(name if q == qos else f"{name} [qos {q}]" for name, q in found)
+        rows.append(Subscribed(topic_filter, qos, reaches))
+    return rows
+
+
+def render_subscriptions(rows: list[Subscribed]) -> str:
+    if not rows:
+        return "subscriptions: none (the app receives only what it subscribes to at runtime)\n"
+    table = [("FILTER", "QOS", "REACHES"), *((r.topic_filter, str(r.qos), ", ".join(r.reaches)) for r in rows)]
+    width = max(len(f) for f, _, _ in table)
+    lines = [f"  {f:<{width}}  {q:<3}  {reach}".rstrip() for f, q, reach in table]
+    return f"subscriptions ({len(rows)}):\n" + "\n".join(lines) + "\n"
+
+
+def render_config(config: Config, app_spec: str | None = None) -> str:
+    """The effective configuration as TOML, secrets masked; a comment says where a value came from."""
+    file = "no file" if config.source == Config.source else config.source
+    lines = [f"# effective configuration: defaults < {file} < environment < command line"]
+    for f in dataclasses.fields(config):
+        section = getattr(config, f.name)
+        if dataclasses.is_dataclass(section):
+            lines += _section(f.name, section, config.origins, app_spec)
+    lines += ["", "[app]"]
+    lines += [f"{_key(k)} = {_toml(_masked(k, v))}" for k, v in config.app.items()]
+    return "\n".join(lines) + "\n"
+
+
+def render_check(app_spec: str, app: type, config: Config, routes: Iterable[Route]) -> str:
+    mqtt = config.mqtt
+    overrides = sorted({o.split(" ")[0] for o in config.origins.values() if o.split(" ")[0] != config.source})
+    head = [
+        f"app: {app_spec} (class {app.__module__}.{app.__qualname__})",
+        f"config: {'no file (defaults)' if config.source == Config.source else config.source}",
+        f"from the environment and command line: {', '.join(overrides) or 'nothing'}",
+        f"broker: {mqtt.host}:{mqtt.port} (not contacted by check)",
+        f"client id: {mqtt.client_id or default_client_id(app_spec)}",
+        f"workers: {config.workers.count}",
+    ]
+    return ("\n".join(head) + "\n\n" + render_subscriptions(subscriptions(config, routes)) + "\n"
+            + render_config(config, app_spec))
+
+
+def _section(name: str, section: Any, origins: Mapping[str, str], app_spec: str | None) -> list[str]:
+    lines = ["", f"[{name}]"]
+    tables: list[str] = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        origin = origins.get(f"{name}.{f.name}")
+        comment = f"  # {origin}" if origin else ""
+        if isinstance(value, tuple) and all(isinstance(v, Subscription) for v in value):
+            tables += ["", f"[{name}.{f.name}]"]
+            tables += [f"{_key(s.topic_filter)} = {{ qos = {s.qos} }}" for s in value]
+        elif value is None and f.name == "client_id" and app_spec:
+            lines.append(f"client_id = {_toml(default_client_id(app_spec))}  # default for {app_spec}")
+        elif value is None:
+            lines.append(f"# {f.name} is not set")
+        else:
+            lines.append(f"{f.name} = {_toml(value)}{comment}")
+    return lines + tables
+
+
+def _masked(key: Any, value: Any, secret: bool = False) -> Any:
+    """``value`` with every leaf under a secret-looking key replaced by a ``Secret``."""
+    secret = secret or (isinstance(key, str) and SECRET_NAME.search(key) is not None)
+    if isinstance(value, Mapping):
+        return {k: _masked(k, v, secret) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_masked(key, v, secret) for v in value]
+    return Secret(str(value)) if secret else value
+
+
+def _key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, Secret):
+        return json.dumps(MASK)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        items = ", ".join(f"{_key(k)} = {_toml(v)}" for k, v in value.items())
+        return f"{{ {items} }}" if items else "{}"
+    return json.dumps(str(value), ensure_ascii=False)

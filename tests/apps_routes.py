@@ -1,0 +1,55 @@
+"""Apps with routes and async handlers, run by the integration tests (and loaded by the CLI tests)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from apps import Recording
+
+from procmqtt import Message, Worker, route
+
+
+class Routed(Recording):
+    """Two routes, one with a parameter; everything else the config subscribes to is unrouted."""
+
+    @route("sensors/{device}/temperature", qos=1)
+    def temperature(self, message: Message, device: str) -> None:
+        self.record("done", message, route="temperature", device=device)
+
+    @route("logs/#")
+    def logs(self, message: Message) -> None:
+        self.record("done", message, route="logs")
+
+
+class AsyncSleeper(Recording):
+    """Each message awaits ``delay`` seconds; with [workers] concurrency they overlap."""
+
+    @route("work/#", qos=1)
+    async def work(self, message: Message) -> None:
+        self.record("received", message)
+        await asyncio.sleep(self.delay)
+        self.record("done", message)
+
+
+class AsyncEcho(Recording):
+    """Async on_message: republishes on echoed/... and records whether the broker confirmed it."""
+
+    async def on_start(self) -> None:
+        super().on_start()
+        await asyncio.sleep(0)
+
+    async def on_message(self, message: Message) -> None:
+        confirmed = await self.publish("echoed/" + message.topic.split("/", 1)[1], message.payload, qos=1)
+        self.record("done", message, confirmed=confirmed)
+
+
+class BadFilter(Worker):
+    @route("a/#/b")
+    def handler(self, message: Message) -> None:  # pragma: no cover - never loaded
+        pass
+
+
+class BadParam(Worker):
+    @route("sensors/{device}/temperature")
+    def handler(self, message: Message) -> None:  # pragma: no cover - never loaded
+        pass

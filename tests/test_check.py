@@ -1,0 +1,184 @@
+"""``procmqtt check``: what ``run`` would do, with secrets masked, without touching the broker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness import ROOT
+
+from procmqtt import check, cli, config, logs, routes
+from procmqtt.errors import AppError
+from procmqtt.routes import Route
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+pytestmark = pytest.mark.timeout(30)
+
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("PROCMQTT_")}
+CONFIG = """
+[mqtt]
+host = "127.0.0.1"
+port = 1
+username = "svc"
+password = "file-pw-hunter2"
+[mqtt.topics]
+"sensors/+/temperature" = { qos = 1 }
+"commands/#" = {}
+[workers]
+count = 2
+[app]
+alert_above = 30.0
+db = { url = "postgres://db/x", password = "db-pw-hunter2" }
+api_token = "token-hunter2"
+"""
+
+
+def procmqtt(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "procmqtt", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=20, env={**CLEAN_ENV, **(env or {})}, check=False)
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> str:
+    path = tmp_path / "app.toml"
+    path.write_text(CONFIG)
+    return str(path)
+
+
+def test_check_lists_subscriptions_and_prints_the_configuration(config_file):
+    # port 1: nothing listens there, and check must not try
+    result = procmqtt("check", "tests/apps.py:Recorder", "-c", config_file, "-w", "3",
+                      env={"PROCMQTT_MQTT_HOST": "broker.invalid"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "app: tests/apps.py:Recorder (class apps.Recorder)" in out
+    assert "broker: broker.invalid:1 (not contacted by check)" in out
+    assert "from the environment and command line: --workers, PROCMQTT_MQTT_HOST" in out
+    rows = [line.split() for line in out.split("subscriptions (2):\n")[1].split("\n\n")[0].splitlines()]
+    assert rows == [["FILTER", "QOS", "REACHES"], ["sensors/+/temperature", "1", "on_message"],
+                    ["commands/#", "0", "on_message"]]
+    printed = tomllib.loads(out[out.index("# effective configuration"):])
+    assert printed["workers"]["count"] == 3 and printed["mqtt"]["host"] == "broker.invalid"
+    assert printed["mqtt"]["topics"] == {"sensors/+/temperature": {"qos": 1}, "commands/#": {"qos": 0}}
+    assert 'host = "broker.invalid"  # PROCMQTT_MQTT_HOST' in out and "count = 3  # --workers" in out
+
+
+def test_check_masks_secrets_from_the_file_and_the_environment(config_file, tmp_path):
+    result = procmqtt("check", "tests/apps.py:Recorder", "-c", config_file)
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
+    printed = tomllib.loads(result.stdout[result.stdout.index("# effective configuration"):])
+    assert printed["mqtt"]["password"] == "********"
+    assert printed["app"]["db"] == {"url": "postgres://db/x", "password": "********"}
+    assert printed["app"]["api_token"] == "********" and printed["app"]["alert_above"] == 30.0
+
+    env = {"PROCMQTT_MQTT_PASSWORD": "env-pw-s3cret"}
+    for command in (("check", "tests/apps.py:Recorder", "-c", config_file),
+                    ("run", "tests/apps.py:Recorder", "-c", config_file, "--print-config")):
+        result = procmqtt(*command, env=env)
+        assert result.returncode == 0, result.stderr
+        assert "s3cret" not in result.stdout + result.stderr and "hunter2" not in result.stdout
+        assert 'password = "********"  # PROCMQTT_MQTT_PASSWORD' in result.stdout
+
+
+@pytest.mark.parametrize("app, config_text, env, code", [
+    ("tests/apps.py:Missing", "", {}, 3),
+    ("tests/apps.py:NotAWorker", "", {}, 3),
+    ("no_such_module:App", "", {}, 3),
+    ("tests/apps.py:Recorder", "[mqtt]\nhots = 'x'\n", {}, 2),
+    ("tests/apps.py:Recorder", "[workers]\ncount = 0\n", {}, 2),
+    ("tests/apps.py:Recorder", "", {"PROCMQTT_WORKERS_COUNT": "many"}, 2),
+    ("tests/apps.py:Recorder", "", {"PROCMQTT_LOG_FORMAT": "xml"}, 2),
+])
+def test_check_fails_like_run(tmp_path, app, config_text, env, code):
+    path = tmp_path / "c.toml"
+    path.write_text(config_text)
+    checked = procmqtt("check", app, "-c", str(path), env=env)
+    ran = procmqtt("run", app, "-c", str(path), env=env)  # fails before any fork, so it returns at once
+    assert checked.returncode == ran.returncode == code
+    assert checked.stderr == ran.stderr and len(checked.stderr.splitlines()) == 1
+    assert checked.stderr.startswith("procmqtt: error: ") and checked.stdout == ""
+
+
+def test_check_help():
+    result = procmqtt("check", "--help")
+    assert result.returncode == 0 and "--log-format" in result.stdout and "broker" in result.stdout
+
+
+# --- routes: unit tests with routes_of stood in for (it returns () until the routes work lands) -----
+
+ROUTES = (Route("sensors/{device}/temperature", "sensors/+/temperature", 1, "temperature", ("device",)),
+          Route("logs/#", "logs/#", 0, "logs", ()),
+          Route("commands/#", "commands/#", 1, "command", ()))
+
+
+def test_subscriptions_show_what_each_filter_reaches():
+    cfg = config.from_mapping({"mqtt": {"topics": {"sensors/+/temperature": {"qos": 1},
+                                                   "commands/#": {"qos": 0}, "other": {}}}})
+    rows = {r.topic_filter: (r.qos, r.reaches) for r in check.subscriptions(cfg, ROUTES)}
+    assert rows == {
+        "sensors/+/temperature": (1, ("on_message", "temperature (sensors/{device}/temperature)")),
+        "commands/#": (1, ("on_message [qos 0]", "command")),
+        "other": (0, ("on_message",)),
+        "logs/#": (0, ("logs",)),
+    }
+
+
+def test_check_lists_routes_from_routes_of(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(logs, "setup", lambda *a, **k: None)  # keep pytest's own log handlers
+    seen = []
+    monkeypatch.setattr(routes, "routes_of", lambda app: seen.append(app) or ROUTES)
+    path = tmp_path / "c.toml"
+    path.write_text('[mqtt.topics]\n"sensors/+/temperature" = { qos = 1 }\n')
+    assert cli.main(["check", "tests/apps.py:Recorder", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert [app.__name__ for app in seen] == ["Recorder"]
+    table = out.split("subscriptions (3):\n")[1].split("\n\n")[0]
+    assert [line.split(None, 2) for line in table.splitlines()] == [
+        ["FILTER", "QOS", "REACHES"],
+        ["sensors/+/temperature", "1", "on_message, temperature (sensors/{device}/temperature)"],
+        ["logs/#", "0", "logs"],
+        ["commands/#", "1", "command"],
+    ]
+
+
+def test_a_bad_route_stops_check_with_its_code(monkeypatch, capsys):
+    class BadRoute(AppError):
+        exit_code = 2
+
+    def routes_of(app):
+        raise BadRoute("Recorder.temperature: route 'a/#/b': '#' must be the last level")
+    monkeypatch.setattr(logs, "setup", lambda *a, **k: None)
+    monkeypatch.setattr(routes, "routes_of", routes_of)
+    assert cli.main(["check", "tests/apps.py:Recorder", "-c", "/dev/null"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "procmqtt: error: Recorder.temperature: route 'a/#/b': '#' must be the last level\n"
+
+
+def test_no_subscriptions_is_said_plainly():
+    assert "none" in check.render_subscriptions([])
+
+
+@pytest.mark.parametrize("value, text", [
+    ("a\"b\\c\n", '"a\\"b\\\\c\\n"'), (True, "true"), (3, "3"), (2.5, "2.5"), ([1, "x"], '[1, "x"]'),
+    ({}, "{}"), ({"a b": 1}, '{ "a b" = 1 }'), (config.Secret("pw"), '"********"'),
+])
+def test_values_render_as_toml(value, text):
+    assert check._toml(value) == text
+    assert tomllib.loads(f"v = {text}")["v"] == (value if not isinstance(value, config.Secret) else "********")
+
+
+def test_app_secrets_are_masked_at_any_depth():
+    cfg = config.from_mapping({"app": {"secrets": {"db": "p1", "list": ["p2"]}, "clientSecret": "p3",
+                                       "password_hint": 4, "plain": "visible"}})
+    text = check.render_config(cfg)
+    assert not [p for p in ("p1", "p2", "p3", "= 4") if p in text] and '"visible"' in text
+    assert tomllib.loads(text)["app"]["secrets"] == {"db": "********", "list": ["********"]}
