@@ -125,13 +125,13 @@ def run(args: argparse.Namespace) -> int:
         return ExitCode.OK
     config, app, routes = _prepare(args)
     metrics_listener = metrics.listen(config)  # before any fork: a port in use stops us here
+    if broker is not None:
+        broker.start()
     if not config.mqtt.topics and not routes:
         logs.get().warning("no [mqtt.topics] configured and no routes; the app receives only what it "
                            "subscribes to at runtime")
     from .supervisor import Supervisor
 
-    if broker is not None:
-        broker.start()
     try:
         return Supervisor(app, args.app, config, metrics_listener, broker=broker).run()
     finally:
