@@ -43,7 +43,7 @@ def subscriptions(config: Config, routes: Iterable[Route]) -> list[Subscribed]:
     for topic_filter, found in targets.items():
         qos = max(q for _, q in found)
         reaches = tuple(name if q == qos else f"{name} [qos {q}]" for name, q in found)
-        rows.append(Subscribed(topic_filter, qos, reaches))
+        rows.append(Subscribed(config.mqtt.wire_filter(topic_filter), qos, reaches))  # as the broker sees it
     return rows
 
 
@@ -91,7 +91,9 @@ def _section(name: str, section: Any, origins: Mapping[str, str], app_spec: str 
         value = getattr(section, f.name)
         origin = origins.get(f"{name}.{f.name}")
         comment = f"  # {origin}" if origin else ""
-        if isinstance(value, tuple) and all(isinstance(v, Subscription) for v in value):
+        if dataclasses.is_dataclass(value) and not isinstance(value, Secret):  # [mqtt.tls], [mqtt.will] ...
+            tables += _section(f"{name}.{f.name}", value, origins, None)
+        elif isinstance(value, tuple) and all(isinstance(v, Subscription) for v in value):
             tables += ["", f"[{name}.{f.name}]"]
             tables += [f"{_key(s.topic_filter)} = {{ qos = {s.qos} }}" for s in value]
         elif value is None and f.name == "client_id" and app_spec:

@@ -34,6 +34,9 @@ DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 1883
 DEFAULT_TLS_PORT = 8883
 DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_TRANSPORT = "tcp"
+DEFAULT_WS_PATH = "/mqtt"
+TRANSPORTS = ("tcp", "websockets")
 DEFAULT_KEEPALIVE = 60
 DEFAULT_PROTOCOL = "3.1.1"
 DEFAULT_SESSION_EXPIRY = 3600
@@ -108,6 +111,8 @@ class MqttConfig:
     publish_buffer: int = DEFAULT_PUBLISH_BUFFER
     publish_timeout: float = DEFAULT_PUBLISH_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    transport: str = DEFAULT_TRANSPORT
+    ws_path: str = DEFAULT_WS_PATH  # the HTTP path of the websockets endpoint
     share_group: str | None = None
     topics: tuple[Subscription, ...] = ()
     tls: TlsConfig | None = None
@@ -224,6 +229,8 @@ _MQTT_KEYS: dict[str, Check] = {
     "publish_buffer": _integer(1, MAX_PUBLISH_BUFFER),
     "publish_timeout": _number(0),
     "connect_timeout": _number(0.1),
+    "transport": _one_of(*TRANSPORTS),
+    "ws_path": lambda v: None if isinstance(v, str) and v.startswith("/") else "a path starting with '/'",
     "share_group": _share_group,
     "topics": _table,
     "tls": _table,
@@ -549,8 +556,16 @@ def resolve(path: str | None = None, *, environ: Mapping[str, str] | None = None
     return with_overrides(config, workers=workers, broker=broker)
 
 
+_SCHEMES = {  # scheme -> (TLS, transport, default port)
+    "mqtt": (False, "tcp", DEFAULT_PORT), "tcp": (False, "tcp", DEFAULT_PORT),
+    "mqtts": (True, "tcp", DEFAULT_TLS_PORT), "ssl": (True, "tcp", DEFAULT_TLS_PORT),
+    "ws": (False, "websockets", 80), "wss": (True, "websockets", 443),
+}
+
+
 def _broker_url(mqtt: MqttConfig, url: str) -> MqttConfig:
-    expected = "expected mqtt://[user@]host[:port] or mqtts://[user@]host[:port]"
+    """``--broker``: the scheme decides TLS and transport; TLS certificates still come from [mqtt.tls]."""
+    expected = "expected mqtt://, mqtts://, ws:// or wss:// followed by [user@]host[:port] (ws: [/path])"
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
@@ -559,14 +574,14 @@ def _broker_url(mqtt: MqttConfig, url: str) -> MqttConfig:
     if parts.password is not None:
         raise ConfigError("--broker: do not put a password in the URL (command lines are visible "
                           "in ps); use [mqtt] password_env or password_file")
-    if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname or parts.path not in ("", "/"):
+    scheme = _SCHEMES.get(parts.scheme)
+    websockets = scheme is not None and scheme[1] == "websockets"
+    if scheme is None or not parts.hostname or (parts.path not in ("", "/") and not websockets):
         raise ConfigError(f"--broker: {expected}, got {_show(url)}")
-    tls = mqtt.tls
-    if parts.scheme in ("mqtts", "ssl") and tls is None:
-        tls = TlsConfig()  # the system's CAs; [mqtt.tls] adds certificates
-    elif parts.scheme in ("mqtt", "tcp"):
-        tls = None
-    return replace(mqtt, host=parts.hostname, port=port or (DEFAULT_TLS_PORT if tls else DEFAULT_PORT), tls=tls,
+    secure, transport, default_port = scheme
+    tls = (mqtt.tls or TlsConfig()) if secure else None  # TlsConfig(): the system's CAs
+    return replace(mqtt, host=parts.hostname, port=port or default_port, tls=tls, transport=transport,
+                   ws_path=parts.path or DEFAULT_WS_PATH if websockets else mqtt.ws_path,
                    username=urllib.parse.unquote(parts.username) if parts.username else mqtt.username)
 
 

@@ -159,10 +159,30 @@ def test_two_instances_share_one_stream_through_share_group(tmp_path, broker, ru
     publish_all(pub, [(f"orders/{i % 10}", str(i).encode()) for i in range(3000, 5000)])
     wait_until(lambda: len(records(rec_a)) >= a_before + 500, 60, "A takes new messages while B is away")
     # Mosquitto keeps queueing B's share for its persistent session: B back drains it.
+    b_before = len(records(rec_b))
     b2, _ = _instance(tmp_path, "b", broker, runs)
     wait_until(lambda: len(set(handled())) >= 5000, 60, "all 5000 handled")
+    print(f"while B was away A handled {len(records(rec_a)) - a_before} of 2000; "
+          f"B drained {len(records(rec_b)) - b_before} on its return")
     done = handled()
     assert set(done) == {str(i) for i in range(5000)}
     print(f"total handled {len(done)}, duplicates {len(done) - len(set(done))}")
     assert len(done) == len(set(done)), "a message was handled twice"
     assert a.stop() == 0 and b2.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_websockets_transport(tmp_path, runs):
+    b = Mosquitto(tmp_path / "ws-broker", websockets=True)
+    b.start()
+    try:
+        run, rec = start(runs, tmp_path, b, topics={"ws/#": 1, "echo/#": 1}, mqtt='transport = "websockets"',
+                         port=b.ws_port)  # the websockets listener: plain MQTT there gets nowhere
+        sub = Subscriber(b, "echoed/#")
+        publish_all(publisher(b), [("ws/1", b"over websockets"), ("echo/x", b"back")])
+        wait_until(lambda: len(records(rec)) >= 2, 20, "messages in over websockets")
+        wait_until(lambda: sub.payloads() == [b"back"], 20, "a worker's publish out over websockets")
+        assert run.stop() == 0
+        sub.close()
+    finally:
+        b.stop()

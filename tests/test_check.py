@@ -182,3 +182,18 @@ def test_app_secrets_are_masked_at_any_depth():
     text = check.render_config(cfg)
     assert not [p for p in ("p1", "p2", "p3", "= 4") if p in text] and '"visible"' in text
     assert tomllib.loads(text)["app"]["secrets"] == {"db": "********", "list": ["********"]}
+
+
+def test_check_prints_broker_feature_tables_and_the_shared_filters(tmp_path: Path):
+    path = tmp_path / "features.toml"
+    path.write_text('[mqtt]\npassword = "pw-hunter2"\nusername = "svc"\nshare_group = "g"\n'
+                    '[mqtt.tls]\ninsecure = true\n[mqtt.will]\ntopic = "presence/x"\npayload = "offline"\n'
+                    '[mqtt.topics]\n"a/#" = { qos = 1 }\n')
+    result = procmqtt("check", "tests/apps.py:Recorder", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "hunter2" not in out and 'password = "********"' in out
+    assert "$share/g/a/#" in out.split("# effective configuration")[0]  # what the broker is asked for
+    printed = tomllib.loads(out.split("# effective configuration")[1].split("\n", 1)[1])
+    assert printed["mqtt"]["tls"]["insecure"] is True and printed["mqtt"]["port"] == 8883
+    assert printed["mqtt"]["will"] == {"topic": "presence/x", "payload": "offline", "qos": 0, "retain": False}

@@ -117,6 +117,8 @@ def test_password_never_in_errors(tmp_path):
     ("mqtt://broker:1884", "broker", 1884, None),
     ("mqtt://svc@10.0.0.1", "10.0.0.1", 1883, "svc"),
     ("tcp://[::1]:1999", "::1", 1999, None),
+    ("mqtts://broker", "broker", 8883, None),
+    ("wss://svc@broker/ws", "broker", 443, "svc"),
 ])
 def test_broker_override(url, host, port, user):
     cfg = config.with_overrides(config.Config(), broker=url, workers=3)
@@ -125,9 +127,9 @@ def test_broker_override(url, host, port, user):
 
 @pytest.mark.parametrize("url, expected", [
     ("mqtt://u:hunter2@host", "do not put a password in the URL"),
-    ("http://host", "expected mqtt://[user@]host[:port]"),
-    ("mqtt://host:notaport", "expected mqtt://[user@]host[:port]"),
-    ("host:1883", "expected mqtt://[user@]host[:port]"),
+    ("http://host", "expected mqtt://, mqtts://, ws:// or wss:// followed by [user@]host[:port]"),
+    ("mqtt://host:notaport", "expected mqtt://, mqtts://, ws:// or wss:// followed by [user@]host[:port]"),
+    ("host:1883", "expected mqtt://, mqtts://, ws:// or wss:// followed by [user@]host[:port]"),
 ])
 def test_bad_broker_url(url, expected):
     with pytest.raises(ConfigError) as info:
@@ -159,3 +161,42 @@ def test_publish_buffer_times_workers_is_bounded():
     assert config.with_overrides(cfg, workers=3).workers.count == 3
     with pytest.raises(ConfigError, match=r"^f.toml: \[mqtt\] publish_buffer \(20000\) x worker count \(4\)"):
         config.with_overrides(cfg, workers=4)
+
+
+@pytest.mark.parametrize("url, tls, transport, ws_path", [
+    ("mqtt://b", False, "tcp", "/mqtt"),
+    ("mqtts://b", True, "tcp", "/mqtt"),
+    ("ws://b:9001", False, "websockets", "/mqtt"),
+    ("wss://b/custom", True, "websockets", "/custom"),
+])
+def test_broker_url_scheme_sets_tls_and_transport(url, tls, transport, ws_path):
+    m = config.with_overrides(config.Config(), broker=url).mqtt
+    assert (m.tls is not None, m.transport, m.ws_path) == (tls, transport, ws_path)
+
+
+def test_tls_will_birth_and_share_group_tables(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    cfg = config.from_mapping({"mqtt": {
+        "share_group": "orders", "tls": {"ca_certs": str(ca)},
+        "will": {"topic": "p/app", "payload": "offline", "qos": 1, "retain": True},
+        "birth": {"topic": "p/app", "payload": "online"}}})
+    m = cfg.mqtt
+    assert m.port == 8883 and m.tls.ca_certs == str(ca) and not m.tls.insecure
+    assert (m.will.topic, m.will.payload, m.will.qos, m.will.retain) == ("p/app", "offline", 1, True)
+    assert (m.birth.qos, m.birth.retain) == (0, False)
+    assert m.wire_filter("a/#") == "$share/orders/a/#"
+    assert m.wire_filter("$share/other/a") == "$share/other/a"
+
+
+@pytest.mark.parametrize("toml, expected", [
+    ("[mqtt]\nshare_group = 'a/b'\n", "[mqtt] share_group: expected a non-empty name without '/', '+' or '#'"),
+    ("[mqtt.will]\npayload = 'x'\n", "[mqtt.will] topic: required"),
+    ("[mqtt.birth]\ntopic = 'a/+'\n", "[mqtt.birth] topic: expected a topic name to publish to"),
+    ("[mqtt.tls]\nkeyfile = '/etc/hostname'\n", "[mqtt.tls] keyfile needs certfile"),
+    ("[mqtt.tls]\ninsecure = 'yes'\n", "[mqtt.tls] insecure: expected true or false"),
+    ("[mqtt.tls]\ncafile = 'x'\n", "[mqtt.tls] unknown key 'cafile'"),
+    ("[mqtt]\ntransport = 'udp'\n", "[mqtt] transport: expected one of \"tcp\", \"websockets\""),
+])
+def test_broker_feature_mistakes(tmp_path, toml, expected):
+    assert expected in error_of(tmp_path, toml)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -169,6 +170,8 @@ def test_wrong_credentials_exit_4_without_leaking_the_password(tmp_path, runs, m
         assert run.wait(30) == 4
         log = run.log()
         assert "refused the credentials" in log and "Sup3r-Secret-Wrong" not in log
+        assert re.search(r"refused the credentials of user 'svc': Not authorized \(CONNACK reason code 5\)", log) or \
+            re.search(r"Bad user name or password \(CONNACK reason code 4\)", log), log
         # and the right password works
         run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg, env={"PMQ_PW": "right-password"})
         runs.append(run)
