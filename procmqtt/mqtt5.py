@@ -1,8 +1,8 @@
 """MQTT 5 glue for the agent: paho's properties to and from ``Properties``, and the reply topics.
 
-paho's ``Properties`` object is per packet and not picklable-friendly; the workers get the small
-frozen ``procmqtt.Properties`` instead, and only the fields a handler uses travel the channel.
-Runs in the agent process.
+paho's ``Properties`` is a heavy object per packet; the workers get the small frozen
+``procmqtt.Properties`` instead, built once here and packed into the channel record only when the
+message carries properties. Runs in the agent process.
 """
 
 from __future__ import annotations
