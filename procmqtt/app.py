@@ -94,4 +94,8 @@ def reload_app(spec: str) -> type[Worker]:
         for name in [name for name in sys.modules if mine(name)]:
             del sys.modules[name]
         sys.modules.update(saved)
+        for name, module in saved.items():  # an import binds a submodule on its package too
+            parent, _, child = name.rpartition(".")
+            if parent in sys.modules:
+                setattr(sys.modules[parent], child, module)
         raise

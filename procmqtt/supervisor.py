@@ -20,8 +20,8 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 from . import channel, logs, proctitle, reload
 from .agent import Agent
@@ -368,7 +368,7 @@ class Supervisor:
         """Switch to ``app`` and ``config``: every worker is replaced gracefully (the new ones fork
         from ``app``), subscription changes go to the running agent, and the agent itself restarts
         gracefully only when a setting it reads at start changed (see ``reload.compare``)."""
-        config = reload.adoptable(self.config, config)
+        config = with_route_subscriptions(reload.adoptable(self.config, config), app)
         changes = reload.compare(self.config, config)
         self.log.info("reload: %s; %d worker(s), each replaced once it has finished what it holds",
                       changes.describe(), config.workers.count)
@@ -384,6 +384,9 @@ class Supervisor:
     def give_up(self, child: Child, code: ExitCode, message: str) -> None:
         """A process that cannot work: if the last reload started it, go back to what ran before
         that reload; otherwise stop procmqtt with ``code``."""
+        if child.retiring:  # from code already given up on: its replacement runs the current code
+            self.log.warning("%s; it was being replaced anyway", message)
+            return
         if self.previous is None or child.revision != self.revision:
             self.fatal(code, message)
             return

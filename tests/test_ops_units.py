@@ -1,0 +1,241 @@
+"""Unit tests of the operations parts, in process: reload decisions, app re-import, pid file, log file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from procmqtt import channel, logs
+from procmqtt.app import reload_app
+from procmqtt.config import Config, MetricsConfig, Secret, from_mapping
+from procmqtt.errors import AppError, ConfigError
+from procmqtt.pidfile import PidFile
+from procmqtt.reload import Changes, adoptable, compare
+
+
+def config(topics: dict[str, int] | None = None, mqtt: dict | None = None, workers: dict | None = None,
+           app: dict | None = None) -> Config:
+    return from_mapping({"mqtt": {**(mqtt or {}), "topics": {f: {"qos": q} for f, q in (topics or {}).items()}},
+                         "workers": workers or {}, "app": app or {}})
+
+
+# --- what a reload changes ------------------------------------------------------------------------
+
+def test_topic_changes_become_subscribe_and_unsubscribe_records():
+    old = config({"a/#": 1, "b/#": 1, "c/#": 0})
+    new = config({"b/#": 1, "c/#": 1, "d/+": 2})
+    changes = compare(old, new)
+    assert changes.agent == () and changes.needs_restart == ()
+    assert changes.records() == [channel.Unsubscribe("a/#"), channel.Subscribe("c/#", 1), channel.Subscribe("d/+", 2)]
+    assert changes.describe() == "subscribe c/# (qos 1), d/+ (qos 2); unsubscribe a/#"
+
+
+def test_same_config_changes_nothing():
+    changes = compare(config({"a/#": 1}, app={"x": 1}), config({"a/#": 1}, app={"x": 1}))
+    assert changes == Changes()
+    assert changes.describe() == "no subscription or connection change"
+
+
+@pytest.mark.parametrize("key, value", [("host", "elsewhere"), ("port", 1884), ("client_id", "other"),
+                                        ("keepalive", 30), ("protocol", "5"), ("username", "svc"),
+                                        ("password", "new-secret"), ("share_group", "group-xyz")])
+def test_connection_settings_restart_the_agent_and_never_show_values(key, value):
+    changes = compare(config({"a/#": 1}), config({"a/#": 1}, mqtt={key: value}))
+    assert changes.agent == (f"[mqtt] {key}",)
+    assert str(value) not in changes.describe().replace(f"[mqtt] {key}", "")
+
+
+def test_worker_side_settings_need_no_new_agent():
+    old = config(mqtt={"publish_buffer": 10}, workers={"count": 2, "timeout": 5, "max_messages": 0},
+                 app={"a": 1})
+    new = config(mqtt={"publish_buffer": 20}, workers={"count": 4, "timeout": 9, "max_messages": 100},
+                 app={"a": 2})
+    assert compare(old, new) == Changes()
+
+
+def test_agent_side_worker_settings_restart_the_agent():
+    changes = compare(config(), config(workers={"prefetch": 4, "on_error": "retry"}))
+    assert changes.agent == ("[workers] prefetch", "[workers] on_error")
+
+
+def test_sections_a_reload_cannot_apply_are_kept_and_reported():
+    old = config()
+    new = replace(config(app={"v": 2}), metrics=MetricsConfig(port=9999))
+    assert compare(old, new).needs_restart == ("[metrics]",)
+    kept = adoptable(old, new)
+    assert kept.metrics == old.metrics and kept.app == {"v": 2}
+
+
+def test_secret_compares_by_value():
+    assert Secret("a") == Secret("a") and Secret("a") != Secret("b")
+
+
+# --- the app imported again ----------------------------------------------------------------------
+
+APP = '''
+from procmqtt import Worker
+VERSION = {version!r}
+class App(Worker):
+    def on_message(self, message):
+        pass
+'''
+
+
+def test_reload_app_imports_a_file_app_afresh(tmp_path):
+    path = tmp_path / "reloadable_file_app.py"
+    path.write_text(APP.format(version="one"))
+    first = reload_app(f"{path}:App")
+    path.write_text(APP.format(version="number two"))  # another size: no stale bytecode
+    second = reload_app(f"{path}:App")
+    assert sys.modules[first.__module__].VERSION == "number two"
+    assert second is not first and first.on_message.__globals__["VERSION"] == "one"
+
+
+def test_reload_app_imports_a_package_afresh_and_restores_it_on_error(tmp_path, monkeypatch):
+    pkg = tmp_path / "reloadable_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "helpers.py").write_text("NAME = 'first'\n")
+    (pkg / "app.py").write_text("from procmqtt import Worker\nfrom .helpers import NAME\n"
+                                "class App(Worker):\n    name = NAME\n\n    def on_message(self, message):\n        pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        first = reload_app("reloadable_pkg.app:App")
+        assert first.name == "first"
+        (pkg / "helpers.py").write_text("NAME = 'second one'\n")
+        assert reload_app("reloadable_pkg.app:App").name == "second one"  # helpers reloaded too
+        running = sys.modules["reloadable_pkg.app"]
+        (pkg / "helpers.py").write_text("NAME = (\n")
+        with pytest.raises(AppError, match="SyntaxError"):
+            reload_app("reloadable_pkg.app:App")
+        assert sys.modules["reloadable_pkg.app"] is running  # the running code is untouched
+    finally:
+        for name in [n for n in sys.modules if n.startswith("reloadable_pkg")]:
+            del sys.modules[name]
+
+
+def test_reload_app_never_drops_procmqtt_itself():
+    import procmqtt.worker
+
+    with pytest.raises(AppError):
+        reload_app("procmqtt.worker:NoSuchClass")
+    assert sys.modules["procmqtt.worker"] is procmqtt.worker and "procmqtt" in sys.modules
+
+
+# --- pid file ------------------------------------------------------------------------------------
+
+def test_pid_file_written_and_removed(tmp_path):
+    path = tmp_path / "p.pid"
+    pidfile = PidFile(str(path))
+    pidfile.create()
+    assert path.read_text() == f"{os.getpid()}\n"
+    pidfile.remove()
+    assert not path.exists()
+
+
+def test_stale_pid_files_are_replaced(tmp_path):
+    path = tmp_path / "p.pid"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for stale in (str(dead.pid), "", "garbage", str(os.getpid())):  # ours: pid 1 again in a container
+        path.write_text(stale + "\n")
+        pidfile = PidFile(str(path))
+        pidfile.create()
+        assert path.read_text() == f"{os.getpid()}\n"
+        pidfile.remove()
+
+
+def test_a_live_process_that_is_not_procmqtt_makes_the_file_stale(tmp_path):
+    path = tmp_path / "p.pid"
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        path.write_text(f"{other.pid}\n")
+        PidFile(str(path)).create()
+        assert path.read_text() == f"{os.getpid()}\n"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_live_procmqtt_refuses_the_start(tmp_path):
+    path = tmp_path / "p.pid"
+    # a process whose command line says procmqtt, as `procmqtt run` or `python -m procmqtt` does
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "procmqtt"])
+    try:
+        path.write_text(f"{other.pid}\n")
+        with pytest.raises(ConfigError, match=rf"--pid .*p\.pid: procmqtt is already running with pid {other.pid}"):
+            PidFile(str(path)).create()
+        assert path.read_text() == f"{other.pid}\n"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_remove_leaves_a_file_another_process_took_over(tmp_path):
+    path = tmp_path / "p.pid"
+    pidfile = PidFile(str(path))
+    pidfile.create()
+    path.write_text("12345\n")
+    pidfile.remove()
+    assert path.read_text() == "12345\n"
+
+
+def test_pid_file_in_a_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"--pid .*/nope/p\.pid: cannot create: No such file or directory"):
+        PidFile(str(tmp_path / "nope" / "p.pid")).create()
+
+
+# --- log file ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    yield
+    for handler in root.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    root.handlers[:], root.level = saved
+
+
+def test_log_file_follows_a_rename_and_reopen_says_so(tmp_path, restore_logging):
+    path = tmp_path / "procmqtt.log"
+    logs.setup("INFO")
+    logs.to_file(str(path))
+    log = logs.get("test")
+    log.info("before rotation")
+    os.rename(path, tmp_path / "procmqtt.log.1")
+    assert logs.reopen() is True
+    log.info("after rotation")
+    assert "before rotation" in (tmp_path / "procmqtt.log.1").read_text()
+    new = path.read_text()
+    assert "after rotation" in new and "before rotation" not in new
+    assert "[supervisor] INFO after rotation" in new  # the same format as on stderr
+
+
+def test_reopen_without_a_log_file_does_nothing(restore_logging):
+    logs.setup("INFO")
+    assert logs.reopen() is False
+
+
+def test_unwritable_log_file_is_a_clear_error(tmp_path, restore_logging):
+    logs.setup("INFO")
+    with pytest.raises(ConfigError, match=r"--log-file .*/nope/x\.log: cannot open: No such file or directory"):
+        logs.to_file(str(tmp_path / "nope" / "x.log"))
+
+
+def test_run_refuses_a_bad_log_file_before_starting(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "procmqtt", "run", "tests/apps.py:Recorder",
+                             "--log-file", str(tmp_path / "nope" / "x.log")],
+                            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=30,
+                            check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("cannot open: No such file or directory")
+    assert "Traceback" not in result.stderr
