@@ -146,6 +146,25 @@ def test_sighup_applies_subscription_changes_and_replaces_workers(tmp_path, brok
     assert run.stop() == 0
 
 
+@pytest.mark.timeout(90)
+def test_filter_removed_while_the_broker_is_down_is_unsubscribed_on_reconnect(tmp_path, persistent_broker, runs):
+    """The persistent session at the broker still holds the filter; the agent must remove it there too."""
+    broker = persistent_broker
+    run, rec = start(runs, tmp_path, broker, topics={"keep/#": 1, "drop/#": 1})
+    broker.stop()
+    run.wait_for_log(r"connection lost")
+    rewrite_config(tmp_path, broker, rec, topics={"keep/#": 1})
+    run.signal(signal.SIGHUP)
+    run.wait_for_log(r"reload: unsubscribe drop/#")
+    broker.start()
+    run.wait_for_log(r"connected to .*session present: True")
+    run.wait_for_log(r"\[agent\] INFO unsubscribed from drop/#")
+    publish_all(publisher(broker), [("drop/1", b"removed"), ("keep/1", b"kept")])
+    wait_until(lambda: any(r["topic"] == "keep/1" for r in records(rec)), 10, "keep/1 handled")
+    assert "drop/1" not in {r["topic"] for r in records(rec)}
+    assert run.stop() == 0
+
+
 @pytest.mark.timeout(120)
 def test_sighup_during_a_qos1_stream_loses_nothing_and_runs_the_new_code(tmp_path, broker, runs):
     run, rec, source = start_versioned(runs, tmp_path, broker, topics={"stream/#": 1}, workers=3,
