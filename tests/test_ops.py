@@ -15,9 +15,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 from harness import (
     ROOT,
+    Mosquitto,
     Procmqtt,
     publish_all,
     publisher,
@@ -26,6 +28,7 @@ from harness import (
     wait_until,
     write_config,
 )
+from paho.mqtt.enums import CallbackAPIVersion
 
 APP = '''"""An app whose code the tests rewrite between reloads."""
 import json, os, time
@@ -258,6 +261,34 @@ def test_reloaded_app_that_fails_to_boot_goes_back_to_the_previous_one(tmp_path,
     assert {r["version"] for r in records(rec)} == {"v1"}
     assert run.proc.poll() is None
     assert run.stop() == 0
+
+
+@pytest.mark.timeout(90)
+def test_reloaded_credentials_the_broker_refuses_go_back_to_the_previous_ones(tmp_path, runs):
+    broker = Mosquitto(tmp_path / "auth-broker", users={"svc": "right-password"})
+    broker.start()
+    try:
+        run, rec = start(runs, tmp_path, broker, topics={"a/#": 1},
+                         mqtt='username = "svc"\npassword = "right-password"')
+        rewrite_config(tmp_path, broker, rec, topics={"a/#": 1}, mqtt='username = "svc"\npassword = "Wr0ng-Secret"')
+        run.signal(signal.SIGHUP)
+        run.wait_for_log(r"reload: \[mqtt\] password changed: the agent reconnects")
+        run.wait_for_log(r"the broker refused the credentials; see the agent's error above; going back to the "
+                         r"app and configuration from before the reload")
+        run.wait_for_log(r"started agent", count=3)
+        run.wait_for_log(r"connected to", count=2)
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-pub-{os.getpid()}")
+        pub.username_pw_set("svc", "right-password")
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        publish_all(pub, [("a/1", b"after")])
+        pub.loop_stop()
+        wait_until(lambda: any(r["topic"] == "a/1" for r in records(rec)), 10, "a/1 handled")
+        assert run.stop() == 0
+        log = run.log()
+        assert "Wr0ng-Secret" not in log and "right-password" not in log
+    finally:
+        broker.stop()
 
 
 # --- SIGTTIN / SIGTTOU ------------------------------------------------------------------------------
