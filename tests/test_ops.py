@@ -130,14 +130,16 @@ def test_sighup_applies_subscription_changes_and_replaces_workers(tmp_path, brok
     run, rec = start(runs, tmp_path, broker, topics={"old/#": 1, "kept/#": 1, "qos/#": 0})
     old_workers = set(run.pids("worker").values())
     agent = run.pids("agent")
-    rewrite_config(tmp_path, broker, rec, topics={"new/#": 1, "kept/#": 1, "qos/#": 1})
+    rewrite_config(tmp_path, broker, rec, topics={"new/#": 1, "kept/#": 1, "qos/#": 1}, workers=3)
     run.signal(signal.SIGHUP)
-    run.wait_for_log(r"reload: subscribe new/# \(qos 1\), qos/# \(qos 1\); unsubscribe old/#")
+    run.wait_for_log(r"reload: subscribe new/# \(qos 1\), qos/# \(qos 1\); unsubscribe old/#; 3 worker\(s\)")
     run.wait_for_log(r"\[agent\] INFO unsubscribed from old/#")
     run.wait_for_log(r"\[agent\] INFO subscribed to new/# \(qos 1\)")
     run.wait_for_log(r"\[agent\] INFO subscribed to qos/# \(qos 1\)")  # the broker granted the new QoS
-    run.wait_for_log(r"started worker", count=4)
+    run.wait_for_log(r"started worker", count=5)  # 2, then 3 from the new configuration
     wait_until(lambda: not old_workers & set(run.pids("worker").values()), 15, "the old workers to exit")
+    wait_until(lambda: len(children_of(run.pid)) == 4, 10, "agent + 3 workers in /proc")
+    assert set(run.pids("worker")) == {0, 1, 2}
     assert run.pids("agent") == agent, "the agent was restarted for a subscription change"
     pub = publisher(broker)
     publish_all(pub, [("old/1", b"removed"), ("new/1", b"added"), ("kept/1", b"kept"), ("qos/1", b"q")])
