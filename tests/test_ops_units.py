@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from harness import wait_until
 
 from procmqtt import channel, logs
 from procmqtt.app import reload_app
@@ -152,27 +153,23 @@ def test_stale_pid_files_are_replaced(tmp_path):
         pidfile.remove()
 
 
-def test_a_live_process_that_is_not_procmqtt_makes_the_file_stale(tmp_path):
+@pytest.mark.parametrize("procmqtt", [False, True])
+def test_a_live_pid_refuses_the_start_only_when_it_is_a_procmqtt(tmp_path, procmqtt):
     path = tmp_path / "p.pid"
-    other = subprocess.Popen(["sleep", "30"])
-    try:
+    # a command line that says procmqtt, as `procmqtt run` or `python -m procmqtt` does; or a pid
+    # reused by something else, which makes the file stale
+    command = [sys.executable, "-c", "import time; time.sleep(30)", "procmqtt" if procmqtt else "other"]
+    other = subprocess.Popen(command)
+    try:  # right after exec the kernel shows an empty command line for a moment
+        wait_until(lambda: Path(f"/proc/{other.pid}/cmdline").read_bytes(), 5, "the child's command line")
         path.write_text(f"{other.pid}\n")
-        PidFile(str(path)).create()
-        assert path.read_text() == f"{os.getpid()}\n"
-    finally:
-        other.kill()
-        other.wait()
-
-
-def test_a_live_procmqtt_refuses_the_start(tmp_path):
-    path = tmp_path / "p.pid"
-    # a process whose command line says procmqtt, as `procmqtt run` or `python -m procmqtt` does
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "procmqtt"])
-    try:
-        path.write_text(f"{other.pid}\n")
-        with pytest.raises(ConfigError, match=rf"--pid .*p\.pid: procmqtt is already running with pid {other.pid}"):
+        if procmqtt:
+            with pytest.raises(ConfigError, match=rf"--pid .*p\.pid: procmqtt is already running with pid {other.pid}"):
+                PidFile(str(path)).create()
+            assert path.read_text() == f"{other.pid}\n"
+        else:
             PidFile(str(path)).create()
-        assert path.read_text() == f"{other.pid}\n"
+            assert path.read_text() == f"{os.getpid()}\n"
     finally:
         other.kill()
         other.wait()
