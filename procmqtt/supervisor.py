@@ -376,7 +376,7 @@ class Supervisor:
         self.client_id = config.mqtt.client_id or default_client_id(self.app_spec)
         self.control.extend(changes.records())
         for child in list(self.children.values()):
-            if child.role == "worker" or changes.agent:
+            if child.role == "worker" or (child.role == "agent" and changes.agent):
                 self.retire(child)
         for slot in [s for s in self.restart_at if s >= config.workers.count]:
             del self.restart_at[slot]
