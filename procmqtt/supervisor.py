@@ -361,6 +361,9 @@ class Supervisor:
         except ProcmqttError as exc:
             self.log.error("reload failed; still running the previous configuration and app: %s", exc)
             return
+        except Exception:  # a bug, not a user mistake: still no reason to stop consuming
+            self.log.exception("reload failed; still running the previous configuration and app")
+            return
         self.previous = (self.revision, self.app, self.config)
         self.adopt(app, config, next(self.revisions))
 
