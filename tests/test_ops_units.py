@@ -15,9 +15,11 @@ from harness import wait_until
 from procmqtt import channel, logs
 from procmqtt.app import reload_app
 from procmqtt.config import Config, MetricsConfig, Secret, from_mapping
-from procmqtt.errors import AppError, ConfigError
+from procmqtt.errors import AppError, ConfigError, ExitCode
 from procmqtt.pidfile import PidFile
 from procmqtt.reload import Changes, adoptable, compare
+from procmqtt.supervisor import Child, Supervisor
+from procmqtt.worker import Worker
 
 
 def config(topics: dict[str, int] | None = None, mqtt: dict | None = None, workers: dict | None = None,
@@ -236,3 +238,75 @@ def test_run_refuses_a_bad_log_file_before_starting(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().endswith("cannot open: No such file or directory")
     assert "Traceback" not in result.stderr
+
+
+# --- the supervisor's decisions, one call at a time (no processes) -------------------------------
+
+class _App(Worker):
+    def on_message(self, message: object) -> None:
+        pass
+
+
+class _NewApp(_App):
+    pass
+
+
+def supervisor(**workers: int) -> Supervisor:
+    sup = Supervisor(_App, "tests:App", config({"a/#": 1}, workers=workers or {"count": 2}))
+    for pid, (role, slot) in enumerate([("agent", -1), *(("worker", s) for s in range(sup.config.workers.count))]):
+        sup.children[1000 + pid] = Child(role, slot, generation=10 + pid, pid=1000 + pid, started=0.0)
+    return sup
+
+
+def test_sigttou_retires_the_highest_slot_and_never_goes_below_one():
+    sup = supervisor(count=2)
+    sup.scale(-1)
+    assert sup.config.workers.count == 1
+    assert list(sup.control) == [channel.Retire(1, 12)]
+    sup.scale(-1)
+    assert sup.config.workers.count == 1 and len(sup.control) == 1
+
+
+def test_sigttin_stops_at_the_publish_buffer_limit():
+    sup = Supervisor(_App, "tests:App", config(mqtt={"publish_buffer": 30_000}, workers={"count": 1}))
+    sup.scale(+1)
+    assert sup.config.workers.count == 2
+    sup.scale(+1)  # 3 x 30,000 unconfirmed publishes would overflow paho's 16-bit message ids
+    assert sup.config.workers.count == 2
+
+
+def test_adopt_sends_subscription_changes_then_retires_workers_and_keeps_the_agent():
+    sup = supervisor(count=2)
+    sup.adopt(_NewApp, config({"b/#": 1}, workers={"count": 2}), 1)
+    assert sup.app is _NewApp and sup.revision == 1
+    assert list(sup.control) == [channel.Unsubscribe("a/#"), channel.Subscribe("b/#", 1),
+                                 channel.Retire(0, 11), channel.Retire(1, 12)]
+
+
+def test_adopt_with_a_connection_change_also_stops_the_agent_once():
+    sup = supervisor(count=1)
+    sup.adopt(_App, config({"a/#": 1}, mqtt={"port": 1999}, workers={"count": 1}), 1)
+    sup.adopt(_App, config({"a/#": 1}, mqtt={"port": 2000}, workers={"count": 1}), 2)
+    assert list(sup.control) == [channel.StopAgent(), channel.Retire(0, 11)]
+
+
+def test_a_reloaded_worker_that_cannot_boot_goes_back_an_old_one_is_fatal():
+    sup = supervisor(count=1)
+    sup.loader = lambda: (_NewApp, config({"a/#": 1}, workers={"count": 1}))
+    sup.reload()
+    new = Child("worker", 0, generation=99, pid=2000, started=0.0, revision=sup.revision)
+    sup.give_up(new, ExitCode.APP, "worker 0 failed to boot")
+    assert sup.app is _App and sup.revision == 0 and not sup.stopping
+    old = Child("worker", 0, generation=100, pid=2001, started=0.0, revision=0)
+    sup.give_up(old, ExitCode.APP, "worker 0 failed to boot")  # nothing left to go back to
+    assert sup.stopping and sup.exit_code == ExitCode.APP
+
+
+def test_a_reload_that_cannot_load_changes_nothing():
+    sup = supervisor(count=1)
+
+    def broken() -> tuple[type[Worker], Config]:
+        raise ConfigError("procmqtt.toml: not valid TOML")
+    sup.loader = broken
+    sup.reload()
+    assert sup.app is _App and sup.revision == 0 and not sup.control and sup.previous is None
