@@ -18,6 +18,7 @@ from . import config as config_mod
 from .errors import ConfigError, ExitCode, ProcmqttError
 
 if TYPE_CHECKING:
+    from .embedded import EmbeddedBroker
     from .routes import Route
     from .worker import Worker
 
@@ -56,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"TOML configuration (default: ${config_mod.CONFIG_ENV}, else "
                              f"./{config_mod.DEFAULT_PATH} when it exists)")
     status.add_argument("--watch", type=float, metavar="SECONDS", help="print again every SECONDS until Ctrl-C")
+
+    demo = commands.add_parser("demo", help="see procmqtt work: a private broker, an app, a stream, a live view",
+                               description="Start a private mosquitto, run the demo app on N workers, publish "
+                                           "a steady stream to it and show a live view, then a summary.")
+    demo.add_argument("-w", "--workers", type=int, default=4, metavar="N", help="worker processes (default 4)")
+    demo.add_argument("--seconds", type=float, default=10.0, metavar="S",
+                      help="how long to stream (default 10; Ctrl-C stops earlier)")
+    demo.add_argument("--rate", type=float, default=200.0, metavar="MSGS",
+                      help="messages per second (default 200)")
     return parser
 
 
@@ -66,7 +76,9 @@ def _app_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"TOML configuration (default: ${config_mod.CONFIG_ENV}, else "
                              f"./{config_mod.DEFAULT_PATH} when it exists)")
     parser.add_argument("-w", "--workers", type=int, metavar="N", help="number of worker processes")
-    parser.add_argument("--broker", metavar="URL", help="mqtt://[user@]host[:port], overrides [mqtt]")
+    parser.add_argument("--broker", metavar="URL",
+                        help="mqtt://[user@]host[:port], overrides [mqtt]; or 'embedded': a private mosquitto "
+                             "on a free loopback port, started and stopped with the app (local development)")
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     parser.add_argument("--log-format", choices=logs.FORMATS,
                         help=f"text (default) or json, one object per line (env {LOG_FORMAT_ENV})")
@@ -78,6 +90,18 @@ def _setup_logs(args: argparse.Namespace) -> None:
         expected = ", ".join(f'"{f}"' for f in logs.FORMATS)
         raise ConfigError(f"{LOG_FORMAT_ENV}: expected one of {expected}, got {fmt!r}")
     logs.setup(args.log_level, fmt)
+
+
+def _embedded_broker(args: argparse.Namespace) -> EmbeddedBroker | None:
+    """``--broker embedded``: find mosquitto and a free port, and put its URL in ``args.broker``.
+    Nothing starts here; ``run`` starts it after every other check."""
+    if args.broker != "embedded":
+        return None
+    from .embedded import EmbeddedBroker
+
+    broker = EmbeddedBroker()
+    args.broker = broker.url
+    return broker
 
 
 def _resolve(args: argparse.Namespace) -> config_mod.Config:
@@ -96,6 +120,7 @@ def _prepare(args: argparse.Namespace) -> tuple[config_mod.Config, type[Worker],
 
 def run(args: argparse.Namespace) -> int:
     _setup_logs(args)
+    broker = _embedded_broker(args)
     if args.print_config:
         from .check import render_config
 
@@ -105,18 +130,22 @@ def run(args: argparse.Namespace) -> int:
         logs.to_file(args.log_file)
     config, app, routes = _prepare(args)
     metrics_listener = metrics.listen(config)  # before any fork: a port in use stops us here
-    if not config.mqtt.topics and not routes:
-        logs.get().warning("no [mqtt.topics] configured and no routes; the app receives only what it "
-                           "subscribes to at runtime")
     from .pidfile import PidFile
     from .supervisor import Supervisor
 
     pidfile = PidFile(args.pid) if args.pid else None
     if pidfile is not None:
-        pidfile.create()
+        pidfile.create()  # a procmqtt already running with this file stops us here
     try:
-        return Supervisor(app, args.app, config, metrics_listener, loader=_reloader(args)).run()
+        if broker is not None:
+            broker.start()
+        if not config.mqtt.topics and not routes:
+            logs.get().warning("no [mqtt.topics] configured and no routes; the app receives only what it "
+                               "subscribes to at runtime")
+        return Supervisor(app, args.app, config, metrics_listener, broker=broker, loader=_reloader(args)).run()
     finally:
+        if broker is not None:
+            broker.stop()
         if pidfile is not None:
             pidfile.remove()
 
@@ -135,6 +164,7 @@ def check(args: argparse.Namespace) -> int:
     from .check import render_check
 
     _setup_logs(args)
+    _embedded_broker(args)  # check fails where run would (no mosquitto); the port is only an example
     config, app, routes = _prepare(args)
     sys.stdout.write(render_check(args.app, app, config, routes))
     return ExitCode.OK
@@ -148,10 +178,17 @@ def status(args: argparse.Namespace) -> int:
     return status_mod.main(config_mod.resolve(args.config), args.watch)
 
 
+def demo(args: argparse.Namespace) -> int:
+    from .demo import Demo
+
+    return Demo(workers=args.workers, seconds=args.seconds, rate=args.rate).run()
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": run,
     "check": check,
     "status": status,
+    "demo": demo,
 }
 """Subcommand -> function; each returns the exit code and may raise ProcmqttError."""
 

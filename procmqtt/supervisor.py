@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from . import channel, logs, proctitle, reload
 from .agent import Agent
@@ -32,6 +33,9 @@ from .routes import with_route_subscriptions
 from .shared import MAX_SLOTS, SharedState
 from .signals import SignalQueue
 from .worker import Worker, serve, uses_asyncio
+
+if TYPE_CHECKING:
+    from .embedded import EmbeddedBroker
 
 STOP_MARGIN = 5.0
 """Seconds past ``graceful_timeout`` before the supervisor SIGKILLs what is left."""
@@ -50,11 +54,14 @@ _SUPERVISOR_ONLY = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 Loader = Callable[[], tuple[type[Worker], Config]]
 """Loads the app and the configuration again, as ``procmqtt run`` did; raises ``ProcmqttError``."""
 
+BROKER_SLOT = -2
+"""The embedded broker's slot (``--broker embedded``); the agent is -1, workers 0 .. N-1."""
+
 
 @dataclass
 class Child:
-    role: str  # "agent" or "worker"
-    slot: int  # the worker's id; -1 for the agent
+    role: str  # "agent", "worker" or "broker"
+    slot: int  # the worker's id; -1 for the agent, -2 for the embedded broker
     generation: int  # unique per fork, so the agent can tell a replacement from a stale record
     pid: int
     started: float
@@ -68,10 +75,13 @@ class Supervisor:
     """Runs in the process ``procmqtt run`` started; constructing it has no side effects."""
 
     def __init__(self, app: type[Worker], app_spec: str, config: Config,
-                 metrics_listener: socket.socket | None = None, *, loader: Loader | None = None) -> None:
+                 metrics_listener: socket.socket | None = None, *, broker: EmbeddedBroker | None = None,
+                 loader: Loader | None = None) -> None:
         """``metrics_listener``: the ``[metrics]`` socket (``metrics.listen``), handed to every agent.
+        ``broker``: an embedded broker already started; supervised like a child, stopped last.
         ``loader``: what SIGHUP calls to load the app and the configuration again."""
         self.app = app
+        self.broker = broker
         self.loader = loader
         self.revision = 0
         self.revisions = itertools.count(1)
@@ -104,6 +114,7 @@ class Supervisor:
                 self.reap_children()
                 self.murder_hung_workers()
                 if self.stopping:
+                    self.stop_broker_last()
                     if not self.children:
                         break
                     self.drive_stop()
@@ -131,6 +142,9 @@ class Supervisor:
         if w.concurrency > 1 and not uses_asyncio(self.app):
             self.log.warning("[workers] concurrency = %d has no effect: %s has no async handlers, so each "
                              "worker handles one message at a time", w.concurrency, self.app.__name__)
+        if self.broker is not None and self.broker.pid is not None:
+            self.children[self.broker.pid] = Child("broker", BROKER_SLOT, next(self.generations),
+                                                   self.broker.pid, time.monotonic())
 
     def teardown(self) -> None:
         self.signals.close()
@@ -194,8 +208,11 @@ class Supervisor:
     def child_exited(self, child: Child, code: int) -> None:
         if child.agent_end is not None:
             child.agent_end.close()
-        name = "agent" if child.role == "agent" else f"worker {child.slot}"
+        name = {"agent": "agent", "broker": "embedded broker"}.get(child.role, f"worker {child.slot}")
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        if child.role == "broker" and self.broker is not None:
+            how += self.broker.last_words()
+            self.broker.reaped(code)
         if self.stopping:
             self.log.log(logging.INFO if code == 0 else logging.WARNING, "%s (pid %d) %s", name, child.pid, how)
             return
@@ -215,7 +232,7 @@ class Supervisor:
             return
         if child.role == "worker":
             self.count_restart(child, code)
-        if code == 0:  # recycled, reloaded, or asked to leave: replace it at once
+        if code == 0 and child.role != "broker":  # recycled, reloaded, or asked to leave: replace it at once
             self.log.info("%s (pid %d) exited; replacing it", name, child.pid)
             return
         backoff = self.backoffs.setdefault(child.slot, Backoff(base=0.5, cap=10.0))
@@ -272,15 +289,25 @@ class Supervisor:
         now = time.monotonic()
         running = {c.slot for c in self.children.values()}
         agent_leaving = any(c.role == "agent" and c.retiring for c in self.children.values())
-        for slot in (-1, *range(self.config.workers.count)):
+        broker = (BROKER_SLOT,) if self.broker is not None else ()
+        for slot in (*broker, -1, *range(self.config.workers.count)):
             if slot >= 0 and agent_leaving:
                 break
             if slot not in running and now >= self.restart_at.get(slot, 0.0):
                 self.restart_at.pop(slot, None)
-                if slot == -1:
+                if slot == BROKER_SLOT:
+                    self.spawn_broker()
+                elif slot == -1:
                     self.spawn_agent()
                 else:
                     self.spawn_worker(slot)
+
+    def spawn_broker(self) -> None:
+        """Restart the embedded broker on the same port; the agent's reconnect finds it there."""
+        assert self.broker is not None
+        pid = self.broker.spawn()
+        self.children[pid] = Child("broker", BROKER_SLOT, next(self.generations), pid, time.monotonic())
+        self.log.info("started embedded broker (pid %d) on %s", pid, self.broker.url)
 
     def spawn_agent(self) -> None:
         workers = {c.slot: (c.generation, c.agent_end) for c in self.children.values() if c.agent_end}
@@ -463,10 +490,21 @@ class Supervisor:
             # Without an agent no one tells the workers to stop; do it directly.
             self.workers_signalled = True
             for child in self.children.values():
-                _kill(child.pid, signal.SIGTERM)
+                if child.role == "worker":
+                    _kill(child.pid, signal.SIGTERM)
         if time.monotonic() >= self.stop_deadline:
             self.log.error("graceful stop timed out; killing %d process(es)", len(self.children))
             self.kill_all()
+
+    def stop_broker_last(self) -> None:
+        """Once the agent and the workers are gone, stop the embedded broker (it outlives them so
+        the agent can flush its publishes and acknowledgements)."""
+        if self.broker is None or any(c.role != "broker" for c in self.children.values()):
+            return
+        for pid in [pid for pid, c in self.children.items() if c.role == "broker"]:
+            del self.children[pid]
+        self.broker.stop()
+        self.log.info("embedded broker stopped")
 
     def kill_all(self) -> None:
         self.stopping = True
