@@ -140,7 +140,8 @@ class _AsyncServer:
             self.shared.set_current(self.slot, self.generation, record.delivery_id)
             self.shared.set_busy_since(self.slot, began)
         self.running[record.delivery_id] = began
-        message = Message(record.topic, record.payload, record.qos, record.retain, record.redelivered)
+        message = Message(record.topic, record.payload, record.qos, record.retain, record.redelivered,
+                          record.properties)
         task = self.loop.create_task(self._handle(record.delivery_id, message, began))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

@@ -42,3 +42,7 @@ class RouteError(AppError):
 
 class PublishBufferFull(RuntimeError):
     """``Worker.publish`` waited ``[mqtt] publish_timeout`` for room in the agent's publish buffer."""
+
+
+class RequestFailed(RuntimeError):
+    """``Worker.request`` could not publish its request (refused by the broker, or the agent gone)."""

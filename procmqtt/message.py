@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import enum
 import json as _json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+from .topics import topic_problem
+
+MAX_EXPIRY = 2**32 - 1
+_MAX_TEXT = 65535  # MQTT strings and binary data carry a 16-bit length
 
 
 class Outcome(enum.IntEnum):
@@ -17,12 +22,100 @@ class Outcome(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Properties:
+    """The MQTT 5 properties of a message: what ``Message.properties`` holds, and what
+    ``Worker.publish(..., properties=...)`` sends.
+
+    ``user_properties`` keeps order and repeated names, as MQTT does. ``message_expiry`` is in
+    seconds; on a received message it is what was left when the broker delivered it.
+    ``payload_format_indicator`` 1 declares the payload UTF-8 (receivers may check it). A field left
+    at None is not sent. Values are checked on construction (``ValueError``), so a mistake shows in
+    the worker that made it, not as a dropped connection.
+    """
+
+    user_properties: tuple[tuple[str, str], ...] = ()
+    content_type: str | None = None
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    message_expiry: int | None = None
+    payload_format_indicator: int | None = None
+
+    def __post_init__(self) -> None:
+        pairs = self.user_properties
+        if not (type(pairs) is tuple and all(type(p) is tuple and len(p) == 2 for p in pairs)):
+            pairs = _pairs(pairs)
+            object.__setattr__(self, "user_properties", pairs)
+        for name, value in pairs:
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise ValueError(  # noqa: TRY004 - one exception type for every bad property
+                    f"user_properties must be (name, value) pairs of strings, got {(name, value)!r}")
+            _check_length("user property", name)
+            _check_length("user property", value)
+        if self.content_type is not None:
+            if not isinstance(self.content_type, str):
+                raise ValueError(f"content_type must be a string, got {self.content_type!r}")
+            _check_length("content_type", self.content_type)
+        if self.response_topic is not None:
+            problem = topic_problem(self.response_topic)
+            if problem:
+                raise ValueError(f"response_topic: {problem}, got {self.response_topic!r}")
+        data = self.correlation_data
+        if data is not None:
+            if isinstance(data, str):
+                data = data.encode("utf-8")
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise ValueError(f"correlation_data must be bytes or str, got {data!r}")
+            object.__setattr__(self, "correlation_data", bytes(data))
+            _check_length("correlation_data", self.correlation_data)
+        expiry = self.message_expiry
+        if expiry is not None and (isinstance(expiry, bool) or not isinstance(expiry, int)
+                                   or not 0 <= expiry <= MAX_EXPIRY):
+            raise ValueError(f"message_expiry must be whole seconds from 0 to {MAX_EXPIRY}, got {expiry!r}")
+        if self.payload_format_indicator not in (None, 0, 1) or isinstance(self.payload_format_indicator, bool):
+            raise ValueError(f"payload_format_indicator must be 0 (bytes) or 1 (UTF-8), "
+                             f"got {self.payload_format_indicator!r}")
+
+    def user_property(self, name: str, default: str | None = None) -> str | None:
+        """The value of the first user property called ``name``, else ``default``."""
+        for key, value in self.user_properties:
+            if key == name:
+                return value
+        return default
+
+    def merged(self, **changes: Any) -> Properties:
+        """A copy with the fields in ``changes`` that are not None replaced."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return replace(self, **changes) if changes else self
+
+
+EMPTY = Properties()
+"""The properties of an MQTT 5 message that carries none."""
+
+
+def _pairs(value: Any) -> tuple[tuple[str, str], ...]:
+    """``user_properties`` given as a list, or pairs as lists, made a tuple of tuples."""
+    try:
+        if not isinstance(value, (str, bytes)) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in value):
+            return tuple((p[0], p[1]) for p in value)
+    except TypeError:
+        pass
+    raise ValueError(f"user_properties must be (name, value) pairs of strings, got {value!r}")
+
+
+def _check_length(what: str, value: str | bytes) -> None:
+    size = len(value.encode("utf-8")) if isinstance(value, str) else len(value)
+    if size > _MAX_TEXT:
+        raise ValueError(f"{what} must be at most {_MAX_TEXT} bytes, got {size}")
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     """One MQTT message as the broker delivered it.
 
     ``payload`` is the exact bytes from the broker; nothing is decoded unless you ask, so binary
     payloads are safe. ``redelivered`` is True when a worker that held this message died and it was
-    handed to another one.
+    handed to another one. ``properties``: the MQTT 5 properties (``Properties``, empty when the
+    message carries none), or None on an MQTT 3.1.1 connection.
     """
 
     topic: str
@@ -30,6 +123,7 @@ class Message:
     qos: int = 0
     retain: bool = False
     redelivered: bool = False
+    properties: Properties | None = None
 
     @property
     def text(self) -> str:

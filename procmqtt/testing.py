@@ -8,48 +8,87 @@ The channels are replaced by ``FakeLink``, which records what the app publishes 
     with WorkerHarness(Sensors, config={"app": {"alert_above": 30}}) as h:
         assert h.deliver("sensors/d1/temperature", {"celsius": 31.5}) is Outcome.OK
         assert h.published == [("alerts/d1", b'{"device":"d1","celsius":31.5}', 1, False)]
+
+MQTT 5 apps (``config={"mqtt": {"protocol": "5"}}``) get ``Message.properties`` as in production;
+``h.respond(filter, answer)`` answers the app's ``self.request`` calls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from . import channel
 from .aioworker import close_loop, maybe_await
 from .config import Config, from_mapping
-from .message import Message, Outcome
+from .message import EMPTY, Message, Outcome, Properties
 from .routes import Route, routes_of
-from .topics import topic_problem
-from .worker import Payload, PublishHandle, Worker, check_app, to_bytes, uses_asyncio
+from .topics import filter_problem, topic_matches, topic_problem
+from .worker import (
+    Payload,
+    PublishHandle,
+    Worker,
+    _ReplyWaiter,
+    check_app,
+    to_bytes,
+    uses_asyncio,
+)
 
 W = TypeVar("W", bound=Worker)
 
 __all__ = ["FakeLink", "WorkerHarness"]
 
 
-class FakeLink:
-    """What a Worker uses of its channels (``publish``, ``send``, ``wait_for``), recorded in lists.
+Answer = Callable[[Message], Payload]
+"""What ``WorkerHarness.respond`` calls with a request: it returns the reply's payload."""
 
-    Every publish succeeds at once: its handle's ``wait()`` and ``await`` give True.
+
+class FakeLink:
+    """What a Worker uses of its channels (``publish``, ``request``, ``send``, ``wait_for``),
+    recorded in lists.
+
+    Every publish succeeds at once: its handle's ``wait()`` and ``await`` give True. A request is
+    answered at once by the first responder whose filter matches its topic; with none it times out
+    at once.
     """
 
     loop_thread: int | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, worker_id: int = 0) -> None:
         self.published: list[tuple[str, bytes, int, bool]] = []
+        self.published_messages: list[Message] = []
         self.subscriptions: list[tuple[str, int]] = []
         self.unsubscriptions: list[str] = []
+        self.responders: list[tuple[str, Answer]] = []
+        self.reply_topic = f"procmqtt/reply/harness/{worker_id}"
         self._requests = itertools.count(1)
 
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> PublishHandle:
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool,
+                properties: Properties | None = None) -> PublishHandle:
         self.published.append((topic, payload, qos, retain))
+        self.published_messages.append(Message(topic, payload, qos, retain, False, properties))
         handle = PublishHandle(self, next(self._requests))
         handle._resolve(0)
         return handle
+
+    def request(self, topic: str, payload: bytes, qos: int, properties: Properties) -> _ReplyWaiter:
+        properties = properties.merged(response_topic=self.reply_topic)
+        self.publish(topic, payload, qos, False, properties)
+        waiter = _ReplyWaiter(self, properties.correlation_data or b"")
+        for topic_filter, answer in self.responders:
+            if topic_matches(topic_filter, topic):
+                request = Message(topic, payload, qos, False, False, properties)
+                reply = to_bytes(answer(request))
+                waiter._answer(Message(self.reply_topic, reply, qos, False, False,
+                                       Properties(correlation_data=properties.correlation_data)))
+                break
+        return waiter
+
+    def forget(self, waiter: _ReplyWaiter) -> None:
+        pass
 
     def send(self, record: channel.Record) -> None:
         if isinstance(record, channel.Subscribe):
@@ -78,7 +117,7 @@ class WorkerHarness(Generic[W]):
         self.config = config if isinstance(config, Config) else from_mapping(config or {}, "WorkerHarness config")
         self.raise_exceptions = raise_exceptions
         self.worker_id = worker_id
-        self.link = FakeLink()
+        self.link = FakeLink(worker_id)
         self.routes: tuple[Route, ...] = routes_of(app)
         self.is_async = uses_asyncio(app)
         self._worker: W | None = None
@@ -95,6 +134,20 @@ class WorkerHarness(Generic[W]):
     def published(self) -> list[tuple[str, bytes, int, bool]]:
         """``(topic, payload bytes, qos, retain)`` of every publish, in order."""
         return self.link.published
+
+    @property
+    def published_messages(self) -> list[Message]:
+        """Every publish as a ``Message``, with its MQTT 5 ``properties`` (None when published without);
+        a request's response topic is ``procmqtt/reply/harness/<worker_id>``."""
+        return self.link.published_messages
+
+    def respond(self, topic_filter: str, answer: Answer | Payload) -> None:
+        """Answer the app's requests to topics matching ``topic_filter``: ``answer`` is the reply's
+        payload, or a function of the request ``Message`` that returns it."""
+        problem = filter_problem(topic_filter)
+        if problem:
+            raise ValueError(f"respond: {problem}, got {topic_filter!r}")
+        self.link.responders.append((topic_filter, answer if callable(answer) else lambda _request: answer))
 
     @property
     def subscriptions(self) -> list[tuple[str, int]]:
@@ -159,12 +212,13 @@ class WorkerHarness(Generic[W]):
     # --- messages ----------------------------------------------------------------------------
 
     def deliver(self, topic: str, payload: Payload = b"", qos: int = 0, retain: bool = False,
-                redelivered: bool = False) -> Outcome:
+                redelivered: bool = False, *, properties: Properties | None = None) -> Outcome:
         """Hand one message to the app as the agent would; returns how handling ended.
 
         ``payload``: bytes, str (UTF-8) or a JSON-serialisable object, as for ``publish``.
+        ``properties``: MQTT 5 only; the app sees empty ``Properties`` when not given, as in production.
         """
-        message = self._message(topic, payload, qos, retain, redelivered)
+        message = self._message(topic, payload, qos, retain, redelivered, properties)
         if self._loop is not None:
             return self._loop.run_until_complete(self.worker.handle_async(message))
         if self.is_async:
@@ -172,14 +226,21 @@ class WorkerHarness(Generic[W]):
         return self.worker.handle(message)
 
     async def deliver_async(self, topic: str, payload: Payload = b"", qos: int = 0, retain: bool = False,
-                            redelivered: bool = False) -> Outcome:
+                            redelivered: bool = False, *, properties: Properties | None = None) -> Outcome:
         """``deliver`` on the running event loop (inside ``async with``)."""
-        return await self.worker.handle_async(self._message(topic, payload, qos, retain, redelivered))
+        return await self.worker.handle_async(self._message(topic, payload, qos, retain, redelivered, properties))
 
-    def _message(self, topic: str, payload: Payload, qos: int, retain: bool, redelivered: bool) -> Message:
+    def _message(self, topic: str, payload: Payload, qos: int, retain: bool, redelivered: bool,
+                 properties: Properties | None) -> Message:
         problem = topic_problem(topic)
         if problem:
             raise ValueError(f"deliver: {problem}, got {topic!r}")
         if qos not in (0, 1, 2):
             raise ValueError(f"deliver: qos must be 0, 1 or 2, got {qos!r}")
-        return Message(topic, to_bytes(payload), qos, bool(retain), bool(redelivered))
+        if self.config.mqtt.protocol == "5":
+            if properties is not None and not isinstance(properties, Properties):
+                raise ValueError(f"deliver: properties must be a procmqtt.Properties, got {properties!r}")
+            properties = properties or EMPTY
+        elif properties is not None:
+            raise ValueError('deliver: properties need MQTT 5; pass config={"mqtt": {"protocol": "5"}}')
+        return Message(topic, to_bytes(payload), qos, bool(retain), bool(redelivered), properties)

@@ -50,3 +50,19 @@ def topic_problem(topic: object) -> str | None:
     if len(topic.encode()) > MAX_TOPIC_BYTES:
         return f"a topic must be at most {MAX_TOPIC_BYTES} bytes"
     return None
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """True when ``topic`` matches ``topic_filter`` by MQTT's rules (``$share/<group>/`` ignored)."""
+    levels = topic_filter.split("/")
+    if levels[0] == "$share":
+        levels = levels[2:]
+    names = topic.split("/")
+    if names[0].startswith("$") and levels[0] in ("+", "#"):
+        return False
+    for i, level in enumerate(levels):
+        if level == "#":
+            return True
+        if i >= len(names) or (level != "+" and level != names[i]):
+            return False
+    return len(names) == len(levels)

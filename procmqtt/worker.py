@@ -13,6 +13,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import select
@@ -25,10 +26,14 @@ from collections import deque
 from collections.abc import Generator
 from typing import Any
 
+from paho.mqtt.client import error_string
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
 from . import aioworker, channel, logs
 from .config import Config
-from .errors import AppError, ExitCode, PublishBufferFull
-from .message import Message, Outcome
+from .errors import AppError, ExitCode, PublishBufferFull, RequestFailed
+from .message import EMPTY, Message, Outcome, Properties
 from .routes import Router, routes_of
 from .shared import SharedState
 from .signals import SignalQueue
@@ -51,23 +56,18 @@ def to_bytes(payload: Payload) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode("utf-8")
 
 
-class PublishHandle:
-    """What ``Worker.publish`` returns: ``wait()`` tells whether the publish reached the broker.
+class _Answer:
+    """Something the agent answers later (a publish confirmation, a reply), awaited by a handler:
+    ``wait()`` blocks, ``await`` does not block the event loop. ``error`` is 0 on success."""
 
-    In an async handler, ``await handle`` (or ``await handle.wait_async(timeout)``) gives the same
-    answer without blocking the event loop.
-    """
-
-    def __init__(self, link: Any, request_id: int) -> None:
+    def __init__(self, link: Any) -> None:
         self._link = link
-        self.request_id = request_id
-        self.error: int | None = None  # paho's error code once known; 0 is success
+        self.error: int | None = None  # paho's error code or the broker's reason code once known
         self._done = threading.Event()
         self._waiters: list[asyncio.Future[None]] = []
 
     def wait(self, timeout: float | None = None) -> bool:
-        """True once the agent handed the message to the broker (QoS 0) or the broker acknowledged
-        it (QoS 1/2); False when it failed or ``timeout`` seconds passed first."""
+        """True once answered with success; False when it failed or ``timeout`` seconds passed first."""
         return self._link.wait_for(self, timeout)
 
     async def wait_async(self, timeout: float | None = None) -> bool:
@@ -102,6 +102,54 @@ class PublishHandle:
                 loop.call_soon_threadsafe(_settle, future)
 
 
+class PublishHandle(_Answer):
+    """What ``Worker.publish`` returns: ``wait()`` tells whether the publish reached the broker.
+
+    ``wait()`` is True once the agent handed the message to the broker (QoS 0) or the broker
+    acknowledged it (QoS 1/2). In an async handler, ``await handle`` (or ``await
+    handle.wait_async(timeout)``) gives the same answer without blocking the event loop.
+    """
+
+    def __init__(self, link: Any, request_id: int) -> None:
+        super().__init__(link)
+        self.request_id = request_id
+
+
+class _ReplyWaiter(_Answer):
+    """One ``Worker.request`` in flight: answered by the reply with its correlation data, or failed
+    early when its publish fails or the agent goes away."""
+
+    def __init__(self, link: Any, correlation: bytes) -> None:
+        super().__init__(link)
+        self.correlation = correlation
+        self.reply: Message | None = None
+
+    def _answer(self, reply: Message) -> None:
+        self.reply = reply
+        self._resolve(0)
+
+    def result(self, topic: str, timeout: float) -> Message:
+        """The reply, once the wait is over; raises ``TimeoutError`` or ``RequestFailed``."""
+        self._link.forget(self)
+        if self.reply is not None:
+            return self.reply
+        if self.error is None:
+            raise TimeoutError(f"request to {topic!r}: no reply within {timeout:g}s")
+        raise RequestFailed(f"request to {topic!r} failed: {describe_error(self.error)}")
+
+
+def describe_error(code: int) -> str:
+    """Words for ``PublishHandle.error``: the broker's MQTT 5 reason (``Not authorized``) or paho's error."""
+    if code == AGENT_GONE:
+        return "the agent's side closed before an answer"
+    if code >= 128:
+        try:
+            return f"{ReasonCode(PacketTypes.PUBACK, identifier=code)} (reason code {code})"
+        except ValueError:
+            return f"reason code {code}"
+    return error_string(code)
+
+
 def _settle(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -127,6 +175,8 @@ class _AgentLink:
         self._inbox: deque[channel.Record] = deque()
         self._handles: dict[int, PublishHandle] = {}
         self._requests = itertools.count(1)
+        self._replies: dict[bytes, _ReplyWaiter] = {}  # correlation data -> request awaiting its reply
+        self._request_of: dict[int, _ReplyWaiter] = {}  # publish request id -> its request, until confirmed
         self._lock = threading.Lock()  # one reader of ``inbound`` at a time
 
     def send(self, record: channel.Record) -> None:
@@ -147,13 +197,28 @@ class _AgentLink:
             if self._outbox:
                 channel.send_many(self.upstream, self._outbox)
 
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> PublishHandle:
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool, properties: Properties | None = None,
+                *, request: _ReplyWaiter | None = None) -> PublishHandle:
         if len(self._handles) >= self.publish_buffer:
             self._wait_for_room(topic)
         handle = PublishHandle(self, next(self._requests))
         self._handles[handle.request_id] = handle
-        self.send(channel.Publish(self.slot, self.generation, handle.request_id, topic, payload, qos, retain))
+        if request is not None:
+            self._request_of[handle.request_id] = request
+        self.send(channel.Publish(self.slot, self.generation, handle.request_id, topic, payload, qos, retain,
+                                  properties, request is not None))
         return handle
+
+    def request(self, topic: str, payload: bytes, qos: int, properties: Properties) -> _ReplyWaiter:
+        """Publish a request whose response topic the agent sets to this worker's reply topic."""
+        waiter = _ReplyWaiter(self, properties.correlation_data or b"")
+        self._replies[waiter.correlation] = waiter
+        self.publish(topic, payload, qos, False, properties, request=waiter)
+        return waiter
+
+    def forget(self, waiter: _ReplyWaiter) -> None:
+        """The requester stopped waiting: a late reply is dropped."""
+        self._replies.pop(waiter.correlation, None)
 
     def _wait_for_room(self, topic: str) -> None:
         """Block while this worker has ``publish_buffer`` publishes unconfirmed (broker down or
@@ -193,15 +258,25 @@ class _AgentLink:
                 records = None
             if records is None:
                 self.closed = True
-                for handle in self._handles.values():  # never confirmed now; wake their waiters
-                    handle._resolve(AGENT_GONE)
+                for answer in [*self._handles.values(), *self._replies.values()]:  # wake their waiters
+                    answer._resolve(AGENT_GONE)
                 self._handles.clear()
+                self._replies.clear()
+                self._request_of.clear()
                 return
             for record in records:
                 if isinstance(record, channel.Published):
                     handle = self._handles.pop(record.request_id, None)
                     if handle is not None:
                         handle._resolve(record.error)
+                    waiter = self._request_of.pop(record.request_id, None)
+                    if waiter is not None and record.error:
+                        waiter._resolve(record.error)  # the request never left: no reply will come
+                elif isinstance(record, channel.Reply):
+                    waiter = self._replies.pop(record.properties.correlation_data or b"", None)
+                    if waiter is not None:  # else a late or duplicate reply
+                        waiter._answer(Message(record.topic, record.payload, record.qos, record.retain,
+                                               False, record.properties))
                 else:
                     self._inbox.append(record)
 
@@ -287,13 +362,95 @@ class Worker:
     def on_stop(self) -> None:
         """Called once when the worker stops gracefully."""
 
-    def publish(self, topic: str, payload: Payload = b"", qos: int = 0, retain: bool = False) -> PublishHandle:
-        """Publish through the agent. ``payload``: bytes, str (UTF-8) or a JSON-serialisable object."""
+    def publish(self, topic: str, payload: Payload = b"", qos: int = 0, retain: bool = False, *,
+                properties: Properties | None = None, **fields: Any) -> PublishHandle:
+        """Publish through the agent. ``payload``: bytes, str (UTF-8) or a JSON-serialisable object.
+
+        MQTT 5: ``properties`` (a ``Properties``) and/or its fields as keywords (``user_properties``,
+        ``content_type``, ``response_topic``, ``correlation_data``, ``message_expiry``,
+        ``payload_format_indicator``); keywords override ``properties``.
+        """
         problem = topic_problem(topic)
         if problem:
             raise ValueError(f"publish: {problem}, got {topic!r}")
         _check_qos(qos)
-        return self._require_link().publish(topic, to_bytes(payload), qos, bool(retain))
+        props = self._properties("publish", properties, fields)
+        data = to_bytes(payload)
+        _check_format("publish", props, data)
+        return self._require_link().publish(topic, data, qos, bool(retain), props)
+
+    def request(self, topic: str, payload: Payload = b"", timeout: float = 10.0, qos: int = 1, *,
+                properties: Properties | None = None, **fields: Any) -> Message:
+        """Publish a request and return the reply (MQTT 5), for request/response services.
+
+        The request carries a response topic that leads back to this very worker and random
+        correlation data; the answering side replies there with the same correlation data
+        (``Worker.reply`` does). The request expires at the broker after ``timeout`` seconds unless
+        ``message_expiry`` says otherwise. Raises ``TimeoutError`` when no reply came within
+        ``timeout``, ``RequestFailed`` when the request could not be published. Blocks; an async
+        handler uses ``request_async``.
+        """
+        waiter = self._send_request(topic, payload, timeout, qos, properties, fields)
+        waiter.wait(timeout)
+        return waiter.result(topic, timeout)
+
+    async def request_async(self, topic: str, payload: Payload = b"", timeout: float = 10.0, qos: int = 1, *,
+                            properties: Properties | None = None, **fields: Any) -> Message:
+        """``request`` for async handlers: awaits the reply without blocking the event loop."""
+        waiter = self._send_request(topic, payload, timeout, qos, properties, fields)
+        await waiter.wait_async(timeout)
+        return waiter.result(topic, timeout)
+
+    def reply(self, message: Message, payload: Payload = b"", qos: int = 1, *,
+              properties: Properties | None = None, **fields: Any) -> PublishHandle:
+        """Answer a request (MQTT 5): publish to its response topic with its correlation data.
+
+        Raises ``ValueError`` when ``message`` has no response topic (it was not a request).
+        """
+        asked = message.properties
+        if asked is None:
+            raise ValueError(f"reply: the message on {message.topic!r} came over MQTT 3.1.1, which has no "
+                             f"response topic; set [mqtt] protocol = \"5\"")
+        if asked.response_topic is None:
+            raise ValueError(f"reply: the message on {message.topic!r} has no response topic (it is not a request)")
+        props = (self._properties("reply", properties, fields) or EMPTY).merged(
+            correlation_data=asked.correlation_data)
+        return self.publish(asked.response_topic, payload, qos, properties=props)
+
+    def _send_request(self, topic: str, payload: Payload, timeout: float, qos: int,
+                      properties: Properties | None, fields: dict[str, Any]) -> _ReplyWaiter:
+        if self.config.mqtt.protocol != "5":
+            raise ValueError(f"request: request/reply needs MQTT 5 (response topic and correlation data); "
+                             f"set [mqtt] protocol = \"5\" (this app uses {self.config.mqtt.protocol})")
+        problem = topic_problem(topic)
+        if problem:
+            raise ValueError(f"request: {problem}, got {topic!r}")
+        _check_qos(qos)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"request: timeout must be a number of seconds above 0, got {timeout!r}")
+        props = self._properties("request", properties, fields) or EMPTY
+        if props.response_topic is not None or props.correlation_data is not None:
+            raise ValueError("request: response_topic and correlation_data are set by request itself; "
+                             "use publish to send your own")
+        props = props.merged(correlation_data=os.urandom(16),
+                             message_expiry=props.message_expiry or math.ceil(timeout))
+        data = to_bytes(payload)
+        _check_format("request", props, data)
+        return self._require_link().request(topic, data, qos, props)
+
+    def _properties(self, what: str, properties: Properties | None, fields: dict[str, Any]) -> Properties | None:
+        """The MQTT 5 properties of a publish, or None; a clear error on MQTT 3.1.1 or for a bad value."""
+        if properties is None and not fields:
+            return None
+        if self.config.mqtt.protocol != "5":
+            raise ValueError(f"{what}: message properties need MQTT 5; set [mqtt] protocol = \"5\" "
+                             f"(this app uses {self.config.mqtt.protocol})")
+        if properties is not None and not isinstance(properties, Properties):
+            raise ValueError(f"{what}: properties must be a procmqtt.Properties, got {properties!r}")
+        try:
+            return (properties or EMPTY).merged(**fields)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{what}: {exc}") from None
 
     def subscribe(self, topic_filter: str, qos: int = 0) -> None:
         """Subscribe the whole app (not just this worker); kept across reconnects and agent restarts."""
@@ -381,6 +538,17 @@ def check_app(app: type[Worker]) -> None:
                        "so it would handle nothing")
 
 
+def _check_format(what: str, properties: Properties | None, payload: bytes) -> None:
+    """MQTT 5 calls a payload declared UTF-8 that is not malformed: brokers and subscribers may refuse it
+    (reason code 0x99), so the worker that made the mistake hears of it instead."""
+    if properties is not None and properties.payload_format_indicator == 1:
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{what}: payload_format_indicator=1 declares a UTF-8 payload, but the payload "
+                             "is not valid UTF-8") from None
+
+
 def _check_qos(qos: int) -> None:
     if qos not in (0, 1, 2) or isinstance(qos, bool):
         raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
@@ -424,7 +592,7 @@ def serve(app: type[Worker], slot: int, generation: int, config: Config, inbound
                 began = time.monotonic()
                 shared.set_busy_since(slot, began)
                 outcome = worker.handle(Message(record.topic, record.payload, record.qos, record.retain,
-                                                record.redelivered))
+                                                record.redelivered, record.properties))
                 shared.set_busy_since(slot, 0.0)
                 shared.set_current(slot, generation, 0)
                 finished += 1

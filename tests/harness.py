@@ -47,10 +47,12 @@ class Mosquitto:
 
     def __init__(self, directory: Path, *, persistence: bool = False,
                  users: dict[str, str] | None = None, tls: Any = None, require_certificate: bool = False,
-                 websockets: bool = False) -> None:
+                 websockets: bool = False, deny: list[dict[str, Any]] | None = None, debug: bool = False) -> None:
         """``persistence``: saved after every change, so a SIGKILL loses nothing it acknowledged.
         ``tls`` (tests/certs.py ``Certs``) adds a TLS listener on ``tls_port``; ``websockets`` a
-        websockets listener on ``ws_port``. The plain listener on ``port`` is always there."""
+        websockets listener on ``ws_port``. The plain listener on ``port`` is always there.
+        ``deny``: dynamic-security ACL entries that refuse anonymous clients, e.g.
+        ``{"acltype": "subscribePattern", "topic": "secret/#"}``. ``debug``: log every packet."""
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -60,6 +62,8 @@ class Mosquitto:
         self.ws_port = free_port() if websockets else None
         self.persistence = persistence
         self.users = users
+        self.deny = deny
+        self.debug = debug
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "mosquitto.log"
 
@@ -81,6 +85,8 @@ class Mosquitto:
             "log_type error", "log_type warning", "log_type notice", "log_type information",
             "log_type subscribe",
         ]
+        if self.debug:
+            lines.append("log_type debug")
         if os.geteuid() == 0:
             lines.append("user root")  # otherwise it drops to 'mosquitto' and cannot write here
         if self.users:
@@ -92,9 +98,29 @@ class Mosquitto:
             lines += ["allow_anonymous false", f"password_file {pwfile}"]
         else:
             lines.append("allow_anonymous true")
+        if self.deny:
+            lines += self._dynamic_security()
         path = self.dir / "mosquitto.conf"
         path.write_text("\n".join(lines) + "\n")
         return path
+
+    def _dynamic_security(self) -> list[str]:
+        """Mosquitto's dynamic-security plugin: the one way it refuses a subscription (its ACL file
+        grants every subscription and filters at delivery)."""
+        plugin = next((p for p in ("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+                                   "/usr/lib/mosquitto_dynamic_security.so",
+                                   "/usr/local/lib/mosquitto_dynamic_security.so") if os.path.exists(p)), None)
+        if plugin is None:
+            import pytest
+            pytest.skip("mosquitto_dynamic_security.so is not installed")
+        acls = [{"priority": 0, **entry, "allow": False} for entry in self.deny or ()]
+        config = {"defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True, "subscribe": True,
+                                       "unsubscribe": True},
+                  "clients": [], "groups": [{"groupname": "anonymous", "roles": [{"rolename": "denied"}]}],
+                  "roles": [{"rolename": "denied", "acls": acls}], "anonymousGroup": "anonymous"}
+        path = self.dir / "dynamic-security.json"
+        path.write_text(json.dumps(config))
+        return [f"plugin {plugin}", f"plugin_opt_config_file {path}"]
 
     def start(self) -> None:
         config = self._write_config()

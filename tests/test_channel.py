@@ -14,6 +14,11 @@ from collections import deque
 import pytest
 
 from procmqtt import channel
+from procmqtt.message import EMPTY, Properties
+
+FULL = Properties(user_properties=(("a", "1"), ("ü", "ß"), ("a", "2"), ("", "")), content_type="application/json",
+                  response_topic="procmqtt/reply/x/3", correlation_data=b"\x00\xffcorr", message_expiry=0,
+                  payload_format_indicator=0)
 
 
 def roundtrip(record: channel.Record) -> channel.Record:
@@ -35,6 +40,14 @@ def roundtrip(record: channel.Record) -> channel.Record:
     channel.Retire(3, 17),
     channel.Ready(1023, 2**31),
     channel.Publish(3, 99, 42, "out/x", b"payload", 2, True),
+    channel.Deliver(9, "v5/none", b"p", 1, False, False, EMPTY),
+    channel.Deliver(9, "v5/full", b"\x00p", 2, True, True, FULL),
+    channel.Deliver(9, "v5/some", b"", 1, False, False, Properties(content_type="", message_expiry=2**32 - 1)),
+    channel.Deliver(9, "v5/corr", b"x", 1, False, False, Properties(correlation_data=b"")),
+    channel.Publish(3, 99, 42, "out/x", b"payload", 1, False, Properties(user_properties=(("k", "v"),))),
+    channel.Publish(3, 99, 42, "ask/x", b"?", 1, False, Properties(correlation_data=b"c", message_expiry=5), True),
+    channel.Reply("procmqtt/reply/c/1", b"answer", 1, False, Properties(correlation_data=b"c")),
+    channel.Reply("procmqtt/reply/c/1", b"", 0, True, EMPTY),
     channel.Subscribe("$share/g/a/+/#", 1),
     channel.Unsubscribe("a/#"),
     channel.Stop(),
@@ -43,6 +56,22 @@ def roundtrip(record: channel.Record) -> channel.Record:
     channel.Restarts("exit_1", 2**40),
 ])
 def test_records_round_trip(record):
+    assert roundtrip(record) == record
+
+
+@pytest.mark.timeout(10)
+def test_an_mqtt311_delivery_costs_one_byte_more_than_before():
+    """The properties flag is the only addition to a 3.1.1 delivery: head 14 -> 15 bytes."""
+    plain = channel.encode(channel.Deliver(1, "t/1", b"12345", 1, False, False))
+    assert len(plain) == 15 + 3 + 5
+    assert len(channel.encode(channel.Deliver(1, "t/1", b"12345", 1, False, False, EMPTY))) == len(plain)
+
+
+@pytest.mark.timeout(10)
+def test_large_properties_travel_through_the_memory_file():
+    many = Properties(user_properties=tuple((f"name-{i}", "v" * 1000) for i in range(300)))
+    record = channel.Deliver(1, "big/props", os.urandom(1000), 1, False, False, many)
+    assert len(channel.encode(record)) > channel.INLINE_MAX
     assert roundtrip(record) == record
 
 

@@ -61,7 +61,7 @@ def test_no_command_is_a_usage_error():
     (["-w", "-3"], "--workers: expected an integer from 1 to 1024, got -3"),
     (["-w", "5000"], "--workers: expected an integer from 1 to 1024, got 5000"),
     (["--broker", "mqtt://u:pw123@h"], "--broker: do not put a password in the URL"),
-    (["--broker", "ftp://h"], "--broker: expected mqtt://[user@]host[:port]"),
+    (["--broker", "ftp://h"], "--broker: expected mqtt://, mqtts://, ws:// or wss://"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, expected):
     result = procmqtt("run", "tests/apps.py:Recorder", *args)
