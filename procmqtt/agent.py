@@ -134,10 +134,11 @@ class Agent:
         # mid -> (info, slot, generation, request id, qos, topic) of publishes not yet confirmed
         self.publishes: dict[int, tuple[mqtt.MQTTMessageInfo, int, int, int, int, str]] = {}
         self.subscribe_requests: dict[int, list[str]] = {}
+        self.unsubscribe_on_connect: set[str] = set()  # removed offline; a persistent session may hold them
         self.dead_letters: dict[int, _Delivery] = {}  # mid of the dead-letter publish -> original
         self.early_ready: set[tuple[int, int]] = set()  # (slot, generation) ready before its WorkerUp
         self.syncing = 0  # mid of the UNSUBSCRIBE that proves the broker has our acknowledgements
-        self.metrics = metrics.Counters(config.workers.count)
+        self.metrics = metrics.Counters(max(config.workers.count, max(self.workers, default=-1) + 1))
         self.v5 = config.mqtt.protocol == "5"
         self.reply_prefix = mqtt5.reply_prefix(client_id)  # + worker slot: where its replies come back
         self.replies_wanted = False  # a worker made a request: the reply filter is subscribed
@@ -413,6 +414,9 @@ class Agent:
                       self.config.mqtt.port, bool(flags.session_present))
         if self.subscriptions:
             self._subscribe(list(self.subscriptions.items()))
+        if self.unsubscribe_on_connect:
+            self._unsubscribe(sorted(self.unsubscribe_on_connect))
+            self.unsubscribe_on_connect.clear()
         if self.replies_wanted:
             self._subscribe_replies()
         birth = self.config.mqtt.birth
@@ -440,6 +444,12 @@ class Agent:
         rc, mid = self.client.subscribe(wire)
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self.subscribe_requests[mid] = [f for f, _ in wire]
+
+    def _unsubscribe(self, filters: list[str]) -> None:
+        wire = [self.config.mqtt.wire_filter(f) for f in filters]
+        _, mid = self.client.unsubscribe(wire)
+        if mid is not None:
+            self.subscribe_requests[mid] = wire
 
     def _subscribe_replies(self) -> None:
         """Replies are this instance's own: never inside the share group, never saved.
@@ -622,6 +632,8 @@ class Agent:
         ready = (record.slot, record.generation) in self.early_ready
         self.early_ready.discard((record.slot, record.generation))
         self.workers[record.slot] = _WorkerChannel(record.slot, record.generation, record.sock, ready=ready)
+        self.metrics.ensure_slots(record.slot + 1)  # SIGTTIN adds slots
+        self.backlog_limit = max(self.backlog_limit, len(self.workers) * self.prefetch)
         if self.stopping:
             self._write(self.workers[record.slot], channel.Stop())
         self._dispatch()
@@ -691,6 +703,7 @@ class Agent:
             self._publish(record)
         elif isinstance(record, channel.Subscribe):
             self.subscriptions[record.topic_filter] = record.qos
+            self.unsubscribe_on_connect.discard(record.topic_filter)
             self._save_subscriptions()
             if self.state is ConnState.CONNECTED:
                 self._subscribe([(record.topic_filter, record.qos)])
@@ -698,10 +711,9 @@ class Agent:
             self.subscriptions.pop(record.topic_filter, None)
             self._save_subscriptions()
             if self.state is ConnState.CONNECTED:
-                wire = self.config.mqtt.wire_filter(record.topic_filter)
-                _, mid = self.client.unsubscribe(wire)
-                if mid is not None:
-                    self.subscribe_requests[mid] = [wire]
+                self._unsubscribe([record.topic_filter])
+            else:
+                self.unsubscribe_on_connect.add(record.topic_filter)
         elif isinstance(record, (channel.Ready, channel.Retire)):
             self._worker_record(record)
         elif isinstance(record, channel.WorkerUp):

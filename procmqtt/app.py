@@ -64,3 +64,38 @@ def _import_file(spec: str, path: str):  # type: ignore[no-untyped-def]
     sys.modules[name] = module
     module_spec.loader.exec_module(module)
     return module
+
+
+def reload_app(spec: str) -> type[Worker]:
+    """SIGHUP: import the app again from its source, in the supervisor; new workers fork from it.
+
+    The app's modules are dropped from ``sys.modules`` first: the module itself and, for
+    ``package.module:Class``, every module of its top-level package (not procmqtt's). Any other
+    module (libraries) stays as imported. If the import fails, the previous modules are put back,
+    so the running code is untouched.
+    """
+    module_part = spec.rpartition(":")[0]
+    if module_part.endswith(".py") or os.sep in module_part:
+        owned = [os.path.splitext(os.path.basename(module_part))[0]]  # what _import_file names it
+    else:
+        top = module_part.split(".")[0]
+        owned = [module_part] if top == __package__ else [top]
+
+    def mine(name: str) -> bool:
+        return any(name == o or name.startswith(o + ".") for o in owned)
+
+    saved = {name: module for name, module in sys.modules.items() if mine(name)}
+    for name in saved:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+    try:
+        return load_app(spec)
+    except BaseException:
+        for name in [name for name in sys.modules if mine(name)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+        for name, module in saved.items():  # an import binds a submodule on its package too
+            parent, _, child = name.rpartition(".")
+            if parent in sys.modules:
+                setattr(sys.modules[parent], child, module)
+        raise

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     _app_arguments(run)
     run.add_argument("--print-config", action="store_true",
                      help="print the effective configuration (secrets masked) and exit")
+    run.add_argument("--pid", metavar="FILE", help="write the supervisor's pid to FILE; removed at exit")
+    run.add_argument("--log-file", metavar="FILE",
+                     help="log to FILE instead of stderr; SIGUSR1 to the supervisor reopens it (logrotate)")
 
     check = commands.add_parser(
         "check", help="check an app and its configuration without running it",
@@ -123,20 +126,38 @@ def run(args: argparse.Namespace) -> int:
 
         sys.stdout.write(render_config(_resolve(args), args.app))
         return ExitCode.OK
+    if args.log_file:
+        logs.to_file(args.log_file)
     config, app, routes = _prepare(args)
     metrics_listener = metrics.listen(config)  # before any fork: a port in use stops us here
-    if broker is not None:
-        broker.start()
-    if not config.mqtt.topics and not routes:
-        logs.get().warning("no [mqtt.topics] configured and no routes; the app receives only what it "
-                           "subscribes to at runtime")
+    from .pidfile import PidFile
     from .supervisor import Supervisor
 
+    pidfile = PidFile(args.pid) if args.pid else None
+    if pidfile is not None:
+        pidfile.create()  # a procmqtt already running with this file stops us here
     try:
-        return Supervisor(app, args.app, config, metrics_listener, broker=broker).run()
+        if broker is not None:
+            broker.start()
+        if not config.mqtt.topics and not routes:
+            logs.get().warning("no [mqtt.topics] configured and no routes; the app receives only what it "
+                               "subscribes to at runtime")
+        return Supervisor(app, args.app, config, metrics_listener, broker=broker, loader=_reloader(args)).run()
     finally:
         if broker is not None:
             broker.stop()
+        if pidfile is not None:
+            pidfile.remove()
+
+
+def _reloader(args: argparse.Namespace) -> Callable[[], tuple[type[Worker], config_mod.Config]]:
+    """What SIGHUP runs in the supervisor: the configuration resolved as at start, the app imported afresh."""
+    def load() -> tuple[type[Worker], config_mod.Config]:
+        from .app import reload_app
+
+        config = _resolve(args)
+        return reload_app(args.app), config
+    return load
 
 
 def check(args: argparse.Namespace) -> int:

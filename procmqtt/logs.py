@@ -69,3 +69,35 @@ def set_role(role: str) -> None:
 
 def get(name: str = "") -> logging.Logger:
     return logging.getLogger(f"{LOGGER}.{name}" if name else LOGGER)
+
+
+def to_file(path: str) -> None:
+    """``--log-file``: every process logs to ``path`` instead of stderr, in the format ``setup`` chose.
+
+    Called in the supervisor after ``setup``, before fork. ``WatchedFileHandler`` checks at each
+    line whether the file was renamed or removed (logrotate) and then opens a new one, so the agent
+    and the workers follow a rotation on their own; the supervisor also reopens on SIGUSR1
+    (``reopen``). Raises ``ConfigError`` when the file cannot be opened.
+    """
+    from logging.handlers import WatchedFileHandler
+
+    from .errors import ConfigError
+
+    try:
+        handler = WatchedFileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--log-file {path}: cannot open: {exc.strerror}") from None
+    root = logging.getLogger()
+    handler.setFormatter(root.handlers[0].formatter if root.handlers else logging.Formatter(FORMAT))
+    handler.addFilter(_RoleFilter())
+    root.handlers[:] = [handler]
+
+
+def reopen() -> bool:
+    """SIGUSR1 (in the supervisor): reopen the log file if it was renamed or removed; False without one."""
+    from logging.handlers import WatchedFileHandler
+
+    files = [h for h in logging.getLogger().handlers if isinstance(h, WatchedFileHandler)]
+    for handler in files:
+        handler.reopenIfNeeded()
+    return bool(files)

@@ -131,6 +131,13 @@ class Counters:
         h[bisect_left(BUCKETS, seconds)] += 1
         h[-1] += seconds
 
+    def ensure_slots(self, workers: int) -> None:
+        """Room for ``workers`` slots (SIGTTIN adds one): each list is replaced whole by a longer one."""
+        grow = workers - len(self.dispatched)
+        if grow > 0:
+            for name in ("dispatched", "processed", "failed", "unrouted", "in_flight"):
+                setattr(self, name, getattr(self, name) + [0] * grow)
+
     def published(self, error: int) -> None:
         """A worker's publish is settled: 0 = sent (acknowledged, or written for QoS 0)."""
         if error:

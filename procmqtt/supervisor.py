@@ -2,7 +2,9 @@
 
 Modelled on gunicorn's arbiter. Signal handlers only queue the signal; ``run()`` shows one whole
 pass in order: signals, reaping, then either reconciling the process count or driving the stop.
-The supervisor never touches the broker and never blocks on a channel.
+The supervisor never touches the broker and never blocks on a channel. Operations signals act
+through the same pass: SIGHUP reloads (``reload``), SIGTTIN/SIGTTOU change the worker count
+(``scale``), and ``reconcile`` then starts whatever the new state lacks.
 """
 
 from __future__ import annotations
@@ -19,16 +21,16 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from . import channel, logs, proctitle
+from . import channel, logs, proctitle, reload
 from .agent import Agent
 from .backoff import Backoff
-from .config import Config, default_client_id
-from .errors import ExitCode
+from .config import MAX_PUBLISH_BUFFER, Config, default_client_id
+from .errors import ExitCode, ProcmqttError
 from .routes import with_route_subscriptions
-from .shared import SharedState
+from .shared import MAX_SLOTS, SharedState
 from .signals import SignalQueue
 from .worker import Worker, serve, uses_asyncio
 
@@ -45,6 +47,13 @@ DUMP_GRACE = 0.5
 """Seconds between asking a hung worker for its stack (SIGUSR1) and SIGKILL."""
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_OPERATIONS_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+_SUPERVISOR_ONLY = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+"""Children ignore these: sent to the whole process group (a closed terminal), only the supervisor acts."""
+
+Loader = Callable[[], tuple[type[Worker], Config]]
+"""Loads the app and the configuration again, as ``procmqtt run`` did; raises ``ProcmqttError``."""
+
 BROKER_SLOT = -2
 """The embedded broker's slot (``--broker embedded``); the agent is -1, workers 0 .. N-1."""
 
@@ -58,17 +67,25 @@ class Child:
     started: float
     agent_end: socket.socket | None = None  # a worker's channel, the end the agent uses
     kill_at: float = 0.0  # hung: SIGKILL at this time (after the stack dump)
+    revision: int = 0  # which loaded app and configuration it was forked from (SIGHUP adds one)
+    retiring: bool = False  # asked to stop gracefully, for a reload or one worker fewer
 
 
 class Supervisor:
     """Runs in the process ``procmqtt run`` started; constructing it has no side effects."""
 
     def __init__(self, app: type[Worker], app_spec: str, config: Config,
-                 metrics_listener: socket.socket | None = None, *, broker: EmbeddedBroker | None = None) -> None:
+                 metrics_listener: socket.socket | None = None, *, broker: EmbeddedBroker | None = None,
+                 loader: Loader | None = None) -> None:
         """``metrics_listener``: the ``[metrics]`` socket (``metrics.listen``), handed to every agent.
-        ``broker``: an embedded broker already started; supervised like a child, stopped last."""
+        ``broker``: an embedded broker already started; supervised like a child, stopped last.
+        ``loader``: what SIGHUP calls to load the app and the configuration again."""
         self.app = app
         self.broker = broker
+        self.loader = loader
+        self.revision = 0
+        self.revisions = itertools.count(1)
+        self.previous: tuple[int, type[Worker], Config] | None = None  # what a failed reload goes back to
         self.app_spec = app_spec
         self.config = with_route_subscriptions(config, app)  # routes subscribe like [mqtt.topics]
         self.client_id = config.mqtt.client_id or default_client_id(app_spec)
@@ -118,7 +135,7 @@ class Supervisor:
         self.upstream_agent, self.upstream_writers = channel.pair()
         # Blocking mode is shared by every process holding the socket: the workers block on a full
         # channel, the supervisor never does (it sends with MSG_DONTWAIT).
-        self.signals = SignalQueue([*_STOP_SIGNALS, signal.SIGQUIT, signal.SIGCHLD])
+        self.signals = SignalQueue([*_STOP_SIGNALS, signal.SIGQUIT, signal.SIGCHLD, *_OPERATIONS_SIGNALS])
         m, w = self.config.mqtt, self.config.workers
         self.log.info("procmqtt starting %s: %d worker(s), broker %s:%d, client id %s",
                       self.app_spec, w.count, m.host, m.port, self.client_id)
@@ -164,6 +181,15 @@ class Supervisor:
                 self.kill_all()
             elif signum in _STOP_SIGNALS:
                 self.begin_stop(f"{name} received")
+            elif signum == signal.SIGUSR1:  # logrotate; to a child, SIGUSR1 means "dump your stack"
+                if logs.reopen():
+                    self.log.info("SIGUSR1: log file reopened")
+            elif self.stopping:
+                self.log.warning("%s ignored: stopping", name)
+            elif signum == signal.SIGHUP:
+                self.reload()
+            else:
+                self.scale(+1 if signum == signal.SIGTTIN else -1)
 
     # --- children ------------------------------------------------------------------------------
 
@@ -191,18 +217,22 @@ class Supervisor:
             self.log.log(logging.INFO if code == 0 else logging.WARNING, "%s (pid %d) %s", name, child.pid, how)
             return
         if child.role == "agent" and code == ExitCode.AUTH:
-            self.fatal(ExitCode.AUTH, "the broker refused the credentials; see the agent's error above")
+            self.give_up(child, ExitCode.AUTH, "the broker refused the credentials; see the agent's error above")
             return
         if child.role == "worker" and code == ExitCode.APP:
-            self.fatal(ExitCode.APP, f"worker {child.slot} failed to boot; see the traceback above")
+            self.give_up(child, ExitCode.APP, f"worker {child.slot} failed to boot; see the traceback above")
             return
         if child.role == "worker" and self.crash_looping(child, code):
-            self.fatal(ExitCode.APP, f"worker {child.slot} died {CRASH_LOOP} times in a row within "
-                                     f"{STABLE_AFTER:g}s of starting, before handling any message")
+            self.give_up(child, ExitCode.APP, f"worker {child.slot} died {CRASH_LOOP} times in a row within "
+                                              f"{STABLE_AFTER:g}s of starting, before handling any message")
+            return
+        if child.role == "worker" and child.slot >= self.config.workers.count:
+            self.log.info("worker %d (pid %d) stopped; %d worker(s) now", child.slot, child.pid,
+                          self.config.workers.count)
             return
         if child.role == "worker":
             self.count_restart(child, code)
-        if code == 0 and child.role != "broker":  # recycled, or asked to leave: replace it at once
+        if code == 0 and child.role != "broker":  # recycled, reloaded, or asked to leave: replace it at once
             self.log.info("%s (pid %d) exited; replacing it", name, child.pid)
             return
         backoff = self.backoffs.setdefault(child.slot, Backoff(base=0.5, cap=10.0))
@@ -213,9 +243,11 @@ class Supervisor:
         self.log.warning("%s (pid %d) %s; restarting in %.1fs", name, child.pid, how, delay)
 
     def count_restart(self, child: Child, code: int) -> None:
-        """Tell the agent the running total for this cause: exit_<code>, a signal name, recycled, hung."""
+        """Tell the agent the running total for this cause: exit_<code>, a signal name, recycled, hung, reload."""
         if child.kill_at:
             cause = "hung"
+        elif child.retiring:
+            cause = "reload"
         elif code == 0:
             cause = "recycled"  # or a SIGTERM sent to that worker alone: both leave with code 0
         else:
@@ -249,11 +281,18 @@ class Supervisor:
                 child.kill_at = now + DUMP_GRACE
 
     def reconcile(self) -> None:
-        """Start whatever is missing and due: the agent, then each worker slot."""
+        """Start whatever is missing and due: the agent, then each worker slot.
+
+        While a reload restarts the agent, new workers wait for the new agent: the old one, stopping,
+        would stop them at once.
+        """
         now = time.monotonic()
         running = {c.slot for c in self.children.values()}
+        agent_leaving = any(c.role == "agent" and c.retiring for c in self.children.values())
         broker = (BROKER_SLOT,) if self.broker is not None else ()
         for slot in (*broker, -1, *range(self.config.workers.count)):
+            if slot >= 0 and agent_leaving:
+                break
             if slot not in running and now >= self.restart_at.get(slot, 0.0):
                 self.restart_at.pop(slot, None)
                 if slot == BROKER_SLOT:
@@ -278,6 +317,9 @@ class Supervisor:
             keep.append(self.metrics_listener)
             # a new agent starts from zero; restart totals live here
             self.control.extend(channel.Restarts(cause, n) for cause, n in self.restarts.items())
+        # the agent that was told to retire these may have died before it told them
+        self.control.extend(channel.Retire(c.slot, c.generation) for c in self.children.values()
+                            if c.role == "worker" and c.retiring)
 
         def main() -> int:
             agent = Agent(self.config, self.client_id, self.upstream_agent, workers,  # type: ignore[arg-type]
@@ -308,6 +350,8 @@ class Supervisor:
                 logs.set_role(role)
                 proctitle.set_title(role.replace("-", " "), self.app_spec)
                 self.signals.close()
+                for signum in _SUPERVISOR_ONLY:
+                    signal.signal(signum, signal.SIG_IGN)
                 self._close_except(keep)
                 code = main()
             except SystemExit as exc:
@@ -318,7 +362,7 @@ class Supervisor:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        child = Child(role.split("-")[0], slot, generation, pid, time.monotonic())
+        child = Child(role.split("-")[0], slot, generation, pid, time.monotonic(), revision=self.revision)
         self.children[pid] = child
         self.log.info("started %s (pid %d)", role.replace("-", " "), pid)
         return child
@@ -330,6 +374,86 @@ class Supervisor:
         for sock in owned:
             if sock is not None and sock not in keep:
                 sock.close()
+
+    # --- reload and scaling (SIGHUP, SIGTTIN, SIGTTOU) ------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: load the configuration and the app again and adopt them; on error, keep running."""
+        if self.loader is None:
+            self.log.warning("SIGHUP ignored: this supervisor has nothing to reload from")
+            return
+        self.log.info("SIGHUP: reloading the configuration and %s", self.app_spec)
+        try:
+            app, config = self.loader()
+        except ProcmqttError as exc:
+            self.log.error("reload failed; still running the previous configuration and app: %s", exc)
+            return
+        except Exception:  # a bug, not a user mistake: still no reason to stop consuming
+            self.log.exception("reload failed; still running the previous configuration and app")
+            return
+        self.previous = (self.revision, self.app, self.config)
+        self.adopt(app, config, next(self.revisions))
+
+    def adopt(self, app: type[Worker], config: Config, revision: int) -> None:
+        """Switch to ``app`` and ``config``: every worker is replaced gracefully (the new ones fork
+        from ``app``), subscription changes go to the running agent, and the agent itself restarts
+        gracefully only when a setting it reads at start changed (see ``reload.compare``)."""
+        config = with_route_subscriptions(reload.adoptable(self.config, config), app)
+        changes = reload.compare(self.config, config)
+        self.log.info("reload: %s; %d worker(s), each replaced once it has finished what it holds",
+                      changes.describe(), config.workers.count)
+        self.app, self.config, self.revision = app, config, revision
+        self.client_id = config.mqtt.client_id or default_client_id(self.app_spec)
+        self.control.extend(changes.records())
+        for child in list(self.children.values()):
+            if child.role == "worker" or (child.role == "agent" and changes.agent):
+                self.retire(child)
+        for slot in [s for s in self.restart_at if s >= config.workers.count]:
+            del self.restart_at[slot]
+
+    def give_up(self, child: Child, code: ExitCode, message: str) -> None:
+        """A process that cannot work: if the last reload started it, go back to what ran before
+        that reload; otherwise stop procmqtt with ``code``."""
+        if child.retiring:  # from code already given up on: its replacement runs the current code
+            self.log.warning("%s; it was being replaced anyway", message)
+            return
+        if self.previous is None or child.revision != self.revision:
+            self.fatal(code, message)
+            return
+        revision, app, config = self.previous
+        self.previous = None
+        self.log.error("%s; going back to the app and configuration from before the reload (fix them, "
+                       "then send SIGHUP again)", message)
+        self.quick_deaths.clear()
+        self.adopt(app, config, revision)
+
+    def scale(self, delta: int) -> None:
+        """SIGTTIN / SIGTTOU: one worker more or fewer, never below one. The worker in the highest
+        slot leaves gracefully: the agent gives it nothing more, it finishes what it holds."""
+        name = "SIGTTIN" if delta > 0 else "SIGTTOU"
+        count = self.config.workers.count + delta
+        limit = min(MAX_SLOTS, MAX_PUBLISH_BUFFER // self.config.mqtt.publish_buffer)
+        if count < 1:
+            self.log.warning("SIGTTOU ignored: procmqtt keeps at least one worker")
+            return
+        if count > limit:
+            self.log.warning("SIGTTIN ignored: at most %d workers with [mqtt] publish_buffer = %d",
+                             limit, self.config.mqtt.publish_buffer)
+            return
+        self.config = replace(self.config, workers=replace(self.config.workers, count=count))
+        self.log.info("%s: %d worker(s)", name, count)
+        self.restart_at.pop(count, None)
+        for child in list(self.children.values()):
+            if delta < 0 and child.role == "worker" and child.slot == count:
+                self.retire(child)
+
+    def retire(self, child: Child) -> None:
+        """Stop one process gracefully through the agent. A worker is given nothing more, finishes
+        what it holds and exits; the agent stops its workers, flushes and disconnects."""
+        if not child.retiring:
+            child.retiring = True
+            self.control.append(channel.Retire(child.slot, child.generation) if child.role == "worker"
+                                else channel.StopAgent())
 
     # --- talking to the agent --------------------------------------------------------------------
 
