@@ -23,6 +23,7 @@ import os
 import socket
 import struct
 import tempfile
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Union
@@ -430,8 +431,14 @@ def send_many(sock: socket.socket, queue: deque[bytes], *, block: bool = True) -
     return True
 
 
-_buffer = bytearray(INLINE_MAX + 64)  # one reader per process at a time (the worker holds a lock)
-_view = memoryview(_buffer)
+_local = threading.local()  # one receive buffer per thread: records are parsed from it in place
+
+
+def _receive_view() -> memoryview:
+    view = getattr(_local, "view", None)
+    if view is None:
+        view = _local.view = memoryview(bytearray(INLINE_MAX + 64))
+    return view
 
 
 def receive(sock: socket.socket) -> list[Record] | None:
@@ -439,7 +446,8 @@ def receive(sock: socket.socket) -> list[Record] | None:
 
     Raises ``BlockingIOError`` on a non-blocking socket with nothing queued.
     """
-    nbytes, ancdata, msg_flags, _ = sock.recvmsg_into([_view], _ANCDATA_SIZE)
+    view = _receive_view()
+    nbytes, ancdata, msg_flags, _ = sock.recvmsg_into([view], _ANCDATA_SIZE)
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -451,7 +459,7 @@ def receive(sock: socket.socket) -> list[Record] | None:
         if nbytes == 0:
             return None
         raise ChannelError("truncated record")
-    body: bytes | memoryview = _view[:nbytes]
+    body: bytes | memoryview = view[:nbytes]
     if nbytes == 1 and body[0] == BLOB:
         if not fds:
             raise ChannelError("blob record without its memory file")
