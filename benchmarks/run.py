@@ -359,6 +359,8 @@ def summarize(results: list[Result]) -> dict[str, dict[str, dict[str, Any]]]:
             roles_ = {role for r in rs for role in r.cpu}
             row["cpu_s"] = {role: statistics.median(r.cpu.get(role, 0.0) for r in rs) for role in roles_}
             table.setdefault(w, {})[p] = row
+    for (w, p), ratios in paired_ratios(results).items():
+        table[w][p]["paired_ratio"] = statistics.median(ratios)
     for rows in table.values():
         base = rows.get(PEERS[0].key, {}).get("rate") or 0
         base_p99 = rows.get(PEERS[0].key, {}).get("p99_ms") or 0
@@ -366,6 +368,35 @@ def summarize(results: list[Result]) -> dict[str, dict[str, dict[str, Any]]]:
             row["ratio"] = row["rate"] / base if base else None
             row["p99_ratio"] = row["p99_ms"] / base_p99 if base_p99 and row["p99_ms"] is not None else None
     return table
+
+
+def paired_ratios(results: list[Result]) -> dict[tuple[str, str], list[float]]:
+    """Each repetition's rate over A's rate in the same repetition (measured minutes apart, not a
+    whole run apart), per workload and peer. Results arrive in run order, so the i-th result of a
+    (workload, peer) belongs to the same repetition as A's i-th result for that workload."""
+    seen: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        seen.setdefault((r.workload, r.peer), []).append(r.rate)
+    out = {}
+    for (w, p), rates in seen.items():
+        base = seen.get((w, PEERS[0].key), [])
+        if p != PEERS[0].key and len(base) == len(rates) and all(base):
+            out[(w, p)] = [r / a for r, a in zip(rates, base, strict=True)]
+    return out
+
+
+def paired_markdown(results: list[Result], peers: list[Peer], workloads: list[Workload]) -> str:
+    """Median of the per-repetition ratios to A, with their range: less sensitive to one disturbed
+    repetition than the ratio of medians in the main table."""
+    ratios = paired_ratios(results)
+    lines = ["| peer | " + " | ".join(w.key for w in workloads) + " |", "|" + "---|" * (len(workloads) + 1)]
+    for p in peers[1:]:
+        cells = []
+        for w in workloads:
+            rs = ratios.get((w.key, p.key))
+            cells.append(f"{statistics.median(rs):.2f} [{min(rs):.2f}-{max(rs):.2f}]" if rs else "n/a")
+        lines.append(f"| {p.key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def print_table(table: dict[str, dict[str, dict[str, Any]]], peers: list[Peer], workloads: list[Workload]) -> str:
@@ -490,7 +521,9 @@ def main() -> int:
               "workloads": [w.__dict__ for w in workloads], "table": table,
               "runs": [r.__dict__ for r in results]}
     (out / "latest.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "latest.md").write_text(markdown(table, peers, workloads) + "\n")
+    (out / "latest.md").write_text(markdown(table, peers, workloads) + "\n\nPaired ratios (median of each "
+                                   "repetition's rate over A's in the same repetition) [range]:\n\n"
+                                   + paired_markdown(results, peers, workloads) + "\n")
     drawn = chart(table, peers, workloads, out / "latest.png")
     print(f"\nmachine: {report['machine']}")
     print(f"wrote {out / 'latest.json'}" + (f" and {out / 'latest.png'}" if drawn else
