@@ -23,7 +23,8 @@ from .shared import SharedState
 from .signals import SignalQueue
 
 if TYPE_CHECKING:
-    from .worker import Worker, _AgentLink, _Recycler
+    from .link import _AgentLink
+    from .worker import Worker, _Recycler
 
 
 def serve_async(app: type[Worker], slot: int, generation: int, config: Config, link: _AgentLink,

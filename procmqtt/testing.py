@@ -24,18 +24,11 @@ from typing import Any, Generic, TypeVar
 from . import channel
 from .aioworker import close_loop, maybe_await
 from .config import Config, from_mapping
+from .link import Payload, PublishHandle, _ReplyWaiter, to_bytes
 from .message import EMPTY, Message, Outcome, Properties
 from .routes import Route, routes_of
 from .topics import filter_problem, topic_matches, topic_problem
-from .worker import (
-    Payload,
-    PublishHandle,
-    Worker,
-    _ReplyWaiter,
-    check_app,
-    to_bytes,
-    uses_asyncio,
-)
+from .worker import Worker, check_app, uses_asyncio
 
 W = TypeVar("W", bound=Worker)
 

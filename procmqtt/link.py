@@ -1,0 +1,315 @@
+"""The worker's side of the channels: its link to the agent, and the handles a publish or a
+request returns. Runs in the worker process (any thread of it, and its event loop for async apps).
+
+Reads of the worker's inbound channel are serialised by one lock; whoever holds it resolves every
+handle and waiter it reads a reply for, so a thread waiting on its own publish never misses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import select
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Generator
+from typing import Any
+
+from paho.mqtt.client import error_string
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from . import channel
+from .config import Config
+from .errors import PublishBufferFull, RequestFailed
+from .message import Message, Properties
+
+Payload = Any  # bytes, str, None, or a JSON-serialisable object
+
+AGENT_GONE = 7
+"""``PublishHandle.error`` when the agent's side closed before confirming (paho's MQTT_ERR_CONN_LOST)."""
+
+
+def to_bytes(payload: Payload) -> bytes:
+    """bytes stay bytes, str is UTF-8, None is empty, anything else is compact JSON."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    if payload is None:
+        return b""
+    return json.dumps(payload, separators=(",", ":")).encode("utf-8")
+
+
+class _Answer:
+    """Something the agent answers later (a publish confirmation, a reply), awaited by a handler:
+    ``wait()`` blocks, ``await`` does not block the event loop. ``error`` is 0 on success."""
+
+    def __init__(self, link: Any) -> None:
+        self._link = link
+        self.error: int | None = None  # paho's error code or the broker's reason code once known
+        self._done = threading.Event()
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once answered with success; False when it failed or ``timeout`` seconds passed first."""
+        return self._link.wait_for(self, timeout)
+
+    async def wait_async(self, timeout: float | None = None) -> bool:
+        """``wait()`` for coroutines: the worker's event loop reads the confirmation meanwhile."""
+        if self._done.is_set() or getattr(self._link, "closed", False):  # closed: as wait(), False
+            return self._done.is_set() and self.error == 0
+        if not getattr(self._link, "loop_thread", None):  # no event loop reads the channel
+            return await asyncio.to_thread(self.wait, timeout)
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        if self._done.is_set():  # resolved by another thread just now
+            future.set_result(None)
+        try:
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._waiters.remove(future)
+        return self._done.is_set() and self.error == 0
+
+    def __await__(self) -> Generator[Any, None, bool]:
+        return self.wait_async().__await__()
+
+    def _resolve(self, error: int) -> None:
+        self.error = error
+        self._done.set()
+        for future in self._waiters:
+            loop = future.get_loop()
+            if threading.get_ident() == self._link.loop_thread:
+                _settle(future)
+            else:
+                loop.call_soon_threadsafe(_settle, future)
+
+
+class PublishHandle(_Answer):
+    """What ``Worker.publish`` returns: ``wait()`` tells whether the publish reached the broker.
+
+    ``wait()`` is True once the agent handed the message to the broker (QoS 0) or the broker
+    acknowledged it (QoS 1/2). In an async handler, ``await handle`` (or ``await
+    handle.wait_async(timeout)``) gives the same answer without blocking the event loop.
+    """
+
+    def __init__(self, link: Any, request_id: int) -> None:
+        super().__init__(link)
+        self.request_id = request_id
+
+
+class _ReplyWaiter(_Answer):
+    """One ``Worker.request`` in flight: answered by the reply with its correlation data, or failed
+    early when its publish fails or the agent goes away."""
+
+    def __init__(self, link: Any, correlation: bytes) -> None:
+        super().__init__(link)
+        self.correlation = correlation
+        self.reply: Message | None = None
+
+    def _answer(self, reply: Message) -> None:
+        self.reply = reply
+        self._resolve(0)
+
+    def result(self, topic: str, timeout: float) -> Message:
+        """The reply, once the wait is over; raises ``TimeoutError`` or ``RequestFailed``."""
+        self._link.forget(self)
+        if self.reply is not None:
+            return self.reply
+        if self.error is None:
+            raise TimeoutError(f"request to {topic!r}: no reply within {timeout:g}s")
+        raise RequestFailed(f"request to {topic!r} failed: {describe_error(self.error)}")
+
+
+def describe_error(code: int) -> str:
+    """Words for ``PublishHandle.error``: the broker's MQTT 5 reason (``Not authorized``) or paho's error."""
+    if code == AGENT_GONE:
+        return "the agent's side closed before an answer"
+    if code >= 128:
+        try:
+            return f"{ReasonCode(PacketTypes.PUBACK, identifier=code)} (reason code {code})"
+        except ValueError:
+            return f"reason code {code}"
+    return error_string(code)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _AgentLink:
+    """The worker's ends of the channels: its inbound socket and the shared publish channel."""
+
+    def __init__(self, slot: int, generation: int, inbound: socket.socket, upstream: socket.socket,
+                 config: Config, wakeup: int | None = None) -> None:
+        self.slot = slot
+        self.generation = generation
+        self.inbound = inbound
+        self.upstream = upstream
+        self.publish_buffer = config.mqtt.publish_buffer
+        self.publish_timeout = config.mqtt.publish_timeout
+        self.wakeup = wakeup
+        self.closed = False  # the agent side is gone for good (end of file)
+        self.loop_thread: int | None = None  # async apps: the event loop's thread, the one reader
+        self._outbox: deque[bytes] = deque()  # encoded records for the agent, sent in batches
+        self._flush_at = max(1, config.workers.prefetch // 2)  # so the agent never waits on a full batch
+        self._send_lock = threading.Lock()  # keeps the outbox in order when threads publish
+        self._inbox: deque[channel.Record] = deque()
+        self._handles: dict[int, PublishHandle] = {}
+        self._requests = itertools.count(1)
+        self._replies: dict[bytes, _ReplyWaiter] = {}  # correlation data -> request awaiting its reply
+        self._request_of: dict[int, _ReplyWaiter] = {}  # publish request id -> its request, until confirmed
+        self._lock = threading.Lock()  # one reader of ``inbound`` at a time
+
+    def send(self, record: channel.Record) -> None:
+        """Send now, after whatever is queued (so completions never overtake each other)."""
+        with self._send_lock:
+            self._outbox.append(channel.encode(record))
+            channel.send_many(self.upstream, self._outbox)
+
+    def send_later(self, record: channel.Record) -> None:
+        """Queue a record (a completion) to go with the next batch."""
+        with self._send_lock:
+            self._outbox.append(channel.encode(record))
+            if len(self._outbox) >= self._flush_at:
+                channel.send_many(self.upstream, self._outbox)
+
+    def flush(self) -> None:
+        with self._send_lock:
+            if self._outbox:
+                channel.send_many(self.upstream, self._outbox)
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool, properties: Properties | None = None,
+                *, request: _ReplyWaiter | None = None) -> PublishHandle:
+        if len(self._handles) >= self.publish_buffer:
+            self._wait_for_room(topic)
+        handle = PublishHandle(self, next(self._requests))
+        self._handles[handle.request_id] = handle
+        if request is not None:
+            self._request_of[handle.request_id] = request
+        self.send(channel.Publish(self.slot, self.generation, handle.request_id, topic, payload, qos, retain,
+                                  properties, request is not None))
+        return handle
+
+    def request(self, topic: str, payload: bytes, qos: int, properties: Properties) -> _ReplyWaiter:
+        """Publish a request whose response topic the agent sets to this worker's reply topic."""
+        waiter = _ReplyWaiter(self, properties.correlation_data or b"")
+        self._replies[waiter.correlation] = waiter
+        self.publish(topic, payload, qos, False, properties, request=waiter)
+        return waiter
+
+    def forget(self, waiter: _ReplyWaiter) -> None:
+        """The requester stopped waiting: a late reply is dropped."""
+        self._replies.pop(waiter.correlation, None)
+
+    def _wait_for_room(self, topic: str) -> None:
+        """Block while this worker has ``publish_buffer`` publishes unconfirmed (broker down or
+        slow), reading confirmations as they come, up to ``publish_timeout``."""
+        deadline = time.monotonic() + self.publish_timeout
+        while len(self._handles) >= self.publish_buffer and not self.closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PublishBufferFull(
+                    f"publish to {topic!r}: this worker already has {self.publish_buffer} unconfirmed "
+                    f"publishes (is the broker reachable?); gave up after {self.publish_timeout:g}s")
+            if self._loop_reads():
+                time.sleep(min(remaining, 0.01))  # the event loop reads the confirmations
+                continue
+            with self._lock:
+                self._pump(min(remaining, 0.1), wake_on_signal=False)
+
+    def _pump(self, timeout: float | None, *, wake_on_signal: bool = True) -> bool:
+        """Read whatever the agent sent within ``timeout``; True if anything (or a signal) arrived."""
+        fds: list[Any] = [self.inbound]
+        if wake_on_signal and self.wakeup is not None:
+            fds.append(self.wakeup)
+        readable, _, _ = select.select(fds, [], [], timeout)
+        if self.inbound not in readable:
+            return bool(readable)
+        self._read()
+        return True
+
+    def _read(self) -> None:
+        """Everything already queued on the inbound channel, without waiting."""
+        while True:
+            try:
+                records = channel.receive(self.inbound)
+            except BlockingIOError:
+                return
+            except ConnectionResetError:
+                records = None
+            if records is None:
+                self.closed = True
+                for answer in [*self._handles.values(), *self._replies.values()]:  # wake their waiters
+                    answer._resolve(AGENT_GONE)
+                self._handles.clear()
+                self._replies.clear()
+                self._request_of.clear()
+                return
+            for record in records:
+                if isinstance(record, channel.Published):
+                    handle = self._handles.pop(record.request_id, None)
+                    if handle is not None:
+                        handle._resolve(record.error)
+                    waiter = self._request_of.pop(record.request_id, None)
+                    if waiter is not None and record.error:
+                        waiter._resolve(record.error)  # the request never left: no reply will come
+                elif isinstance(record, channel.Reply):
+                    waiter = self._replies.pop(record.properties.correlation_data or b"", None)
+                    if waiter is not None:  # else a late or duplicate reply
+                        waiter._answer(Message(record.topic, record.payload, record.qos, record.retain,
+                                               False, record.properties))
+                else:
+                    self._inbox.append(record)
+
+    def read_available(self) -> None:
+        """Read what the agent sent, without waiting (the async loop's reader callback)."""
+        with self._lock:
+            self._read()
+
+    def has_records(self) -> bool:
+        return bool(self._inbox)
+
+    def take(self) -> channel.Record | None:
+        """The next delivery or stop record already read, or None (the async loop)."""
+        return self._inbox.popleft() if self._inbox else None
+
+    def next(self, timeout: float | None = None) -> channel.Record | None:
+        """The next delivery or stop record, or None (timeout, signal, or the agent side closed).
+
+        Queued completions go out before the worker waits, so the agent always hears in time.
+        """
+        if not self._inbox and not self.closed:
+            with self._lock:
+                self._read()
+                if not self._inbox and not self.closed:
+                    self.flush()
+                    self._pump(timeout)
+        return self._inbox.popleft() if self._inbox else None
+
+    def wait_for(self, handle: PublishHandle, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not handle._done.is_set() and not self.closed:
+            remaining = 0.1 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if not self._loop_reads() and self._lock.acquire(blocking=False):
+                try:
+                    self._pump(min(remaining, 0.1), wake_on_signal=False)
+                finally:
+                    self._lock.release()
+            else:  # another thread is reading; it resolves our handle too
+                handle._done.wait(min(remaining, 0.01))
+        return handle._done.is_set() and handle.error == 0
+
+    def _loop_reads(self) -> bool:
+        """True in a thread other than a running event loop's, which reads the channel itself."""
+        return self.loop_thread is not None and threading.get_ident() != self.loop_thread
+
+
