@@ -26,7 +26,6 @@ import tempfile
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Union
 
 from .message import EMPTY, Outcome, Properties
 
@@ -188,8 +187,8 @@ class Restarts:
     total: int
 
 
-Record = Union[Deliver, Reply, Published, Stop, Done, Publish, Subscribe, Unsubscribe, Ready, Retire,
-               WorkerUp, StopAgent, Restarts]
+Record = (Deliver | Reply | Published | Stop | Done | Publish | Subscribe | Unsubscribe | Ready | Retire
+          | WorkerUp | StopAgent | Restarts)
 
 
 class ChannelError(Exception):
@@ -359,7 +358,8 @@ def _memory_file(data: bytes) -> int:
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("procmqtt-record", os.MFD_CLOEXEC)
     else:  # pragma: no cover - non-Linux
-        fd = os.dup(tempfile.TemporaryFile().fileno())
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
