@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from .config import Config, Subscription
 from .errors import RouteError
-from .topics import filter_problem
+from .topics import filter_problem, unshared
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -135,8 +135,7 @@ def specificity(r: Route) -> tuple[int, int, int]:
 
 def _levels(topic_filter: str) -> list[str]:
     """The levels that topics are matched against (a shared subscription's group is not one)."""
-    levels = topic_filter.split("/")
-    return levels[2:] if levels[0] == "$share" else levels
+    return unshared(topic_filter).split("/")
 
 
 def _regex(r: Route) -> re.Pattern[str]:

@@ -6,6 +6,8 @@ a typo into a startup error that names the key.
 
 from __future__ import annotations
 
+from paho.mqtt.client import topic_matches_sub
+
 MAX_TOPIC_BYTES = 65535
 
 
@@ -52,17 +54,13 @@ def topic_problem(topic: object) -> str | None:
     return None
 
 
+def unshared(topic_filter: str) -> str:
+    """The filter topics are matched against: without a shared subscription's ``$share/<group>/``."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
+    return topic_filter
+
+
 def topic_matches(topic_filter: str, topic: str) -> bool:
     """True when ``topic`` matches ``topic_filter`` by MQTT's rules (``$share/<group>/`` ignored)."""
-    levels = topic_filter.split("/")
-    if levels[0] == "$share":
-        levels = levels[2:]
-    names = topic.split("/")
-    if names[0].startswith("$") and levels[0] in ("+", "#"):
-        return False
-    for i, level in enumerate(levels):
-        if level == "#":
-            return True
-        if i >= len(names) or (level != "+" and level != names[i]):
-            return False
-    return len(names) == len(levels)
+    return topic_matches_sub(unshared(topic_filter), topic)
