@@ -38,6 +38,7 @@ from .config import Config
 from .connection import ConnState
 from .dispatch import DISPATCHERS
 from .errors import ExitCode
+from .inbound import Inbound, InboundBuffer, wrap_socket
 from .message import Properties
 from .shared import SharedState
 from .signals import SignalQueue
@@ -46,8 +47,8 @@ TICK = 1.0
 """Longest sleep of the loop: paho's keepalive and the orphan check run at least this often."""
 UPSTREAM_BATCH = 512
 """Datagrams read from the publish channel per pass, so the broker socket is never starved."""
-BROKER_BATCH = 256
-"""Packets read from the broker per pass, so the workers' channels are never starved."""
+READ_AHEAD = 1024 * 1024
+"""Bytes of the broker's stream the agent holds unparsed at most (beyond one large packet)."""
 _AUTH_REFUSED = {134, 135}  # Bad user name or password, Not authorized (3.1.1 codes 4 and 5)
 REPLY_WAIT_FALLBACK = 30.0
 """Seconds to keep reading for a reply when a request carries no message expiry."""
@@ -133,6 +134,7 @@ class Agent:
         self.stop_deadline = 0.0
         self.exit_code = ExitCode.OK
         self.client: mqtt.Client = None  # type: ignore[assignment]  # created in run(), after fork
+        self.inbound: InboundBuffer | None = None  # the broker socket as paho sees it, while connected
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -226,9 +228,11 @@ class Agent:
             sock = self.client.socket()
             if sock is None:
                 return
-            readable, _, _ = select.select([sock], [sock] if self.client.want_write() else [], [], 0.05)
-            if readable:
-                self.client.loop_read()  # messages arriving now are ignored: we are stopping
+            waiting = self.inbound is not None and self.inbound.waiting()
+            readable, _, _ = select.select([sock], [sock] if self.client.want_write() else [], [],
+                                           0 if waiting else 0.05)
+            if readable or waiting:
+                self._read_broker()  # messages arriving now are ignored: we are stopping
             if self.client.socket() is not None and self.client.want_write():
                 self.client.loop_write()
 
@@ -261,11 +265,13 @@ class Agent:
             if worker.backlog:
                 wlist.append(worker.sock)
         mqtt_sock = self.client.socket() if self.state is not ConnState.DISCONNECTED else None
+        buffered = False  # bytes already read from the broker that select would not announce
         if mqtt_sock is not None and self._want_broker_data(now):
             rlist.append(mqtt_sock)
+            buffered = self.inbound is not None and mqtt_sock is self.inbound and self.inbound.waiting()
             if self.client.want_write():
                 wlist.append(mqtt_sock)
-        timeout = TICK
+        timeout = 0.0 if buffered else TICK
         if self.state is ConnState.DISCONNECTED and wanted:
             timeout = max(0.0, min(timeout, self.next_attempt - now))
         try:
@@ -274,8 +280,8 @@ class Agent:
             return
         if self.signals in readable and self.signals.pop():
             self.begin_stop("SIGTERM received")
-        if mqtt_sock is not None and mqtt_sock in readable:
-            self._read_broker(mqtt_sock)
+        if mqtt_sock is not None and (buffered or mqtt_sock in readable):
+            self._read_broker()
             self.last_broker_read = time.monotonic()
         if self.upstream in readable:
             self._read_upstream(UPSTREAM_BATCH)
@@ -331,6 +337,7 @@ class Agent:
             self._schedule_reconnect(f"cannot connect: {reason}")
             return
         self.connack_deadline = time.monotonic() + self.config.mqtt.connect_timeout
+        self.inbound = wrap_socket(self.client)
         self._fail_lost_publishes()
 
     def _connect_hint(self) -> str:
@@ -450,6 +457,16 @@ class Agent:
             return  # QoS 1 stays unacknowledged at the broker; QoS 0 is dropped
         self.pending.append(_Delivery(next(self.delivery_ids), msg.mid, self.epoch, msg.topic, msg.payload,
                                       msg.qos, bool(msg.retain), bool(msg.dup), properties))
+        self._dispatch()
+
+    def _on_publishes(self, batch: list[Inbound]) -> None:
+        """MQTT 3.1.1 QoS 0/1 messages decoded by ``inbound``: the same as ``_on_message``."""
+        self.metrics.received += len(batch)
+        if self.stopping:
+            return  # QoS 1 stays unacknowledged at the broker; QoS 0 is dropped
+        epoch, ids, append = self.epoch, self.delivery_ids, self.pending.append
+        for topic, payload, qos, mid, retain, dup in batch:
+            append(_Delivery(next(ids), mid, epoch, topic, payload, qos, retain, dup))
         self._dispatch()
 
     def _route_reply(self, msg: mqtt.MQTTMessage, properties: Properties) -> None:
@@ -637,16 +654,35 @@ class Agent:
                 or now < self.replies_until  # a handler waits for a reply, maybe behind the flood
                 or now - self.last_broker_read > self.config.mqtt.keepalive / 4)
 
-    def _read_broker(self, sock: Any) -> None:
-        """paho reads one packet per call: keep reading while messages keep coming, up to a bound,
-        so a burst is dispatched as one batch per worker."""
-        for _ in range(BROKER_BATCH):
-            before = self.metrics.received + self.replies
+    def _read_broker(self) -> None:
+        """Read what the broker sent, in bulk: PUBLISH packets are decoded here, everything else is
+        given to paho one whole packet at a time (``inbound``). Takes at most what the workers'
+        backlog has room for, but at least one message, and every packet before it, so
+        acknowledgements awaited by handlers are never stuck behind a flood."""
+        inbound = self.inbound
+        if inbound is None:  # a paho whose socket could not be wrapped reads for itself
             self.client.loop_read()
-            if self.metrics.received + self.replies == before or self.client.socket() is not sock:
-                return
-            if len(self.pending) >= self.backlog_limit:
-                return
+            return
+        if self.client.socket() is not inbound:
+            return
+        inbound.fill(READ_AHEAD)
+        budget = max(1, self.backlog_limit - len(self.pending))
+        fast = not self.v5
+        while budget > 0 and self.client.socket() is inbound:
+            if fast:
+                batch = inbound.publishes(budget)
+                if batch:
+                    budget -= len(batch)
+                    self._on_publishes(batch)
+                    continue
+            if not inbound.release():
+                return  # the rest of the packet is still on its way
+            before, pos = self.metrics.received + self.replies, inbound.pos
+            self.client.loop_read()
+            if self.metrics.received + self.replies != before:
+                budget -= 1
+            elif inbound.pos == pos:
+                return  # paho took nothing: it closed the connection or has it closing
 
     def _handle_upstream(self, record: channel.Record) -> None:
         if isinstance(record, channel.Done):

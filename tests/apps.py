@@ -24,7 +24,7 @@ class Recording(Worker):
         line = {"event": event, "worker": self.worker_id, "pid": os.getpid(), "topic": message.topic,
                 "time": time.monotonic(),
                 "sha": hashlib.sha1(message.payload).hexdigest(), "size": len(message.payload),
-                "redelivered": message.redelivered, **extra}
+                "redelivered": message.redelivered, "qos": message.qos, "retain": message.retain, **extra}
         if len(message.payload) <= 64:
             line["payload"] = message.payload.hex()
         os.write(self.fd, (json.dumps(line) + "\n").encode())
