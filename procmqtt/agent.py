@@ -148,6 +148,8 @@ class Agent:
             metrics.serve(self.metrics_listener, self.metrics)
         self.log.info("agent started; broker %s:%d, client id %s, %d subscription(s)",
                       self.config.mqtt.host, self.config.mqtt.port, self.client_id, len(self.subscriptions))
+        for worker in self.workers.values():  # inherited: a dead agent may have taken their publishes
+            self._write(worker, channel.AgentStarted())
         last_misc = 0.0
         try:
             while not self._finished():
@@ -710,6 +712,8 @@ class Agent:
             self.begin_stop("requested by the supervisor")
         elif isinstance(record, channel.Restarts):
             self.metrics.set_restarts(record.cause, record.total)
+        elif isinstance(record, channel.Sync):
+            self._sync_worker(record)
 
     def _publish(self, record: channel.Publish) -> None:
         properties = None
@@ -768,6 +772,17 @@ class Agent:
         worker = self.workers.get(slot)
         if worker is not None and worker.generation == generation:
             self._write(worker, channel.Published(request_id, int(error)))
+
+    def _sync_worker(self, record: channel.Sync) -> None:
+        """Tell a worker which of its publishes up to the Sync are still in flight here; the answers
+        to the others are already queued before this one, or were lost with a dead agent."""
+        worker = self.workers.get(record.slot)
+        if worker is None or worker.generation != record.generation:
+            return
+        in_flight = tuple(request_id for _, slot, generation, request_id, _, _ in self.publishes.values()
+                          if slot == record.slot and generation == record.generation
+                          and request_id <= record.last_request_id)
+        self._write(worker, channel.SyncAck(record.last_request_id, in_flight))
 
     # --- subscriptions survive agent restarts ------------------------------------------------
 

@@ -43,12 +43,15 @@ DELIVER = 1
 PUBLISHED = 2
 STOP = 3
 REPLY = 4
+AGENT_STARTED = 5
+SYNC_ACK = 6
 # Kinds: upstream (workers and supervisor -> agent)
 DONE = 10
 PUBLISH = 11
 SUBSCRIBE = 12
 UNSUBSCRIBE = 13
 RETIRE = 14
+SYNC = 15
 READY = 16
 WORKER_UP = 20
 STOP_AGENT = 21
@@ -65,6 +68,9 @@ _SUBSCRIBE = struct.Struct("!BB")  # kind, qos; the filter follows
 _FRAME = struct.Struct("!I")  # length of one record inside a datagram
 _SLOT = struct.Struct("!BHI")  # kind, slot, generation (worker-up: the worker's socket is attached)
 _RESTARTS = struct.Struct("!BQ")  # kind, running total; the cause follows
+_SYNC = struct.Struct("!BHIQ")  # kind, slot, generation, last request id
+_SYNC_ACK = struct.Struct("!BQ")  # kind, last request id; the request ids still in flight follow
+_REQUEST_ID = struct.Struct("!Q")
 # The properties byte: none (MQTT 3.1.1), a block after the topic, or MQTT 5 with none set.
 _NO_PROPERTIES, _PROPERTIES, _EMPTY_PROPERTIES = 0, 1, 2
 _REQUEST = 4  # in a publish's flags: the agent sets the response topic to the worker's reply topic
@@ -108,6 +114,21 @@ class Published:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentStarted:
+    """From a new agent to each worker it inherited (a first agent has none): publishes that the
+    agent before it took and did not confirm never will be, so a worker awaiting any asks (``Sync``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncAck:
+    """The answer to ``Sync``: of the worker's publishes up to ``last_request_id``, these are still
+    in flight; the others were either confirmed before this record or taken by a dead agent."""
+
+    last_request_id: int
+    in_flight: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     pass
 
@@ -134,6 +155,16 @@ class Publish:
     retain: bool
     properties: Properties | None = None  # MQTT 5 only
     request: bool = False  # the agent adds this worker's reply topic as the response topic
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    """A worker asks which of its publishes up to ``last_request_id`` the agent still holds. Records
+    from one worker arrive in order, so the agent reading this has read all of those publishes."""
+
+    slot: int
+    generation: int
+    last_request_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,8 +218,8 @@ class Restarts:
     total: int
 
 
-Record = (Deliver | Reply | Published | Stop | Done | Publish | Subscribe | Unsubscribe | Ready | Retire
-          | WorkerUp | StopAgent | Restarts)
+Record = (Deliver | Reply | Published | AgentStarted | SyncAck | Stop | Done | Publish | Sync | Subscribe
+          | Unsubscribe | Ready | Retire | WorkerUp | StopAgent | Restarts)
 
 
 class ChannelError(Exception):
@@ -246,6 +277,13 @@ def encode(record: Record) -> bytes:
         return bytes((STOP_AGENT,))
     if isinstance(record, Restarts):
         return _RESTARTS.pack(RESTARTS, record.total) + record.cause.encode()
+    if isinstance(record, AgentStarted):
+        return bytes((AGENT_STARTED,))
+    if isinstance(record, Sync):
+        return _SYNC.pack(SYNC, record.slot, record.generation, record.last_request_id)
+    if isinstance(record, SyncAck):
+        return b"".join((_SYNC_ACK.pack(SYNC_ACK, record.last_request_id),
+                         *map(_REQUEST_ID.pack, record.in_flight)))
     raise TypeError(f"cannot encode {record!r}")
 
 
@@ -303,6 +341,13 @@ def decode(data: bytes | memoryview, fds: list[int]) -> Record:
     if kind == RESTARTS:
         (_, total) = _RESTARTS.unpack_from(data)
         return Restarts(str(data[_RESTARTS.size:], "utf-8"), total)
+    if kind == AGENT_STARTED:
+        return AgentStarted()
+    if kind == SYNC:
+        return Sync(*_SYNC.unpack(data)[1:])
+    if kind == SYNC_ACK:
+        (_, last) = _SYNC_ACK.unpack_from(data)
+        return SyncAck(last, tuple(rid for (rid,) in _REQUEST_ID.iter_unpack(data[_SYNC_ACK.size:])))
     raise ChannelError(f"unknown record kind {kind}")
 
 

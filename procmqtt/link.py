@@ -3,6 +3,10 @@ request returns. Runs in the worker process (any thread of it, and its event loo
 
 Reads of the worker's inbound channel are serialised by one lock; whoever holds it resolves every
 handle and waiter it reads a reply for, so a thread waiting on its own publish never misses it.
+
+A restarted agent cannot answer for the publishes its dead predecessor had taken: on its
+``AgentStarted`` the link sends ``Sync``, and the ``SyncAck`` fails with ``AGENT_GONE`` each earlier
+publish the new agent neither confirmed nor holds, so no ``wait()`` outlives the agent it waits on.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from .message import Message, Properties
 Payload = Any  # bytes, str, None, or a JSON-serialisable object
 
 AGENT_GONE = 7
-"""``PublishHandle.error`` when the agent's side closed before confirming (paho's MQTT_ERR_CONN_LOST)."""
+"""``PublishHandle.error`` when the agent that took the publish is gone, its side closed or the agent
+restarted, before confirming it (paho's MQTT_ERR_CONN_LOST)."""
 
 
 def to_bytes(payload: Payload) -> bytes:
@@ -129,7 +134,7 @@ class _ReplyWaiter(_Answer):
 def describe_error(code: int) -> str:
     """Words for ``PublishHandle.error``: the broker's MQTT 5 reason (``Not authorized``) or paho's error."""
     if code == AGENT_GONE:
-        return "the agent's side closed before an answer"
+        return "the agent's side closed or restarted before an answer"
     if code >= 128:
         try:
             return f"{ReasonCode(PacketTypes.PUBACK, identifier=code)} (reason code {code})"
@@ -163,6 +168,7 @@ class _AgentLink:
         self._inbox: deque[channel.Record] = deque()
         self._handles: dict[int, PublishHandle] = {}
         self._requests = itertools.count(1)
+        self._last_request = 0  # the last request id whose publish is queued; under ``_send_lock``
         self._replies: dict[bytes, _ReplyWaiter] = {}  # correlation data -> request awaiting its reply
         self._request_of: dict[int, _ReplyWaiter] = {}  # publish request id -> its request, until confirmed
         self._lock = threading.Lock()  # one reader of ``inbound`` at a time
@@ -170,8 +176,11 @@ class _AgentLink:
     def send(self, record: channel.Record) -> None:
         """Send now, after whatever is queued (so completions never overtake each other)."""
         with self._send_lock:
-            self._outbox.append(channel.encode(record))
-            channel.send_many(self.upstream, self._outbox)
+            self._send_locked(record)
+
+    def _send_locked(self, record: channel.Record) -> None:
+        self._outbox.append(channel.encode(record))
+        channel.send_many(self.upstream, self._outbox)
 
     def send_later(self, record: channel.Record) -> None:
         """Queue a record (a completion) to go with the next batch."""
@@ -189,12 +198,14 @@ class _AgentLink:
                 *, request: _ReplyWaiter | None = None) -> PublishHandle:
         if len(self._handles) >= self.publish_buffer:
             self._wait_for_room(topic)
-        handle = PublishHandle(self, next(self._requests))
-        self._handles[handle.request_id] = handle
-        if request is not None:
-            self._request_of[handle.request_id] = request
-        self.send(channel.Publish(self.slot, self.generation, handle.request_id, topic, payload, qos, retain,
-                                  properties, request is not None))
+        with self._send_lock:  # an id and its publish go out together, so a Sync never counts one unsent
+            handle = PublishHandle(self, next(self._requests))
+            self._handles[handle.request_id] = handle
+            if request is not None:
+                self._request_of[handle.request_id] = request
+            self._last_request = handle.request_id
+            self._send_locked(channel.Publish(self.slot, self.generation, handle.request_id, topic, payload, qos,
+                                              retain, properties, request is not None))
         return handle
 
     def request(self, topic: str, payload: bytes, qos: int, properties: Properties) -> _ReplyWaiter:
@@ -265,8 +276,27 @@ class _AgentLink:
                     if waiter is not None:  # else a late or duplicate reply
                         waiter._answer(Message(record.topic, record.payload, record.qos, record.retain,
                                                False, record.properties))
+                elif isinstance(record, channel.AgentStarted):
+                    if self._handles:  # some may have died with the old agent: ask the new one which
+                        with self._send_lock:
+                            self._send_locked(channel.Sync(self.slot, self.generation, self._last_request))
+                elif isinstance(record, channel.SyncAck):
+                    self._fail_lost(record)
                 else:
                     self._inbox.append(record)
+
+    def _fail_lost(self, ack: channel.SyncAck) -> None:
+        """Publishes up to the Sync that the agent neither confirmed (its answers came first) nor holds
+        were taken by an agent that died: they fail, with the requests they carried."""
+        in_flight = set(ack.in_flight)
+        for request_id in list(self._handles):
+            if request_id <= ack.last_request_id and request_id not in in_flight:
+                handle = self._handles.pop(request_id, None)
+                if handle is not None:
+                    handle._resolve(AGENT_GONE)
+                waiter = self._request_of.pop(request_id, None)
+                if waiter is not None:
+                    waiter._resolve(AGENT_GONE)
 
     def read_available(self) -> None:
         """Read what the agent sent, without waiting (the async loop's reader callback)."""

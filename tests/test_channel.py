@@ -54,6 +54,11 @@ def roundtrip(record: channel.Record) -> channel.Record:
     channel.StopAgent(),
     channel.Restarts("SIGKILL", 3),
     channel.Restarts("exit_1", 2**40),
+    channel.AgentStarted(),
+    channel.Sync(1023, 2**31, 2**63 - 1),
+    channel.SyncAck(0),
+    channel.SyncAck(42, (1, 7, 41)),
+    channel.SyncAck(2**40, tuple(range(1, 60_001))),  # a whole publish_buffer: through the memory file
 ])
 def test_records_round_trip(record):
     assert roundtrip(record) == record

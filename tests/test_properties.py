@@ -251,7 +251,7 @@ def test_a_refused_request_fails_at_once_with_the_reason():
 @pytest.mark.timeout(10)
 def test_a_request_fails_when_the_agent_goes_away():
     agent = _Agent(lambda a, r: a.close())
-    with pytest.raises(RequestFailed, match=r"the agent's side closed before an answer"):
+    with pytest.raises(RequestFailed, match=r"the agent's side closed or restarted before an answer"):
         agent.worker.request("svc/x", b"q", timeout=5)
 
 
