@@ -437,7 +437,8 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]], peers: list[Peer], wor
                 cells.append(f"{row['p50_ms']:.2f} / {row['p99_ms']:.2f} ms (p99 {row['p99_ratio'] or 0:.2f} × A)")
             else:
                 lo, hi = row["spread"]
-                cells.append(f"{row['rate']:,.0f} ({row['ratio']:.2f}) [{lo:,.0f}-{hi:,.0f}]"
+                ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.2f}"  # A not in this run
+                cells.append(f"{row['rate']:,.0f} ({ratio}) [{lo:,.0f}-{hi:,.0f}]"
                              + (f" lost {row['lost']}" if row["lost"] else ""))
         w3 = table.get("W3", {}).get(p.key, {})
         starts = [table[w.key][p.key]["startup_s"] for w in workloads

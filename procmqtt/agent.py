@@ -119,6 +119,8 @@ class Agent:
         self.unsubscribe_on_connect: set[str] = set()  # removed offline; a persistent session may hold them
         self.dead_letters: dict[int, _Delivery] = {}  # mid of the dead-letter publish -> original
         self.early_ready: set[tuple[int, int]] = set()  # (slot, generation) ready before its WorkerUp
+        # Answers to publishes a worker made (in on_start, say) before its WorkerUp arrived.
+        self.early_replies: dict[tuple[int, int], list[channel.Published]] = {}
         self.syncing = 0  # mid of the UNSUBSCRIBE that proves the broker has our acknowledgements
         self.metrics = metrics.Counters(max(config.workers.count, max(self.workers, default=-1) + 1))
         self.v5 = config.mqtt.protocol == "5"
@@ -373,6 +375,11 @@ class Agent:
             self.metrics.reconnects += 1
         self.log.info("connected to %s:%d (session present: %s)", self.config.mqtt.host,
                       self.config.mqtt.port, bool(flags.session_present))
+        window = getattr(properties, "ReceiveMaximum", None) if self.v5 else None
+        if window is not None and window < self.config.mqtt.inflight():  # paho cannot apply it on a live connection
+            self.log.warning("the broker's Receive Maximum is %d, below [mqtt] max_inflight (%d): a broker that "
+                             "enforces it may disconnect us; set max_inflight = %d", window,
+                             self.config.mqtt.inflight(), window)
         if self.subscriptions:
             self._subscribe(list(self.subscriptions.items()))
         if self.unsubscribe_on_connect:
@@ -603,6 +610,10 @@ class Agent:
         ready = (record.slot, record.generation) in self.early_ready
         self.early_ready.discard((record.slot, record.generation))
         self.workers[record.slot] = _WorkerChannel(record.slot, record.generation, record.sock, ready=ready)
+        for slot, generation in [k for k in self.early_replies if k[0] == record.slot]:
+            for answer in self.early_replies.pop((slot, generation)):
+                if generation == record.generation:  # an older generation's are moot: it is gone
+                    self._write(self.workers[slot], answer)
         self.metrics.ensure_slots(record.slot + 1)  # SIGTTIN adds slots
         self.backlog_limit = max(self.backlog_limit, len(self.workers) * self.prefetch)
         if self.stopping:
@@ -770,8 +781,11 @@ class Agent:
     def _reply(self, slot: int, generation: int, request_id: int, error: int) -> None:
         self.metrics.published(error)  # every worker publish ends here once
         worker = self.workers.get(slot)
+        answer = channel.Published(request_id, int(error))
         if worker is not None and worker.generation == generation:
-            self._write(worker, channel.Published(request_id, int(error)))
+            self._write(worker, answer)
+        elif worker is None or worker.generation < generation:  # its WorkerUp is still queued
+            self.early_replies.setdefault((slot, generation), []).append(answer)
 
     def _sync_worker(self, record: channel.Sync) -> None:
         """Tell a worker which of its publishes up to the Sync are still in flight here; the answers

@@ -51,6 +51,8 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_ON_ERROR = "ack"
 DEFAULT_PUBLISH_BUFFER = 1_000
 DEFAULT_PUBLISH_TIMEOUT = 30.0
+DEFAULT_MAX_INFLIGHT = 1_000  # MQTT 3.1.1: paho's own 20 holds back an agent publishing for many workers
+DEFAULT_MAX_INFLIGHT_V5 = 20  # MQTT 5 brokers announce a Receive Maximum (Mosquitto 20, HiveMQ 10)
 DEFAULT_METRICS_HOST = "127.0.0.1"  # loopback: the numbers are for this host unless asked otherwise
 
 ON_ERROR = ("ack", "retry")
@@ -110,6 +112,7 @@ class MqttConfig:
     session_expiry: int = DEFAULT_SESSION_EXPIRY
     publish_buffer: int = DEFAULT_PUBLISH_BUFFER
     publish_timeout: float = DEFAULT_PUBLISH_TIMEOUT
+    max_inflight: int | None = None  # QoS 1/2 publishes unacknowledged at once; see inflight()
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     transport: str = DEFAULT_TRANSPORT
     ws_path: str = DEFAULT_WS_PATH  # the HTTP path of the websockets endpoint
@@ -118,6 +121,12 @@ class MqttConfig:
     tls: TlsConfig | None = None
     will: Announcement | None = None
     birth: Announcement | None = None
+
+    def inflight(self) -> int:
+        """``max_inflight``, or its default for the protocol."""
+        if self.max_inflight is not None:
+            return self.max_inflight
+        return DEFAULT_MAX_INFLIGHT_V5 if self.protocol == "5" else DEFAULT_MAX_INFLIGHT
 
     def wire_filter(self, topic_filter: str) -> str:
         """The filter as subscribed: inside ``$share/<share_group>/`` when a group is set."""
@@ -228,6 +237,7 @@ _MQTT_KEYS: dict[str, Check] = {
     "session_expiry": _integer(0, 2**32 - 1),
     "publish_buffer": _integer(1, MAX_PUBLISH_BUFFER),
     "publish_timeout": _number(0),
+    "max_inflight": _integer(1, 65535),
     "connect_timeout": _number(0.1),
     "transport": _one_of(*TRANSPORTS),
     "ws_path": lambda v: None if isinstance(v, str) and v.startswith("/") else "a path starting with '/'",

@@ -47,12 +47,14 @@ class Mosquitto:
 
     def __init__(self, directory: Path, *, persistence: bool = False,
                  users: dict[str, str] | None = None, tls: Any = None, require_certificate: bool = False,
-                 websockets: bool = False, deny: list[dict[str, Any]] | None = None, debug: bool = False) -> None:
+                 websockets: bool = False, deny: list[dict[str, Any]] | None = None, debug: bool = False,
+                 extra: tuple[str, ...] = ()) -> None:
         """``persistence``: saved after every change, so a SIGKILL loses nothing it acknowledged.
         ``tls`` (tests/certs.py ``Certs``) adds a TLS listener on ``tls_port``; ``websockets`` a
         websockets listener on ``ws_port``. The plain listener on ``port`` is always there.
         ``deny``: dynamic-security ACL entries that refuse anonymous clients, e.g.
-        ``{"acltype": "subscribePattern", "topic": "secret/#"}``. ``debug``: log every packet."""
+        ``{"acltype": "subscribePattern", "topic": "secret/#"}``. ``debug``: log every packet.
+        ``extra``: more mosquitto.conf lines, e.g. ``("max_inflight_messages 5",)``."""
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -64,6 +66,7 @@ class Mosquitto:
         self.users = users
         self.deny = deny
         self.debug = debug
+        self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "mosquitto.log"
 
@@ -87,6 +90,7 @@ class Mosquitto:
         ]
         if self.debug:
             lines.append("log_type debug")
+        lines += self.extra
         if os.geteuid() == 0:
             lines.append("user root")  # otherwise it drops to 'mosquitto' and cannot write here
         if self.users:

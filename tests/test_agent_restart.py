@@ -117,3 +117,25 @@ def test_wait_without_timeout_ends_when_the_agent_that_took_the_publish_is_kille
 @pytest.mark.timeout(90)
 def test_await_publish_ends_when_the_agent_that_took_the_publish_is_killed(tmp_path, broker, runs):
     _wait_across_agent_restart(tmp_path, broker, runs, "AwaitsAcrossAgentRestart")
+
+
+@pytest.mark.timeout(10)
+def test_an_answer_for_a_worker_the_agent_does_not_know_yet_waits_for_its_worker_up(tmp_path):
+    """A worker may publish (in on_start, say) before the supervisor's WorkerUp for it reaches the
+    agent: the answer is kept for that worker, not dropped (its wait() would never end)."""
+    from procmqtt.agent import Agent
+    from procmqtt.shared import SharedState
+
+    up_agent, up_other = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    agent = Agent(from_mapping({"mqtt": {}, "workers": {"count": 1}}), "c", up_agent, {}, str(tmp_path), os.getpid(),
+                  SharedState(1))
+    agent._reply(0, 7, request_id=41, error=0)  # slot 0, generation 7: not known yet
+    agent._reply(0, 6, request_id=40, error=0)  # an older generation, gone before it was known
+    ours, theirs = channel.pair()
+    agent._add_worker(channel.WorkerUp(0, 7, theirs))
+    agent._flush(agent.workers[0])
+    ours.setblocking(False)
+    assert channel.receive(ours) == [channel.Published(41, 0)]
+    assert not agent.early_replies
+    for sock in (up_agent, up_other, ours, theirs):
+        sock.close()

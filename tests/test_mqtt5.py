@@ -252,3 +252,28 @@ def test_replies_never_wait_behind_the_window_their_requests_hold(tmp_path, brok
     wait_until(lambda: len(records(rec, "done")) >= 10, 40, "10 requests over")
     assert not records(rec, "timeout") and len(records(rec, "reply")) == 10
     assert run.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_broker_receive_maximum_below_max_inflight_is_named(tmp_path, runs):
+    """Mosquitto announces max_inflight_messages as its Receive Maximum. paho cannot lower its window
+    on a live connection, so the agent says which key to change (MQTT 5 defaults to 20)."""
+    small = Mosquitto(tmp_path / "broker", extra=("max_inflight_messages 5",))
+    small.start()
+    try:
+        run, _ = run_app(runs, tmp_path / "app", small, "tests/apps_mqtt5.py:Props", topics={"echo5/#": 1})
+        run.wait_for_log(r"WARNING the broker's Receive Maximum is 5, below \[mqtt\] max_inflight \(20\): a broker "
+                         r"that enforces it may disconnect us; set max_inflight = 5")
+        assert run.stop() == 0
+        run2, _ = run_app(runs, tmp_path / "app2", small, "tests/apps_mqtt5.py:Props", topics={"echo5/#": 1},
+                          mqtt_toml=V5 + "\nmax_inflight = 5")
+        sub = V5Subscriber(small, "echoed5/#")
+        pub = v5_client(small, "pub5")
+        for i in range(30):
+            publish_v5(pub, f"echo5/{i}", b"x")
+        wait_until(lambda: len(sub.messages) >= 30, 20, "30 echoes, 5 in flight at a time")
+        assert "Receive Maximum" not in run2.log()
+        sub.close()
+        assert run2.stop() == 0
+    finally:
+        small.stop()
