@@ -102,13 +102,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_broker(directory: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_broker(directory: Path, extra: list[str] | None = None) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     conf = directory / "mosquitto.conf"
     lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false",
              "max_queued_messages 2000000", "max_queued_bytes 0", "queue_qos0_messages true", "log_type error"]
     if os.geteuid() == 0:
         lines.append("user root")
+    lines += extra or []
     conf.write_text("\n".join(lines) + "\n")
     proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
@@ -481,6 +482,9 @@ def main() -> int:
     parser.add_argument("--peers", default="", help="comma-separated peer key prefixes, e.g. 'A,procmqtt'")
     parser.add_argument("--workloads", default="", help="comma-separated workload keys, e.g. 'W1,W2'")
     parser.add_argument("--out", default=str(HERE / "results"), help="where latest.json/png go")
+    parser.add_argument("--broker-line", action="append", default=[], metavar="LINE",
+                        help="an extra mosquitto.conf line for experiments, e.g. 'max_inflight_messages 100' "
+                             "(recorded in the JSON; the documented runs use none)")
     args = parser.parse_args()
     if shutil.which("mosquitto") is None:
         print("benchmarks need the mosquitto binary (apt-get install mosquitto)", file=sys.stderr)
@@ -494,7 +498,7 @@ def main() -> int:
                      for w in workloads]
     spin = calibrate()
     work = Path(tempfile.mkdtemp(prefix="procmqtt-bench-"))
-    broker, port = start_broker(work)
+    broker, port = start_broker(work, args.broker_line)
     results: list[Result] = []
     try:
         for rep in range(reps):
@@ -518,7 +522,7 @@ def main() -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine(), "spin_iterations_per_ms": spin, "reps": reps, "scale": scale,
+    report = {"machine": machine(), "broker_lines": args.broker_line, "spin_iterations_per_ms": spin, "reps": reps, "scale": scale,
               "workloads": [w.__dict__ for w in workloads], "table": table,
               "runs": [r.__dict__ for r in results]}
     (out / "latest.json").write_text(json.dumps(report, indent=1, default=str))

@@ -34,11 +34,11 @@ from paho.mqtt.properties import Properties as PahoProperties
 
 from . import channel, connection, logs, metrics, mqtt5
 from .backoff import Backoff
+from .brokersocket import BrokerSocket, Inbound, wrap_socket
 from .config import Config
 from .connection import ConnState
 from .dispatch import DISPATCHERS
 from .errors import ExitCode
-from .inbound import Inbound, InboundBuffer, wrap_socket
 from .message import Properties
 from .shared import SharedState
 from .signals import SignalQueue
@@ -136,7 +136,7 @@ class Agent:
         self.stop_deadline = 0.0
         self.exit_code = ExitCode.OK
         self.client: mqtt.Client = None  # type: ignore[assignment]  # created in run(), after fork
-        self.inbound: InboundBuffer | None = None  # the broker socket as paho sees it, while connected
+        self.stream: BrokerSocket | None = None  # the broker socket as paho sees it (brokersocket.py)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -232,13 +232,12 @@ class Agent:
             sock = self.client.socket()
             if sock is None:
                 return
-            waiting = self.inbound is not None and self.inbound.waiting()
-            readable, _, _ = select.select([sock], [sock] if self.client.want_write() else [], [],
+            waiting = self.stream is not None and self.stream.waiting()
+            readable, _, _ = select.select([sock], [sock] if self._broker_unwritten() else [], [],
                                            0 if waiting else 0.05)
             if readable or waiting:
                 self._read_broker()  # messages arriving now are ignored: we are stopping
-            if self.client.socket() is not None and self.client.want_write():
-                self.client.loop_write()
+            self._write_broker()
 
     def begin_stop(self, reason: str) -> None:
         """Stop dispatching; workers finish what they hold, then the agent flushes and leaves."""
@@ -272,8 +271,8 @@ class Agent:
         buffered = False  # bytes already read from the broker that select would not announce
         if mqtt_sock is not None and self._want_broker_data(now):
             rlist.append(mqtt_sock)
-            buffered = self.inbound is not None and mqtt_sock is self.inbound and self.inbound.waiting()
-            if self.client.want_write():
+            buffered = self.stream is not None and mqtt_sock is self.stream and self.stream.waiting()
+            if self._broker_unwritten():
                 wlist.append(mqtt_sock)
         timeout = 0.0 if buffered else TICK
         if self.state is ConnState.DISCONNECTED and wanted:
@@ -298,10 +297,9 @@ class Agent:
             for worker in gone:
                 if self.workers.get(worker.slot) is worker:
                     self._forget_worker(worker)
-        # What this pass queued for the broker (acknowledgements, publishes) goes out in one burst,
+        # What this pass queued for the broker (acknowledgements, publishes) goes out in one write,
         # before the workers are woken: the broker's answers are then on their way while we flush.
-        if self.client.socket() is not None and self.client.want_write():
-            self.client.loop_write()
+        self._write_broker()
         for sock in writable:
             worker = by_sock.get(sock)
             if worker is not None and self.workers.get(worker.slot) is worker:
@@ -311,6 +309,18 @@ class Agent:
             if worker is not None:
                 self._flush(worker)
         self.dirty.clear()
+
+    def _broker_unwritten(self) -> bool:
+        return self.client.want_write() or (self.stream is not None and bool(self.stream.out))
+
+    def _write_broker(self) -> None:
+        """paho's queued packets, then one ``send`` for all of them (``brokersocket``)."""
+        if self.client.socket() is None:
+            return
+        if self.client.want_write():
+            self.client.loop_write()
+        if self.stream is not None and self.client.socket() is self.stream:
+            self.stream.flush()
 
     def _tick(self, now: float) -> None:
         """Once a second: paho keepalive, CONNACK timeout, publish bookkeeping, orphan check, gauges."""
@@ -341,7 +351,7 @@ class Agent:
             self._schedule_reconnect(f"cannot connect: {reason}")
             return
         self.connack_deadline = time.monotonic() + self.config.mqtt.connect_timeout
-        self.inbound = wrap_socket(self.client)
+        self.stream = wrap_socket(self.client)
         self._fail_lost_publishes()
 
     def _connect_hint(self) -> str:
@@ -469,7 +479,7 @@ class Agent:
         self._dispatch()
 
     def _on_publishes(self, batch: list[Inbound]) -> None:
-        """MQTT 3.1.1 QoS 0/1 messages decoded by ``inbound``: the same as ``_on_message``."""
+        """MQTT 3.1.1 QoS 0/1 messages decoded by ``brokersocket``: the same as ``_on_message``."""
         self.metrics.received += len(batch)
         if self.stopping:
             return  # QoS 1 stays unacknowledged at the broker; QoS 0 is dropped
@@ -669,32 +679,32 @@ class Agent:
 
     def _read_broker(self) -> None:
         """Read what the broker sent, in bulk: PUBLISH packets are decoded here, everything else is
-        given to paho one whole packet at a time (``inbound``). Takes at most what the workers'
+        given to paho one whole packet at a time (``brokersocket``). Takes at most what the workers'
         backlog has room for, but at least one message, and every packet before it, so
         acknowledgements awaited by handlers are never stuck behind a flood."""
-        inbound = self.inbound
-        if inbound is None:  # a paho whose socket could not be wrapped reads for itself
+        stream = self.stream
+        if stream is None:  # a paho whose socket could not be wrapped reads for itself
             self.client.loop_read()
             return
-        if self.client.socket() is not inbound:
+        if self.client.socket() is not stream:
             return
-        inbound.fill(READ_AHEAD)
+        stream.fill(READ_AHEAD)
         budget = max(1, self.backlog_limit - len(self.pending))
         fast = not self.v5
-        while budget > 0 and self.client.socket() is inbound:
+        while budget > 0 and self.client.socket() is stream:
             if fast:
-                batch = inbound.publishes(budget)
+                batch = stream.publishes(budget)
                 if batch:
                     budget -= len(batch)
                     self._on_publishes(batch)
                     continue
-            if not inbound.release():
+            if not stream.release():
                 return  # the rest of the packet is still on its way
-            before, pos = self.metrics.received + self.replies, inbound.pos
+            before, pos = self.metrics.received + self.replies, stream.pos
             self.client.loop_read()
             if self.metrics.received + self.replies != before:
                 budget -= 1
-            elif inbound.pos == pos:
+            elif stream.pos == pos:
                 return  # paho took nothing: it closed the connection or has it closing
 
     def _handle_upstream(self, record: channel.Record) -> None:

@@ -1,4 +1,4 @@
-"""The agent's bulk reader of the broker's stream (procmqtt/inbound.py).
+"""The agent's bulk reader of the broker's stream (procmqtt/brokersocket.py).
 
 Unit tests feed byte streams through a socket pair, split at every size, to a reader that behaves
 like paho's (one packet with recv(1), recv(1)..., recv(n)); the integration tests run real paho and
@@ -20,7 +20,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from harness import publisher, records, start, wait_until
-from procmqtt.inbound import InboundBuffer, wrap_socket
+from procmqtt.brokersocket import BrokerSocket, wrap_socket
 
 
 def _length(n: int) -> bytes:
@@ -44,7 +44,7 @@ PINGRESP = bytes([0xD0, 0])
 PUBACK = bytes([0x40, 2, 0, 7])
 
 
-def _read_like_paho(buf: InboundBuffer) -> bytes | None:
+def _read_like_paho(buf: BrokerSocket) -> bytes | None:
     """One packet the way paho reads it; None when recv would block before the packet starts.
     A packet started must finish: paho would otherwise hold half a packet the agent cannot see."""
     try:
@@ -69,7 +69,7 @@ def _read_like_paho(buf: InboundBuffer) -> bytes | None:
     return bytes(packet)
 
 
-def _drain(buf: InboundBuffer, out: list, *, fast: bool = True) -> bool:
+def _drain(buf: BrokerSocket, out: list, *, fast: bool = True) -> bool:
     """What the agent's _read_broker does, with `out` in place of workers and paho; False at the end."""
     buf.fill(1024 * 1024)
     while True:
@@ -106,7 +106,7 @@ class _Arrivals:
 
 def _stream_through(chunks: list[bytes], *, fast: bool = True) -> list:
     sock = _Arrivals(chunks)
-    buf = InboundBuffer(sock)
+    buf = BrokerSocket(sock)
     out: list = []
     for _ in range(len(chunks) + 1):
         sock.arrive()
@@ -177,7 +177,7 @@ def test_decoded_packets_match_paho_own_decoder():
         packet = publish_packet(topic, payload, qos, rng.randint(1, 65535) if qos else 0, rng.random() < .5,
                                 rng.random() < .5)
         sock = _Arrivals([packet[:3], packet[3:]])
-        buf = InboundBuffer(sock)
+        buf = BrokerSocket(sock)
         sock.arrive()
         sock.arrive()
         buf.fill(1)  # smaller than the packet: fill still reads all of it
@@ -202,7 +202,7 @@ def test_end_of_stream_inside_a_packet_reaches_paho_as_connection_lost():
     a.sendall(publish_packet("t", b"whole") + publish_packet("t", b"cut short")[:5])
     a.close()
     b.setblocking(False)
-    buf = InboundBuffer(b)
+    buf = BrokerSocket(b)
     buf.fill(1024)
     assert buf.publishes(10) == [("t", b"whole", 0, 0, False, False)]
     buf.fill(1024)  # select reports the end of file as readable; the agent reads again
@@ -225,7 +225,7 @@ def test_a_socket_error_is_raised_to_paho_after_the_buffered_packets():
                 return PINGRESP
             raise ConnectionResetError("reset by peer")
 
-    buf = InboundBuffer(Failing())
+    buf = BrokerSocket(Failing())
     buf.fill(1024)
     assert buf.release() and buf.recv(2) == PINGRESP
     assert buf.release()
@@ -237,7 +237,7 @@ def test_a_socket_error_is_raised_to_paho_after_the_buffered_packets():
 def test_nothing_is_released_before_a_packet_is_whole():
     a, b = socket.socketpair()
     b.setblocking(False)
-    buf = InboundBuffer(b)
+    buf = BrokerSocket(b)
     packet = publish_packet("t", b"x" * 1000, qos=2, mid=9)
     a.sendall(packet[:500])
     buf.fill(1024)
@@ -248,6 +248,55 @@ def test_nothing_is_released_before_a_packet_is_whole():
     buf.fill(1024)
     assert buf.waiting() and buf.release()
     assert _read_like_paho(buf) == packet
+    a.close()
+    b.close()
+
+
+@pytest.mark.timeout(10)
+def test_what_paho_writes_goes_out_in_one_send_and_before_close():
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    buf = BrokerSocket(b)
+    assert buf.send(PUBACK) == 4 and buf.send(PINGRESP) == 2  # paho's sends: buffered, never blocking
+    a.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        a.recv(100)
+    assert buf.flush() and a.recv(100) == PUBACK + PINGRESP
+    buf.send(SUBACK)
+    buf.close()  # paho closes right after DISCONNECT: what it wrote still goes
+    assert a.recv(100) == SUBACK
+    a.close()
+
+
+@pytest.mark.timeout(10)
+def test_a_failed_write_reaches_paho_as_connection_lost():
+    a, b = socket.socketpair()
+    buf = BrokerSocket(b)
+    a.close()
+    buf.send(PUBACK)
+    assert buf.flush()  # nothing left to send: the peer is gone
+    with pytest.raises(OSError):
+        buf.send(PUBACK)
+    assert buf.release()
+    with pytest.raises(OSError):
+        buf.recv(1)
+    b.close()
+
+
+@pytest.mark.timeout(10)
+def test_a_full_socket_keeps_the_rest_for_the_next_flush():
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    buf = BrokerSocket(b)
+    big = os.urandom(8 * 1024 * 1024)
+    buf.send(big)
+    assert not buf.flush() and 0 < len(buf.out) < len(big)
+    got = bytearray()
+    a.settimeout(5)
+    while len(got) < len(big):
+        got += a.recv(1 << 20)
+        buf.flush()
+    assert bytes(got) == big and not buf.out
     a.close()
     b.close()
 
@@ -264,7 +313,17 @@ def test_paho_reads_through_the_wrapped_socket(broker):
     client.connect("127.0.0.1", broker.port)
     buf = wrap_socket(client)
     assert buf is not None and client.socket() is buf, "paho's socket could not be wrapped"
+    subscribed: list = []
+    client.on_subscribe = lambda *args: subscribed.append(args)
     client.subscribe("w/#", 2)
+    assert buf.out, "paho's SUBSCRIBE waits in the buffer"
+    buf.flush()
+    deadline = time.monotonic() + 10
+    while not subscribed and time.monotonic() < deadline:  # the SUBACK: paho's, through release()
+        buf.fill(1 << 20)
+        if buf.release():
+            client.loop_read()
+        time.sleep(0.01)
     pub = publisher(broker)
     pub.publish("w/2", b"through paho", qos=2).wait_for_publish(5)
     pub.publish("w/1", b"decoded here", qos=1).wait_for_publish(5)
@@ -276,6 +335,7 @@ def test_paho_reads_through_the_wrapped_socket(broker):
         if buf.release():
             client.loop_read()
         client.loop_write()
+        buf.flush()
         client.loop_misc()
         time.sleep(0.01)
     assert [(m.topic, m.payload, m.qos) for m in got] == [("w/2", b"through paho", 2)]
@@ -329,5 +389,5 @@ def test_tls_sockets_are_read_until_they_would_block():
     TLS end to end: tests/test_broker_features.py."""
     with socket.socket() as plain, ssl.create_default_context().wrap_socket(
             socket.socket(), do_handshake_on_connect=False, server_hostname="localhost") as tls:
-        assert InboundBuffer(plain).plain
-        assert not InboundBuffer(tls).plain
+        assert BrokerSocket(plain).plain
+        assert not BrokerSocket(tls).plain
