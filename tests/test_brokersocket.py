@@ -252,11 +252,19 @@ def test_nothing_is_released_before_a_packet_is_whole():
     b.close()
 
 
-@pytest.mark.timeout(10)
-def test_what_paho_writes_goes_out_in_one_send_and_before_close():
+@pytest.fixture
+def pair():
+    """(the broker's end, the agent's end wrapped), closed afterwards."""
     a, b = socket.socketpair()
     b.setblocking(False)
-    buf = BrokerSocket(b)
+    yield a, BrokerSocket(b)
+    a.close()
+    b.close()
+
+
+@pytest.mark.timeout(10)
+def test_what_paho_writes_goes_out_in_one_send_and_before_close(pair):
+    a, buf = pair
     assert buf.send(PUBACK) == 4 and buf.send(PINGRESP) == 2  # paho's sends: buffered, never blocking
     a.setblocking(False)
     with pytest.raises(BlockingIOError):
@@ -265,13 +273,11 @@ def test_what_paho_writes_goes_out_in_one_send_and_before_close():
     buf.send(SUBACK)
     buf.close()  # paho closes right after DISCONNECT: what it wrote still goes
     assert a.recv(100) == SUBACK
-    a.close()
 
 
 @pytest.mark.timeout(10)
-def test_a_failed_write_reaches_paho_as_connection_lost():
-    a, b = socket.socketpair()
-    buf = BrokerSocket(b)
+def test_a_failed_write_reaches_paho_as_connection_lost(pair):
+    a, buf = pair
     a.close()
     buf.send(PUBACK)
     assert buf.flush()  # nothing left to send: the peer is gone
@@ -280,14 +286,11 @@ def test_a_failed_write_reaches_paho_as_connection_lost():
     assert buf.release()
     with pytest.raises(OSError):
         buf.recv(1)
-    b.close()
 
 
 @pytest.mark.timeout(10)
-def test_a_full_socket_keeps_the_rest_for_the_next_flush():
-    a, b = socket.socketpair()
-    b.setblocking(False)
-    buf = BrokerSocket(b)
+def test_a_full_socket_keeps_the_rest_for_the_next_flush(pair):
+    a, buf = pair
     big = os.urandom(8 * 1024 * 1024)
     buf.send(big)
     assert not buf.flush() and 0 < len(buf.out) < len(big)
@@ -297,8 +300,6 @@ def test_a_full_socket_keeps_the_rest_for_the_next_flush():
         got += a.recv(1 << 20)
         buf.flush()
     assert bytes(got) == big and not buf.out
-    a.close()
-    b.close()
 
 
 # --- with real paho and a real Mosquitto -------------------------------------------------------
