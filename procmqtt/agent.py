@@ -39,7 +39,7 @@ from .config import Config
 from .connection import ConnState
 from .dispatch import DISPATCHERS
 from .errors import ExitCode
-from .message import Properties
+from .message import EMPTY, Properties
 from .shared import SharedState
 from .signals import SignalQueue
 
@@ -465,7 +465,7 @@ class Agent:
         if self.v5:
             properties = mqtt5.from_paho(getattr(msg, "properties", None))
             if msg.topic.startswith(self.reply_prefix):
-                self._route_reply(msg, properties)
+                self._route_reply(msg.topic, msg.payload, msg.qos, msg.mid, bool(msg.retain), properties)
                 return
         self.metrics.received += 1
         if msg.qos == 2:
@@ -479,27 +479,35 @@ class Agent:
         self._dispatch()
 
     def _on_publishes(self, batch: list[Inbound]) -> None:
-        """MQTT 3.1.1 QoS 0/1 messages decoded by ``brokersocket``: the same as ``_on_message``."""
+        """Messages decoded by ``brokersocket`` (MQTT 3.1.1, or MQTT 5 without properties): the
+        same as ``_on_message``."""
+        properties = EMPTY if self.v5 else None
+        if self.v5 and any(m[0].startswith(self.reply_prefix) for m in batch):
+            for topic, payload, qos, mid, retain, _ in batch:
+                if topic.startswith(self.reply_prefix):
+                    self._route_reply(topic, payload, qos, mid, retain, properties)
+            batch = [m for m in batch if not m[0].startswith(self.reply_prefix)]
         self.metrics.received += len(batch)
         if self.stopping:
             return  # QoS 1 stays unacknowledged at the broker; QoS 0 is dropped
         epoch, ids, append = self.epoch, self.delivery_ids, self.pending.append
         for topic, payload, qos, mid, retain, dup in batch:
-            append(_Delivery(next(ids), mid, epoch, topic, payload, qos, retain, dup))
+            append(_Delivery(next(ids), mid, epoch, topic, payload, qos, retain, dup, properties))
         self._dispatch()
 
-    def _route_reply(self, msg: mqtt.MQTTMessage, properties: Properties) -> None:
+    def _route_reply(self, topic: str, payload: bytes, qos: int, mid: int, retain: bool,
+                     properties: Properties) -> None:
         """A reply to a worker's request goes to that worker (the topic's last level is its slot),
         acknowledged at once: it is an answer awaited by a handler, not work for the app."""
-        if msg.qos:
-            self.client.ack(msg.mid, msg.qos)
+        if qos:
+            self.client.ack(mid, qos)
         self.replies += 1
-        slot = msg.topic[len(self.reply_prefix):]
+        slot = topic[len(self.reply_prefix):]
         worker = self.workers.get(int(slot)) if slot.isdigit() else None
         if worker is None:
-            self.log.debug("reply on %r: no such worker; dropped", msg.topic)
+            self.log.debug("reply on %r: no such worker; dropped", topic)
             return
-        self._write(worker, channel.Reply(msg.topic, msg.payload, msg.qos, bool(msg.retain), properties))
+        self._write(worker, channel.Reply(topic, payload, qos, retain, properties))
 
     def _dispatch(self) -> None:
         while self.pending and not self.stopping:
@@ -690,14 +698,12 @@ class Agent:
             return
         stream.fill(READ_AHEAD)
         budget = max(1, self.backlog_limit - len(self.pending))
-        fast = not self.v5
         while budget > 0 and self.client.socket() is stream:
-            if fast:
-                batch = stream.publishes(budget)
-                if batch:
-                    budget -= len(batch)
-                    self._on_publishes(batch)
-                    continue
+            batch = stream.publishes(budget, self.v5)
+            if batch:
+                budget -= len(batch)
+                self._on_publishes(batch)
+                continue
             if not stream.release():
                 return  # the rest of the packet is still on its way
             before, pos = self.metrics.received + self.replies, stream.pos

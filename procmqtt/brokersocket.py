@@ -8,7 +8,8 @@ paho's socket:
 
 - Reading: one ``recv_into`` takes whatever the kernel holds; the PUBLISH packets at the head of
   the buffer are decoded by :meth:`BrokerSocket.publishes` (a dozen lines), and every other packet
-  (CONNACK, SUBACK, PUBACK, PINGRESP, QoS 2, MQTT 5) is left to paho, one whole packet at a time:
+  (CONNACK, SUBACK, PUBACK, PINGRESP, QoS 2, an MQTT 5 PUBLISH with properties) is left to paho,
+  one whole packet at a time:
   ``recv`` only hands out bytes up to the end of the packet the agent released with
   :meth:`BrokerSocket.release`, and reports "would block" past it. So paho's parser is always
   between packets when the agent decodes, and the two never interleave.
@@ -178,9 +179,10 @@ class BrokerSocket:
             self.limit = end
         return whole
 
-    def publishes(self, max_count: int) -> list[Inbound]:
-        """Decode the MQTT 3.1.1 QoS 0/1 PUBLISH packets at the head of the buffer, up to
-        ``max_count``; stop at anything else, for paho to read."""
+    def publishes(self, max_count: int, v5: bool = False) -> list[Inbound]:
+        """Decode the QoS 0/1 PUBLISH packets at the head of the buffer, up to ``max_count``; stop at
+        anything else, for paho to read. With ``v5`` (an MQTT 5 connection) only packets without
+        properties are decoded here: a property block goes to paho, which knows them all."""
         buf, pos, n = self.buf, self.pos, self.end
         out: list[Inbound] = []
         with memoryview(buf) as view:  # payloads: one copy each, straight from the buffer
@@ -205,7 +207,11 @@ class BrokerSocket:
                 qos = (header >> 1) & 3
                 start = topic_end + 2 if qos else topic_end
                 if start > end or topic_end == i + 2:
-                    break  # malformed, or an empty topic: paho's error
+                    break  # malformed, or an empty topic (or a topic alias): paho's
+                if v5:
+                    if start >= end or buf[start]:
+                        break  # properties (their length is not 0): paho's
+                    start += 1
                 mid = buf[topic_end] << 8 | buf[topic_end + 1] if qos else 0
                 try:
                     topic = buf[i + 2:topic_end].decode()

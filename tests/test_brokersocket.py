@@ -33,9 +33,11 @@ def _length(n: int) -> bytes:
 
 
 def publish_packet(topic: bytes | str, payload: bytes, qos: int = 0, mid: int = 0, retain: bool = False,
-                   dup: bool = False) -> bytes:
+                   dup: bool = False, v5_properties: bytes | None = None) -> bytes:
+    """A PUBLISH packet; ``v5_properties`` (MQTT 5) is the property block, b"" for none."""
     topic = topic.encode() if isinstance(topic, str) else topic
-    body = len(topic).to_bytes(2, "big") + topic + (mid.to_bytes(2, "big") if qos else b"") + payload
+    props = b"" if v5_properties is None else _length(len(v5_properties)) + v5_properties
+    body = len(topic).to_bytes(2, "big") + topic + (mid.to_bytes(2, "big") if qos else b"") + props + payload
     return bytes([0x30 | dup << 3 | qos << 1 | retain]) + _length(len(body)) + body
 
 
@@ -184,6 +186,25 @@ def test_decoded_packets_match_paho_own_decoder():
         (got,) = buf.publishes(10)
         ref = paho_packet.decode_publish(packet[0], packet[len(packet) - _body_length(packet):], mqtt.MQTTv311)
         assert got == (ref.topic.decode(), ref.payload, ref.qos, ref.mid, ref.retain, ref.dup)
+
+
+@pytest.mark.timeout(30)
+def test_mqtt5_packets_without_properties_are_decoded_the_rest_left_to_paho():
+    paho_packet = pytest.importorskip("paho.mqtt._packet")
+    plain = publish_packet("v5/plain", b"p", 1, 9, v5_properties=b"")
+    content_type = b"\x03" + len(b"text/plain").to_bytes(2, "big") + b"text/plain"
+    with_props = publish_packet("v5/props", b"q", 1, 10, v5_properties=content_type)
+    alias = publish_packet("", b"r", 0, v5_properties=b"\x23\x00\x01")  # a topic alias, no topic
+    sock = _Arrivals([plain + plain + with_props + alias])
+    buf = BrokerSocket(sock)
+    sock.arrive()
+    buf.fill(1 << 20)
+    got = buf.publishes(10, v5=True)
+    ref = paho_packet.decode_publish(plain[0], plain[2:], mqtt.MQTTv5)
+    assert got == [(ref.topic.decode(), ref.payload, ref.qos, ref.mid, ref.retain, ref.dup)] * 2
+    assert buf.release() and _read_like_paho(buf) == with_props
+    assert buf.publishes(10, v5=True) == []
+    assert buf.release() and _read_like_paho(buf) == alias
 
 
 def _body_length(packet: bytes) -> int:
