@@ -9,9 +9,8 @@ paho's socket:
 - Reading: one ``recv_into`` takes whatever the kernel holds; the PUBLISH packets at the head of
   the buffer are decoded by :meth:`BrokerSocket.publishes` (a dozen lines), and every other packet
   (CONNACK, SUBACK, PUBACK, PINGRESP, QoS 2, an MQTT 5 PUBLISH with properties) is left to paho,
-  one whole packet at a time:
-  ``recv`` only hands out bytes up to the end of the packet the agent released with
-  :meth:`BrokerSocket.release`, and reports "would block" past it. So paho's parser is always
+  one whole packet at a time: ``recv`` only hands out bytes up to the end of the packet the agent
+  released with :meth:`BrokerSocket.release`, and reports "would block" past it. So paho's parser is always
   between packets when the agent decodes, and the two never interleave.
 - Writing: paho's ``send`` appends to a buffer that :meth:`BrokerSocket.flush` writes in one call
   at the end of the agent's pass (and ``close`` before the socket goes). Acknowledgements still come
@@ -36,7 +35,8 @@ Inbound = tuple[str, bytes, int, int, bool, bool]
 
 
 class BrokerSocket:
-    """Stands in for paho's socket (``recv`` from the buffer, everything else passed through).
+    """Stands in for paho's socket: ``recv`` from the read buffer, ``send`` into the write buffer,
+    everything else passed through.
 
     ``buf`` is allocated once and filled with ``recv_into``: no per-read allocation, no copy to
     append. Bytes between ``pos`` and ``end`` are unread; they move to the front only when the
