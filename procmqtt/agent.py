@@ -119,8 +119,10 @@ class Agent:
         self.unsubscribe_on_connect: set[str] = set()  # removed offline; a persistent session may hold them
         self.dead_letters: dict[int, _Delivery] = {}  # mid of the dead-letter publish -> original
         self.early_ready: set[tuple[int, int]] = set()  # (slot, generation) ready before its WorkerUp
-        # Answers to publishes a worker made (in on_start, say) before its WorkerUp arrived.
+        # Answers to publishes a worker made (in on_start, say) before its WorkerUp arrived; a
+        # generation is newer than any this agent has known in that slot (else it is gone).
         self.early_replies: dict[tuple[int, int], list[channel.Published]] = {}
+        self.newest_generation: dict[int, int] = {slot: gen for slot, (gen, _) in workers.items()}
         self.syncing = 0  # mid of the UNSUBSCRIBE that proves the broker has our acknowledgements
         self.metrics = metrics.Counters(max(config.workers.count, max(self.workers, default=-1) + 1))
         self.v5 = config.mqtt.protocol == "5"
@@ -628,6 +630,7 @@ class Agent:
         ready = (record.slot, record.generation) in self.early_ready
         self.early_ready.discard((record.slot, record.generation))
         self.workers[record.slot] = _WorkerChannel(record.slot, record.generation, record.sock, ready=ready)
+        self.newest_generation[record.slot] = record.generation
         for slot, generation in [k for k in self.early_replies if k[0] == record.slot]:
             for answer in self.early_replies.pop((slot, generation)):
                 if generation == record.generation:  # an older generation's are moot: it is gone
@@ -800,7 +803,7 @@ class Agent:
         answer = channel.Published(request_id, int(error))
         if worker is not None and worker.generation == generation:
             self._write(worker, answer)
-        elif worker is None or worker.generation < generation:  # its WorkerUp is still queued
+        elif generation > self.newest_generation.get(slot, -1):  # its WorkerUp is still queued
             self.early_replies.setdefault((slot, generation), []).append(answer)
 
     def _sync_worker(self, record: channel.Sync) -> None:

@@ -137,5 +137,7 @@ def test_an_answer_for_a_worker_the_agent_does_not_know_yet_waits_for_its_worker
     ours.setblocking(False)
     assert channel.receive(ours) == [channel.Published(41, 0)]
     assert not agent.early_replies
+    agent._reply(0, 5, request_id=39, error=0)  # a generation older than one known: gone, not kept
+    assert not agent.early_replies
     for sock in (up_agent, up_other, ours, theirs):
         sock.close()
