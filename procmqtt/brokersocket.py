@@ -155,18 +155,24 @@ class BrokerSocket:
     def _head(self) -> tuple[int, bool]:
         """End offset of the packet at the head of the buffer (0 while its length is unknown), and
         whether all of it is here."""
+        end = self._frame(self.pos)[1]
+        return end, 0 < end <= self.end
+
+    def _frame(self, pos: int) -> tuple[int, int]:
+        """Where the packet starting at ``pos`` has its body and where it ends, from its remaining
+        length; the end is 0 while the length is not all here."""
         buf, n = self.buf, self.end
-        length, shift, i = 0, 0, self.pos + 1
+        length, shift, i = 0, 0, pos + 1
         while i < n:
             byte = buf[i]
             length |= (byte & 0x7F) << shift
             i += 1
             if not byte & 0x80:
-                return i + length, i + length <= n
+                return i, i + length
             shift += 7
             if shift > 21:  # a fifth length byte: paho reads it and reports the protocol error
-                return i + 1, i < n
-        return 0, False
+                return i + 1, i + 1
+        return i, 0
 
     def release(self) -> bool:
         """Let paho read the packet at the head; after the end of the stream, all that is left and
@@ -190,19 +196,11 @@ class BrokerSocket:
                 header = buf[pos]
                 if header & 0xF0 != PUBLISH or header & 0x06 > 0x02:  # not PUBLISH, or QoS 2 (or invalid)
                     break
-                length, shift, i = 0, 0, pos + 1
-                while True:
-                    byte = buf[i]
-                    length |= (byte & 0x7F) << shift
-                    i += 1
-                    if not byte & 0x80 or i >= n or shift >= 21:
-                        break
-                    shift += 7
-                end = i + length
-                if byte & 0x80 or end > n:
-                    break  # incomplete (or malformed: paho will say so)
-                if length < 3:
-                    break  # too short to hold a topic: paho's error
+                i, end = self._frame(pos)
+                if not end or end > n:
+                    break  # incomplete
+                if end - i < 3:
+                    break  # too short to hold a topic (or a malformed length): paho's error
                 topic_end = i + 2 + (buf[i] << 8 | buf[i + 1])
                 qos = (header >> 1) & 3
                 start = topic_end + 2 if qos else topic_end

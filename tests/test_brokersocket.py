@@ -413,3 +413,14 @@ def test_tls_sockets_are_read_until_they_would_block():
             socket.socket(), do_handshake_on_connect=False, server_hostname="localhost") as tls:
         assert BrokerSocket(plain).plain
         assert not BrokerSocket(tls).plain
+
+
+@pytest.mark.timeout(10)
+def test_a_fifth_length_byte_goes_to_paho_to_refuse():
+    """Remaining length takes at most four bytes: paho reads the fifth and reports a protocol error."""
+    sock = _Arrivals([bytes([0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]) + b"rest", b"not yet"])
+    buf = BrokerSocket(sock)
+    sock.arrive()
+    buf.fill(1024)
+    assert buf.publishes(10) == []
+    assert buf.release() and buf.limit == 6
