@@ -388,10 +388,10 @@ class Agent:
         self.log.info("connected to %s:%d (session present: %s)", self.config.mqtt.host,
                       self.config.mqtt.port, bool(flags.session_present))
         window = getattr(properties, "ReceiveMaximum", None) if self.v5 else None
-        if window is not None and window < self.config.mqtt.max_inflight:  # paho cannot apply it on a live connection
+        if window is not None and window < self.config.mqtt.inflight():  # paho cannot apply it on a live connection
             self.log.warning("the broker's Receive Maximum is %d, below [mqtt] max_inflight (%d): a broker that "
                              "enforces it may disconnect us; set max_inflight = %d", window,
-                             self.config.mqtt.max_inflight, window)
+                             self.config.mqtt.inflight(), window)
         if self.subscriptions:
             self._subscribe(list(self.subscriptions.items()))
         if self.unsubscribe_on_connect:

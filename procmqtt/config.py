@@ -112,7 +112,7 @@ class MqttConfig:
     session_expiry: int = DEFAULT_SESSION_EXPIRY
     publish_buffer: int = DEFAULT_PUBLISH_BUFFER
     publish_timeout: float = DEFAULT_PUBLISH_TIMEOUT
-    max_inflight: int = DEFAULT_MAX_INFLIGHT  # QoS 1/2 publishes unacknowledged at once (MQTT 5: 20 unless set)
+    max_inflight: int | None = None  # QoS 1/2 publishes unacknowledged at once; see inflight()
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     transport: str = DEFAULT_TRANSPORT
     ws_path: str = DEFAULT_WS_PATH  # the HTTP path of the websockets endpoint
@@ -121,6 +121,12 @@ class MqttConfig:
     tls: TlsConfig | None = None
     will: Announcement | None = None
     birth: Announcement | None = None
+
+    def inflight(self) -> int:
+        """``max_inflight``, or its default for the protocol."""
+        if self.max_inflight is not None:
+            return self.max_inflight
+        return DEFAULT_MAX_INFLIGHT_V5 if self.protocol == "5" else DEFAULT_MAX_INFLIGHT
 
     def wire_filter(self, topic_filter: str) -> str:
         """The filter as subscribed: inside ``$share/<share_group>/`` when a group is set."""
@@ -370,8 +376,6 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>",
     tls = _tls(source, mqtt.get("tls"))
     if tls is not None and "port" not in plain:
         plain["port"] = DEFAULT_TLS_PORT
-    if plain.get("protocol") == "5" and "max_inflight" not in plain:
-        plain["max_inflight"] = DEFAULT_MAX_INFLIGHT_V5
     return Config(
         mqtt=MqttConfig(**plain, password=_password(source, mqtt, os.environ if environ is None else environ),
                         topics=_subscriptions(source, mqtt.get("topics", {})), tls=tls,

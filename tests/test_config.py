@@ -205,10 +205,10 @@ def test_broker_feature_mistakes(tmp_path, toml, expected):
 @pytest.mark.timeout(10)
 def test_max_inflight_defaults_by_protocol_and_reaches_paho():
     from procmqtt.connection import make_client
-    assert config.from_mapping({"mqtt": {}}).mqtt.max_inflight == 1000
-    assert config.from_mapping({"mqtt": {"protocol": "5"}}).mqtt.max_inflight == 20
+    assert config.from_mapping({"mqtt": {}}).mqtt.inflight() == 1000
+    assert config.from_mapping({"mqtt": {"protocol": "5"}}).mqtt.inflight() == 20
     mqtt = config.from_mapping({"mqtt": {"protocol": "5", "max_inflight": 7}}).mqtt
-    assert mqtt.max_inflight == 7
+    assert mqtt.inflight() == 7
     assert make_client(mqtt, "c", 16).max_inflight_messages == 7
     with pytest.raises(ConfigError, match=r"\[mqtt\] max_inflight: expected an integer from 1 to 65535, got 0"):
         config.from_mapping({"mqtt": {"max_inflight": 0}})
