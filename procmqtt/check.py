@@ -98,6 +98,8 @@ def _section(name: str, section: Any, origins: Mapping[str, str], app_spec: str 
             tables += [f"{_key(s.topic_filter)} = {{ qos = {s.qos} }}" for s in value]
         elif value is None and f.name == "client_id" and app_spec:
             lines.append(f"client_id = {_toml(default_client_id(app_spec))}  # default for {app_spec}")
+        elif value is None and f.name == "max_inflight":
+            lines.append(f"max_inflight = {section.inflight()}  # default for MQTT {section.protocol}")
         elif value is None:
             lines.append(f"# {f.name} is not set")
         else:

@@ -197,3 +197,13 @@ def test_check_prints_broker_feature_tables_and_the_shared_filters(tmp_path: Pat
     printed = tomllib.loads(out.split("# effective configuration")[1].split("\n", 1)[1])
     assert printed["mqtt"]["tls"]["insecure"] is True and printed["mqtt"]["port"] == 8883
     assert printed["mqtt"]["will"] == {"topic": "presence/x", "payload": "offline", "qos": 0, "retain": False}
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("protocol, window", [("3.1.1", 1000), ("5", 20)])
+def test_the_max_inflight_in_effect_is_printed_not_left_unset(protocol, window):
+    text = check.render_config(config.from_mapping({"mqtt": {"protocol": protocol}}))
+    assert f"max_inflight = {window}  # default for MQTT {protocol}" in text
+    assert tomllib.loads(text)["mqtt"]["max_inflight"] == window
+    text = check.render_config(config.from_mapping({"mqtt": {"protocol": protocol, "max_inflight": 7}}))
+    assert tomllib.loads(text)["mqtt"]["max_inflight"] == 7
