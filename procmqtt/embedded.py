@@ -31,6 +31,8 @@ from . import logs
 from .errors import ConfigError, ExitCode, ProcmqttError
 
 BINARY = "mosquitto"
+SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
+"""Where packages put ``mosquitto`` outside a normal user's PATH (Debian: /usr/sbin)."""
 HOST = "127.0.0.1"
 START_TIMEOUT = 10.0
 """Seconds ``start()`` waits for the broker to accept connections."""
@@ -40,12 +42,18 @@ MAX_QUEUED = 100_000
 """QoS 1/2 messages the broker queues per client (Mosquitto's default, 1000, drops a short backlog)."""
 RESERVED_PORT = 1883
 
-INSTALL_HINT = ("the embedded broker needs the mosquitto binary on PATH; install the 'mosquitto' "
-                "package (apt-get install mosquitto, or brew install mosquitto)")
+INSTALL_HINT = ("the embedded broker needs the mosquitto binary (on PATH or in /usr/sbin); install the "
+                "'mosquitto' package (apt-get install mosquitto, or brew install mosquitto)")
+
+
+def find_mosquitto() -> str | None:
+    """The ``mosquitto`` binary: from PATH first, else from an sbin directory (Debian installs it in
+    /usr/sbin, which only root's PATH has); None when neither has it."""
+    return shutil.which(BINARY) or shutil.which(BINARY, path=os.pathsep.join(SBIN_DIRS))
 
 
 class BrokerMissing(ConfigError):
-    """No ``mosquitto`` on PATH: exit 2 with one line naming the package."""
+    """No ``mosquitto`` binary: exit 2 with one line naming the package."""
 
 
 class BrokerFailed(ProcmqttError):
@@ -83,7 +91,7 @@ class EmbeddedBroker:
     """
 
     def __init__(self, port: int | None = None) -> None:
-        binary = shutil.which(BINARY)
+        binary = find_mosquitto()
         if binary is None:
             raise BrokerMissing(INSTALL_HINT)
         self.binary = binary

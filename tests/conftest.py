@@ -1,16 +1,15 @@
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from harness import Mosquitto, Procmqtt
+from harness import MOSQUITTO, Mosquitto, Procmqtt
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if shutil.which("mosquitto") is None:
+    if MOSQUITTO is None:
         raise pytest.UsageError("the mosquitto binary is required (apt-get install mosquitto mosquitto-clients)")
 
 

@@ -21,7 +21,10 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from procmqtt.embedded import find_mosquitto
+
 ROOT = Path(__file__).resolve().parent.parent
+MOSQUITTO = find_mosquitto()  # PATH, else /usr/sbin (Debian's place, not on a normal user's PATH)
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
@@ -128,7 +131,7 @@ class Mosquitto:
 
     def start(self) -> None:
         config = self._write_config()
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([MOSQUITTO or "mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         wait_until(self._accepts, 10, f"mosquitto on port {self.port}")
 

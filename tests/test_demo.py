@@ -153,11 +153,27 @@ def test_run_with_embedded_broker(tmp_path, runs):
 def test_no_mosquitto_binary_is_one_line_and_exit_2(tmp_path, args):
     empty = tmp_path / "bin"
     empty.mkdir()
-    result = subprocess.run([sys.executable, "-m", "procmqtt", *args], cwd=ROOT, capture_output=True, text=True, check=False,
+    # No mosquitto on PATH nor in the sbin directories (patched: this machine has /usr/sbin/mosquitto).
+    code = ("import sys, procmqtt.embedded as e, procmqtt.cli as c; e.SBIN_DIRS = (); "
+            f"sys.exit(c.main({args!r}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False,
                             env={**os.environ, "PATH": str(empty)}, timeout=20)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"procmqtt: error: {INSTALL_HINT}"]
     assert "apt-get install mosquitto" in INSTALL_HINT and "brew install mosquitto" in INSTALL_HINT
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(not os.access("/usr/sbin/mosquitto", os.X_OK), reason="no /usr/sbin/mosquitto (Debian's place)")
+def test_embedded_broker_found_in_usr_sbin_off_path():
+    """A normal user's PATH lacks /usr/sbin, where Debian installs mosquitto."""
+    env = {**os.environ, "PATH": "/usr/local/bin:/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", "import shutil; print(shutil.which('mosquitto'))"],
+                            env=env, capture_output=True, text=True, timeout=10, check=True)
+    assert result.stdout.strip() == "None"  # the premise: not on this PATH
+    result = subprocess.run([sys.executable, "-c", "import procmqtt.embedded as e; print(e.EmbeddedBroker().binary)"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=10, check=True)
+    assert result.stdout.strip() == "/usr/sbin/mosquitto"
 
 
 @pytest.mark.timeout(30)
