@@ -31,17 +31,15 @@ Everything but ``listen`` runs in the agent process.
 from __future__ import annotations
 
 import errno
-import logging
+import gzip
 import socket
-import sys
-import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
+from . import endpoint
 from .errors import ConfigError
 from .message import Outcome
 
@@ -53,7 +51,6 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
            1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Upper bounds (seconds) of ``procmqtt_processing_seconds``: 0.1 ms to 60 s, then +Inf."""
 
-log = logging.getLogger("procmqtt.metrics")
 _OK, _FAILED = Outcome.OK, Outcome.FAILED  # an enum attribute lookup costs more than a whole increment
 
 
@@ -287,26 +284,29 @@ def listen(config: Config) -> socket.socket | None:
     return sock
 
 
-def serve(sock: socket.socket, counters: Counters) -> threading.Thread:
-    """In the agent, after fork: answer scrapes on ``sock`` from a daemon thread.
+def serve(sock: socket.socket, counters: Counters) -> endpoint.Endpoint:
+    """In the agent, after fork: answer ``GET /metrics`` on ``sock`` from one daemon thread.
 
-    The thread only reads ``counters`` (see the module docstring); it dies with the agent.
+    The thread only reads ``counters`` (see the module docstring); it dies with the agent. Its
+    bounds (connections, deadline, request size, time spent rendering) are ``endpoint``'s.
     """
     from prometheus_client import CollectorRegistry
-    from prometheus_client.exposition import MetricsHandler
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector(lambda: counters.snapshot(time.monotonic())))  # type: ignore[arg-type]
+    return endpoint.serve(sock, {"/metrics": lambda request: scrape(registry, request)}, name="procmqtt-metrics")
 
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
 
-        def handle_error(self, request: Any, client_address: Any) -> None:
-            log.debug("metrics request from %s failed: %s", client_address, sys.exc_info()[1])
+def scrape(registry: Any, request: endpoint.Request) -> endpoint.Response:
+    """What prometheus_client's own handler answers: the format the Accept header asks for
+    (Prometheus text, or OpenMetrics), ``name[]`` filters, gzip when accepted."""
+    from prometheus_client.exposition import choose_encoder, gzip_accepted
 
-    server = Server(sock.getsockname()[:2], MetricsHandler.factory(registry), bind_and_activate=False)
-    server.socket.close()
-    server.socket = sock  # already bound and listening, by the supervisor
-    thread = threading.Thread(target=server.serve_forever, name="procmqtt-metrics", daemon=True)
-    thread.start()
-    return thread
+    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+    names = request.query.get("name[]")
+    output = encoder(registry.restricted_registry(names) if names else registry)
+    headers = [("Content-Type", content_type)]
+    if gzip_accepted(request.headers.get("accept-encoding", "")):
+        output = gzip.compress(output)
+        headers.append(("Content-Encoding", "gzip"))
+    return endpoint.Response(200, output, tuple(headers))
