@@ -12,6 +12,9 @@ snapshots over a new channel, and a thread in the supervisor is unsafe: the supe
 child forked while that thread holds a lock (logging, imports) inherits the lock held forever. The
 agent never forks, and its HTTP thread is kept harmless:
 
+- it is one thread for every client (``endpoint.py``), with a bounded number of connections, a
+  deadline for each, a bounded request and a bounded share of the time for rendering, so no client
+  can take the agent's descriptors or keep its loop from the GIL;
 - it never calls paho, never touches a socket of the agent's, and reads only ``Counters``;
 - ``Counters`` is written by the agent's main thread alone, as plain ``int`` attributes, lists of a
   fixed length and one dict that is replaced whole, never changed in place. Under the GIL reading
@@ -22,8 +25,9 @@ agent never forks, and its HTTP thread is kept harmless:
 
 The listening socket is opened by the supervisor before anything starts (``listen``), so a port in
 use stops ``procmqtt run`` with exit code 2, and it stays open while the agent restarts: a scrape
-during a restart waits in the accept queue. Counters restart from zero with a new agent (Prometheus
-``rate()`` handles counter resets); restarts per cause are kept by the supervisor.
+during a restart waits in the accept queue, as do clients beyond ``endpoint.MAX_CONNECTIONS``.
+Counters restart from zero with a new agent (Prometheus ``rate()`` handles counter resets);
+restarts per cause are kept by the supervisor.
 
 Everything but ``listen`` runs in the agent process.
 """
