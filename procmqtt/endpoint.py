@@ -78,7 +78,7 @@ def parse(data: bytes) -> Request | Response | None:
     end = _HEAD_END.search(data, 0, MAX_REQUEST + 4)
     if end is None:
         return _error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE) if len(data) > MAX_REQUEST else None
-    first, *lines = data[:end.start()].decode("latin-1").splitlines()
+    first, *lines = data[:end.start()].decode("latin-1").splitlines() or [""]
     parts = first.split()
     if len(parts) != 3 or not parts[2].startswith("HTTP/"):
         return _error(HTTPStatus.BAD_REQUEST)
@@ -88,8 +88,12 @@ def parse(data: bytes) -> Request | Response | None:
         if not colon:
             return _error(HTTPStatus.BAD_REQUEST)
         headers[name.strip().lower()] = value.strip()
-    target = urlsplit(parts[1])
-    return Request(parts[0], target.path, parse_qs(target.query), headers)
+    try:
+        target = urlsplit(parts[1])
+        query = parse_qs(target.query)
+    except ValueError:  # e.g. "//[x": an invalid IPv6 host
+        return _error(HTTPStatus.BAD_REQUEST)
+    return Request(parts[0], target.path, query, headers)
 
 
 def _error(status: HTTPStatus, headers: tuple[tuple[str, str], ...] = ()) -> Response:
@@ -180,10 +184,15 @@ class Endpoint:
         for key, mask in events:
             if key.data is None:
                 self._accept()
-            elif mask & selectors.EVENT_READ:
-                self._read(key.data)
-            elif mask & selectors.EVENT_WRITE:
-                self._write(key.data)
+                continue
+            try:
+                if mask & selectors.EVENT_READ:
+                    self._read(key.data)
+                elif mask & selectors.EVENT_WRITE:
+                    self._write(key.data)
+            except Exception:  # a bug one client triggers: that client's connection ends, not the thread
+                log.exception("%s: a connection failed; closing it", self.thread.name)
+                self._close(key.data)
         while self.waiting and time.monotonic() >= self.next_handler:
             self._handle(self.waiting.popleft())
         now = time.monotonic()

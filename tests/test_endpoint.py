@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 from harness import free_port, publish_all, publisher, records, start, wait_until
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_metrics import busy_counters, scrape, with_metrics
 
 from procmqtt import endpoint, metrics
@@ -59,11 +61,26 @@ def test_routes_and_errors(listener):
         not_get = ask(port, b"POST /hello HTTP/1.0\r\nContent-Length: 2\r\n\r\nab")
         assert not_get.startswith(b"HTTP/1.0 405 Method Not Allowed\r\n") and b"Allow: GET\r\n" in not_get
         assert ask(port, b"hello\r\n\r\n").startswith(b"HTTP/1.0 400 Bad Request\r\n")
+        assert ask(port, b"\r\n\r\n").startswith(b"HTTP/1.0 400 Bad Request\r\n")
+        assert ask(port, b"GET //[x HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 400 Bad Request\r\n")
+        assert ask(port, b"\xff\xfe /\x00 HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 404 ")
         assert ask(port, b"GET /hello HTTP/1.0\r\nno colon\r\n\r\n").startswith(b"HTTP/1.0 400 ")
         huge = b"GET /hello HTTP/1.0\r\nX: " + b"a" * endpoint.MAX_REQUEST + b"\r\n\r\n"
         assert ask(port, huge).startswith(b"HTTP/1.0 431 Request Header Fields Too Large\r\n")
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(30)
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | st.builds(lambda a, b: a + b"\r\n\r\n" + b, st.binary(max_size=200),
+                                           st.binary(max_size=20)))
+def test_parse_never_raises(data):
+    """Whatever a client sends, parse() answers: a request, an error to send, or 'not whole yet'."""
+    found = endpoint.parse(data)
+    assert found is None or isinstance(found, (endpoint.Request, endpoint.Response))
+    if b"\r\n\r\n" in data:
+        assert found is not None
 
 
 @pytest.mark.timeout(10)
@@ -182,13 +199,8 @@ def test_idle_connections_cannot_stall_the_agent(tmp_path, broker, runs):
     scrape(port)
     base_threads, base_fds = threads(agent), fds(agent)
     pub = publisher(broker)
-    idle: list[socket.socket] = []
+    idle = attack(port, IDLE)
     try:
-        for i in range(IDLE):  # non-blocking: past the accept queue the kernel keeps retrying SYNs
-            sock = socket.socket()
-            sock.setblocking(False)
-            sock.connect_ex(("127.0.0.1", port))
-            idle.append(sock)
         time.sleep(0.5)  # let the agent take what it will take
         for sock in idle[:100:2]:  # half of the first ones start a request and never finish it
             try:
@@ -221,11 +233,29 @@ def test_idle_connections_cannot_stall_the_agent(tmp_path, broker, runs):
             sock.close()
     text = wait_until(lambda: _try_scrape(port), 15, "a scrape once the idle clients are gone")
     assert "procmqtt_messages_received_total 200.0" in text
-    began = time.monotonic()
-    assert run.stop() == 0
-    stopped_in = time.monotonic() - began
-    print(f"graceful stop took {stopped_in:.2f} s")
+    idle = attack(port, IDLE)  # again, and stop while it lasts
+    try:
+        time.sleep(0.5)
+        began = time.monotonic()
+        assert run.stop() == 0
+        stopped_in = time.monotonic() - began
+    finally:
+        for sock in idle:
+            sock.close()
+    print(f"graceful stop under attack took {stopped_in:.2f} s")
     assert stopped_in < 5
+
+
+def attack(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections that send nothing; non-blocking, as past the accept queue the kernel
+    keeps retrying their SYNs."""
+    idle = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        idle.append(sock)
+    return idle
 
 
 def _try_scrape(port: int) -> str | None:
