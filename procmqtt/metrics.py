@@ -12,6 +12,9 @@ snapshots over a new channel, and a thread in the supervisor is unsafe: the supe
 child forked while that thread holds a lock (logging, imports) inherits the lock held forever. The
 agent never forks, and its HTTP thread is kept harmless:
 
+- it is one thread for every client (``endpoint.py``), with a bounded number of connections, a
+  deadline for each, a bounded request and a bounded share of the time for rendering, so no client
+  can take the agent's descriptors or keep its loop from the GIL;
 - it never calls paho, never touches a socket of the agent's, and reads only ``Counters``;
 - ``Counters`` is written by the agent's main thread alone, as plain ``int`` attributes, lists of a
   fixed length and one dict that is replaced whole, never changed in place. Under the GIL reading
@@ -22,8 +25,9 @@ agent never forks, and its HTTP thread is kept harmless:
 
 The listening socket is opened by the supervisor before anything starts (``listen``), so a port in
 use stops ``procmqtt run`` with exit code 2, and it stays open while the agent restarts: a scrape
-during a restart waits in the accept queue. Counters restart from zero with a new agent (Prometheus
-``rate()`` handles counter resets); restarts per cause are kept by the supervisor.
+during a restart waits in the accept queue, as do clients beyond ``endpoint.MAX_CONNECTIONS``.
+Counters restart from zero with a new agent (Prometheus ``rate()`` handles counter resets);
+restarts per cause are kept by the supervisor.
 
 Everything but ``listen`` runs in the agent process.
 """
@@ -31,17 +35,15 @@ Everything but ``listen`` runs in the agent process.
 from __future__ import annotations
 
 import errno
-import logging
+import gzip
 import socket
-import sys
-import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
+from . import endpoint
 from .errors import ConfigError
 from .message import Outcome
 
@@ -53,7 +55,6 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
            1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Upper bounds (seconds) of ``procmqtt_processing_seconds``: 0.1 ms to 60 s, then +Inf."""
 
-log = logging.getLogger("procmqtt.metrics")
 _OK, _FAILED = Outcome.OK, Outcome.FAILED  # an enum attribute lookup costs more than a whole increment
 
 
@@ -287,26 +288,29 @@ def listen(config: Config) -> socket.socket | None:
     return sock
 
 
-def serve(sock: socket.socket, counters: Counters) -> threading.Thread:
-    """In the agent, after fork: answer scrapes on ``sock`` from a daemon thread.
+def serve(sock: socket.socket, counters: Counters) -> endpoint.Endpoint:
+    """In the agent, after fork: answer ``GET /metrics`` on ``sock`` from one daemon thread.
 
-    The thread only reads ``counters`` (see the module docstring); it dies with the agent.
+    The thread only reads ``counters`` (see the module docstring); it dies with the agent. Its
+    bounds (connections, deadline, request size, time spent rendering) are ``endpoint``'s.
     """
     from prometheus_client import CollectorRegistry
-    from prometheus_client.exposition import MetricsHandler
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector(lambda: counters.snapshot(time.monotonic())))  # type: ignore[arg-type]
+    return endpoint.serve(sock, {"/metrics": lambda request: scrape(registry, request)}, name="procmqtt-metrics")
 
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
 
-        def handle_error(self, request: Any, client_address: Any) -> None:
-            log.debug("metrics request from %s failed: %s", client_address, sys.exc_info()[1])
+def scrape(registry: Any, request: endpoint.Request) -> endpoint.Response:
+    """What prometheus_client's own handler answers: the format the Accept header asks for
+    (Prometheus text, or OpenMetrics), ``name[]`` filters, gzip when accepted."""
+    from prometheus_client.exposition import choose_encoder, gzip_accepted
 
-    server = Server(sock.getsockname()[:2], MetricsHandler.factory(registry), bind_and_activate=False)
-    server.socket.close()
-    server.socket = sock  # already bound and listening, by the supervisor
-    thread = threading.Thread(target=server.serve_forever, name="procmqtt-metrics", daemon=True)
-    thread.start()
-    return thread
+    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+    names = request.query.get("name[]")
+    output = encoder(registry.restricted_registry(names) if names else registry)
+    headers = [("Content-Type", content_type)]
+    if gzip_accepted(request.headers.get("accept-encoding", "")):
+        output = gzip.compress(output)
+        headers.append(("Content-Encoding", "gzip"))
+    return endpoint.Response(200, output, tuple(headers))
