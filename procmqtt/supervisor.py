@@ -208,6 +208,8 @@ class Supervisor:
     def child_exited(self, child: Child, code: int) -> None:
         if child.agent_end is not None:
             child.agent_end.close()
+        if child.role == "worker":  # the agent must not wait for an end of file a grandchild can withhold
+            self.control.append(channel.WorkerExited(child.slot, child.generation))
         name = {"agent": "agent", "broker": "embedded broker"}.get(child.role, f"worker {child.slot}")
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         if child.role == "broker" and self.broker is not None:
@@ -320,6 +322,8 @@ class Supervisor:
         # the agent that was told to retire these may have died before it told them
         self.control.extend(channel.Retire(c.slot, c.generation) for c in self.children.values()
                             if c.role == "worker" and c.retiring)
+        # a new agent inherits only live workers: exits not yet sent mean nothing to it
+        self.control = deque(r for r in self.control if not isinstance(r, channel.WorkerExited))
 
         def main() -> int:
             agent = Agent(self.config, self.client_id, self.upstream_agent, workers,  # type: ignore[arg-type]

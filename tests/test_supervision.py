@@ -1,11 +1,85 @@
-"""The supervisor's decisions on real process trees: a worker that dies before reporting its Done
-is charged the attempt."""
+"""The supervisor's decisions on real process trees: a worker's death is decided by the process
+(not by its channel's end of file), and a worker that dies before reporting its Done is charged
+the attempt."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from pathlib import Path
+
 import pytest
 
-from harness import Procmqtt, publish_all, publisher, records, write_config
+from harness import Procmqtt, publish_all, publisher, records, wait_until, write_config
+
+
+def _kill_children(record_dir: Path) -> None:
+    """The sleepers the Forker app forked: no longer procmqtt's children once their worker is gone."""
+    path = record_dir / "children"
+    for pid in (path.read_text().split() if path.exists() else []):
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.timeout(60)
+def test_graceful_stop_does_not_wait_for_a_handlers_forked_child(tmp_path, broker, runs):
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    cfg = write_config(tmp_path / "p.toml", broker, topics={"fork/#": 1}, workers=2,
+                       app={"record_dir": str(record_dir)})
+    Path(cfg).write_text(Path(cfg).read_text().replace("graceful_timeout = 10", "graceful_timeout = 20"))
+    run = Procmqtt(tmp_path, "tests/apps_supervision.py:Forker", cfg)
+    runs.append(run)
+    try:
+        run.ready()
+        publish_all(publisher(broker), [("fork/return", b"1")])
+        wait_until(lambda: (record_dir / "children").exists() and records(record_dir), 10, "the handler forked")
+        began = time.monotonic()
+        run.signal(signal.SIGTERM)
+        code = run.wait(10)
+        elapsed = time.monotonic() - began
+        print(f"graceful stop took {elapsed:.2f}s with a forked child holding a worker's channel")
+        assert code == 0 and elapsed < 5
+    finally:
+        _kill_children(record_dir)
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_killed_while_its_forked_child_lives_has_its_message_redelivered(tmp_path, broker, runs):
+    """Worker 1 retires (SIGTTOU, so no replacement comes) and is SIGKILLed mid-message while its
+    forked child holds its channel: the message goes to worker 0 at once, not when the child exits."""
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    cfg = write_config(tmp_path / "p.toml", broker, topics={"fork/#": 1}, workers=2,
+                       app={"record_dir": str(record_dir)}, workers_toml='dispatch = "round_robin"')
+    run = Procmqtt(tmp_path, "tests/apps_supervision.py:Forker", cfg)
+    runs.append(run)
+    try:
+        run.ready()
+        run.wait_for_log(r"started worker 1")
+        pub = publisher(broker)
+
+        def held_by_worker_1() -> bool:
+            publish_all(pub, [("fork/block", b"")])
+            time.sleep(0.2)  # round robin: the next one goes to the other worker
+            return (record_dir / "children").exists()
+        wait_until(held_by_worker_1, 10, "worker 1 to fork and block", interval=0)
+        blocked = [r for r in records(record_dir, "received") if r["worker"] == 1]
+        assert len(blocked) == 1
+        run.signal(signal.SIGTTOU)
+        run.wait_for_log(r"SIGTTOU: 1 worker\(s\)")
+        os.kill(blocked[0]["pid"], signal.SIGKILL)
+        killed = time.monotonic()
+        again = wait_until(lambda: [r for r in records(record_dir) if r["redelivered"]], 5,
+                           "the message to be redelivered to worker 0")
+        print(f"redelivered {again[0]['time'] - killed:.2f}s after the kill")
+        assert again[0]["worker"] == 0 and again[0]["time"] - killed < 2
+        assert run.stop() == 0
+    finally:
+        _kill_children(record_dir)
 
 
 @pytest.mark.timeout(60)
