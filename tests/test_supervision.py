@@ -1,17 +1,19 @@
-"""The supervisor's decisions on real process trees: a worker's death is decided by the process
-(not by its channel's end of file), and a worker that dies before reporting its Done is charged
-the attempt."""
+"""The supervisor's decisions on real process trees: an agent that keeps crashing stops procmqtt,
+a worker's death is decided by the process (not by its channel's end of file), and a worker that
+dies before reporting its Done is charged the attempt."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
 
+import certs
 import pytest
 
-from harness import Procmqtt, publish_all, publisher, records, wait_until, write_config
+from harness import Mosquitto, Procmqtt, publish_all, publisher, records, wait_until, write_config
 
 
 def _kill_children(record_dir: Path) -> None:
@@ -22,6 +24,37 @@ def _kill_children(record_dir: Path) -> None:
             os.kill(int(pid), signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.mark.timeout(60)
+def test_an_agent_that_keeps_crashing_at_start_stops_procmqtt_with_exit_3(tmp_path):
+    """The CA file is deleted while procmqtt runs (a certificate rotation gone wrong): every new
+    agent then raises when it builds its TLS context."""
+    tls = certs.make(tmp_path / "certs")
+    ca = tmp_path / "ca.crt"
+    shutil.copy(tls.ca, ca)
+    broker = Mosquitto(tmp_path / "broker", tls=tls)
+    broker.start()
+    cfg = write_config(tmp_path / "p.toml", broker, topics={"x/#": 1}, workers=1, port=broker.tls_port,
+                       mqtt=f'[mqtt.tls]\nca_certs = "{ca}"', app={"record_dir": str(tmp_path)})
+    run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg)
+    try:
+        run.ready()
+        ca.unlink()
+        os.kill(run.pids("agent")[-1], signal.SIGKILL)
+        killed = time.monotonic()
+        assert run.wait(15) == 3
+        elapsed = time.monotonic() - killed
+        log = run.log()
+        print(f"exit 3 came {elapsed:.1f}s after the first agent death")
+        assert log.count("agent crashed") == 3  # supervisor.AGENT_CRASH_LOOP
+        assert ("the agent failed 3 times in a row within 5s of starting; the last one exited "
+                "with code 1 (FileNotFoundError: [Errno 2] No such file or directory at ") in log
+        assert "in tls_set); stopping with exit code 3" in log
+        assert elapsed < 8
+    finally:
+        run.cleanup()
+        broker.stop()
 
 
 @pytest.mark.timeout(60)
