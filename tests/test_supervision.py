@@ -15,6 +15,11 @@ import pytest
 
 from harness import Mosquitto, Procmqtt, publish_all, publisher, records, wait_until, write_config
 
+from procmqtt import Worker
+from procmqtt.config import from_mapping
+from procmqtt.errors import ExitCode
+from procmqtt.supervisor import Child, Supervisor
+
 
 def _kill_children(record_dir: Path) -> None:
     """The sleepers the Forker app forked: no longer procmqtt's children once their worker is gone."""
@@ -130,3 +135,35 @@ def test_a_worker_that_dies_before_reporting_done_is_charged_the_attempt(tmp_pat
     assert len(records(record_dir, "received")) == 3
     assert run.stop() == 0
     assert len(records(record_dir, "received")) == 3
+
+
+class _App(Worker):
+    def on_message(self, message: object) -> None:
+        pass
+
+
+def test_an_agent_crash_loop_counts_quick_failures_in_a_row_but_not_sigkill(tmp_path, caplog):
+    """SIGKILL comes from operators, tests and the OOM killer: it breaks a run of failures, and only
+    AGENT_CRASH_LOOP failures in a row stop procmqtt, naming the last error the agent left."""
+    sup = Supervisor(_App, "tests:App", from_mapping({"mqtt": {}, "workers": {"count": 1}}))
+    sup.state_dir = str(tmp_path)
+
+    def agent_died(code: int) -> None:
+        sup.child_exited(Child("agent", -1, generation=1, pid=4242, started=time.monotonic()), code)
+    for code in (1, 1, -signal.SIGKILL, 1, -signal.SIGSEGV):
+        agent_died(code)
+    assert not sup.stopping
+    (tmp_path / "last-error-4242").write_text("OSError: boom at /x.py:7 in f")
+    agent_died(1)
+    assert sup.stopping and sup.exit_code == ExitCode.APP
+    assert ("the agent failed 3 times in a row within 5s of starting; the last one exited with code 1 "
+            "(OSError: boom at /x.py:7 in f); stopping with exit code 3") in caplog.text
+    assert not (tmp_path / "last-error-4242").exists()
+
+
+def test_an_agent_that_lived_past_stable_after_starts_a_new_count():
+    sup = Supervisor(_App, "tests:App", from_mapping({"mqtt": {}, "workers": {"count": 1}}))
+    sup.state_dir = "/nonexistent"
+    for started in (time.monotonic(), time.monotonic(), time.monotonic() - 60, time.monotonic(), time.monotonic()):
+        sup.child_exited(Child("agent", -1, generation=1, pid=4242, started=started), 1)
+    assert not sup.stopping
