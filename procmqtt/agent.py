@@ -738,6 +738,10 @@ class Agent:
             self._worker_record(record)
         elif isinstance(record, channel.WorkerUp):
             self._add_worker(record)
+        elif isinstance(record, channel.WorkerExited):  # no end of file while a child of it holds the channel
+            worker = self.workers.get(record.slot)
+            if worker is not None and worker.generation == record.generation:
+                self._forget_worker(worker)
         elif isinstance(record, channel.StopAgent):
             self.begin_stop("requested by the supervisor")
         elif isinstance(record, channel.Restarts):

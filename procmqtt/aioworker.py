@@ -133,6 +133,8 @@ class _AsyncServer:
             if self.stop_reason is not None and not self.running:
                 return
             link.flush()  # completions go out before the loop waits, as in the sync loop
+            if not self.running:  # every Done is on the channel: a death now charges nothing
+                self.shared.set_current(self.slot, self.generation, 0)
             await self.wake.wait()
 
     def _start(self, record: channel.Deliver) -> None:
@@ -159,9 +161,8 @@ class _AsyncServer:
                 oldest, since = next(iter(self.running.items()))
                 self.shared.set_current(self.slot, self.generation, oldest)
                 self.shared.set_busy_since(self.slot, since)
-            else:
+            else:  # it stays current until its Done is on the channel (``_serve`` clears it)
                 self.shared.set_busy_since(self.slot, 0.0)
-                self.shared.set_current(self.slot, self.generation, 0)
         self.finished += 1
         self.shared.set_finished(self.slot, self.finished)
         self.link.send_later(channel.Done(delivery_id, outcome, time.monotonic() - began))

@@ -56,6 +56,7 @@ READY = 16
 WORKER_UP = 20
 STOP_AGENT = 21
 RESTARTS = 22
+WORKER_EXITED = 23
 # A record stored in the attached memory file.
 BLOB = 255
 
@@ -202,6 +203,16 @@ class WorkerUp:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerExited:
+    """The supervisor reaped this worker. Its end of file may never come (a process it forked can
+    hold its channel open), so the agent forgets it on this record; the worker's own records were
+    queued before it died, so they are read before this one."""
+
+    slot: int
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
 class StopAgent:
     pass
 
@@ -219,7 +230,7 @@ class Restarts:
 
 
 Record = (Deliver | Reply | Published | AgentStarted | SyncAck | Stop | Done | Publish | Sync | Subscribe
-          | Unsubscribe | Ready | Retire | WorkerUp | StopAgent | Restarts)
+          | Unsubscribe | Ready | Retire | WorkerUp | WorkerExited | StopAgent | Restarts)
 
 
 class ChannelError(Exception):
@@ -271,6 +282,8 @@ def encode(record: Record) -> bytes:
         return _SLOT.pack(READY, record.slot, record.generation)
     if isinstance(record, Retire):
         return _SLOT.pack(RETIRE, record.slot, record.generation)
+    if isinstance(record, WorkerExited):
+        return _SLOT.pack(WORKER_EXITED, record.slot, record.generation)
     if isinstance(record, Stop):
         return bytes((STOP,))
     if isinstance(record, StopAgent):
@@ -327,6 +340,8 @@ def decode(data: bytes | memoryview, fds: list[int]) -> Record:
         return Ready(*_SLOT.unpack(data)[1:])
     if kind == RETIRE:
         return Retire(*_SLOT.unpack(data)[1:])
+    if kind == WORKER_EXITED:
+        return WorkerExited(*_SLOT.unpack(data)[1:])
     if kind == WORKER_UP:
         _, slot, gen = _SLOT.unpack(data)
         if not fds:

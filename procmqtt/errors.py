@@ -15,7 +15,8 @@ class ExitCode(IntEnum):
     USAGE = 2
     """Bad command line, configuration or ``@route``."""
     APP = 3
-    """The app could not be imported, is not a Worker subclass, or a worker failed to boot."""
+    """The app could not be imported, is not a Worker subclass, or a worker failed to boot; a worker
+    slot or the agent kept dying right after start (a crash loop)."""
     AUTH = 4
     """The broker refused our credentials."""
 

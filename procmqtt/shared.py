@@ -46,15 +46,17 @@ class SharedState:
         _COUNT.pack_into(self._mem, self._slot(slot, 1), count)
 
     def set_current(self, slot: int, generation: int, delivery_id: int) -> None:
-        """The worker starts (or, with 0, finished) a delivery."""
+        """The worker starts a delivery (0: none). It stays current past the handler's return, until
+        its Done is on the channel or the next one starts, so a death in between is charged to it."""
         _COUNT.pack_into(self._mem, self._slot(slot, 2), generation)
         _COUNT.pack_into(self._mem, self._slot(slot, 3), delivery_id)
 
     def current(self, slot: int, generation: int) -> int:
-        """The delivery the slot's worker of ``generation`` was handling, or 0.
+        """The delivery the slot's worker of ``generation`` was handling or had not yet reported, or 0.
 
-        Read by the agent after that worker died; its replacement writes here only once the agent
-        has given it a message, which is after the agent read this.
+        Read by the agent after that worker died, once it has read every record the worker sent (a
+        delivery whose Done it read is no longer held); its replacement writes here only once the
+        agent has given it a message, which is after the agent read this.
         """
         if _COUNT.unpack_from(self._mem, self._slot(slot, 2))[0] != generation:
             return 0

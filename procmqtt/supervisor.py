@@ -19,6 +19,7 @@ import socket
 import sys
 import tempfile
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -43,6 +44,12 @@ STABLE_AFTER = 5.0
 """A child that lived this long resets its restart backoff."""
 CRASH_LOOP = 5
 """A worker slot whose process died this many times in a row before handling anything stops procmqtt."""
+AGENT_CRASH_LOOP = 3
+"""An agent that failed this many times in a row within ``STABLE_AFTER`` of starting stops procmqtt.
+Failed: an exception or a non-zero exit code or signal, except SIGKILL (an operator, a test, or the
+OOM killer; the restart backoff handles those)."""
+LAST_ERROR_MAX = 500
+"""Characters of a crashed child's exception message kept for the supervisor's log line."""
 DUMP_GRACE = 0.5
 """Seconds between asking a hung worker for its stack (SIGUSR1) and SIGKILL."""
 
@@ -208,8 +215,13 @@ class Supervisor:
     def child_exited(self, child: Child, code: int) -> None:
         if child.agent_end is not None:
             child.agent_end.close()
+        if child.role == "worker":  # the agent must not wait for an end of file a grandchild can withhold
+            self.control.append(channel.WorkerExited(child.slot, child.generation))
         name = {"agent": "agent", "broker": "embedded broker"}.get(child.role, f"worker {child.slot}")
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        error = self.last_error(child)
+        if error:
+            how += f" ({error})"
         if child.role == "broker" and self.broker is not None:
             how += self.broker.last_words()
             self.broker.reaped(code)
@@ -218,6 +230,10 @@ class Supervisor:
             return
         if child.role == "agent" and code == ExitCode.AUTH:
             self.give_up(child, ExitCode.AUTH, "the broker refused the credentials; see the agent's error above")
+            return
+        if child.role == "agent" and self.crash_looping(child, code):
+            self.give_up(child, ExitCode.APP, f"the agent failed {AGENT_CRASH_LOOP} times in a row within "
+                                              f"{STABLE_AFTER:g}s of starting; the last one {how}")
             return
         if child.role == "worker" and code == ExitCode.APP:
             self.give_up(child, ExitCode.APP, f"worker {child.slot} failed to boot; see the traceback above")
@@ -256,11 +272,33 @@ class Supervisor:
         self.control.append(channel.Restarts(cause, self.restarts[cause]))
 
     def crash_looping(self, child: Child, code: int) -> bool:
-        """Count deaths that look like a broken boot, not a poison message or an outside kill."""
-        early = (code != 0 and time.monotonic() - child.started < STABLE_AFTER
-                 and self.shared.finished(child.slot) == 0 and self.shared.busy_since(child.slot) == 0)
+        """Count deaths that look like a broken boot, not a poison message or an outside kill.
+
+        A worker's count only deaths before it handled anything (a poison message is the agent's
+        business: ``max_attempts``). The agent has no such marker; an agent that keeps failing soon
+        after start meets the same fault each time (a file it reads, a message the broker resends).
+        """
+        early = code != 0 and time.monotonic() - child.started < STABLE_AFTER
+        if child.role == "agent":
+            early = early and code != -signal.SIGKILL
+        else:
+            early = early and self.shared.finished(child.slot) == 0 and self.shared.busy_since(child.slot) == 0
         self.quick_deaths[child.slot] = self.quick_deaths.get(child.slot, 0) + 1 if early else 0
-        return self.quick_deaths[child.slot] >= CRASH_LOOP
+        return self.quick_deaths[child.slot] >= (AGENT_CRASH_LOOP if child.role == "agent" else CRASH_LOOP)
+
+    def last_error(self, child: Child) -> str:
+        """What a child that crashed with an exception wrote before it exited (``_fork``), or ''."""
+        path = _last_error_path(self.state_dir, child.pid)
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                error = f.read()
+            os.unlink(path)
+        except FileNotFoundError:
+            return ""
+        except OSError as exc:
+            self.log.warning("cannot read the last error of pid %d from %s: %s", child.pid, path, exc)
+            return ""
+        return error
 
     def murder_hung_workers(self) -> None:
         """A worker past ``[workers] timeout`` on one message: dump its stack, then SIGKILL it."""
@@ -320,6 +358,8 @@ class Supervisor:
         # the agent that was told to retire these may have died before it told them
         self.control.extend(channel.Retire(c.slot, c.generation) for c in self.children.values()
                             if c.role == "worker" and c.retiring)
+        # a new agent inherits only live workers: exits not yet sent mean nothing to it
+        self.control = deque(r for r in self.control if not isinstance(r, channel.WorkerExited))
 
         def main() -> int:
             agent = Agent(self.config, self.client_id, self.upstream_agent, workers,  # type: ignore[arg-type]
@@ -356,8 +396,12 @@ class Supervisor:
                 code = main()
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else ExitCode.FORCED
-            except Exception:
+            except Exception as exc:
                 self.log.exception("%s crashed", role)
+                try:
+                    _write_last_error(self.state_dir, exc)
+                except OSError as error:
+                    self.log.warning("cannot leave the error for the supervisor: %s", error)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -518,6 +562,24 @@ class Supervisor:
         self.log.error("%s; stopping with exit code %d", message, code)
         self.exit_code = code
         self.begin_stop("fatal error")
+
+
+def _last_error_path(state_dir: str, pid: int) -> str:
+    return os.path.join(state_dir, f"last-error-{pid}")
+
+
+def _write_last_error(state_dir: str, exc: Exception) -> None:
+    """In a crashing child: one line for the supervisor (exception type, message, where it was raised),
+    so a give-up names the error, not only an exit code."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    message = str(exc).replace("\n", " ")
+    if len(message) > LAST_ERROR_MAX:
+        message = message[:LAST_ERROR_MAX] + "..."
+    path = _last_error_path(state_dir, os.getpid())
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(f"{type(exc).__name__}: {message}{where}")
+    os.replace(path + ".tmp", path)
 
 
 def _kill(pid: int, signum: int) -> None:

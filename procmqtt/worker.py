@@ -307,7 +307,8 @@ def serve(app: type[Worker], slot: int, generation: int, config: Config, inbound
                 outcome = worker.handle(Message(record.topic, record.payload, record.qos, record.retain,
                                                 record.redelivered, record.properties))
                 shared.set_busy_since(slot, 0.0)
-                shared.set_current(slot, generation, 0)
+                # It stays current until the next one starts: dying before its Done is on the channel
+                # still charges it an attempt (the agent reads what was sent before it charges).
                 finished += 1
                 shared.set_finished(slot, finished)
                 link.send_later(channel.Done(record.delivery_id, outcome, time.monotonic() - began))

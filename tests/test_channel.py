@@ -38,6 +38,7 @@ def roundtrip(record: channel.Record) -> channel.Record:
     channel.Done(123456789),
     channel.Done(5, channel.Outcome.FAILED, 0.25),
     channel.Retire(3, 17),
+    channel.WorkerExited(1023, 2**32 - 1),
     channel.Ready(1023, 2**31),
     channel.Publish(3, 99, 42, "out/x", b"payload", 2, True),
     channel.Deliver(9, "v5/none", b"p", 1, False, False, EMPTY),
