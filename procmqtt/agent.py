@@ -1,6 +1,6 @@
 """The agent: the one process that holds the MQTT connection.
 
-One thread does everything, in one ``select`` loop: paho's socket (through paho's external-loop
+One thread does everything, in one ``poll`` loop (``poller``): paho's socket (through paho's external-loop
 API), the shared publish channel, and every worker's channel. paho is never called from two
 threads, so no lock is needed and none can be left held. Everything here runs in the agent
 process, after fork.
@@ -17,7 +17,6 @@ import itertools
 import json
 import os
 import random
-import select
 import signal
 import socket
 import ssl
@@ -32,7 +31,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 
-from . import channel, connection, logs, metrics, mqtt5
+from . import channel, connection, logs, metrics, mqtt5, poller
 from .backoff import Backoff
 from .brokersocket import BrokerSocket, Inbound, wrap_socket
 from .config import Config
@@ -50,6 +49,8 @@ UPSTREAM_BATCH = 512
 READ_AHEAD = 1024 * 1024
 """Bytes of the broker's stream the agent holds unparsed at most (beyond one large packet)."""
 _AUTH_REFUSED = {134, 135}  # Bad user name or password, Not authorized (3.1.1 codes 4 and 5)
+CLOSED_PASSES_LIMIT = 100
+"""Loop passes in a row that may find a closed socket in the wait list before the agent gives up."""
 REPLY_WAIT_FALLBACK = 30.0
 """Seconds to keep reading for a reply when a request carries no message expiry."""
 
@@ -134,6 +135,7 @@ class Agent:
         self.last_broker_read = 0.0
         self.backlog_limit = config.workers.count * self.prefetch  # undispatched messages we read ahead
         self.dirty: set[int] = set()  # slots with records to flush at the end of this pass
+        self.closed_passes = 0  # passes in a row whose wait list held a closed socket
         self.stopping = False
         self.stop_deadline = 0.0
         self.exit_code = ExitCode.OK
@@ -213,7 +215,10 @@ class Agent:
         self.client.disconnect()
         deadline = time.monotonic() + 2.0
         while self.client.want_write() and time.monotonic() < deadline and self.client.socket() is not None:
-            select.select([], [self.client.socket()], [], 0.1)
+            try:
+                poller.wait([], [self.client.socket()], 0.1)
+            except poller.ClosedUnderUs:
+                break  # paho closed it: nothing more can be written
             self.client.loop_write()
         self.log.info("disconnected from the broker")
 
@@ -235,8 +240,11 @@ class Agent:
             if sock is None:
                 return
             waiting = self.stream is not None and self.stream.waiting()
-            readable, _, _ = select.select([sock], [sock] if self._broker_unwritten() else [], [],
-                                           0 if waiting else 0.05)
+            try:
+                readable, _ = poller.wait([sock], [sock] if self._broker_unwritten() else [], 0 if waiting else 0.05)
+            except poller.ClosedUnderUs:
+                self.log.debug("the broker socket closed while syncing; not waiting for the UNSUBACK")
+                return
             if readable or waiting:
                 self._read_broker()  # messages arriving now are ignored: we are stopping
             self._write_broker()
@@ -280,9 +288,11 @@ class Agent:
         if self.state is ConnState.DISCONNECTED and wanted:
             timeout = max(0.0, min(timeout, self.next_attempt - now))
         try:
-            readable, writable, _ = select.select(rlist, wlist, [], timeout)
-        except (OSError, ValueError):  # a socket closed under us by a paho callback; next pass rebuilds
+            readable, writable = poller.wait(rlist, wlist, timeout)
+        except poller.ClosedUnderUs as exc:
+            self._closed_under_us(exc)
             return
+        self.closed_passes = 0
         if self.signals in readable and self.signals.pop():
             self.begin_stop("SIGTERM received")
         if mqtt_sock is not None and (buffered or mqtt_sock in readable):
@@ -311,6 +321,17 @@ class Agent:
             if worker is not None:
                 self._flush(worker)
         self.dirty.clear()
+
+    def _closed_under_us(self, exc: poller.ClosedUnderUs) -> None:
+        """A socket in the wait list was closed (by a paho callback, say): the next pass rebuilds
+        the list without it. Passes that keep finding one are a bug, not a race: leave with an error
+        (the supervisor starts a new agent) instead of spinning."""
+        self.closed_passes += 1
+        self.log.debug("a socket was closed under the loop (%s); rebuilding the wait list", exc)
+        if self.closed_passes >= CLOSED_PASSES_LIMIT:
+            self.log.error("%d passes in a row found a closed socket (%s); the agent exits",
+                           self.closed_passes, exc)
+            self.exit_code = ExitCode.FORCED
 
     def _broker_unwritten(self) -> bool:
         return self.client.want_write() or (self.stream is not None and bool(self.stream.out))
