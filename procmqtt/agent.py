@@ -49,6 +49,16 @@ UPSTREAM_BATCH = 512
 READ_AHEAD = 1024 * 1024
 """Bytes of the broker's stream the agent holds unparsed at most (beyond one large packet)."""
 _AUTH_REFUSED = {134, 135}  # Bad user name or password, Not authorized (3.1.1 codes 4 and 5)
+STABLE_CONNECTION = 10.0
+"""Seconds a connection must last before the reconnect backoff starts over. A reset on every CONNACK
+let a connection that the broker closes right away (another client with our id takes the session
+over, and ours takes it back) reconnect ~1,000 times a second. Ten seconds is far beyond such a
+takeover round trip or a CONNACK-then-close, and short enough that a real outage after a healthy
+connection reconnects at once."""
+SHORT_LIVED_WARN = 3
+"""Connections in a row shorter than ``STABLE_CONNECTION`` before the agent says, once, that
+another client probably uses its client id."""
+_SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason code
 CLOSED_PASSES_LIMIT = 100
 """Loop passes in a row that may find a closed socket in the wait list before the agent gives up."""
 REPLY_WAIT_FALLBACK = 30.0
@@ -109,6 +119,9 @@ class Agent:
         self.state = ConnState.DISCONNECTED
         self.epoch = 0
         self.backoff = Backoff(base=0.5, cap=30.0)
+        self.connected_at = 0.0
+        self.short_lived = 0  # connections in a row that ended before STABLE_CONNECTION
+        self.warned_takeover = False
         self.next_attempt = 0.0
         self.connack_deadline = 0.0
         self.pending: deque[_Delivery] = deque()  # received, not yet given to a worker
@@ -402,7 +415,7 @@ class Agent:
             self._schedule_reconnect(f"connection refused: {reason} (reason code {reason.value})")
             return
         self._set_state(ConnState.CONNECTED)
-        self.backoff.reset()
+        self.connected_at = time.monotonic()  # the backoff resets only once this connection proves stable
         self.epoch += 1
         if self.epoch > 1:
             self.metrics.reconnects += 1
@@ -436,9 +449,24 @@ class Agent:
         # Undispatched QoS 1 messages come again from the broker on the next connection; QoS 0 and
         # QoS 2 (already completed) would not, so they stay queued.
         self.pending = deque(d for d in self.pending if d.qos != 1)
-        if was_connected:
-            self.backoff.reset()
+        self._note_connection_end(reason)
         self._schedule_reconnect(f"connection lost ({reason})")
+
+    def _note_connection_end(self, reason: Any) -> None:
+        """A stable connection starts the backoff over; short ones in a row keep it growing, and
+        say once what usually causes them."""
+        if time.monotonic() - self.connected_at >= STABLE_CONNECTION:
+            self.backoff.reset()
+            self.short_lived = 0
+            return
+        self.short_lived += 1
+        taken_over = getattr(reason, "value", None) == _SESSION_TAKEN_OVER and self.v5
+        if (taken_over or self.short_lived >= SHORT_LIVED_WARN) and not self.warned_takeover:
+            self.warned_takeover = True
+            self.log.warning("the broker keeps closing the connection right after accepting it: another "
+                             "client is %susing the client id %r (two instances of this app?); give each "
+                             "instance its own [mqtt] client_id", "" if taken_over else "probably ",
+                             self.client_id)
 
     def _subscribe(self, subs: list[tuple[str, int]]) -> None:
         wire = [(self.config.mqtt.wire_filter(f), qos) for f, qos in subs]

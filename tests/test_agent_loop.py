@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -60,3 +61,27 @@ def test_descriptors_above_1023_deliver_and_the_agent_does_not_spin(tmp_path, br
     used = _cpu_seconds(agent) - before
     assert used < 0.5, f"the idle agent used {used:.2f}s of CPU in 2s"
     assert run.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_two_instances_with_one_client_id_back_off_and_say_so_once(tmp_path, broker, runs):
+    """Each instance's CONNECT takes the session over from the other; with the backoff reset on
+    every CONNACK both reconnected ~1,000 times a second, forever, without a hint."""
+    rec = tmp_path / "records"
+    rec.mkdir()
+    cfg = write_config(tmp_path / "procmqtt.toml", broker, topics={"dup/#": 1}, app={"record_dir": str(rec)})
+    first = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg)
+    runs.append(first)
+    first.ready()
+    second = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg)
+    runs.append(second)
+    warning = r"WARNING .*another client is probably using the client id 'test-test_two_instances"
+    for run in (first, second):
+        run.wait_for_log(warning, timeout=15)
+    time.sleep(4)
+    connects = [run.log().count("INFO connected to") for run in (first, second)]
+    print("connections in ~6 s:", connects)
+    assert sum(connects) <= 30, connects
+    for run in (first, second):
+        assert len(re.findall(warning, run.log())) == 1
+        assert run.stop() == 0
