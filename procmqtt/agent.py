@@ -22,7 +22,7 @@ import socket
 import ssl
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +148,7 @@ class Agent:
         self.last_broker_read = 0.0
         self.backlog_limit = config.workers.count * self.prefetch  # undispatched messages we read ahead
         self.dirty: set[int] = set()  # slots with records to flush at the end of this pass
+        self.oddities: Counter[str] = Counter()  # hostile or broken input handled, by kind (``_odd``)
         self.closed_passes = 0  # passes in a row whose wait list held a closed socket
         self.stopping = False
         self.stop_deadline = 0.0
@@ -181,7 +182,8 @@ class Agent:
             sock = self.client.socket()
             if sock is not None:
                 sock.close()
-            self.log.info("agent exiting: %s", self.metrics.summary())
+            odd = "".join(f"; {count} bad {kind}(s) ignored" for kind, count in self.oddities.items())
+            self.log.info("agent exiting: %s%s", self.metrics.summary(), odd)
         return self.exit_code
 
     def _make_client(self) -> mqtt.Client:
@@ -243,7 +245,7 @@ class Agent:
         messages would come again next run. The broker handles a client's packets in order, so the
         UNSUBACK of a harmless UNSUBSCRIBE proves every earlier PUBACK arrived.
         """
-        _, mid = self.client.unsubscribe(f"procmqtt/sync/{self.client_id}")
+        _, mid = self.client.unsubscribe(f"procmqtt/sync/{mqtt5.topic_level(self.client_id)}")
         if mid is None:
             return
         self.syncing = mid
@@ -334,6 +336,16 @@ class Agent:
             if worker is not None:
                 self._flush(worker)
         self.dirty.clear()
+
+    def _odd(self, kind: str, message: str, *args: Any) -> None:
+        """Something a hostile or broken peer sent, handled without a crash: counted, logged as a
+        warning the first time per kind and at debug level after that, so a flood cannot fill the log."""
+        self.oddities[kind] += 1
+        count = self.oddities[kind]
+        if count == 1:
+            self.log.warning(message + " (further ones are logged at debug level)", *args)
+        else:
+            self.log.debug(message + " (%d so far)", *args, count)
 
     def _closed_under_us(self, exc: poller.ClosedUnderUs) -> None:
         """A socket in the wait list was closed (by a paho callback, say): the next pass rebuilds
@@ -553,8 +565,12 @@ class Agent:
         if qos:
             self.client.ack(mid, qos)
         self.replies += 1
-        slot = topic[len(self.reply_prefix):]
-        worker = self.workers.get(int(slot)) if slot.isdigit() else None
+        slot = mqtt5.reply_slot(topic, self.reply_prefix)
+        if slot is None:
+            self._odd("reply topic", "a message on %r, under this instance's reply topics, names no worker "
+                      "slot; acknowledged and dropped", topic[:200])
+            return
+        worker = self.workers.get(slot)
         if worker is None:
             self.log.debug("reply on %r: no such worker; dropped", topic)
             return
