@@ -30,6 +30,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from . import channel, connection, logs, metrics, mqtt5, poller
 from .backoff import Backoff
@@ -121,6 +122,7 @@ class Agent:
         self.backoff = Backoff(base=0.5, cap=30.0)
         self.connected_at = 0.0
         self.short_lived = 0  # connections in a row that ended before STABLE_CONNECTION
+        self.dropped_for = ""  # the protocol error we closed the connection for, until it is closed
         self.warned_takeover = False
         self.next_attempt = 0.0
         self.connack_deadline = 0.0
@@ -415,6 +417,10 @@ class Agent:
         self.log.warning("broker %s:%d: %s; retrying in %.1fs", m.host, m.port, reason, delay)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if self.state is not ConnState.CONNECTING:  # a second CONNACK: the broker broke the protocol
+            if self.state is ConnState.CONNECTED:
+                self._drop_connection("a second CONNACK on a live connection")
+            return
         if reason.is_failure:
             m = self.config.mqtt
             if reason.value in _AUTH_REFUSED:
@@ -449,7 +455,26 @@ class Agent:
         if birth is not None:
             self.client.publish(birth.topic, birth.payload, birth.qos, birth.retain)
 
+    def _drop_connection(self, error: str) -> None:
+        """The broker broke the protocol: close the connection (MQTT 5: with reason "Protocol
+        error") and reconnect with backoff, as after a loss; never a crash."""
+        m = self.config.mqtt
+        self.log.error("broker %s:%d: protocol error: %s; dropping the connection", m.host, m.port, error)
+        self._set_state(ConnState.CLOSING)
+        self.dropped_for = error
+        self.pending = deque(d for d in self.pending if d.qos != 1)  # they come again on the next connection
+        if self.v5:
+            self.client.disconnect(ReasonCode(PacketTypes.DISCONNECT, "Protocol error"))
+        else:
+            self.client.disconnect()
+
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if self.dropped_for and self.exit_code == ExitCode.OK:  # our close after a protocol error
+            self.state = ConnState.DISCONNECTED
+            self._note_connection_end(reason)
+            self._schedule_reconnect(f"dropped after a protocol error ({self.dropped_for})")
+            self.dropped_for = ""
+            return
         if self.state in (ConnState.CLOSING, ConnState.DISCONNECTED) or self.exit_code != ExitCode.OK:
             self.state = ConnState.DISCONNECTED  # expected: we closed it, or we are leaving
             return
@@ -524,11 +549,19 @@ class Agent:
     # --- messages in ---------------------------------------------------------------------------
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # from a broker that does not check; raising would crash-loop on its resend
+            self._odd("topic", "a message whose topic is not valid UTF-8 (%r, QoS %d); acknowledged and dropped",
+                      getattr(msg, "_topic", b"?")[:200], msg.qos)
+            if msg.qos:
+                client.ack(msg.mid, msg.qos)
+            return
         properties = None
         if self.v5:
             properties = mqtt5.from_paho(getattr(msg, "properties", None))
-            if msg.topic.startswith(self.reply_prefix):
-                self._route_reply(msg.topic, msg.payload, msg.qos, msg.mid, bool(msg.retain), properties)
+            if topic.startswith(self.reply_prefix):
+                self._route_reply(topic, msg.payload, msg.qos, msg.mid, bool(msg.retain), properties)
                 return
         self.metrics.received += 1
         if msg.qos == 2:
@@ -537,7 +570,7 @@ class Agent:
             client.ack(msg.mid, 2)
         if self.stopping:
             return  # QoS 1 stays unacknowledged at the broker; QoS 0 is dropped
-        self.pending.append(_Delivery(next(self.delivery_ids), msg.mid, self.epoch, msg.topic, msg.payload,
+        self.pending.append(_Delivery(next(self.delivery_ids), msg.mid, self.epoch, topic, msg.payload,
                                       msg.qos, bool(msg.retain), bool(msg.dup), properties))
         self._dispatch()
 
