@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import faulthandler
 import itertools
-import json
 import os
 import random
 import signal
@@ -32,7 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from . import channel, connection, logs, metrics, mqtt5, poller
+from . import channel, connection, logs, metrics, mqtt5, poller, subscriptions
 from .backoff import Backoff
 from .brokersocket import BrokerSocket, Inbound, wrap_socket
 from .config import Config
@@ -506,14 +505,31 @@ class Agent:
                              self.client_id)
 
     def _subscribe(self, subs: list[tuple[str, int]]) -> None:
-        wire = [(self.config.mqtt.wire_filter(f), qos) for f, qos in subs]
-        rc, mid = self.client.subscribe(wire)
+        valid = []
+        for f, qos in subs:  # one bad filter must not cost the others (paho refuses the whole list)
+            problem = subscriptions.problem(self.config.mqtt, f, qos)
+            if problem is None:
+                valid.append((f, qos))
+            else:
+                self.log.error("not subscribing to %s: %s", subscriptions.shown(f), problem)
+        wire = [(self.config.mqtt.wire_filter(f), qos) for f, qos in valid]
+        if not wire:
+            return
+        try:
+            rc, mid = self.client.subscribe(wire)
+        except Exception:  # paho refuses what the checks missed: a failed request, not a dead agent
+            self.log.exception("paho refused to subscribe to %s", ", ".join(subscriptions.shown(f) for f, _ in wire))
+            return
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self.subscribe_requests[mid] = [f for f, _ in wire]
 
     def _unsubscribe(self, filters: list[str]) -> None:
         wire = [self.config.mqtt.wire_filter(f) for f in filters]
-        _, mid = self.client.unsubscribe(wire)
+        try:
+            _, mid = self.client.unsubscribe(wire)
+        except Exception:  # as in _subscribe
+            self.log.exception("paho refused to unsubscribe from %s", ", ".join(subscriptions.shown(f) for f in wire))
+            return
         if mid is not None:
             self.subscribe_requests[mid] = wire
 
@@ -524,7 +540,11 @@ class Agent:
         for replies may hold entirely; it would then wait for a slot only its own arrival can free.
         """
         reply_filter = self.reply_prefix + "+"
-        rc, mid = self.client.subscribe(reply_filter, 0)
+        try:
+            rc, mid = self.client.subscribe(reply_filter, 0)
+        except Exception:  # as in _subscribe
+            self.log.exception("paho refused to subscribe to %s", reply_filter)
+            return
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self.subscribe_requests[mid] = [reply_filter]
 
@@ -820,12 +840,21 @@ class Agent:
         elif isinstance(record, channel.Publish):
             self._publish(record)
         elif isinstance(record, channel.Subscribe):
+            problem = subscriptions.problem(self.config.mqtt, record.topic_filter, record.qos)
+            if problem is not None:  # saved, it would crash every agent that loads it
+                self.log.error("runtime subscription to %s dropped, not saved: %s",
+                               subscriptions.shown(record.topic_filter), problem)
+                return
             self.subscriptions[record.topic_filter] = record.qos
             self.unsubscribe_on_connect.discard(record.topic_filter)
             self._save_subscriptions()
             if self.state is ConnState.CONNECTED:
                 self._subscribe([(record.topic_filter, record.qos)])
         elif isinstance(record, channel.Unsubscribe):
+            problem = subscriptions.problem(self.config.mqtt, record.topic_filter, 0)
+            if problem is not None:  # never subscribed, and paho would refuse it
+                self.log.error("unsubscribe from %s ignored: %s", subscriptions.shown(record.topic_filter), problem)
+                return
             self.subscriptions.pop(record.topic_filter, None)
             self._save_subscriptions()
             if self.state is ConnState.CONNECTED:
@@ -918,14 +947,7 @@ class Agent:
     # --- subscriptions survive agent restarts ------------------------------------------------
 
     def _load_subscriptions(self) -> dict[str, int]:
-        try:
-            with open(self.state_path, encoding="utf-8") as f:
-                return {str(k): int(v) for k, v in json.load(f).items()}
-        except FileNotFoundError:
-            return {s.topic_filter: s.qos for s in self.config.mqtt.topics}
+        return subscriptions.load(self.state_path, self.config.mqtt, self.log)
 
     def _save_subscriptions(self) -> None:
-        tmp = self.state_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.subscriptions, f)
-        os.replace(tmp, self.state_path)
+        subscriptions.save(self.state_path, self.subscriptions)
