@@ -469,7 +469,7 @@ class Agent:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if self.dropped_for and self.exit_code == ExitCode.OK:  # our close after a protocol error
-            self.state = ConnState.DISCONNECTED
+            self._set_state(ConnState.DISCONNECTED)
             self._note_connection_end(reason)
             self._schedule_reconnect(f"dropped after a protocol error ({self.dropped_for})")
             self.dropped_for = ""

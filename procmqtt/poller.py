@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import select
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
 _READ = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _WRITE = select.POLLOUT | select.POLLHUP | select.POLLERR
+_WANT_READ = select.POLLIN | select.POLLPRI
 
 
 class ClosedUnderUs(ValueError):
@@ -29,25 +30,26 @@ def wait(readers: Iterable[T], writers: Iterable[T] = (), timeout: float | None 
     or write finds them. Raises :class:`ClosedUnderUs` for a closed socket.
     """
     poller = select.poll()
-    by_fd: dict[int, list[Any]] = {}  # fd -> [object, mask]
-    for objs, mask in ((readers, select.POLLIN | select.POLLPRI), (writers, select.POLLOUT)):
+    objects: dict[int, T] = {}
+    masks: dict[int, int] = {}
+    for objs, mask in ((readers, _WANT_READ), (writers, select.POLLOUT)):
         for obj in objs:
             fd = obj if isinstance(obj, int) else obj.fileno()  # type: ignore[attr-defined]
             if fd < 0:
                 raise ClosedUnderUs(f"{obj!r} is closed")
-            entry = by_fd.setdefault(fd, [obj, 0])
-            entry[1] |= mask
-    for fd, (_, mask) in by_fd.items():
+            objects[fd] = obj
+            masks[fd] = masks.get(fd, 0) | mask
+    for fd, mask in masks.items():
         poller.register(fd, mask)
     ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
     readable: list[T] = []
     writable: list[T] = []
     for fd, events in poller.poll(ms):
-        obj, mask = by_fd[fd]
         if events & select.POLLNVAL:
-            raise ClosedUnderUs(f"{obj!r}: descriptor {fd} is not open")
-        if mask & (select.POLLIN | select.POLLPRI) and events & _READ:
-            readable.append(obj)
+            raise ClosedUnderUs(f"{objects[fd]!r}: descriptor {fd} is not open")
+        mask = masks[fd]
+        if mask & _WANT_READ and events & _READ:
+            readable.append(objects[fd])
         if mask & select.POLLOUT and events & _WRITE:
-            writable.append(obj)
+            writable.append(objects[fd])
     return readable, writable
