@@ -85,3 +85,25 @@ def test_two_instances_with_one_client_id_back_off_and_say_so_once(tmp_path, bro
     for run in (first, second):
         assert len(re.findall(warning, run.log())) == 1
         assert run.stop() == 0
+
+
+def test_poller_wait_takes_descriptors_above_1023_and_reports_eof_and_closed():
+    import os
+    import socket
+
+    from procmqtt import poller
+
+    a, b = socket.socketpair()
+    high = socket.socket(fileno=os.dup2(a.fileno(), 1500))
+    try:
+        assert poller.wait([high], [], 0) == ([], [])
+        b.send(b"x")
+        assert poller.wait([high], [high], 0) == ([high], [high])
+        b.close()
+        high.recv(1)
+        assert poller.wait([high], [], 0) == ([high], [])  # end of file reads as readable, as with select
+        high.close()
+        with pytest.raises(poller.ClosedUnderUs):
+            poller.wait([high], [], 0)
+    finally:
+        a.close()
