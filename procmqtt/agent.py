@@ -1,6 +1,6 @@
 """The agent: the one process that holds the MQTT connection.
 
-One thread does everything, in one ``select`` loop: paho's socket (through paho's external-loop
+One thread does everything, in one ``poll`` loop (``poller``): paho's socket (through paho's external-loop
 API), the shared publish channel, and every worker's channel. paho is never called from two
 threads, so no lock is needed and none can be left held. Everything here runs in the agent
 process, after fork.
@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import faulthandler
 import itertools
-import json
 import os
 import random
-import select
 import signal
 import socket
 import ssl
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +29,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
+from paho.mqtt.reasoncodes import ReasonCode
 
-from . import channel, connection, logs, metrics, mqtt5
+from . import channel, connection, logs, metrics, mqtt5, poller, subscriptions
 from .backoff import Backoff
 from .brokersocket import BrokerSocket, Inbound, wrap_socket
 from .config import Config
@@ -50,6 +49,18 @@ UPSTREAM_BATCH = 512
 READ_AHEAD = 1024 * 1024
 """Bytes of the broker's stream the agent holds unparsed at most (beyond one large packet)."""
 _AUTH_REFUSED = {134, 135}  # Bad user name or password, Not authorized (3.1.1 codes 4 and 5)
+STABLE_CONNECTION = 10.0
+"""Seconds a connection must last before the reconnect backoff starts over. A reset on every CONNACK
+let a connection that the broker closes right away (another client with our id takes the session
+over, and ours takes it back) reconnect ~1,000 times a second. Ten seconds is far beyond such a
+takeover round trip or a CONNACK-then-close, and short enough that a real outage after a healthy
+connection reconnects at once."""
+SHORT_LIVED_WARN = 3
+"""Connections in a row shorter than ``STABLE_CONNECTION`` before the agent says, once, that
+another client probably uses its client id."""
+_SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason code
+CLOSED_PASSES_LIMIT = 100
+"""Loop passes in a row that may find a closed socket in the wait list before the agent gives up."""
 REPLY_WAIT_FALLBACK = 30.0
 """Seconds to keep reading for a reply when a request carries no message expiry."""
 
@@ -108,6 +119,10 @@ class Agent:
         self.state = ConnState.DISCONNECTED
         self.epoch = 0
         self.backoff = Backoff(base=0.5, cap=30.0)
+        self.connected_at = 0.0
+        self.short_lived = 0  # connections in a row that ended before STABLE_CONNECTION
+        self.dropped_for = ""  # the protocol error we closed the connection for, until it is closed
+        self.warned_takeover = False
         self.next_attempt = 0.0
         self.connack_deadline = 0.0
         self.pending: deque[_Delivery] = deque()  # received, not yet given to a worker
@@ -134,6 +149,8 @@ class Agent:
         self.last_broker_read = 0.0
         self.backlog_limit = config.workers.count * self.prefetch  # undispatched messages we read ahead
         self.dirty: set[int] = set()  # slots with records to flush at the end of this pass
+        self.oddities: Counter[str] = Counter()  # hostile or broken input handled, by kind (``_odd``)
+        self.closed_passes = 0  # passes in a row whose wait list held a closed socket
         self.stopping = False
         self.stop_deadline = 0.0
         self.exit_code = ExitCode.OK
@@ -166,7 +183,8 @@ class Agent:
             sock = self.client.socket()
             if sock is not None:
                 sock.close()
-            self.log.info("agent exiting: %s", self.metrics.summary())
+            odd = "".join(f"; {count} bad {kind}(s) ignored" for kind, count in self.oddities.items())
+            self.log.info("agent exiting: %s%s", self.metrics.summary(), odd)
         return self.exit_code
 
     def _make_client(self) -> mqtt.Client:
@@ -213,7 +231,10 @@ class Agent:
         self.client.disconnect()
         deadline = time.monotonic() + 2.0
         while self.client.want_write() and time.monotonic() < deadline and self.client.socket() is not None:
-            select.select([], [self.client.socket()], [], 0.1)
+            try:
+                poller.wait([], [self.client.socket()], 0.1)
+            except poller.ClosedUnderUs:
+                break  # paho closed it: nothing more can be written
             self.client.loop_write()
         self.log.info("disconnected from the broker")
 
@@ -225,7 +246,7 @@ class Agent:
         messages would come again next run. The broker handles a client's packets in order, so the
         UNSUBACK of a harmless UNSUBSCRIBE proves every earlier PUBACK arrived.
         """
-        _, mid = self.client.unsubscribe(f"procmqtt/sync/{self.client_id}")
+        _, mid = self.client.unsubscribe(f"procmqtt/sync/{mqtt5.topic_level(self.client_id)}")
         if mid is None:
             return
         self.syncing = mid
@@ -235,8 +256,11 @@ class Agent:
             if sock is None:
                 return
             waiting = self.stream is not None and self.stream.waiting()
-            readable, _, _ = select.select([sock], [sock] if self._broker_unwritten() else [], [],
-                                           0 if waiting else 0.05)
+            try:
+                readable, _ = poller.wait([sock], [sock] if self._broker_unwritten() else [], 0 if waiting else 0.05)
+            except poller.ClosedUnderUs:
+                self.log.debug("the broker socket closed while syncing; not waiting for the UNSUBACK")
+                return
             if readable or waiting:
                 self._read_broker()  # messages arriving now are ignored: we are stopping
             self._write_broker()
@@ -280,9 +304,11 @@ class Agent:
         if self.state is ConnState.DISCONNECTED and wanted:
             timeout = max(0.0, min(timeout, self.next_attempt - now))
         try:
-            readable, writable, _ = select.select(rlist, wlist, [], timeout)
-        except (OSError, ValueError):  # a socket closed under us by a paho callback; next pass rebuilds
+            readable, writable = poller.wait(rlist, wlist, timeout)
+        except poller.ClosedUnderUs as exc:
+            self._closed_under_us(exc)
             return
+        self.closed_passes = 0
         if self.signals in readable and self.signals.pop():
             self.begin_stop("SIGTERM received")
         if mqtt_sock is not None and (buffered or mqtt_sock in readable):
@@ -311,6 +337,27 @@ class Agent:
             if worker is not None:
                 self._flush(worker)
         self.dirty.clear()
+
+    def _odd(self, kind: str, message: str, *args: Any) -> None:
+        """Something a hostile or broken peer sent, handled without a crash: counted, logged as a
+        warning the first time per kind and at debug level after that, so a flood cannot fill the log."""
+        self.oddities[kind] += 1
+        count = self.oddities[kind]
+        if count == 1:
+            self.log.warning(message + " (further ones are logged at debug level)", *args)
+        else:
+            self.log.debug(message + " (%d so far)", *args, count)
+
+    def _closed_under_us(self, exc: poller.ClosedUnderUs) -> None:
+        """A socket in the wait list was closed (by a paho callback, say): the next pass rebuilds
+        the list without it. Passes that keep finding one are a bug, not a race: leave with an error
+        (the supervisor starts a new agent) instead of spinning."""
+        self.closed_passes += 1
+        self.log.debug("a socket was closed under the loop (%s); rebuilding the wait list", exc)
+        if self.closed_passes >= CLOSED_PASSES_LIMIT:
+            self.log.error("%d passes in a row found a closed socket (%s); the agent exits",
+                           self.closed_passes, exc)
+            self.exit_code = ExitCode.FORCED
 
     def _broker_unwritten(self) -> bool:
         return self.client.want_write() or (self.stream is not None and bool(self.stream.out))
@@ -369,6 +416,10 @@ class Agent:
         self.log.warning("broker %s:%d: %s; retrying in %.1fs", m.host, m.port, reason, delay)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if self.state is not ConnState.CONNECTING:  # a second CONNACK: the broker broke the protocol
+            if self.state is ConnState.CONNECTED:
+                self._drop_connection("a second CONNACK on a live connection")
+            return
         if reason.is_failure:
             m = self.config.mqtt
             if reason.value in _AUTH_REFUSED:
@@ -381,7 +432,7 @@ class Agent:
             self._schedule_reconnect(f"connection refused: {reason} (reason code {reason.value})")
             return
         self._set_state(ConnState.CONNECTED)
-        self.backoff.reset()
+        self.connected_at = time.monotonic()  # the backoff resets only once this connection proves stable
         self.epoch += 1
         if self.epoch > 1:
             self.metrics.reconnects += 1
@@ -403,7 +454,26 @@ class Agent:
         if birth is not None:
             self.client.publish(birth.topic, birth.payload, birth.qos, birth.retain)
 
+    def _drop_connection(self, error: str) -> None:
+        """The broker broke the protocol: close the connection (MQTT 5: with reason "Protocol
+        error") and reconnect with backoff, as after a loss; never a crash."""
+        m = self.config.mqtt
+        self.log.error("broker %s:%d: protocol error: %s; dropping the connection", m.host, m.port, error)
+        self._set_state(ConnState.CLOSING)
+        self.dropped_for = error
+        self.pending = deque(d for d in self.pending if d.qos != 1)  # they come again on the next connection
+        if self.v5:
+            self.client.disconnect(ReasonCode(PacketTypes.DISCONNECT, "Protocol error"))
+        else:
+            self.client.disconnect()
+
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if self.dropped_for and self.exit_code == ExitCode.OK:  # our close after a protocol error
+            self._set_state(ConnState.DISCONNECTED)
+            self._note_connection_end(reason)
+            self._schedule_reconnect(f"dropped after a protocol error ({self.dropped_for})")
+            self.dropped_for = ""
+            return
         if self.state in (ConnState.CLOSING, ConnState.DISCONNECTED) or self.exit_code != ExitCode.OK:
             self.state = ConnState.DISCONNECTED  # expected: we closed it, or we are leaving
             return
@@ -415,19 +485,51 @@ class Agent:
         # Undispatched QoS 1 messages come again from the broker on the next connection; QoS 0 and
         # QoS 2 (already completed) would not, so they stay queued.
         self.pending = deque(d for d in self.pending if d.qos != 1)
-        if was_connected:
-            self.backoff.reset()
+        self._note_connection_end(reason)
         self._schedule_reconnect(f"connection lost ({reason})")
 
+    def _note_connection_end(self, reason: Any) -> None:
+        """A stable connection starts the backoff over; short ones in a row keep it growing, and
+        say once what usually causes them."""
+        if time.monotonic() - self.connected_at >= STABLE_CONNECTION:
+            self.backoff.reset()
+            self.short_lived = 0
+            return
+        self.short_lived += 1
+        taken_over = getattr(reason, "value", None) == _SESSION_TAKEN_OVER and self.v5
+        if (taken_over or self.short_lived >= SHORT_LIVED_WARN) and not self.warned_takeover:
+            self.warned_takeover = True
+            self.log.warning("the broker keeps closing the connection right after accepting it: another "
+                             "client is %susing the client id %r (two instances of this app?); give each "
+                             "instance its own [mqtt] client_id", "" if taken_over else "probably ",
+                             self.client_id)
+
     def _subscribe(self, subs: list[tuple[str, int]]) -> None:
-        wire = [(self.config.mqtt.wire_filter(f), qos) for f, qos in subs]
-        rc, mid = self.client.subscribe(wire)
+        valid = []
+        for f, qos in subs:  # one bad filter must not cost the others (paho refuses the whole list)
+            problem = subscriptions.problem(self.config.mqtt, f, qos)
+            if problem is None:
+                valid.append((f, qos))
+            else:
+                self.log.error("not subscribing to %s: %s", subscriptions.shown(f), problem)
+        wire = [(self.config.mqtt.wire_filter(f), qos) for f, qos in valid]
+        if not wire:
+            return
+        try:
+            rc, mid = self.client.subscribe(wire)
+        except Exception:  # paho refuses what the checks missed: a failed request, not a dead agent
+            self.log.exception("paho refused to subscribe to %s", ", ".join(subscriptions.shown(f) for f, _ in wire))
+            return
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self.subscribe_requests[mid] = [f for f, _ in wire]
 
     def _unsubscribe(self, filters: list[str]) -> None:
         wire = [self.config.mqtt.wire_filter(f) for f in filters]
-        _, mid = self.client.unsubscribe(wire)
+        try:
+            _, mid = self.client.unsubscribe(wire)
+        except Exception:  # as in _subscribe
+            self.log.exception("paho refused to unsubscribe from %s", ", ".join(subscriptions.shown(f) for f in wire))
+            return
         if mid is not None:
             self.subscribe_requests[mid] = wire
 
@@ -438,7 +540,11 @@ class Agent:
         for replies may hold entirely; it would then wait for a slot only its own arrival can free.
         """
         reply_filter = self.reply_prefix + "+"
-        rc, mid = self.client.subscribe(reply_filter, 0)
+        try:
+            rc, mid = self.client.subscribe(reply_filter, 0)
+        except Exception:  # as in _subscribe
+            self.log.exception("paho refused to subscribe to %s", reply_filter)
+            return
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self.subscribe_requests[mid] = [reply_filter]
 
@@ -463,11 +569,19 @@ class Agent:
     # --- messages in ---------------------------------------------------------------------------
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # from a broker that does not check; raising would crash-loop on its resend
+            self._odd("topic", "a message whose topic is not valid UTF-8 (%r, QoS %d); acknowledged and dropped",
+                      getattr(msg, "_topic", b"?")[:200], msg.qos)
+            if msg.qos:
+                client.ack(msg.mid, msg.qos)
+            return
         properties = None
         if self.v5:
             properties = mqtt5.from_paho(getattr(msg, "properties", None))
-            if msg.topic.startswith(self.reply_prefix):
-                self._route_reply(msg.topic, msg.payload, msg.qos, msg.mid, bool(msg.retain), properties)
+            if topic.startswith(self.reply_prefix):
+                self._route_reply(topic, msg.payload, msg.qos, msg.mid, bool(msg.retain), properties)
                 return
         self.metrics.received += 1
         if msg.qos == 2:
@@ -476,7 +590,7 @@ class Agent:
             client.ack(msg.mid, 2)
         if self.stopping:
             return  # QoS 1 stays unacknowledged at the broker; QoS 0 is dropped
-        self.pending.append(_Delivery(next(self.delivery_ids), msg.mid, self.epoch, msg.topic, msg.payload,
+        self.pending.append(_Delivery(next(self.delivery_ids), msg.mid, self.epoch, topic, msg.payload,
                                       msg.qos, bool(msg.retain), bool(msg.dup), properties))
         self._dispatch()
 
@@ -504,8 +618,12 @@ class Agent:
         if qos:
             self.client.ack(mid, qos)
         self.replies += 1
-        slot = topic[len(self.reply_prefix):]
-        worker = self.workers.get(int(slot)) if slot.isdigit() else None
+        slot = mqtt5.reply_slot(topic, self.reply_prefix)
+        if slot is None:
+            self._odd("reply topic", "a message on %r, under this instance's reply topics, names no worker "
+                      "slot; acknowledged and dropped", topic[:200])
+            return
+        worker = self.workers.get(slot)
         if worker is None:
             self.log.debug("reply on %r: no such worker; dropped", topic)
             return
@@ -722,12 +840,21 @@ class Agent:
         elif isinstance(record, channel.Publish):
             self._publish(record)
         elif isinstance(record, channel.Subscribe):
+            problem = subscriptions.problem(self.config.mqtt, record.topic_filter, record.qos)
+            if problem is not None:  # saved, it would crash every agent that loads it
+                self.log.error("runtime subscription to %s dropped, not saved: %s",
+                               subscriptions.shown(record.topic_filter), problem)
+                return
             self.subscriptions[record.topic_filter] = record.qos
             self.unsubscribe_on_connect.discard(record.topic_filter)
             self._save_subscriptions()
             if self.state is ConnState.CONNECTED:
                 self._subscribe([(record.topic_filter, record.qos)])
         elif isinstance(record, channel.Unsubscribe):
+            problem = subscriptions.problem(self.config.mqtt, record.topic_filter, 0)
+            if problem is not None:  # never subscribed, and paho would refuse it
+                self.log.error("unsubscribe from %s ignored: %s", subscriptions.shown(record.topic_filter), problem)
+                return
             self.subscriptions.pop(record.topic_filter, None)
             self._save_subscriptions()
             if self.state is ConnState.CONNECTED:
@@ -824,14 +951,7 @@ class Agent:
     # --- subscriptions survive agent restarts ------------------------------------------------
 
     def _load_subscriptions(self) -> dict[str, int]:
-        try:
-            with open(self.state_path, encoding="utf-8") as f:
-                return {str(k): int(v) for k, v in json.load(f).items()}
-        except FileNotFoundError:
-            return {s.topic_filter: s.qos for s in self.config.mqtt.topics}
+        return subscriptions.load(self.state_path, self.config.mqtt, self.log)
 
     def _save_subscriptions(self) -> None:
-        tmp = self.state_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.subscriptions, f)
-        os.replace(tmp, self.state_path)
+        subscriptions.save(self.state_path, self.subscriptions)

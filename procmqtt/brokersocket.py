@@ -19,11 +19,12 @@ paho's socket:
 
 from __future__ import annotations
 
-import select
 import socket
 import ssl
 import time
 from typing import Any
+
+from . import poller
 
 READ_SIZE = 256 * 1024
 """Bytes asked of the kernel per ``recv``."""
@@ -85,7 +86,10 @@ class BrokerSocket:
         """paho closes right after writing DISCONNECT: what it wrote goes first (for up to 2 s)."""
         deadline = time.monotonic() + 2.0
         while not self.flush() and time.monotonic() < deadline:
-            select.select([], [self.sock], [], 0.1)
+            try:
+                poller.wait([], [self.sock], 0.1)
+            except poller.ClosedUnderUs:
+                break
         self.sock.close()
 
     # --- the agent's side ----------------------------------------------------------------------

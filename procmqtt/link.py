@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import select
 import socket
 import threading
 import time
@@ -26,7 +25,7 @@ from paho.mqtt.client import error_string
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from . import channel
+from . import channel, poller
 from .config import Config
 from .errors import PublishBufferFull, RequestFailed
 from .message import Message, Properties
@@ -240,7 +239,7 @@ class _AgentLink:
         fds: list[Any] = [self.inbound]
         if wake_on_signal and self.wakeup is not None:
             fds.append(self.wakeup)
-        readable, _, _ = select.select(fds, [], [], timeout)
+        readable, _ = poller.wait(fds, [], timeout)
         if self.inbound not in readable:
             return bool(readable)
         self._read()

@@ -7,6 +7,7 @@ message carries properties. Runs in the agent process.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -19,9 +20,38 @@ REPLY_ROOT = "procmqtt/reply"
 """Replies to ``Worker.request`` come back on ``procmqtt/reply/<client id>/<worker slot>``."""
 
 
+MAX_SLOT_DIGITS = 4
+"""A reply topic's last level is a worker slot: at most this many ASCII digits (slots are < 1024)."""
+_MAX_LEVEL = 64
+
+
+def topic_level(client_id: str) -> str:
+    """``client_id`` as one topic level that is valid in a filter, whatever the id holds.
+
+    ``%``, ``+``, ``#``, ``/`` and NUL are percent-escaped, so two ids never share a level (and
+    so never a reply topic); a long id (or one with control characters or lone surrogates) is
+    replaced by ``%h`` and a hash (an escape never has ``h`` after ``%``), so no id can make a
+    topic too long or invalid.
+    """
+    level = _UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", client_id)
+    if len(level.encode("utf-8", "surrogatepass")) > _MAX_LEVEL or not level.isprintable():
+        level = "%h" + hashlib.sha256(client_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return level
+
+
 def reply_prefix(client_id: str) -> str:
-    """The reply topic without the worker slot; the client id made safe as one topic level."""
-    return f"{REPLY_ROOT}/{_UNSAFE.sub('_', client_id)}/"
+    """The reply topic without the worker slot."""
+    return f"{REPLY_ROOT}/{topic_level(client_id)}/"
+
+
+def reply_slot(topic: str, prefix: str) -> int | None:
+    """The worker slot a reply topic under ``prefix`` names, or None: anyone may publish there, so
+    only a short run of ASCII digits counts (``str.isdigit`` also accepts '²', and ``int`` of
+    thousands of digits raises)."""
+    slot = topic[len(prefix):]
+    if 0 < len(slot) <= MAX_SLOT_DIGITS and slot.isascii() and slot.isdigit():
+        return int(slot)
+    return None
 
 
 def from_paho(props: Any) -> Properties:
@@ -52,6 +82,6 @@ def to_paho(props: Properties, response_topic: str | None = None) -> PahoPropert
     return out
 
 
-_UNSAFE = re.compile("[+#/\x00]")
+_UNSAFE = re.compile("[%+#/\x00]")
 _PAHO_NAMES = {"UserProperty", "ContentType", "ResponseTopic", "CorrelationData", "MessageExpiryInterval",
                "PayloadFormatIndicator"}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import select
 import shutil
 import signal
 import socket
@@ -25,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from . import channel, logs, proctitle, reload
+from . import channel, logs, poller, proctitle, reload
 from .agent import Agent
 from .backoff import Backoff
 from .config import MAX_PUBLISH_BUFFER, Config, default_client_id
@@ -174,7 +173,7 @@ class Supervisor:
         wake += [c.kill_at for c in self.children.values() if c.kill_at]
         if self.control:
             wake.append(now + 0.05)
-        select.select([self.signals], [], [], max(0.0, min(wake) - now))
+        poller.wait([self.signals], [], max(0.0, min(wake) - now))
 
     # --- signals -------------------------------------------------------------------------------
 

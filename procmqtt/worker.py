@@ -167,18 +167,27 @@ class Worker:
 
     def subscribe(self, topic_filter: str, qos: int = 0) -> None:
         """Subscribe the whole app (not just this worker); kept across reconnects and agent restarts."""
-        problem = filter_problem(topic_filter)
-        if problem:
-            raise ValueError(f"subscribe: {problem}, got {topic_filter!r}")
+        self._check_filter("subscribe", topic_filter)
         _check_qos(qos)
         self._require_link().send(channel.Subscribe(topic_filter, qos))
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Unsubscribe the whole app from ``topic_filter``."""
-        problem = filter_problem(topic_filter)
-        if problem:
-            raise ValueError(f"unsubscribe: {problem}, got {topic_filter!r}")
+        self._check_filter("unsubscribe", topic_filter)
         self._require_link().send(channel.Unsubscribe(topic_filter))
+
+    def _check_filter(self, what: str, topic_filter: str) -> None:
+        """The filter as the agent will send it (inside ``$share/<group>/`` with ``share_group``) must
+        be valid: checked here, where the caller sees the error, not when the broker or paho refuses."""
+        problem = filter_problem(topic_filter)
+        if problem is None and self.config.mqtt.share_group:
+            problem = filter_problem(self.config.mqtt.wire_filter(topic_filter))
+            if problem is not None:
+                problem += f" as subscribed, inside $share/{self.config.mqtt.share_group}/ ([mqtt] share_group)"
+        if problem:
+            shown = repr(topic_filter) if len(topic_filter) <= 100 else \
+                f"{topic_filter[:100]!r}... ({len(topic_filter)} characters)"
+            raise ValueError(f"{what}: {problem}, got {shown}")
 
     def handle(self, message: Message) -> Outcome:
         """Run ``on_message`` for one message; log (never raise) its exception.

@@ -1,0 +1,55 @@
+"""Waiting on sockets without ``select``'s limit: ``select.select`` raises ``ValueError`` for any
+descriptor >= 1024 (FD_SETSIZE), which a busy host or a big ``-w`` reaches. ``poll`` has no such
+limit and, for the handful of descriptors each loop here waits on, costs the same; every loop in
+procmqtt that waits (agent, workers, supervisor, the broker socket's flush) goes through
+:func:`wait`.
+"""
+
+from __future__ import annotations
+
+import math
+import select
+from collections.abc import Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_READ = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+_WRITE = select.POLLOUT | select.POLLHUP | select.POLLERR
+_WANT_READ = select.POLLIN | select.POLLPRI
+
+
+class ClosedUnderUs(ValueError):
+    """A socket handed to :func:`wait` is already closed (its ``fileno()`` is -1)."""
+
+
+def wait(readers: Iterable[T], writers: Iterable[T] = (), timeout: float | None = None) -> tuple[list[T], list[T]]:
+    """``select.select(readers, writers, [], timeout)`` for any descriptor number.
+
+    Like ``select``, end of file and errors count as readable (and writable), so the caller's read
+    or write finds them. Raises :class:`ClosedUnderUs` for a closed socket.
+    """
+    poller = select.poll()
+    objects: dict[int, T] = {}
+    masks: dict[int, int] = {}
+    for objs, mask in ((readers, _WANT_READ), (writers, select.POLLOUT)):
+        for obj in objs:
+            fd = obj if isinstance(obj, int) else obj.fileno()  # type: ignore[attr-defined]
+            if fd < 0:
+                raise ClosedUnderUs(f"{obj!r} is closed")
+            objects[fd] = obj
+            masks[fd] = masks.get(fd, 0) | mask
+    for fd, mask in masks.items():
+        poller.register(fd, mask)
+    ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+    readable: list[T] = []
+    writable: list[T] = []
+    for fd, events in poller.poll(ms):
+        if events & select.POLLNVAL:
+            raise ClosedUnderUs(f"{objects[fd]!r}: descriptor {fd} is not open")
+        mask = masks[fd]
+        if mask & _WANT_READ and events & _READ:
+            readable.append(objects[fd])
+        if mask & select.POLLOUT and events & _WRITE:
+            writable.append(objects[fd])
+    return readable, writable
