@@ -80,6 +80,26 @@ def test_bad_config_file_exits_2(tmp_path):
          "filter ('#' must be a whole level and the last one)")]
 
 
+@pytest.mark.parametrize("content, expected", [
+    (b"\x7fELF\x02\x01\x01\x00\xff\xfe", "not a TOML file: byte 8 is not UTF-8 text"),
+    (b"[mqtt]\nconnect_timeout = inf\n", "[mqtt] connect_timeout: expected a number of seconds from 0.1 to 1000000, got inf"),
+    (b"[workers]\ntimeout = nan\n", "[workers] timeout: expected a number of seconds from 0 to 1000000, got nan"),
+    (b'[mqtt]\nclient_id = "' + b"c" * 65_536 + b'"\n', "[mqtt] client_id: expected at most 65,535 UTF-8 bytes"),
+    (b"[mqtt]\nusername = 'u'\npassword = 73217321\n",
+     "[mqtt] password: expected a non-empty string, got an integer (value not shown)"),
+    (b"[mqtt.tls]\nca_certs = 'README.md'\n", "[mqtt.tls] ca_certs: README.md: expected PEM certificates of the CAs"),
+])
+def test_config_mistakes_that_used_to_escape_exit_2(tmp_path, content, expected):
+    """Each was a traceback (exit 1) or an agent crash loop: now one line, exit 2, from run and check."""
+    (tmp_path / "bad.toml").write_bytes(content)
+    for command in ("run", "check"):
+        result = procmqtt(command, "tests/apps.py:Recorder", "-c", str(tmp_path / "bad.toml"))
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"procmqtt: error: {tmp_path / 'bad.toml'}: {expected}"), lines
+        assert "73217321" not in result.stderr
+
+
 def test_default_config_file_in_cwd_is_read(tmp_path):
     (tmp_path / "procmqtt.toml").write_text("[workers]\ncount = 0\n")
     (tmp_path / "app.py").write_text("from procmqtt import Worker\nclass A(Worker):\n    pass\n")
