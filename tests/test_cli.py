@@ -112,13 +112,57 @@ def test_default_config_file_in_cwd_is_read(tmp_path):
     ("tests/apps.py:Missing", "has no attribute 'Missing'"),
     ("tests/apps.py:NotAWorker", "NotAWorker is not a subclass of procmqtt.Worker"),
     ("tests/nothere.py:App", "no such file tests/nothere.py"),
-    ("justamodule", "expected package.module:Class or path/to/file.py:Class"),
 ])
 def test_app_errors_exit_3(app, expected):
     result = procmqtt("run", app)
     assert result.returncode == 3, result.stderr
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("app, expected", [
+    ("justamodule", "APP 'justamodule': expected package.module:Class or path/to/file.py:Class"),
+    (":App", "APP ':App': expected package.module:Class"),
+    ("tests/apps.py:", "APP 'tests/apps.py:': expected package.module:Class"),
+    ("my-app:App", "APP 'my-app:App': 'my-app' is not a module name (a file name ends in .py); expected"),
+    ("tests/apps.py:1Recorder", "APP 'tests/apps.py:1Recorder': '1Recorder' is not a class name; expected"),
+])
+def test_malformed_app_is_a_usage_error_exit_2(app, expected):
+    """A command-line mistake, like a bad -w: exit 2 (README), not 3 (an app that does not import)."""
+    for command in ("run", "check"):
+        result = procmqtt(command, app)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"procmqtt: error: {expected}"), lines
+
+
+def test_app_import_error_shows_where_in_the_app(tmp_path):
+    """The last frames of the app's own code, as Python prints them; none of procmqtt's or importlib's."""
+    (tmp_path / "helpers.py").write_text("def connect():\n    return connect_somewhere()\n")
+    (tmp_path / "myapp.py").write_text("import helpers\nfrom procmqtt import Worker\n\nDB = helpers.connect()\n")
+    for app in (f"{tmp_path}/myapp.py:App", "myapp:App"):
+        result = procmqtt("run", app, cwd=tmp_path)
+        assert result.returncode == 3, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip("^ ")]  # carets vary by Python version
+        assert lines == [
+            f"procmqtt: error: APP '{app}': importing {app.split(':')[0]} raised NameError: "
+            "name 'connect_somewhere' is not defined",
+            f'  File "{tmp_path}/myapp.py", line 4, in <module>',
+            "    DB = helpers.connect()",
+            f'  File "{tmp_path}/helpers.py", line 2, in connect',
+            "    return connect_somewhere()",
+        ]
+
+
+def test_app_syntax_error_shows_the_line(tmp_path):
+    (tmp_path / "bad.py").write_text("from procmqtt import Worker\nclass App(Worker:\n    pass\n")
+    result = procmqtt("check", f"{tmp_path}/bad.py:App")
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"procmqtt: error: APP '{tmp_path}/bad.py:App': importing {tmp_path}/bad.py raised "
+                               "SyntaxError: ")
+    assert f'  File "{tmp_path}/bad.py", line 2' in lines and "    class App(Worker:" in lines
+    assert "Traceback" not in result.stderr and "procmqtt/" not in result.stderr
 
 
 def test_app_module_that_raises_exits_3(tmp_path):
