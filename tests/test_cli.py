@@ -173,6 +173,17 @@ def test_app_module_that_raises_exits_3(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_pid_option_never_deletes_a_file_that_is_not_a_pid_file(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    result = procmqtt("run", "tests/apps.py:Recorder", "--pid", str(notes))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"procmqtt: error: --pid {notes}: exists and is not a pid file (it holds more than a process id); "
+        "not replaced: check the path, or delete the file"]
+    assert notes.read_text() == "my notes\n"
+
+
 # --- log formats ---------------------------------------------------------------------------------
 
 def _record(exc: bool = False) -> logging.LogRecord:
