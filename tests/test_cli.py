@@ -145,8 +145,8 @@ def test_app_import_error_shows_where_in_the_app(tmp_path):
         assert result.returncode == 3, result.stderr
         lines = [line for line in result.stderr.splitlines() if line.strip("^ ")]  # carets vary by Python version
         assert lines == [
-            f"procmqtt: error: APP '{app}': importing {app.split(':')[0]} raised NameError: "
-            "name 'connect_somewhere' is not defined",
+            (f"procmqtt: error: APP '{app}': importing {app.split(':')[0]} raised NameError: "
+             "name 'connect_somewhere' is not defined"),
             f'  File "{tmp_path}/myapp.py", line 4, in <module>',
             "    DB = helpers.connect()",
             f'  File "{tmp_path}/helpers.py", line 2, in connect',
@@ -179,8 +179,8 @@ def test_pid_option_never_deletes_a_file_that_is_not_a_pid_file(tmp_path):
     result = procmqtt("run", "tests/apps.py:Recorder", "--pid", str(notes))
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"procmqtt: error: --pid {notes}: exists and is not a pid file (it holds more than a process id); "
-        "not replaced: check the path, or delete the file"]
+        (f"procmqtt: error: --pid {notes}: exists and is not a pid file (it holds more than a process id); "
+         "not replaced: check the path, or delete the file")]
     assert notes.read_text() == "my notes\n"
 
 

@@ -279,8 +279,8 @@ def test_client_id_of_exactly_65535_bytes_is_accepted():
     ({"share_group": "g" * 65_530, "topics": {"a/b": {}}},
      '[mqtt.topics] "a/b": expected a valid MQTT topic filter (a topic filter must be at most 65535 bytes)'),
     ({"topics": {"a\udcff": {}}}, '[mqtt.topics] "a\udcff": expected a valid MQTT topic filter (valid UTF-8 text'),
-    ({"topics": {"x" * 70_000: {}}}, f'[mqtt.topics] "{"x" * 57}...": expected a valid MQTT topic filter (a topic '
-                                     "filter must be at most 65535 bytes)"),
+    ({"topics": {"x" * 70_000: {}}}, (f'[mqtt.topics] "{"x" * 57}...": expected a valid MQTT topic filter (a topic '
+                                      "filter must be at most 65535 bytes)")),
 ])
 def test_will_birth_and_filters_fit_the_wire(table, expected):
     with pytest.raises(ConfigError) as info:
