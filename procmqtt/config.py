@@ -220,8 +220,13 @@ def _text(v: Any) -> str | None:
 
 
 def _mqtt_text(v: Any) -> str | None:
-    """A value that goes on the wire as an MQTT string (client id, user name, password)."""
+    """A value that goes on the wire as an MQTT string (client id, user name)."""
     return _string_problem(v, MAX_MQTT_STRING) if isinstance(v, str) and v else "a non-empty string"
+
+
+def _password_text(v: Any) -> str | None:
+    """The password is binary data in MQTT: a NUL is allowed, the 2-byte length limit is not lifted."""
+    return _string_problem(v, MAX_MQTT_STRING, nul=True) if isinstance(v, str) and v else "a non-empty string"
 
 
 def _payload(max_bytes: int | None) -> Check:
@@ -261,7 +266,7 @@ _MQTT_KEYS: dict[str, Check] = {
     "port": _integer(1, 65535),
     "client_id": _mqtt_text,
     "username": _mqtt_text,
-    "password": _mqtt_text,
+    "password": _password_text,
     "password_env": _text,
     "password_file": _text,
     "keepalive": _integer(1, 65535),
@@ -369,7 +374,7 @@ def _password(source: str, mqtt: dict[str, Any], environ: Mapping[str, str]) -> 
 
 def _secret(where: str, value: str) -> Secret:
     """A password read from elsewhere, checked like ``[mqtt] password`` and never shown."""
-    expected = _mqtt_text(value)
+    expected = _string_problem(value, MAX_MQTT_STRING, nul=True)  # empty stays allowed, as before
     if expected:
         raise ConfigError(f"{where}: expected a password of {expected}, got {_kind(value)}")
     return Secret(value)

@@ -352,3 +352,11 @@ def test_encrypted_tls_key_is_refused_without_a_prompt(tmp_path, certificates):
     message = _tls_error(tmp_path, certfile=certificates.client_cert, keyfile=encrypted)
     assert message.endswith(f"[mqtt.tls] keyfile: {encrypted}: the private key is encrypted; procmqtt needs it "
                             "unencrypted (readable by its user only)")
+
+
+def test_a_newline_or_escape_sequence_in_what_the_user_gave_stays_escaped(tmp_path):
+    message = error_of(tmp_path, '[mqtt]\n"ho\\nst\\u001b[31m" = 1\n')  # error_of: one line
+    assert "unknown key 'ho\\nst\\x1b[31m'" in message
+    with pytest.raises(ConfigError) as info:
+        config.resolve("/dev/null", environ={"PROCMQTT_MQTT_PASSWORD_ENV": "A\nB"})
+    assert str(info.value) == "PROCMQTT_MQTT_PASSWORD_ENV: environment variable A\\nB is not set"
