@@ -236,7 +236,7 @@ def _payload(max_bytes: int | None) -> Check:
 
 
 def _topic_name(v: Any) -> str | None:
-    problem = _string_problem(v) if isinstance(v, str) else None  # topic_problem counts UTF-8 bytes
+    problem = _string_problem(v) if isinstance(v, str) else None  # first: topic_problem's encode() would raise
     problem = problem or topic_problem(v)
     return f"a topic name to publish to ({problem})" if problem else None
 
@@ -437,10 +437,9 @@ def _load_certificates(source: str, tls: dict[str, Any]) -> None:
                           "private key is encrypted; procmqtt needs it unencrypted (readable by its user "
                           "only)") from None
     except (OSError, ValueError) as exc:
+        keyfile = f"keyfile {key}" if key else "keyfile"
         raise ConfigError(f"{source}: [mqtt.tls] certfile: {cert}: expected a PEM client certificate with its "
-                          f"private key (there, or in keyfile {key}) ({_ssl_reason(exc)})" if key else
-                          f"{source}: [mqtt.tls] certfile: {cert}: expected a PEM client certificate with its "
-                          f"private key (there, or in keyfile) ({_ssl_reason(exc)})") from None
+                          f"private key (there, or in {keyfile}) ({_ssl_reason(exc)})") from None
 
 
 def _ssl_reason(exc: Exception) -> str:
