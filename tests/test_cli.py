@@ -29,6 +29,7 @@ pytestmark = pytest.mark.timeout(30)
 
 def procmqtt(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROCMQTT_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))  # this checkout, from any cwd
     return subprocess.run([sys.executable, "-m", "procmqtt", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=20, env=env, check=False)
 
