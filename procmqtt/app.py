@@ -6,9 +6,34 @@ import importlib
 import importlib.util
 import os
 import sys
+import traceback
 
-from .errors import AppError
+from .errors import AppError, ConfigError
 from .worker import Worker, check_app
+
+SHOWN_FRAMES = 4
+"""An app that fails on import: the last frames of its own code shown, not procmqtt's or importlib's."""
+
+_PROCMQTT_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_IMPORTLIB_DIR = os.path.dirname(os.path.abspath(importlib.__file__)) + os.sep
+_EXPECTED = "expected package.module:Class or path/to/file.py:Class"
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """``APP`` as (module or file, attribute path); a malformed one is a command-line mistake (exit 2)."""
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise ConfigError(f"APP {spec!r}: {_EXPECTED}")
+    if not all(part.isidentifier() for part in attr.split(".")):
+        raise ConfigError(f"APP {spec!r}: {attr!r} is not a class name; {_EXPECTED}")
+    if not _is_file(module_part) and not all(part.isidentifier() for part in module_part.split(".")):
+        raise ConfigError(f"APP {spec!r}: {module_part!r} is not a module name (a file name ends in .py); "
+                          f"{_EXPECTED}")
+    return module_part, attr
+
+
+def _is_file(module_part: str) -> bool:
+    return module_part.endswith(".py") or os.sep in module_part
 
 
 def load_app(spec: str) -> type[Worker]:
@@ -18,11 +43,9 @@ def load_app(spec: str) -> type[Worker]:
     workers share the imported code's memory. The ``@route`` methods are checked here too, so a bad
     route stops it before any fork (exit 2).
     """
-    module_part, sep, attr = spec.rpartition(":")
-    if not sep or not module_part or not attr:
-        raise AppError(f"APP {spec!r}: expected package.module:Class or path/to/file.py:Class")
+    module_part, attr = split_spec(spec)
     try:
-        if module_part.endswith(".py") or os.sep in module_part:
+        if _is_file(module_part):
             module = _import_file(spec, module_part)
         else:
             if os.getcwd() not in sys.path and "" not in sys.path:
@@ -31,10 +54,10 @@ def load_app(spec: str) -> type[Worker]:
     except AppError:
         raise
     except ModuleNotFoundError as exc:
-        raise AppError(f"APP {spec!r}: cannot import {module_part}: {exc}") from None
+        raise AppError(f"APP {spec!r}: cannot import {module_part}: {exc}{_user_frames(exc)}") from None
     except Exception as exc:
         raise AppError(f"APP {spec!r}: importing {module_part} raised "
-                       f"{type(exc).__name__}: {exc}") from exc
+                       f"{type(exc).__name__}: {exc}{_user_frames(exc)}") from exc
     obj = module
     for part in attr.split("."):
         try:
@@ -48,6 +71,20 @@ def load_app(spec: str) -> type[Worker]:
     except AppError as exc:
         raise type(exc)(f"APP {spec!r}: {exc}") from None
     return obj
+
+
+def _user_frames(exc: BaseException) -> str:
+    """Where in the app's own code the import failed, as Python prints it ("File ..., line N, in f"
+    and the source line), most recent call last; procmqtt's and importlib's frames left out.
+
+    Empty when no frame is the app's (a module that does not exist), so that error stays one line.
+    """
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
+              if not frame.filename.startswith((_PROCMQTT_DIR, _IMPORTLIB_DIR, "<frozen "))]
+    lines = traceback.format_list(frames[-SHOWN_FRAMES:])
+    if isinstance(exc, SyntaxError) and exc.filename:  # the bad line is not a frame: Python's own layout
+        lines += traceback.format_exception_only(type(exc), exc)[:-1]
+    return "\n" + "".join(lines).rstrip("\n") if lines else ""
 
 
 def _import_file(spec: str, path: str):  # type: ignore[no-untyped-def]
@@ -75,7 +112,7 @@ def reload_app(spec: str) -> type[Worker]:
     so the running code is untouched.
     """
     module_part = spec.rpartition(":")[0]
-    if module_part.endswith(".py") or os.sep in module_part:
+    if _is_file(module_part):
         owned = [os.path.splitext(os.path.basename(module_part))[0]]  # what _import_file names it
     else:
         top = module_part.split(".")[0]

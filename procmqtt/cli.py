@@ -119,7 +119,10 @@ def _prepare(args: argparse.Namespace) -> tuple[config_mod.Config, type[Worker],
 
 
 def run(args: argparse.Namespace) -> int:
+    from .app import split_spec
+
     _setup_logs(args)
+    split_spec(args.app)  # a malformed APP is a usage error (exit 2), with --print-config too
     broker = _embedded_broker(args)
     if args.print_config:
         from .check import render_config

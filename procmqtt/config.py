@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import sys
 import types
 import urllib.parse
@@ -59,6 +60,11 @@ ON_ERROR = ("ack", "retry")
 MAX_PUBLISH_BUFFER = 60_000  # paho's message ids are 16-bit: workers x publish_buffer stays below 65,535
 
 PROTOCOLS = ("3.1.1", "5")
+
+MAX_SECONDS = 1_000_000  # every duration: finite, and within what socket and select timeouts accept
+MAX_MQTT_STRING = 65_535  # client id, user name, password, will payload: a 2-byte length on the wire
+MAX_MQTT_PACKET = 268_435_455  # the largest remaining length MQTT can encode (the birth message)
+MAX_FILE_BYTES = 16 * 2**20  # a configuration file; -c /dev/zero is a mistake, not a wait
 
 
 @dataclass(frozen=True)
@@ -187,19 +193,51 @@ def _integer(lo: int, hi: int | None = None) -> Check:
     return check
 
 
-def _number(lo: float) -> Check:
+def _seconds(lo: float) -> Check:
+    """A duration: a bounded range also refuses inf and nan (which compare false with both ends)."""
     def check(v: Any) -> str | None:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= lo
-        return None if ok else f"a number >= {lo:g}"
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= MAX_SECONDS
+        return None if ok else f"a number of seconds from {lo:g} to {MAX_SECONDS}"
     return check
 
 
+def _string_problem(v: str, max_bytes: int | None = None, *, nul: bool = False) -> str | None:
+    """Why ``v`` cannot go to the broker or the OS as it is: a NUL (unless ``nul``), an undecodable
+    byte (from the environment), or more UTF-8 bytes than the wire allows."""
+    if "\x00" in v and not nul:
+        return "a string without NUL characters"
+    try:
+        size = len(v.encode())
+    except UnicodeEncodeError:
+        return "valid UTF-8 text (this holds an undecodable byte)"
+    if max_bytes is not None and size > max_bytes:
+        return f"at most {max_bytes:,} UTF-8 bytes (the MQTT limit)"
+    return None
+
+
 def _text(v: Any) -> str | None:
-    return None if isinstance(v, str) and v else "a non-empty string"
+    return _string_problem(v) if isinstance(v, str) and v else "a non-empty string"
+
+
+def _mqtt_text(v: Any) -> str | None:
+    """A value that goes on the wire as an MQTT string (client id, user name)."""
+    return _string_problem(v, MAX_MQTT_STRING) if isinstance(v, str) and v else "a non-empty string"
+
+
+def _password_text(v: Any) -> str | None:
+    """The password is binary data in MQTT: a NUL is allowed, the 2-byte length limit is not lifted."""
+    return _string_problem(v, MAX_MQTT_STRING, nul=True) if isinstance(v, str) and v else "a non-empty string"
+
+
+def _payload(max_bytes: int | None) -> Check:
+    def check(v: Any) -> str | None:
+        return _string_problem(v, max_bytes, nul=True) if isinstance(v, str) else "a string"
+    return check
 
 
 def _topic_name(v: Any) -> str | None:
-    problem = topic_problem(v)
+    problem = _string_problem(v) if isinstance(v, str) else None  # first: topic_problem's encode() would raise
+    problem = problem or topic_problem(v)
     return f"a topic name to publish to ({problem})" if problem else None
 
 
@@ -209,7 +247,7 @@ def _boolean(v: Any) -> str | None:
 
 def _share_group(v: Any) -> str | None:
     ok = isinstance(v, str) and v and not any(c in v for c in "/+#")
-    return None if ok else "a non-empty name without '/', '+' or '#'"
+    return _string_problem(v) if ok else "a non-empty name without '/', '+' or '#'"
 
 
 def _one_of(*options: str) -> Check:
@@ -226,9 +264,9 @@ def _table(v: Any) -> str | None:
 _MQTT_KEYS: dict[str, Check] = {
     "host": _text,
     "port": _integer(1, 65535),
-    "client_id": _text,
-    "username": _text,
-    "password": _text,
+    "client_id": _mqtt_text,
+    "username": _mqtt_text,
+    "password": _password_text,
     "password_env": _text,
     "password_file": _text,
     "keepalive": _integer(1, 65535),
@@ -236,11 +274,11 @@ _MQTT_KEYS: dict[str, Check] = {
     "clean_session": _boolean,
     "session_expiry": _integer(0, 2**32 - 1),
     "publish_buffer": _integer(1, MAX_PUBLISH_BUFFER),
-    "publish_timeout": _number(0),
+    "publish_timeout": _seconds(0),
     "max_inflight": _integer(1, 65535),
-    "connect_timeout": _number(0.1),
+    "connect_timeout": _seconds(0.1),
     "transport": _one_of(*TRANSPORTS),
-    "ws_path": lambda v: None if isinstance(v, str) and v.startswith("/") else "a path starting with '/'",
+    "ws_path": lambda v: _string_problem(v) if isinstance(v, str) and v.startswith("/") else "a path starting with '/'",
     "share_group": _share_group,
     "topics": _table,
     "tls": _table,
@@ -248,14 +286,15 @@ _MQTT_KEYS: dict[str, Check] = {
     "birth": _table,
 }
 _TLS_KEYS: dict[str, Check] = {"ca_certs": _text, "certfile": _text, "keyfile": _text, "insecure": _boolean}
-_ANNOUNCEMENT_KEYS: dict[str, Check] = {"topic": _topic_name, "payload": lambda v: None if isinstance(v, str) else "a string",
+_ANNOUNCEMENT_KEYS: dict[str, Check] = {"topic": _topic_name, "payload": _payload(None),
                                         "qos": _integer(0, 2), "retain": _boolean}
+_WILL_KEYS = {**_ANNOUNCEMENT_KEYS, "payload": _payload(MAX_MQTT_STRING)}  # inside CONNECT: a 2-byte length
 _WORKERS_KEYS: dict[str, Check] = {
     "count": _integer(1, MAX_SLOTS),
     "dispatch": _one_of(*DISPATCHERS),
     "prefetch": _integer(1, 65535),
-    "graceful_timeout": _number(0),
-    "timeout": _number(0),
+    "graceful_timeout": _seconds(0),
+    "timeout": _seconds(0),
     "max_attempts": _integer(1, 1000),
     "on_error": _one_of(*ON_ERROR),
     "dead_letter_topic": _topic_name,
@@ -274,7 +313,18 @@ _SECTIONS = {"mqtt": _MQTT_KEYS, "workers": _WORKERS_KEYS, "metrics": _METRICS_K
 
 def _show(value: Any) -> str:
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    if len(text) <= 60:
+        return text
+    size = f" ({len(value.encode(errors='replace')):,} UTF-8 bytes)" if isinstance(value, str) else ""
+    return text[:57] + "..." + size
+
+
+_KINDS = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array", dict: "a table"}
+
+
+def _kind(value: Any) -> str:
+    """What a secret is, without its value (nor its length)."""
+    return _KINDS.get(type(value), "a TOML value") + " (value not shown)"
 
 
 def _unknown(source: str, where: str, key: str, known: Mapping[str, Any]) -> ConfigError:
@@ -293,7 +343,8 @@ def _checked(source: str, where: str, table: Any, keys: Mapping[str, Check],
             raise _unknown(source, f"{where} ", key, keys)
         expected = keys[key](value)
         if expected:
-            raise ConfigError(f"{source}: {where} {key}: expected {expected}, got {_show(value)}")
+            got = _kind(value) if key in _SECRET_NAMES else _show(value)
+            raise ConfigError(f"{source}: {where} {key}: expected {expected}, got {got}")
     return dict(table)
 
 
@@ -308,23 +359,35 @@ def _password(source: str, mqtt: dict[str, Any], environ: Mapping[str, str]) -> 
         name = mqtt["password_env"]
         if name not in environ:
             raise ConfigError(f"{source}: [mqtt] password_env: environment variable {name} is not set")
-        return Secret(environ[name])
+        return _secret(f"{source}: [mqtt] password_env: environment variable {name}", environ[name])
     if "password_file" in mqtt:
         path = mqtt["password_file"]
         try:
             with open(path, encoding="utf-8") as f:
-                return Secret(f.read().rstrip("\r\n"))
+                text = f.read(MAX_MQTT_STRING + 3)  # enough to tell "too long", however big the file
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             raise ConfigError(f"{source}: [mqtt] password_file: cannot read {path}: {reason}") from None
+        return _secret(f"{source}: [mqtt] password_file: {path}", text.rstrip("\r\n"))
     return None
 
 
-def _subscriptions(source: str, topics: dict[str, Any]) -> tuple[Subscription, ...]:
+def _secret(where: str, value: str) -> Secret:
+    """A password read from elsewhere, checked like ``[mqtt] password`` and never shown."""
+    expected = _string_problem(value, MAX_MQTT_STRING, nul=True)  # empty stays allowed, as before
+    if expected:
+        raise ConfigError(f"{where}: expected a password of {expected}, got {_kind(value)}")
+    return Secret(value)
+
+
+def _subscriptions(source: str, topics: dict[str, Any], share_group: str | None) -> tuple[Subscription, ...]:
     subs = []
     for topic_filter, options in topics.items():
-        where = f'[mqtt.topics] "{topic_filter}"'
-        problem = filter_problem(topic_filter)
+        shown = str(topic_filter) if len(str(topic_filter)) <= 60 else f"{str(topic_filter)[:57]}..."
+        where = f'[mqtt.topics] "{shown}"'
+        problem = _string_problem(topic_filter) if isinstance(topic_filter, str) else None
+        wire = f"$share/{share_group}/{topic_filter}" if share_group and isinstance(topic_filter, str) else ""
+        problem = problem or filter_problem(topic_filter) or (filter_problem(wire) if wire else None)
         if problem:
             raise ConfigError(f"{source}: {where}: expected a valid MQTT topic filter ({problem})")
         options = _checked(source, where, options, _TOPIC_KEYS, "expected a table like { qos = 1 }")
@@ -342,16 +405,62 @@ def _tls(source: str, table: Any) -> TlsConfig | None:
             raise ConfigError(f"{source}: [mqtt.tls] {key}: cannot read {path}")
     if "keyfile" in tls and "certfile" not in tls:
         raise ConfigError(f"{source}: [mqtt.tls] keyfile needs certfile (the client certificate)")
+    _load_certificates(source, tls)
     return TlsConfig(**tls)
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_passphrase() -> str:
+    raise _EncryptedKey  # paho would ask for it on the terminal, in the agent, at every connect
+
+
+def _load_certificates(source: str, tls: dict[str, Any]) -> None:
+    """Load the files as paho will, so that a file that is not a certificate (or a key that does
+    not match) is a one-line error now instead of a failure in the agent on every connect."""
+    context = ssl.create_default_context()
+    ca, cert, key = tls.get("ca_certs"), tls.get("certfile"), tls.get("keyfile")
+    try:
+        if ca is not None:
+            context.load_verify_locations(cafile=ca)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(f"{source}: [mqtt.tls] ca_certs: {ca}: expected PEM certificates of the CAs "
+                          f"to trust ({_ssl_reason(exc)})") from None
+    if cert is None:
+        return
+    try:
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except _EncryptedKey:
+        raise ConfigError(f"{source}: [mqtt.tls] {'keyfile' if key else 'certfile'}: {key or cert}: the "
+                          "private key is encrypted; procmqtt needs it unencrypted (readable by its user "
+                          "only)") from None
+    except (OSError, ValueError) as exc:
+        keyfile = f"keyfile {key}" if key else "keyfile"
+        raise ConfigError(f"{source}: [mqtt.tls] certfile: {cert}: expected a PEM client certificate with its "
+                          f"private key (there, or in {keyfile}) ({_ssl_reason(exc)})") from None
+
+
+def _ssl_reason(exc: Exception) -> str:
+    """OpenSSL's short reason ("NO_CERTIFICATE_OR_CRL_FOUND"), else the OS error, without _ssl.c:NNN."""
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+    if "PEM lib" in str(reason):  # OpenSSL's whole explanation of a file without the PEM blocks
+        return "no PEM certificate and key found"
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(reason))
 
 
 def _announcement(source: str, name: str, table: Any) -> Announcement | None:
     if table is None:
         return None
     where = f"[mqtt.{name}]"
-    checked = _checked(source, where, table, _ANNOUNCEMENT_KEYS)
+    checked = _checked(source, where, table, _WILL_KEYS if name == "will" else _ANNOUNCEMENT_KEYS)
     if "topic" not in checked:
         raise ConfigError(f"{source}: {where} topic: required (the topic the message goes to)")
+    size = 4 + len(checked["topic"].encode()) + len(checked.get("payload", "").encode())
+    if size > MAX_MQTT_PACKET:  # a PUBLISH: topic, its length and a packet id, then the payload
+        raise ConfigError(f"{source}: {where} payload: expected at most {MAX_MQTT_PACKET:,} bytes with "
+                          f"the topic (the MQTT limit), got {size:,}")
     return Announcement(**checked)
 
 
@@ -378,7 +487,8 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>",
         plain["port"] = DEFAULT_TLS_PORT
     return Config(
         mqtt=MqttConfig(**plain, password=_password(source, mqtt, os.environ if environ is None else environ),
-                        topics=_subscriptions(source, mqtt.get("topics", {})), tls=tls,
+                        topics=_subscriptions(source, mqtt.get("topics", {}), mqtt.get("share_group")),
+                        tls=tls,
                         will=_announcement(source, "will", mqtt.get("will")),
                         birth=_announcement(source, "birth", mqtt.get("birth"))),
         workers=WorkersConfig(**workers),
@@ -407,13 +517,23 @@ def _read(path: str | None) -> tuple[dict[str, Any], str]:
         path = DEFAULT_PATH
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f), path
+            raw = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such configuration file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except ValueError:  # a NUL in the path
+        raise ConfigError(f"{path!r}: cannot read: not a file name") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: not a configuration file: larger than {MAX_FILE_BYTES // 2**20} MiB")
+    try:
+        return tomllib.loads(raw.decode()), path
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a TOML file: byte {exc.start} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
 
 
 def load(path: str | None = None) -> Config:
@@ -452,6 +572,7 @@ ENV_PREFIX = "PROCMQTT_"
 CONFIG_ENV = "PROCMQTT_CONFIG"
 _PASSWORD_KEYS = ("password", "password_env", "password_file")
 _SECRET_KEYS = {("mqtt", "password")}
+_SECRET_NAMES = {key for _, key in _SECRET_KEYS}  # never shown, whatever their type
 _INVALID = object()
 _log = logging.getLogger("procmqtt.config")
 

@@ -27,8 +27,21 @@ class ProcmqttError(Exception):
     exit_code = ExitCode.FORCED
 
 
+_CONTROL = {c: repr(chr(c))[1:-1] for c in (*range(32), 127) if chr(c) != "\t"}
+
+
 class ConfigError(ProcmqttError):
+    """A mistake in the command line, the environment or the configuration: exit 2, one line.
+
+    The line quotes what the user gave (a key, a path, a variable's value); a newline or an escape
+    sequence in it is shown escaped (``\\n``), so the message stays one line and cannot drive the
+    terminal.
+    """
+
     exit_code = ExitCode.USAGE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.translate(_CONTROL))
 
 
 class AppError(ProcmqttError):

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.timeout(30)
 
 def procmqtt(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROCMQTT_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))  # this checkout, from any cwd
     return subprocess.run([sys.executable, "-m", "procmqtt", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=20, env=env, check=False)
 
@@ -80,6 +81,26 @@ def test_bad_config_file_exits_2(tmp_path):
          "filter ('#' must be a whole level and the last one)")]
 
 
+@pytest.mark.parametrize("content, expected", [
+    (b"\x7fELF\x02\x01\x01\x00\xff\xfe", "not a TOML file: byte 8 is not UTF-8 text"),
+    (b"[mqtt]\nconnect_timeout = inf\n", "[mqtt] connect_timeout: expected a number of seconds from 0.1 to 1000000, got inf"),
+    (b"[workers]\ntimeout = nan\n", "[workers] timeout: expected a number of seconds from 0 to 1000000, got nan"),
+    (b'[mqtt]\nclient_id = "' + b"c" * 65_536 + b'"\n', "[mqtt] client_id: expected at most 65,535 UTF-8 bytes"),
+    (b"[mqtt]\nusername = 'u'\npassword = 73217321\n",
+     "[mqtt] password: expected a non-empty string, got an integer (value not shown)"),
+    (b"[mqtt.tls]\nca_certs = 'README.md'\n", "[mqtt.tls] ca_certs: README.md: expected PEM certificates of the CAs"),
+])
+def test_config_mistakes_that_used_to_escape_exit_2(tmp_path, content, expected):
+    """Each was a traceback (exit 1) or an agent crash loop: now one line, exit 2, from run and check."""
+    (tmp_path / "bad.toml").write_bytes(content)
+    for command in ("run", "check"):
+        result = procmqtt(command, "tests/apps.py:Recorder", "-c", str(tmp_path / "bad.toml"))
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"procmqtt: error: {tmp_path / 'bad.toml'}: {expected}"), lines
+        assert "73217321" not in result.stderr
+
+
 def test_default_config_file_in_cwd_is_read(tmp_path):
     (tmp_path / "procmqtt.toml").write_text("[workers]\ncount = 0\n")
     (tmp_path / "app.py").write_text("from procmqtt import Worker\nclass A(Worker):\n    pass\n")
@@ -92,7 +113,6 @@ def test_default_config_file_in_cwd_is_read(tmp_path):
     ("tests/apps.py:Missing", "has no attribute 'Missing'"),
     ("tests/apps.py:NotAWorker", "NotAWorker is not a subclass of procmqtt.Worker"),
     ("tests/nothere.py:App", "no such file tests/nothere.py"),
-    ("justamodule", "expected package.module:Class or path/to/file.py:Class"),
 ])
 def test_app_errors_exit_3(app, expected):
     result = procmqtt("run", app)
@@ -101,12 +121,68 @@ def test_app_errors_exit_3(app, expected):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("app, expected", [
+    ("justamodule", "APP 'justamodule': expected package.module:Class or path/to/file.py:Class"),
+    (":App", "APP ':App': expected package.module:Class"),
+    ("tests/apps.py:", "APP 'tests/apps.py:': expected package.module:Class"),
+    ("my-app:App", "APP 'my-app:App': 'my-app' is not a module name (a file name ends in .py); expected"),
+    ("tests/apps.py:1Recorder", "APP 'tests/apps.py:1Recorder': '1Recorder' is not a class name; expected"),
+])
+def test_malformed_app_is_a_usage_error_exit_2(app, expected):
+    """A command-line mistake, like a bad -w: exit 2 (README), not 3 (an app that does not import)."""
+    for args in (["run", app], ["check", app], ["run", app, "--print-config"]):
+        result = procmqtt(*args)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"procmqtt: error: {expected}"), lines
+
+
+def test_app_import_error_shows_where_in_the_app(tmp_path):
+    """The last frames of the app's own code, as Python prints them; none of procmqtt's or importlib's."""
+    (tmp_path / "helpers.py").write_text("def connect():\n    return connect_somewhere()\n")
+    (tmp_path / "myapp.py").write_text("import helpers\nfrom procmqtt import Worker\n\nDB = helpers.connect()\n")
+    for app in (f"{tmp_path}/myapp.py:App", "myapp:App"):
+        result = procmqtt("run", app, cwd=tmp_path)
+        assert result.returncode == 3, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip("^ ")]  # carets vary by Python version
+        assert lines == [
+            (f"procmqtt: error: APP '{app}': importing {app.split(':')[0]} raised NameError: "
+             "name 'connect_somewhere' is not defined"),
+            f'  File "{tmp_path}/myapp.py", line 4, in <module>',
+            "    DB = helpers.connect()",
+            f'  File "{tmp_path}/helpers.py", line 2, in connect',
+            "    return connect_somewhere()",
+        ]
+
+
+def test_app_syntax_error_shows_the_line(tmp_path):
+    (tmp_path / "bad.py").write_text("from procmqtt import Worker\nclass App(Worker:\n    pass\n")
+    result = procmqtt("check", f"{tmp_path}/bad.py:App")
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"procmqtt: error: APP '{tmp_path}/bad.py:App': importing {tmp_path}/bad.py raised "
+                               "SyntaxError: ")
+    assert f'  File "{tmp_path}/bad.py", line 2' in lines and "    class App(Worker:" in lines
+    assert "Traceback" not in result.stderr and "procmqtt/" not in result.stderr
+
+
 def test_app_module_that_raises_exits_3(tmp_path):
     (tmp_path / "broken.py").write_text("import json\nraise RuntimeError('config missing')\n")
     result = procmqtt("run", f"{tmp_path}/broken.py:App")
     assert result.returncode == 3
     assert "importing" in result.stderr and "RuntimeError: config missing" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_pid_option_never_deletes_a_file_that_is_not_a_pid_file(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    result = procmqtt("run", "tests/apps.py:Recorder", "--pid", str(notes))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        (f"procmqtt: error: --pid {notes}: exists and is not a pid file (it holds more than a process id); "
+         "not replaced: check the path, or delete the file")]
+    assert notes.read_text() == "my notes\n"
 
 
 # --- log formats ---------------------------------------------------------------------------------

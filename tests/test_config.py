@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
+import certs
 import pytest
 
 from procmqtt import config
@@ -92,7 +94,7 @@ def test_password_file(tmp_path):
     ("[workers]\ncount = -1\n", "[workers] count: expected an integer from 1 to 1024, got -1"),
     ("[workers]\ncount = true\n", "[workers] count: expected an integer"),
     ("[workers]\ndispatch = 'fastest'\n", '[workers] dispatch: expected one of "random", "round_robin"'),
-    ("[workers]\ngraceful_timeout = -2\n", "[workers] graceful_timeout: expected a number >= 0"),
+    ("[workers]\ngraceful_timeout = -2\n", "[workers] graceful_timeout: expected a number of seconds from 0 to 1000000, got -2"),
     ("mqtt = 3\n", "[mqtt] must be a table"),
     ("[mqtt\n", "not valid TOML"),
     ("[mqtt]\npassword = 'a'\npassword_env = 'B'\n", "set only one of password, password_env, password_file"),
@@ -174,9 +176,13 @@ def test_broker_url_scheme_sets_tls_and_transport(url, tls, transport, ws_path):
     assert (m.tls is not None, m.transport, m.ws_path) == (tls, transport, ws_path)
 
 
-def test_tls_will_birth_and_share_group_tables(tmp_path):
-    ca = tmp_path / "ca.pem"
-    ca.write_text("x")
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    return certs.make(tmp_path_factory.mktemp("certs"))
+
+
+def test_tls_will_birth_and_share_group_tables(certificates):
+    ca = certificates.ca
     cfg = config.from_mapping({"mqtt": {
         "share_group": "orders", "tls": {"ca_certs": str(ca)},
         "will": {"topic": "p/app", "payload": "offline", "qos": 1, "retain": True},
@@ -212,3 +218,145 @@ def test_max_inflight_defaults_by_protocol_and_reaches_paho():
     assert make_client(mqtt, "c", 16).max_inflight_messages == 7
     with pytest.raises(ConfigError, match=r"\[mqtt\] max_inflight: expected an integer from 1 to 65535, got 0"):
         config.from_mapping({"mqtt": {"max_inflight": 0}})
+
+
+# --- what used to escape as a traceback or an agent crash loop (issue 11, point 16) ----------------
+
+def test_binary_file_is_one_line_error(tmp_path):
+    (tmp_path / "p.toml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    with pytest.raises(ConfigError) as info:
+        config.load(str(tmp_path / "p.toml"))
+    assert str(info.value) == f"{tmp_path / 'p.toml'}: not a TOML file: byte 0 is not UTF-8 text"
+
+
+def test_deeply_nested_toml_is_one_line_error(tmp_path):
+    assert "nested too deeply" in error_of(tmp_path, "a = " + "[" * 100_000)
+
+
+def test_huge_file_is_refused_without_reading_it_all(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "MAX_FILE_BYTES", 100)
+    assert error_of(tmp_path, "# " + "x" * 200 + "\n").endswith("not a configuration file: larger than 0 MiB")
+    with pytest.raises(ConfigError, match="larger than"):
+        config.load("/dev/zero")
+
+
+@pytest.mark.parametrize("key", ["publish_timeout", "connect_timeout", "graceful_timeout", "timeout"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e300", "1e10"])
+def test_durations_must_be_finite_and_bounded(tmp_path, key, value):
+    section = "mqtt" if key in ("publish_timeout", "connect_timeout") else "workers"
+    message = error_of(tmp_path, f"[{section}]\n{key} = {value}\n")
+    assert f"[{section}] {key}: expected a number of seconds from " in message and "to 1000000" in message
+
+
+def test_durations_at_the_bound_are_accepted(tmp_path):
+    cfg = load_text(tmp_path, "[mqtt]\nconnect_timeout = 1000000\n[workers]\ntimeout = 0\n")
+    assert cfg.mqtt.connect_timeout == 1_000_000 and cfg.workers.timeout == 0
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("client_id", "a" * 65_536, "[mqtt] client_id: expected at most 65,535 UTF-8 bytes (the MQTT limit)"),
+    ("client_id", "é" * 40_000, "[mqtt] client_id: expected at most 65,535 UTF-8 bytes"),  # 80,000 bytes
+    ("username", "u" * 70_000, "[mqtt] username: expected at most 65,535 UTF-8 bytes"),
+    ("client_id", "a\x00b", "[mqtt] client_id: expected a string without NUL characters"),
+    ("client_id", "a\udcffb", "[mqtt] client_id: expected valid UTF-8 text"),  # from the environment
+    ("host", "h\x00", "[mqtt] host: expected a string without NUL characters"),
+])
+def test_strings_that_go_on_the_wire_are_checked(key, value, expected):
+    with pytest.raises(ConfigError) as info:
+        config.from_mapping({"mqtt": {key: value}}, "f.toml")
+    assert str(info.value).startswith(f"f.toml: {expected}") and len(str(info.value)) < 300
+
+
+def test_client_id_of_exactly_65535_bytes_is_accepted():
+    assert len(config.from_mapping({"mqtt": {"client_id": "é" * 32_767 + "a"}}).mqtt.client_id) == 32_768
+
+
+@pytest.mark.parametrize("table, expected", [
+    ({"will": {"topic": "t" * 65_536}}, "[mqtt.will] topic: expected a topic name to publish to (a topic must be at most"),
+    ({"will": {"topic": "w", "payload": "p" * 65_536}}, "[mqtt.will] payload: expected at most 65,535 UTF-8 bytes"),
+    ({"birth": {"topic": "b" * 65_536}}, "[mqtt.birth] topic: expected a topic name to publish to"),
+    ({"birth": {"topic": "b\udcff"}}, "[mqtt.birth] topic: expected a topic name to publish to (valid UTF-8 text"),
+    ({"share_group": "g" * 65_530, "topics": {"a/b": {}}},
+     '[mqtt.topics] "a/b": expected a valid MQTT topic filter (a topic filter must be at most 65535 bytes)'),
+    ({"topics": {"a\udcff": {}}}, '[mqtt.topics] "a\udcff": expected a valid MQTT topic filter (valid UTF-8 text'),
+    ({"topics": {"x" * 70_000: {}}}, (f'[mqtt.topics] "{"x" * 57}...": expected a valid MQTT topic filter (a topic '
+                                      "filter must be at most 65535 bytes)")),
+])
+def test_will_birth_and_filters_fit_the_wire(table, expected):
+    with pytest.raises(ConfigError) as info:
+        config.from_mapping({"mqtt": table}, "f.toml")
+    assert str(info.value).startswith(f"f.toml: {expected}")
+
+
+def test_birth_payload_is_a_publish_not_a_connect_field():
+    birth = config.from_mapping({"mqtt": {"birth": {"topic": "b", "payload": "x" * 100_000}}}).mqtt.birth
+    assert birth is not None and len(birth.payload) == 100_000
+
+
+@pytest.mark.parametrize("value", [73217321, 7321.7321, True, ["hunter2"], {"x": "hunter2"}, "hunter2" * 10_000,
+                                   "hunter2\udcff"])
+def test_password_of_any_wrong_kind_is_never_shown(value):
+    with pytest.raises(ConfigError) as info:
+        config.from_mapping({"mqtt": {"username": "u", "password": value}}, "f.toml")
+    message = str(info.value)
+    assert message.startswith("f.toml: [mqtt] password: expected ") and "(value not shown)" in message
+    assert "hunter2" not in message and "7321" not in message and "True" not in message
+
+
+def test_password_from_a_file_or_variable_is_checked_and_not_shown(tmp_path):
+    (tmp_path / "pw").write_text("hunter2" * 10_000)
+    with pytest.raises(ConfigError) as info:
+        config.from_mapping({"mqtt": {"password_file": str(tmp_path / "pw")}}, "f.toml")
+    assert str(info.value).startswith(f"f.toml: [mqtt] password_file: {tmp_path / 'pw'}: expected a password of at most")
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        config.from_mapping({"mqtt": {"password_env": "PW"}}, "f.toml", environ={"PW": "hunter2\udcff"})
+    assert "[mqtt] password_env: environment variable PW: expected a password of valid UTF-8" in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+def test_environment_values_are_checked_for_the_wire():
+    with pytest.raises(ConfigError) as info:
+        config.resolve("/dev/null", environ={"PROCMQTT_MQTT_CLIENT_ID": "x" * 70_000})
+    assert str(info.value).startswith("PROCMQTT_MQTT_CLIENT_ID: expected at most 65,535 UTF-8 bytes")
+    with pytest.raises(ConfigError) as info:
+        config.resolve("/dev/null", environ={"PROCMQTT_MQTT_PASSWORD": "hunter2\udcff"})
+    assert "hunter2" not in str(info.value) and "PROCMQTT_MQTT_PASSWORD: expected" in str(info.value)
+
+
+def _tls_error(tmp_path: Path, **tls: str) -> str:
+    lines = "".join(f'{key} = "{value}"\n' for key, value in tls.items())
+    return error_of(tmp_path, f"[mqtt.tls]\n{lines}")
+
+
+def test_tls_files_must_be_certificates(tmp_path, certificates):
+    (tmp_path / "notes.txt").write_text("not a certificate\n")
+    assert _tls_error(tmp_path, ca_certs=tmp_path / "notes.txt").endswith(
+        f"[mqtt.tls] ca_certs: {tmp_path / 'notes.txt'}: expected PEM certificates of the CAs to trust "
+        "(NO_CERTIFICATE_OR_CRL_FOUND)")
+    assert "[mqtt.tls] ca_certs: " in _tls_error(tmp_path, ca_certs=tmp_path)  # a directory
+    assert _tls_error(tmp_path, certfile=certificates.client_cert).endswith(  # no key anywhere
+        f"[mqtt.tls] certfile: {certificates.client_cert}: expected a PEM client certificate with its private key "
+        "(there, or in keyfile) (no PEM certificate and key found)")
+    assert "(KEY_VALUES_MISMATCH)" in _tls_error(tmp_path, certfile=certificates.client_cert,
+                                                 keyfile=certificates.server_key)
+    cfg = load_text(tmp_path, f'[mqtt.tls]\nca_certs = "{certificates.ca}"\ncertfile = "{certificates.client_cert}"\n'
+                              f'keyfile = "{certificates.client_key}"\n')
+    assert cfg.mqtt.tls is not None and cfg.mqtt.tls.keyfile == str(certificates.client_key)
+
+
+def test_encrypted_tls_key_is_refused_without_a_prompt(tmp_path, certificates):
+    encrypted = tmp_path / "client-enc.key"
+    subprocess.run(["openssl", "pkey", "-in", str(certificates.client_key), "-aes256", "-passout", "pass:x",
+                    "-out", str(encrypted)], check=True, capture_output=True, timeout=20)
+    message = _tls_error(tmp_path, certfile=certificates.client_cert, keyfile=encrypted)
+    assert message.endswith(f"[mqtt.tls] keyfile: {encrypted}: the private key is encrypted; procmqtt needs it "
+                            "unencrypted (readable by its user only)")
+
+
+def test_a_newline_or_escape_sequence_in_what_the_user_gave_stays_escaped(tmp_path):
+    message = error_of(tmp_path, '[mqtt]\n"ho\\nst\\u001b[31m" = 1\n')  # error_of: one line
+    assert "unknown key 'ho\\nst\\x1b[31m'" in message
+    with pytest.raises(ConfigError) as info:
+        config.resolve("/dev/null", environ={"PROCMQTT_MQTT_PASSWORD_ENV": "A\nB"})
+    assert str(info.value) == "PROCMQTT_MQTT_PASSWORD_ENV: environment variable A\\nB is not set"

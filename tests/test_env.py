@@ -153,7 +153,7 @@ def test_password_from_environment_replaces_any_form_in_the_file(tmp_path, monke
     ({"PROCMQTT_MQTT_PORT": "70000"}, "PROCMQTT_MQTT_PORT: expected an integer from 1 to 65535, got '70000'"),
     ({"PROCMQTT_MQTT_CLEAN_SESSION": "yes"}, "PROCMQTT_MQTT_CLEAN_SESSION: expected true or false, got 'yes'"),
     ({"PROCMQTT_WORKERS_DISPATCH": "fastest"}, 'PROCMQTT_WORKERS_DISPATCH: expected one of "random", "round_robin"'),
-    ({"PROCMQTT_WORKERS_GRACEFUL_TIMEOUT": "-1"}, "PROCMQTT_WORKERS_GRACEFUL_TIMEOUT: expected a number >= 0"),
+    ({"PROCMQTT_WORKERS_GRACEFUL_TIMEOUT": "-1"}, "PROCMQTT_WORKERS_GRACEFUL_TIMEOUT: expected a number of seconds from 0 to 1000000"),
     ({"PROCMQTT_WORKERS_DEAD_LETTER_TOPIC": "dead/#"}, "PROCMQTT_WORKERS_DEAD_LETTER_TOPIC: expected a topic name"),
     ({"PROCMQTT_MQTT_PASSWORD_ENV": "NOT_SET_ANYWHERE"},
      "PROCMQTT_MQTT_PASSWORD_ENV: environment variable NOT_SET_ANYWHERE is not set"),

@@ -16,7 +16,7 @@ from procmqtt import channel, logs
 from procmqtt.app import reload_app
 from procmqtt.config import Config, MetricsConfig, Secret, from_mapping
 from procmqtt.errors import AppError, ConfigError, ExitCode
-from procmqtt.pidfile import PidFile
+from procmqtt.pidfile import PidFile, is_supervisor_command
 from procmqtt.reload import Changes, adoptable, compare
 from procmqtt.supervisor import Child, Supervisor
 from procmqtt.worker import Worker
@@ -147,25 +147,82 @@ def test_stale_pid_files_are_replaced(tmp_path):
     path = tmp_path / "p.pid"
     dead = subprocess.Popen(["true"])
     dead.wait()
-    for stale in (str(dead.pid), "", "garbage", str(os.getpid())):  # ours: pid 1 again in a container
-        path.write_text(stale + "\n")
+    for stale in (f"{dead.pid}\n", "", f" {dead.pid} ", str(os.getpid())):  # ours: pid 1 again in a container
+        path.write_text(stale)
         pidfile = PidFile(str(path))
         pidfile.create()
         assert path.read_text() == f"{os.getpid()}\n"
         pidfile.remove()
 
 
-@pytest.mark.parametrize("procmqtt", [False, True])
-def test_a_live_pid_refuses_the_start_only_when_it_is_a_procmqtt(tmp_path, procmqtt):
+@pytest.mark.parametrize("content", [b"garbage\n", b"12 34\n", b"1234\nmore notes\n", b"x" * 4096,
+                                     b"\x00\x01", b"-5\n"])
+def test_a_file_that_is_not_a_pid_file_is_never_deleted(tmp_path, content):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"^--pid {path}: exists and is not a pid file .*not replaced"):
+        PidFile(str(path)).create()
+    assert path.read_bytes() == content
+
+
+def test_a_pid_path_that_is_not_a_regular_file_is_refused(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # reading it would block startup forever
+    link = tmp_path / "link.pid"
+    link.symlink_to(tmp_path / "target")
+    (tmp_path / "target").write_text("1\n")
+    for path in (fifo, link, tmp_path):
+        with pytest.raises(ConfigError, match="exists and is not a pid file"):
+            PidFile(str(path)).create()
+    assert (tmp_path / "target").read_text() == "1\n" and link.is_symlink()
+
+
+@pytest.mark.parametrize("argv, supervisor", [
+    (["procmqtt: supervisor [app:A]"], True),  # the title, with setproctitle
+    ([sys.executable, "-m", "procmqtt", "run", "app:A", "-w", "4"], True),
+    (["python3", "-u", "-X", "dev", "-m", "procmqtt", "run", "app:A"], True),
+    (["/usr/bin/python3.11", "-mprocmqtt", "run", "app:A"], True),
+    (["/srv/venv/bin/python3", "/srv/venv/bin/procmqtt", "run", "app:A", "--pid", "/run/p.pid"], True),
+    (["/srv/venv/bin/procmqtt", "run", "app:A"], True),
+    (["tail", "-f", "procmqtt-notes.txt"], False),  # issue 11: this blocked every start
+    (["vim", "procmqtt/cli.py"], False),
+    (["procmqtt: agent [app:A]"], False),
+    (["procmqtt: worker 2 [app:A]"], False),
+    ([sys.executable, "-m", "procmqtt", "status"], False),
+    ([sys.executable, "-m", "procmqtt", "check", "app:A"], False),
+    (["/srv/venv/bin/procmqtt", "demo"], False),
+    ([sys.executable, "-c", "import time; time.sleep(30)", "procmqtt", "run"], False),
+    ([sys.executable, "-m", "pytest", "-m", "procmqtt", "run"], False),
+    ([sys.executable, "myscript.py", "-m", "procmqtt", "run"], False),
+    (["bash", "-c", "procmqtt run app:A"], False),
+    ([], False),
+    ([""], False),
+])
+def test_supervisor_command_lines(argv, supervisor):
+    assert is_supervisor_command([arg.encode() for arg in argv]) is supervisor
+
+
+def _fake_procmqtt(tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    """A process whose command line is ``python -m procmqtt ARGS`` but which only sleeps."""
+    package = tmp_path / "fake" / "procmqtt"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text("import time\ntime.sleep(30)\n")
+    return subprocess.Popen([sys.executable, "-m", "procmqtt", *args], cwd=tmp_path / "fake")
+
+
+@pytest.mark.parametrize("kind", ["supervisor", "tail", "status"])
+def test_a_live_pid_refuses_the_start_only_when_it_is_a_procmqtt_supervisor(tmp_path, kind):
     path = tmp_path / "p.pid"
-    # a command line that says procmqtt, as `procmqtt run` or `python -m procmqtt` does; or a pid
-    # reused by something else, which makes the file stale
-    command = [sys.executable, "-c", "import time; time.sleep(30)", "procmqtt" if procmqtt else "other"]
-    other = subprocess.Popen(command)
-    try:  # right after exec the kernel shows an empty command line for a moment
-        wait_until(lambda: Path(f"/proc/{other.pid}/cmdline").read_bytes(), 5, "the child's command line")
+    (tmp_path / "procmqtt-notes.txt").write_text("notes\n")
+    if kind == "tail":  # a pid reused by something else makes the file stale, whatever its arguments say
+        other = subprocess.Popen(["tail", "-f", str(tmp_path / "procmqtt-notes.txt")], stdout=subprocess.DEVNULL)
+    else:
+        other = _fake_procmqtt(tmp_path, *(("run", "app:A", "--pid", str(path)) if kind == "supervisor" else ("status",)))
+    try:  # right after exec the kernel shows an empty or the parent's command line for a moment
+        wait_until(lambda: Path(f"/proc/{other.pid}/cmdline").read_bytes().count(b"\0") > 2, 5, "the command line")
         path.write_text(f"{other.pid}\n")
-        if procmqtt:
+        if kind == "supervisor":
             with pytest.raises(ConfigError, match=rf"--pid .*p\.pid: procmqtt is already running with pid {other.pid}"):
                 PidFile(str(path)).create()
             assert path.read_text() == f"{other.pid}\n"
