@@ -156,11 +156,13 @@ def test_dispatchers():
     assert {rnd.choose([3, 5]) for _ in range(200)} == {3, 5}
 
 
-def test_publish_buffer_times_workers_is_bounded():
+def test_workers_are_not_capped_by_the_publish_buffer():
+    """-w 64 (and up to 1,024) with the default publish_buffer: the agent queues past paho's ids."""
+    assert config.with_overrides(config.from_mapping({}, "f.toml"), workers=64).workers.count == 64
     cfg = config.from_mapping({"mqtt": {"publish_buffer": 20_000}}, "f.toml")
-    assert config.with_overrides(cfg, workers=3).workers.count == 3
-    with pytest.raises(ConfigError, match=r"^f.toml: \[mqtt\] publish_buffer \(20000\) x worker count \(4\)"):
-        config.with_overrides(cfg, workers=4)
+    assert config.with_overrides(cfg, workers=1024).workers.count == 1024
+    with pytest.raises(ConfigError, match=r"^--workers: expected"):
+        config.with_overrides(cfg, workers=1025)
 
 
 @pytest.mark.parametrize("url, tls, transport, ws_path", [
