@@ -115,7 +115,8 @@ class Agent:
         self.pending: deque[_Delivery] = deque()  # received, not yet given to a worker
         self.deliveries: dict[int, _Delivery] = {}  # given to a worker, not yet done
         self.delivery_ids = itertools.count(random.getrandbits(48))
-        self.publishes = Outbox(self._published, self.log, v5=config.mqtt.protocol == "5")  # not yet answered
+        self.publishes = Outbox(self._published, self.log, v5=config.mqtt.protocol == "5",  # not yet answered
+                                inflight=config.mqtt.inflight())
         self.subscribe_requests: dict[int, list[str]] = {}
         self.unsubscribe_on_connect: set[str] = set()  # removed offline; a persistent session may hold them
         self.early_ready: set[tuple[int, int]] = set()  # (slot, generation) ready before its WorkerUp

@@ -3,8 +3,10 @@ paho to the answer. Runs in the agent process, in its one thread.
 
 Why a queue of our own: paho numbers what it holds with 16-bit message ids, shared with SUBSCRIBE
 and UNSUBSCRIBE, and refuses a publish whose id is still in use (``MQTT_ERR_QUEUE_SIZE``). So the
-agent hands paho at most ``PAHO_WINDOW`` publishes at a time and keeps the rest here, in order,
-handing the next ones over as paho confirms earlier ones; any number of workers can publish.
+agent hands paho at most ``PAHO_WINDOW`` publishes at a time, and at most ``[mqtt] max_inflight``
+QoS 1/2 ones (paho's own limit is off: it rescans everything it holds at every PUBACK), and keeps
+the rest here, in order, handing the next ones over as paho confirms earlier ones; any number of
+workers can publish.
 
 Bound: each worker has at most ``publish_buffer`` publishes unconfirmed (``publish()`` blocks, then
 raises ``PublishBufferFull``; link.py), QoS 0 included, so what waits here is at most
@@ -65,13 +67,15 @@ class Outbox:
     """
 
     def __init__(self, done: Callable[[Outgoing, int], None], log: logging.Logger, *, v5: bool,
-                 window: int = PAHO_WINDOW) -> None:
+                 inflight: int, window: int | None = None) -> None:
         self.done = done
         self.v5 = v5
         self.log = log
-        self.window = window
+        self.inflight = inflight  # QoS 1/2 publishes in paho at most: [mqtt] max_inflight
+        self.window = PAHO_WINDOW if window is None else window  # read now: tests lower it
         self.queued: deque[Outgoing] = deque()
         self.paho: dict[int, Outgoing] = {}  # message id -> publish handed to paho, not yet confirmed
+        self.awaiting_ack = 0  # how many of those are QoS 1/2, awaiting the broker's acknowledgement
         self.unsent: deque[Outgoing] = deque()  # QoS 0 in the write buffer, in the order written
 
     def __len__(self) -> int:
@@ -82,9 +86,11 @@ class Outbox:
         self.queued.append(entry)
 
     def feed(self, client: mqtt.Client) -> None:
-        """Hand paho the queued publishes, in order, while it holds fewer than ``window``."""
-        while self.queued and len(self.paho) < self.window:
-            self._hand_over(client, self.queued.popleft())
+        """Hand paho the queued publishes, in order, while it holds fewer than ``window`` (and
+        fewer than ``inflight`` QoS 1/2 ones)."""
+        queued = self.queued
+        while queued and len(self.paho) < self.window and (queued[0].qos == 0 or self.awaiting_ack < self.inflight):
+            self._hand_over(client, queued.popleft())
 
     def problem(self, entry: Outgoing) -> str | None:
         """Why paho cannot send ``entry``; checked first, as paho raises with the message half
@@ -114,6 +120,7 @@ class Outbox:
         elif ok or kept:  # waiting for the socket (QoS 0) or the broker's acknowledgement
             entry.info = info
             self.paho[info.mid] = entry
+            self.awaiting_ack += entry.qos > 0
         else:
             self.log.warning("publish to %r failed: %s", entry.topic[:200], mqtt.error_string(info.rc))
             self.done(entry, info.rc)
@@ -124,6 +131,7 @@ class Outbox:
         entry = self.paho.pop(mid, None)
         if entry is None:
             return False
+        self.awaiting_ack -= entry.qos > 0
         if entry.qos == 0 and stream is not None and not error:
             entry.stream, entry.end = stream, stream.written
             self.unsent.append(entry)
