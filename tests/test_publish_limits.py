@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from harness import Procmqtt, Subscriber, publish_all, publisher, records, start, wait_until, write_config
-from procmqtt import topics
+from procmqtt import Worker, topics
 from procmqtt.testing import WorkerHarness
 
 APP = "tests/apps_publish.py:Publishers"
@@ -91,3 +91,123 @@ def frozen(broker) -> Iterator[None]:
         yield
     finally:
         broker.proc.send_signal(signal.SIGCONT)
+
+
+# --- QoS 0 is bounded, and confirmed only once in the kernel (issue 11, point 13) --------------
+
+
+def _agent_pid(run: Procmqtt) -> int:
+    return run.pids("agent")[-1]
+
+
+def vm_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1))
+
+
+def _kernel_queued(pid: int, broker_port: int) -> int:
+    """Bytes the kernel holds between the agent and the broker: the agent's send queue plus the
+    broker's receive queue (/proc/net/tcp, IPv4 loopback)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    rows = [line.split() for line in open("/proc/net/tcp").read().splitlines()[1:]]
+    port = f"{broker_port:04X}"
+    agent = next(r for r in rows if r[9] in inodes and r[2].endswith(":" + port))
+    peer = next(r for r in rows if r[1] == agent[2] and r[2] == agent[1])
+    return int(agent[4].split(":")[0], 16) + int(peer[4].split(":")[1], 16)
+
+
+@pytest.mark.timeout(60)
+def test_qos0_publishes_to_a_frozen_broker_hit_the_publish_buffer_and_memory_stays_bounded(tmp_path, broker, runs):
+    """Before: every QoS 0 publish was confirmed once appended to the agent's unbounded buffer; the
+    worker never blocked and the agent grew by every byte (here 1,000 x 64 KiB)."""
+    size = 64 * 1024
+    run = _run(runs, tmp_path, broker, topics={"qos0/#": 0}, workers=1, app={"delay": 1.0, "most": 1000},
+               mqtt="publish_buffer = 100\npublish_timeout = 1")
+    agent = _agent_pid(run)
+    before = vm_rss_kb(agent)
+    publish_all(publisher(broker), [(f"qos0/{size}", b"")], qos=0)
+    run.wait_for_log(r"handling qos0/", 10)
+    with frozen(broker):
+        run.wait_for_log(r"qos0: (buffer full|all \d+ published)", 30)
+        grown_mb = (vm_rss_kb(agent) - before) / 1024
+        in_kernel = _kernel_queued(agent, broker.port)
+    found = re.search(r"qos0: buffer full after (\d+) publishes, (\d+) confirmed", run.log())
+    assert found, run.log()[-2000:]
+    published, confirmed = int(found[1]), int(found[2])
+    assert published - confirmed == 100  # the publish_buffer: unconfirmed QoS 0 count
+    # confirmed means in the kernel: never more than the sockets hold (one packet's slack)
+    assert confirmed * size <= in_kernel + size, (confirmed, in_kernel)
+    assert grown_mb < 30, f"the agent grew by {grown_mb:.0f} MB"
+    assert run.stop() == 0
+
+
+# --- what the agent cannot send fails that publish, never the agent (point 8) ------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_publish_the_agent_cannot_send_fails_it_and_the_agent_goes_on(tmp_path, broker, runs):
+    """Before: paho's ValueError (a wildcard in the topic, past the worker's check) crashed the
+    agent, and the broker sent the trigger again to the next one."""
+    after = Subscriber(broker, "ok/#")
+    run = _run(runs, tmp_path, broker, topics={"wildcard": 1}, workers=1)
+    agent = _agent_pid(run)
+    publish_all(publisher(broker), [("wildcard", b"")])
+    run.wait_for_log(r"wildcard: then an ordinary publish confirmed True", 20)
+    assert re.search(r"wildcard: confirmed False, error 3\b", run.log())  # MQTT_ERR_INVAL
+    assert "publish to 'bad/+/topic' failed: a topic to publish to must not contain wildcards" in run.log()
+    wait_until(lambda: after.payloads() == [b"fine"], 10, "the ordinary publish")
+    assert run.pids("agent") == {-1: agent} and run.log().count("handling wildcard") == 1
+    after.close()
+    assert run.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_letter_that_cannot_be_published_is_dropped_and_max_attempts_holds(tmp_path, broker, runs):
+    """dead_letter_topic + '/' + the topic is over 65,535 bytes. Before: the agent crashed at every
+    dead-lettering, the message came back, attempts were never counted (a crash loop)."""
+    dead = "d" * (topics.MAX_TOPIC_BYTES - 2)
+    run, rec = start(runs, tmp_path, broker, topics={"boom": 1, "load/#": 1}, workers=1,
+                     workers_toml=f'on_error = "retry"\nmax_attempts = 2\ndead_letter_topic = "{dead}"')
+    agent = run.pids("agent")
+    pub = publisher(broker)
+    publish_all(pub, [("boom", b"bad")])
+    run.wait_for_log(r"dropping the message on 'boom': on_message raised \(2 attempts\); its dead letter "
+                     r"cannot be published \(a topic must be at most 65535 bytes\)", 20)
+    publish_all(pub, [("load/1", b"after")])  # handled after the drop: nothing of boom comes back
+    wait_until(lambda: any(r["topic"] == "load/1" for r in records(rec)), 10, "the next message")
+    assert [r["topic"] for r in records(rec, "received")] == ["boom", "boom", "load/1"]
+    assert run.pids("agent") == agent
+    assert run.stop() == 0
+    assert ", 1 dropped" in run.log()
+
+
+# --- the worker refuses what MQTT cannot carry -------------------------------------------------
+
+
+def test_packet_problem_names_the_limit():
+    limit = topics.MAX_REMAINING_LENGTH
+    assert topics.packet_problem("t", limit - 3, 0) is None  # 2 + 1 + payload: exactly the maximum
+    assert "over MQTT's maximum packet size of 268,435,455" in topics.packet_problem("t", limit - 2, 0)
+    assert topics.packet_problem("t", limit - 5, 1) is None and topics.packet_problem("t", limit - 4, 1)
+    assert topics.packet_problem("t", limit - 8, 0, 0) is None  # MQTT 5: property length, at most 4 bytes
+    assert topics.packet_problem("t" * 65_536, 0, 0) == "a topic must be at most 65535 bytes"
+
+
+def test_worker_publish_refuses_a_payload_over_the_packet_size(monkeypatch):
+    monkeypatch.setattr(topics, "MAX_REMAINING_LENGTH", 1000)  # not 256 MiB of test memory
+    with WorkerHarness(_Publishes) as h:
+        with pytest.raises(ValueError, match=r"^publish to 'out': the payload of 997 bytes is too large: .* "
+                                             r"takes 1,004 bytes, over MQTT's maximum packet size of 1,000$"):
+            h.worker.publish("out", b"x" * 997, qos=1)
+        h.worker.publish("out", b"x" * 993, qos=1)  # 2 + 3 + 2 + 993: exactly the maximum
+        assert len(h.published) == 1
+
+
+class _Publishes(Worker):
+    def on_message(self, message) -> None:
+        pass
