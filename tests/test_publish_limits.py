@@ -12,8 +12,17 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import pytest
+from harness import (
+    Procmqtt,
+    Subscriber,
+    publish_all,
+    publisher,
+    records,
+    start,
+    wait_until,
+    write_config,
+)
 
-from harness import Procmqtt, Subscriber, publish_all, publisher, records, start, wait_until, write_config
 from procmqtt import Worker, topics
 from procmqtt.testing import WorkerHarness
 
@@ -114,7 +123,8 @@ def _kernel_queued(pid: int, broker_port: int) -> int:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
             if target.startswith("socket:["):
                 inodes.add(target[8:-1])
-    rows = [line.split() for line in open("/proc/net/tcp").read().splitlines()[1:]]
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.read().splitlines()[1:]]
     port = f"{broker_port:04X}"
     agent = next(r for r in rows if r[9] in inodes and r[2].endswith(":" + port))
     peer = next(r for r in rows if r[1] == agent[2] and r[2] == agent[1])
