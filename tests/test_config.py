@@ -205,12 +205,12 @@ def test_broker_feature_mistakes(tmp_path, toml, expected):
 
 
 @pytest.mark.timeout(10)
-def test_max_inflight_defaults_by_protocol_and_reaches_paho():
+def test_max_inflight_defaults_by_protocol_and_paho_leaves_it_to_the_agent():
     from procmqtt.connection import make_client
     assert config.from_mapping({"mqtt": {}}).mqtt.inflight() == 1000
     assert config.from_mapping({"mqtt": {"protocol": "5"}}).mqtt.inflight() == 20
     mqtt = config.from_mapping({"mqtt": {"protocol": "5", "max_inflight": 7}}).mqtt
     assert mqtt.inflight() == 7
-    assert make_client(mqtt, "c", 16).max_inflight_messages == 7
+    assert make_client(mqtt, "c", 16).max_inflight_messages == 0  # applied by the agent: test_publish_limits.py
     with pytest.raises(ConfigError, match=r"\[mqtt\] max_inflight: expected an integer from 1 to 65535, got 0"):
         config.from_mapping({"mqtt": {"max_inflight": 0}})

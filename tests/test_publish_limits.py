@@ -5,12 +5,14 @@ worker's own size checks (procmqtt/outbox.py, procmqtt/brokersocket.py)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import signal
 from collections import defaultdict
 from collections.abc import Iterator
 
+import paho.mqtt.client as mqtt
 import pytest
 from harness import (
     Procmqtt,
@@ -24,6 +26,7 @@ from harness import (
 )
 
 from procmqtt import Worker, topics
+from procmqtt.outbox import Outbox, Outgoing
 from procmqtt.testing import WorkerHarness
 
 APP = "tests/apps_publish.py:Publishers"
@@ -221,3 +224,47 @@ def test_worker_publish_refuses_a_payload_over_the_packet_size(monkeypatch):
 class _Publishes(Worker):
     def on_message(self, message) -> None:
         pass
+
+
+class _FakePaho:
+    """paho's publish as the outbox sees it: every call takes the next message id."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int]] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool, properties: object) -> mqtt.MQTTMessageInfo:
+        self.sent.append((topic, qos))
+        info = mqtt.MQTTMessageInfo(len(self.sent))
+        info.rc = mqtt.MQTT_ERR_SUCCESS
+        return info
+
+
+def test_the_outbox_hands_paho_max_inflight_qos1_publishes_in_order_and_the_rest_as_they_are_confirmed():
+    answers: list[tuple[str, int]] = []
+    box = Outbox(lambda e, error: answers.append((e.topic, error)), logging.getLogger("test"), v5=False,
+                 inflight=2, window=3)
+    paho = _FakePaho()
+    for topic, qos in [("a", 1), ("b", 1), ("c", 1), ("d", 0), ("e", 1)]:
+        box.add(Outgoing(topic, b"", qos, False, slot=0, generation=1, request_id=ord(topic)))
+    box.feed(paho)
+    assert paho.sent == [("a", 1), ("b", 1)]  # max_inflight: c waits, and d behind it (in order)
+    assert sorted(box.in_flight(0, 1, ord("e"))) == list(map(ord, "abcde"))
+    box.confirmed(1, 0, None)
+    box.feed(paho)
+    assert paho.sent == [("a", 1), ("b", 1), ("c", 1), ("d", 0)]  # window 3: e waits for a slot
+    box.confirmed(4, 0, None)  # QoS 0 written by paho's own socket: answered at once
+    box.feed(paho)
+    assert len(paho.sent) == 4  # e waits: b and c, 2 QoS 1 publishes, are in paho
+    box.confirmed(2, 135, None)  # refused by the broker
+    box.feed(paho)
+    assert paho.sent[-1] == ("e", 1)
+    assert answers == [("a", 0), ("d", 0), ("b", 135)] and len(box) == 2
+
+
+def test_a_publish_paho_cannot_encode_fails_alone():
+    answers: list[tuple[str, int]] = []
+    box = Outbox(lambda e, error: answers.append((e.topic, error)), logging.getLogger("test"), v5=False, inflight=9)
+    box.add(Outgoing("bad/#", b"", 1, False))
+    box.add(Outgoing("t", b"", 1, False))
+    box.feed(_FakePaho())
+    assert answers == [("bad/#", mqtt.MQTT_ERR_INVAL)] and list(box.paho) == [1]
