@@ -783,6 +783,7 @@ class Agent:
         if error >= 128:
             self.log.warning("the broker refused the publish to %r: %s", entry.topic, describe_error(error))
         self._reply(entry.slot, entry.generation, entry.request_id, error)
+
     def _expect_reply(self, record: channel.Publish) -> str:
         """A worker's request: subscribe to the replies before the request leaves (the broker handles
         our packets in order), and read the broker eagerly until the request expires."""
