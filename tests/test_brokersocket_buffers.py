@@ -243,3 +243,13 @@ def _decodable(packet: bytes) -> bool:
 
 def test_the_length_helper_matches_the_spec():
     assert _length(127) == b"\x7f" and _length(128) == b"\x80\x01" and _length(268_435_455) == b"\xff\xff\xff\x7f"
+
+
+@pytest.mark.timeout(10)
+def test_tcp_sockets_send_without_nagle():
+    """The agent writes once per pass already; with Nagle a publish waited for the broker's delayed
+    ACK of the previous write (a handler echoing 300 messages one by one took 14.5 s, now 2 s:
+    tests/test_policies.py::test_handlers_waiting_on_publishes_are_not_stalled_by_backpressure)."""
+    with socket.socket() as sock:
+        BrokerSocket(sock)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
