@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import tracemalloc
 
 import paho.mqtt.client as mqtt
 import pytest
+from harness import Mosquitto, publish_all, publisher, records, start, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_brokersocket import (
@@ -253,3 +255,25 @@ def test_tcp_sockets_send_without_nagle():
     with socket.socket() as sock:
         BrokerSocket(sock)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+@pytest.mark.timeout(60)
+def test_the_agent_gives_back_the_memory_of_a_large_message(tmp_path, runs):
+    """Before: 127 MB kept after one 100 MB message (the read buffer never shrank)."""
+    broker = Mosquitto(tmp_path / "broker", extra=("message_size_limit 0",))
+    broker.start()
+    try:
+        run, rec = start(runs, tmp_path, broker, topics={"big/#": 1}, workers=1)
+        agent = run.pids("agent")[-1]
+        before = _rss_mb(agent)
+        publish_all(publisher(broker), [("big/1", b"x" * 40_000_000)])
+        wait_until(lambda: records(rec), 30, "the large message handled")
+        wait_until(lambda: _rss_mb(agent) < before + 15, 5, "the agent's memory back near where it was")
+        assert run.stop() == 0
+    finally:
+        broker.stop()
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read())[1]) / 1024
