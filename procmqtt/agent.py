@@ -319,12 +319,13 @@ class Agent:
     def _write_broker(self) -> None:
         """Queued publishes to paho (``outbox``), paho's queued packets, then one ``send`` for all of
         them (``brokersocket``); QoS 0 publishes the kernel took are answered."""
-        self.publishes.feed(self.client)
-        if self.client.socket() is None:
-            return
         stream = self.stream if self.stream is not None and self.client.socket() is self.stream else None
         if stream is not None and stream.out:
             stream.flush()  # room in the bounded write buffer for what paho holds
+        if stream is None or not stream.full():  # else they wait in the outbox, not in paho's queue too
+            self.publishes.feed(self.client)
+        if self.client.socket() is None:
+            return
         if self.client.want_write():
             self.client.loop_write()
         if stream is not None:

@@ -97,7 +97,7 @@ class BrokerSocket:
     def send(self, data: bytes | bytearray) -> int:
         if isinstance(self.error, OSError):
             raise self.error  # paho's "connection lost"
-        if len(self.out) >= WRITE_LIMIT:
+        if self.full():
             raise BlockingIOError  # paho keeps the packet queued and tries again next pass
         self.out += data
         self.written += len(data)
@@ -127,6 +127,10 @@ class BrokerSocket:
             del self.out[:sent]
             self.sent += sent
         return True
+
+    def full(self) -> bool:
+        """paho's next ``send`` would block: the broker is not reading fast enough."""
+        return len(self.out) >= WRITE_LIMIT
 
     def fill(self, max_bytes: int) -> None:
         """Read what the socket holds, up to ``max_bytes`` unread (more if the packet at the head
