@@ -38,7 +38,9 @@ from .config import Config
 from .connection import ConnState
 from .dispatch import DISPATCHERS
 from .errors import ExitCode
+from .link import describe_error
 from .message import EMPTY, Properties
+from .outbox import Outbox, Outgoing
 from .shared import SharedState
 from .signals import SignalQueue
 
@@ -128,11 +130,10 @@ class Agent:
         self.pending: deque[_Delivery] = deque()  # received, not yet given to a worker
         self.deliveries: dict[int, _Delivery] = {}  # given to a worker, not yet done
         self.delivery_ids = itertools.count(random.getrandbits(48))
-        # mid -> (info, slot, generation, request id, qos, topic) of publishes not yet confirmed
-        self.publishes: dict[int, tuple[mqtt.MQTTMessageInfo, int, int, int, int, str]] = {}
+        self.publishes = Outbox(self._published, self.log, v5=config.mqtt.protocol == "5",  # not yet answered
+                                inflight=config.mqtt.inflight())
         self.subscribe_requests: dict[int, list[str]] = {}
         self.unsubscribe_on_connect: set[str] = set()  # removed offline; a persistent session may hold them
-        self.dead_letters: dict[int, _Delivery] = {}  # mid of the dead-letter publish -> original
         self.early_ready: set[tuple[int, int]] = set()  # (slot, generation) ready before its WorkerUp
         # Answers to publishes a worker made (in on_start, say) before its WorkerUp arrived; a
         # generation is newer than any this agent has known in that slot (else it is gone).
@@ -363,13 +364,20 @@ class Agent:
         return self.client.want_write() or (self.stream is not None and bool(self.stream.out))
 
     def _write_broker(self) -> None:
-        """paho's queued packets, then one ``send`` for all of them (``brokersocket``)."""
+        """Queued publishes to paho (``outbox``), paho's queued packets, then one ``send`` for all of
+        them (``brokersocket``); QoS 0 publishes the kernel took are answered."""
+        stream = self.stream if self.stream is not None and self.client.socket() is self.stream else None
+        if stream is not None and stream.out:
+            stream.flush()  # room in the bounded write buffer for what paho holds
+        if stream is None or not stream.full():  # else they wait in the outbox, not in paho's queue too
+            self.publishes.feed(self.client)
         if self.client.socket() is None:
             return
         if self.client.want_write():
             self.client.loop_write()
-        if self.stream is not None and self.client.socket() is self.stream:
-            self.stream.flush()
+        if stream is not None:
+            stream.flush()
+            self.publishes.sent(stream)
 
     def _tick(self, now: float) -> None:
         """Once a second: paho keepalive, CONNACK timeout, publish bookkeeping, orphan check, gauges."""
@@ -687,18 +695,22 @@ class Agent:
                            "messages", d.topic, reason)
             self._ack(d)
             return
-        self.metrics.dead_lettered += 1
         target = f"{topic}/{d.topic}"
-        self.log.error("dead-lettering the message on %r to %r: %s", d.topic, target, reason)
         properties = None
         if self.config.mqtt.protocol == "5":
             properties = PahoProperties(PacketTypes.PUBLISH)
             properties.UserProperty = [("procmqtt-reason", reason), ("procmqtt-topic", d.topic)]
-        info = self.client.publish(target, d.payload, 1, False, properties)
-        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS and info.is_published():
+        entry = Outgoing(target, d.payload, 1, False, properties, dead_letter=d)
+        problem = self.publishes.problem(entry)
+        if problem:  # a topic too long with the original appended, say: drop it, and say so
+            self.metrics.dropped += 1
+            self.log.error("dropping the message on %r: %s; its dead letter cannot be published (%s)",
+                           d.topic[:200], reason, problem)
             self._ack(d)
-        else:  # the original is acknowledged once the broker has the dead letter
-            self.dead_letters[info.mid] = d
+            return
+        self.metrics.dead_lettered += 1
+        self.log.error("dead-lettering the message on %r to %r: %s", d.topic, target, reason)
+        self.publishes.add(entry)  # the original is acknowledged once the broker has the dead letter
 
     # --- workers -------------------------------------------------------------------------------
 
@@ -802,7 +814,7 @@ class Agent:
         (handlers may be waiting on them; ``_read_broker`` then takes one packet per pass) and now
         and then for PINGRESP."""
         return (len(self.pending) < self.backlog_limit
-                or bool(self.publishes or self.dead_letters or self.subscribe_requests)
+                or bool(self.publishes or self.subscribe_requests)
                 or now < self.replies_until  # a handler waits for a reply, maybe behind the flood
                 or now - self.last_broker_read > self.config.mqtt.keepalive / 4)
 
@@ -877,24 +889,32 @@ class Agent:
             self._sync_worker(record)
 
     def _publish(self, record: channel.Publish) -> None:
-        properties = None
+        """Queue a worker's publish; the end of the pass hands it to paho (``outbox``)."""
+        entry = Outgoing(record.topic, record.payload, record.qos, record.retain, None, record.slot,
+                         record.generation, record.request_id)
         if record.properties is not None:
-            response_topic = None
-            if record.request:
-                response_topic = self._expect_reply(record)
-            properties = mqtt5.to_paho(record.properties, response_topic)
-        info = self.client.publish(record.topic, record.payload, record.qos, record.retain, properties)
-        ok = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
-        # Without a connection paho keeps QoS 1/2 messages and sends them after the reconnect.
-        kept = record.qos > 0 and info.rc in (MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST)
-        if ok and info.is_published():
-            self._reply(record.slot, record.generation, record.request_id, 0)
-        elif ok or kept:  # waiting for the socket (QoS 0) or the broker's acknowledgement
-            self.publishes[info.mid] = (info, record.slot, record.generation, record.request_id, record.qos,
-                                        record.topic)
-        else:
-            self.log.warning("publish to %r failed: %s", record.topic, mqtt.error_string(info.rc))
-            self._reply(record.slot, record.generation, record.request_id, info.rc)
+            try:
+                response_topic = self._expect_reply(record) if record.request else None
+                entry.properties = mqtt5.to_paho(record.properties, response_topic)
+            except Exception as exc:  # noqa: BLE001 - a record paho cannot take fails its publish, never the agent
+                self.log.warning("publish to %r failed: its properties: %s", record.topic[:200], exc)
+                self._reply(record.slot, record.generation, record.request_id, MQTTErrorCode.MQTT_ERR_INVAL)
+                return
+        self.publishes.add(entry)
+
+    def _published(self, entry: Outgoing, error: int) -> None:
+        """A publish is answered (``outbox``): the worker hears, or a dead letter's original is acknowledged."""
+        d = entry.dead_letter
+        if d is not None:
+            if error:
+                self.metrics.dropped += 1
+                self.log.error("the dead letter of the message on %r could not be published to %r (%s); "
+                               "dropping the message", d.topic, entry.topic[:200], describe_error(error))
+            self._ack(d)
+            return
+        if error >= 128:
+            self.log.warning("the broker refused the publish to %r: %s", entry.topic, describe_error(error))
+        self._reply(entry.slot, entry.generation, entry.request_id, error)
 
     def _expect_reply(self, record: channel.Publish) -> str:
         """A worker's request: subscribe to the replies before the request leaves (the broker handles
@@ -909,24 +929,12 @@ class Agent:
         return f"{self.reply_prefix}{record.slot}"
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
-        dead = self.dead_letters.pop(mid, None)
-        if dead is not None:
-            self._ack(dead)
-            return
-        entry = self.publishes.pop(mid, None)
-        if entry is not None:
-            _, slot, generation, request_id, _, topic = entry
-            if reason.is_failure:
-                self.log.warning("the broker refused the publish to %r: %s (reason code %d)", topic, reason,
-                                 reason.value)
-            self._reply(slot, generation, request_id, reason.value if reason.is_failure else 0)
+        self.publishes.confirmed(mid, reason.value if reason.is_failure else 0, self.stream)
 
     def _fail_lost_publishes(self) -> None:
-        """paho drops unsent QoS 0 publishes on reconnect; tell their workers."""
-        for mid, (info, slot, generation, request_id, qos, _) in list(self.publishes.items()):
-            if qos == 0 and info.rc == MQTTErrorCode.MQTT_ERR_CONN_LOST:
-                del self.publishes[mid]
-                self._reply(slot, generation, request_id, info.rc)
+        """paho drops unsent QoS 0 publishes on reconnect, and the old socket's unsent bytes are
+        gone; tell their workers."""
+        self.publishes.fail_lost(self.stream)
 
     def _reply(self, slot: int, generation: int, request_id: int, error: int) -> None:
         self.metrics.published(error)  # every worker publish ends here once
@@ -943,9 +951,7 @@ class Agent:
         worker = self.workers.get(record.slot)
         if worker is None or worker.generation != record.generation:
             return
-        in_flight = tuple(request_id for _, slot, generation, request_id, _, _ in self.publishes.values()
-                          if slot == record.slot and generation == record.generation
-                          and request_id <= record.last_request_id)
+        in_flight = self.publishes.in_flight(record.slot, record.generation, record.last_request_id)
         self._write(worker, channel.SyncAck(record.last_request_id, in_flight))
 
     # --- subscriptions survive agent restarts ------------------------------------------------

@@ -14,7 +14,13 @@ paho's socket:
   between packets when the agent decodes, and the two never interleave.
 - Writing: paho's ``send`` appends to a buffer that :meth:`BrokerSocket.flush` writes in one call
   at the end of the agent's pass (and ``close`` before the socket goes). Acknowledgements still come
-  from paho (``client.ack``), so its packet queue stays the only source of outgoing bytes.
+  from paho (``client.ack``), so its packet queue stays the only source of outgoing bytes. The
+  buffer is bounded: past ``WRITE_LIMIT`` bytes ``send`` says "would block", so a broker that stops
+  reading leaves paho's packets in paho's queue and the agent's publishes unconfirmed (``outbox``).
+  ``written`` and ``sent`` count the bytes taken from paho and handed to the kernel, so the agent
+  confirms a QoS 0 publish only once its bytes are in the kernel.
+- The read buffer grows for a packet larger than it and shrinks back to ``BUFFER_SIZE`` once that
+  packet is consumed, so one large message does not pin its size in the agent.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ from . import poller
 
 READ_SIZE = 256 * 1024
 """Bytes asked of the kernel per ``recv``."""
+BUFFER_SIZE = 4 * READ_SIZE
+"""The read buffer's normal size, kept while packets fit in it."""
+WRITE_LIMIT = 1024 * 1024
+"""Bytes paho may leave unsent in the write buffer; past it ``send`` would block (plus the one
+packet that crossed it, taken whole: paho copies the rest of a packet at every partial send)."""
 
 PUBLISH = 0x30
 
@@ -44,19 +55,25 @@ class BrokerSocket:
     free space at the back runs short.
     """
 
-    __slots__ = ("buf", "end", "error", "limit", "out", "plain", "pos", "sock")
+    __slots__ = ("buf", "end", "error", "limit", "out", "plain", "pos", "sent", "sock", "written")
 
     def __init__(self, sock: Any) -> None:
         self.sock = sock  # a socket, an SSL socket, or paho's websocket wrapper
-        self.buf = bytearray(4 * READ_SIZE)
+        self.buf = bytearray(BUFFER_SIZE)
         self.pos = 0  # first byte not yet consumed
         self.end = 0  # end of the bytes read
         self.limit = 0  # paho may read up to here: the end of the packet released to it
         self.error: OSError | EOFError | None = None  # end of stream or a socket error, after the buffer
         self.out = bytearray()  # what paho wrote, not yet sent
+        self.written = 0  # bytes paho has written into ``out``, ever
+        self.sent = 0  # bytes of those the kernel has taken
         # A plain socket's short read means the kernel had no more; TLS and websockets hand out one
         # record or frame per call, so for them only "would block" says so.
         self.plain = isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Writes are already batched, one per pass: Nagle would only hold a publish behind the
+            # broker's delayed ACK of the previous write (40 ms per confirmed publish on Linux).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def __getattr__(self, name: str) -> Any:  # fileno, setblocking, pending, ...
         return getattr(self.sock, name)
@@ -69,6 +86,8 @@ class BrokerSocket:
             with memoryview(self.buf) as view, view[self.pos:end] as part:
                 data = bytes(part)
             self.pos = end
+            if end == self.limit:
+                self._shrink()
             return data
         if self.error is not None and self.pos >= self.end:
             if isinstance(self.error, EOFError):
@@ -79,7 +98,10 @@ class BrokerSocket:
     def send(self, data: bytes | bytearray) -> int:
         if isinstance(self.error, OSError):
             raise self.error  # paho's "connection lost"
+        if self.full():
+            raise BlockingIOError  # paho keeps the packet queued and tries again next pass
         self.out += data
+        self.written += len(data)
         return len(data)
 
     def close(self) -> None:
@@ -107,13 +129,19 @@ class BrokerSocket:
                     self.error = exc
                 return True
             del self.out[:sent]
+            self.sent += sent
         return True
+
+    def full(self) -> bool:
+        """paho's next ``send`` would block: the broker is not reading fast enough."""
+        return len(self.out) >= WRITE_LIMIT
 
     def fill(self, max_bytes: int) -> None:
         """Read what the socket holds, up to ``max_bytes`` unread (more if the packet at the head
         is larger); never blocks."""
         if self.pos == self.end:
             self.pos = self.end = self.limit = 0
+            self._shrink()
         while self.error is None and self.end - self.pos < max(max_bytes, self._head()[0] - self.pos):
             if len(self.buf) - self.end < READ_SIZE:
                 self._make_room()
@@ -139,14 +167,30 @@ class BrokerSocket:
 
     def _make_room(self) -> None:
         """Move the unread bytes to the front; grow for a packet larger than the buffer."""
-        unread = self.end - self.pos
-        if self.pos:
-            self.buf[:unread] = self.buf[self.pos:self.end]
-            self.limit -= self.pos
-            self.pos, self.end = 0, unread
-        need = max(self._head()[0], unread) + READ_SIZE
+        need = max(self._head()[0] - self.pos, self.end - self.pos) + READ_SIZE
         if need > len(self.buf):
-            self.buf.extend(bytes(need - len(self.buf)))
+            self._move(need)
+        elif self.pos:
+            self._move(len(self.buf))
+
+    def _shrink(self) -> None:
+        """Back to ``BUFFER_SIZE`` once the large packet that grew the buffer is consumed."""
+        if len(self.buf) > BUFFER_SIZE and max(self._head()[0], self.end) - self.pos + READ_SIZE <= BUFFER_SIZE:
+            self._move(BUFFER_SIZE)
+
+    def _move(self, size: int) -> None:
+        """The unread bytes to the front of a buffer of ``size`` bytes: one copy of them only. A new
+        buffer's untouched pages take no memory, so growing never copies or zeroes more."""
+        unread = self.end - self.pos
+        if size == len(self.buf):
+            self.buf[:unread] = self.buf[self.pos:self.end]
+        else:
+            buf = bytearray(size)
+            with memoryview(self.buf) as view:
+                buf[:unread] = view[self.pos:self.end]
+            self.buf = buf
+        self.limit = max(0, self.limit - self.pos)
+        self.pos, self.end = 0, unread
 
     def waiting(self) -> bool:
         """Something to act on that ``select`` on the socket would not announce: a whole packet in
@@ -222,6 +266,8 @@ class BrokerSocket:
                 out.append((topic, bytes(view[start:end]), qos, mid, bool(header & 1), bool(header & 8)))
                 pos = end
         self.pos = self.limit = pos
+        if out:
+            self._shrink()
         return out
 
 

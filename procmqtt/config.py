@@ -57,7 +57,7 @@ DEFAULT_MAX_INFLIGHT_V5 = 20  # MQTT 5 brokers announce a Receive Maximum (Mosqu
 DEFAULT_METRICS_HOST = "127.0.0.1"  # loopback: the numbers are for this host unless asked otherwise
 
 ON_ERROR = ("ack", "retry")
-MAX_PUBLISH_BUFFER = 60_000  # paho's message ids are 16-bit: workers x publish_buffer stays below 65,535
+MAX_PUBLISH_BUFFER = 60_000  # per worker: what the agent may hold for each (outbox.py), not paho's ids
 
 PROTOCOLS = ("3.1.1", "5")
 
@@ -545,7 +545,7 @@ def load(path: str | None = None) -> Config:
 
 
 def with_overrides(config: Config, *, workers: int | None = None, broker: str | None = None) -> Config:
-    """Apply command-line flags, which win over the file, then check limits that span sections."""
+    """Apply command-line flags, which win over the file."""
     origins = dict(config.origins)
     if workers is not None:
         expected = _WORKERS_KEYS["count"](workers)
@@ -558,11 +558,6 @@ def with_overrides(config: Config, *, workers: int | None = None, broker: str | 
         origins.update({f"mqtt.{key}": "--broker" for key in ("host", "port", "username")
                         if getattr(mqtt, key) != getattr(config.mqtt, key)})
         config = replace(config, mqtt=mqtt)
-    total = config.workers.count * config.mqtt.publish_buffer
-    if total > MAX_PUBLISH_BUFFER:
-        raise ConfigError(f"{config.source}: [mqtt] publish_buffer ({config.mqtt.publish_buffer}) x worker count "
-                          f"({config.workers.count}) = {total} unconfirmed publishes, more than paho can number "
-                          f"(at most {MAX_PUBLISH_BUFFER}); lower publish_buffer")
     return replace(config, origins=types.MappingProxyType(origins))
 
 

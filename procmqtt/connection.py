@@ -57,7 +57,9 @@ def make_client(m: MqttConfig, client_id: str, receive_maximum: int) -> mqtt.Cli
         client.ws_set_options(path=m.ws_path)
     if m.username is not None:
         client.username_pw_set(m.username, m.password.value if m.password else None)
-    client.max_inflight_messages_set(m.inflight())
+    # max_inflight is applied by the agent's outbox, which hands paho no more QoS 1/2 publishes than
+    # that: paho's own limit rescans its whole queue at every PUBACK (seconds per 10,000 held).
+    client.max_inflight_messages_set(0)
     client.connect_timeout = m.connect_timeout  # TCP connect and TLS handshake (paho blocks in them)
     if m.tls is not None:
         client.tls_set(ca_certs=m.tls.ca_certs, certfile=m.tls.certfile, keyfile=m.tls.keyfile,

@@ -97,8 +97,8 @@ class _Answer:
 class PublishHandle(_Answer):
     """What ``Worker.publish`` returns: ``wait()`` tells whether the publish reached the broker.
 
-    ``wait()`` is True once the agent handed the message to the broker (QoS 0) or the broker
-    acknowledged it (QoS 1/2). In an async handler, ``await handle`` (or ``await
+    ``wait()`` is True once the message's bytes are in the kernel's socket to the broker (QoS 0; not
+    merely in the agent's buffer) or the broker acknowledged it (QoS 1/2). In an async handler, ``await handle`` (or ``await
     handle.wait_async(timeout)``) gives the same answer without blocking the event loop.
     """
 

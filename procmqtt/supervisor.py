@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from . import channel, logs, poller, proctitle, reload
 from .agent import Agent
 from .backoff import Backoff
-from .config import MAX_PUBLISH_BUFFER, Config, default_client_id
+from .config import Config, default_client_id
 from .errors import ExitCode, ProcmqttError
 from .routes import with_route_subscriptions
 from .shared import MAX_SLOTS, SharedState
@@ -475,13 +475,11 @@ class Supervisor:
         slot leaves gracefully: the agent gives it nothing more, it finishes what it holds."""
         name = "SIGTTIN" if delta > 0 else "SIGTTOU"
         count = self.config.workers.count + delta
-        limit = min(MAX_SLOTS, MAX_PUBLISH_BUFFER // self.config.mqtt.publish_buffer)
         if count < 1:
             self.log.warning("SIGTTOU ignored: procmqtt keeps at least one worker")
             return
-        if count > limit:
-            self.log.warning("SIGTTIN ignored: at most %d workers with [mqtt] publish_buffer = %d",
-                             limit, self.config.mqtt.publish_buffer)
+        if count > MAX_SLOTS:
+            self.log.warning("SIGTTIN ignored: at most %d workers", MAX_SLOTS)
             return
         self.config = replace(self.config, workers=replace(self.config.workers, count=count))
         self.log.info("%s: %d worker(s)", name, count)

@@ -64,3 +64,25 @@ def unshared(topic_filter: str) -> str:
 def topic_matches(topic_filter: str, topic: str) -> bool:
     """True when ``topic`` matches ``topic_filter`` by MQTT's rules (``$share/<group>/`` ignored)."""
     return topic_matches_sub(unshared(topic_filter), topic)
+
+
+MAX_REMAINING_LENGTH = 268_435_455
+"""MQTT's largest packet after its fixed header: a PUBLISH's topic, packet id, properties and
+payload must fit in it (the "256 MiB" limit)."""
+
+
+def packet_problem(topic: str, payload_size: int, qos: int, properties_size: int | None = None) -> str | None:
+    """Why a PUBLISH of ``topic`` and a payload of ``payload_size`` bytes cannot be sent, or None.
+
+    ``properties_size``: the packed MQTT 5 properties (None on MQTT 3.1.1).
+    """
+    problem = topic_problem(topic)
+    if problem:
+        return problem
+    size = 2 + len(topic.encode()) + (2 if qos else 0) + payload_size
+    if properties_size is not None:
+        size += 4 + properties_size  # their length takes at most four bytes
+    if size > MAX_REMAINING_LENGTH:
+        return (f"the payload of {payload_size:,} bytes is too large: with the topic and headers the packet "
+                f"takes {size:,} bytes, over MQTT's maximum packet size of {MAX_REMAINING_LENGTH:,}")
+    return None

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from . import aioworker, channel, logs
+from . import aioworker, channel, logs, mqtt5
 from .config import Config
 from .errors import AppError, ExitCode
 from .link import (  # noqa: F401  (re-exported: procmqtt.worker.PublishHandle etc. stay importable)
@@ -35,7 +35,7 @@ from .message import EMPTY, Message, Outcome, Properties
 from .routes import Router, routes_of
 from .shared import SharedState
 from .signals import SignalQueue
-from .topics import filter_problem, topic_problem
+from .topics import MAX_TOPIC_BYTES, filter_problem, packet_problem, topic_problem
 
 
 class Worker:
@@ -90,6 +90,7 @@ class Worker:
         props = self._properties("publish", properties, fields)
         data = to_bytes(payload)
         _check_format("publish", props, data)
+        _check_size("publish", topic, data, qos, props, v5=self.config.mqtt.protocol == "5")
         return self._require_link().publish(topic, data, qos, bool(retain), props)
 
     def request(self, topic: str, payload: Payload = b"", timeout: float = 10.0, qos: int = 1, *,
@@ -149,6 +150,7 @@ class Worker:
                              message_expiry=props.message_expiry or math.ceil(timeout))
         data = to_bytes(payload)
         _check_format("request", props, data)
+        _check_size("request", topic, data, qos, props, v5=True, request=True)
         return self._require_link().request(topic, data, qos, props)
 
     def _properties(self, what: str, properties: Properties | None, fields: dict[str, Any]) -> Properties | None:
@@ -269,6 +271,19 @@ def _check_format(what: str, properties: Properties | None, payload: bytes) -> N
         except UnicodeDecodeError:
             raise ValueError(f"{what}: payload_format_indicator=1 declares a UTF-8 payload, but the payload "
                              "is not valid UTF-8") from None
+
+
+def _check_size(what: str, topic: str, payload: bytes, qos: int, properties: Properties | None, *,
+                v5: bool, request: bool = False) -> None:
+    """A packet over MQTT's maximum size fails here, in the handler that made it, not in the agent.
+    A request's response topic is set by the agent: the most it can take is counted."""
+    size = None
+    if v5:
+        size = len(mqtt5.to_paho(properties).pack()) if properties is not None else 0
+        size += 3 + MAX_TOPIC_BYTES if request else 0
+    problem = packet_problem(topic, len(payload), qos, size)
+    if problem:
+        raise ValueError(f"{what} to {topic[:100]!r}: {problem}")
 
 
 def _check_qos(qos: int) -> None:

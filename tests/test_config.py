@@ -158,11 +158,13 @@ def test_dispatchers():
     assert {rnd.choose([3, 5]) for _ in range(200)} == {3, 5}
 
 
-def test_publish_buffer_times_workers_is_bounded():
+def test_workers_are_not_capped_by_the_publish_buffer():
+    """-w 64 (and up to 1,024) with the default publish_buffer: the agent queues past paho's ids."""
+    assert config.with_overrides(config.from_mapping({}, "f.toml"), workers=64).workers.count == 64
     cfg = config.from_mapping({"mqtt": {"publish_buffer": 20_000}}, "f.toml")
-    assert config.with_overrides(cfg, workers=3).workers.count == 3
-    with pytest.raises(ConfigError, match=r"^f.toml: \[mqtt\] publish_buffer \(20000\) x worker count \(4\)"):
-        config.with_overrides(cfg, workers=4)
+    assert config.with_overrides(cfg, workers=1024).workers.count == 1024
+    with pytest.raises(ConfigError, match=r"^--workers: expected"):
+        config.with_overrides(cfg, workers=1025)
 
 
 @pytest.mark.parametrize("url, tls, transport, ws_path", [
@@ -209,13 +211,13 @@ def test_broker_feature_mistakes(tmp_path, toml, expected):
 
 
 @pytest.mark.timeout(10)
-def test_max_inflight_defaults_by_protocol_and_reaches_paho():
+def test_max_inflight_defaults_by_protocol_and_paho_leaves_it_to_the_agent():
     from procmqtt.connection import make_client
     assert config.from_mapping({"mqtt": {}}).mqtt.inflight() == 1000
     assert config.from_mapping({"mqtt": {"protocol": "5"}}).mqtt.inflight() == 20
     mqtt = config.from_mapping({"mqtt": {"protocol": "5", "max_inflight": 7}}).mqtt
     assert mqtt.inflight() == 7
-    assert make_client(mqtt, "c", 16).max_inflight_messages == 7
+    assert make_client(mqtt, "c", 16).max_inflight_messages == 0  # applied by the agent: test_publish_limits.py
     with pytest.raises(ConfigError, match=r"\[mqtt\] max_inflight: expected an integer from 1 to 65535, got 0"):
         config.from_mapping({"mqtt": {"max_inflight": 0}})
 

@@ -18,6 +18,7 @@ from procmqtt.config import Config, MetricsConfig, Secret, from_mapping
 from procmqtt.errors import AppError, ConfigError, ExitCode
 from procmqtt.pidfile import PidFile, is_supervisor_command
 from procmqtt.reload import Changes, adoptable, compare
+from procmqtt.shared import MAX_SLOTS
 from procmqtt.supervisor import Child, Supervisor
 from procmqtt.worker import Worker
 
@@ -324,12 +325,13 @@ def test_sigttou_retires_the_highest_slot_and_never_goes_below_one():
     assert sup.config.workers.count == 1 and len(sup.control) == 1
 
 
-def test_sigttin_stops_at_the_publish_buffer_limit():
-    sup = Supervisor(_App, "tests:App", config(mqtt={"publish_buffer": 30_000}, workers={"count": 1}))
+def test_sigttin_is_not_limited_by_the_publish_buffer_only_by_the_slots():
+    """The agent queues publishes past paho's 16-bit message ids (outbox.py): no cap on workers."""
+    sup = Supervisor(_App, "tests:App", config(mqtt={"publish_buffer": 30_000}, workers={"count": MAX_SLOTS - 1}))
     sup.scale(+1)
-    assert sup.config.workers.count == 2
-    sup.scale(+1)  # 3 x 30,000 unconfirmed publishes would overflow paho's 16-bit message ids
-    assert sup.config.workers.count == 2
+    assert sup.config.workers.count == MAX_SLOTS
+    sup.scale(+1)
+    assert sup.config.workers.count == MAX_SLOTS
 
 
 def test_adopt_sends_subscription_changes_then_retires_workers_and_keeps_the_agent():
