@@ -1,16 +1,28 @@
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from harness import MOSQUITTO, Mosquitto, Procmqtt
+
+from procmqtt.brokersocket import BrokerSocket
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if MOSQUITTO is None:
         raise pytest.UsageError("the mosquitto binary is required (apt-get install mosquitto mosquitto-clients)")
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, BrokerSocket]]:
+    """A socket pair: (the broker's end, the agent's end wrapped in a BrokerSocket), closed afterwards."""
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    yield a, BrokerSocket(b)
+    a.close()
+    b.close()
 
 
 @pytest.fixture

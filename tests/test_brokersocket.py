@@ -273,16 +273,6 @@ def test_nothing_is_released_before_a_packet_is_whole():
     b.close()
 
 
-@pytest.fixture
-def pair():
-    """(the broker's end, the agent's end wrapped), closed afterwards."""
-    a, b = socket.socketpair()
-    b.setblocking(False)
-    yield a, BrokerSocket(b)
-    a.close()
-    b.close()
-
-
 @pytest.mark.timeout(10)
 def test_what_paho_writes_goes_out_in_one_send_and_before_close(pair):
     a, buf = pair

@@ -29,16 +29,6 @@ from procmqtt.brokersocket import BUFFER_SIZE, WRITE_LIMIT, BrokerSocket
 from procmqtt.outbox import Outbox, Outgoing
 
 
-@pytest.fixture
-def pair():
-    """(the broker's end, the agent's end wrapped), closed afterwards."""
-    a, b = socket.socketpair()
-    b.setblocking(False)
-    yield a, BrokerSocket(b)
-    a.close()
-    b.close()
-
-
 def _send_in_background(sock: socket.socket, data: bytes) -> threading.Thread:
     thread = threading.Thread(target=sock.sendall, args=(data,), daemon=True)
     thread.start()
