@@ -1,8 +1,8 @@
 """The procmqtt peer: the same handler as the others, in a Worker."""
 
-from procmqtt import Message, Worker
-
 from common import handle
+
+from procmqtt import Message, Worker
 
 
 class Bench(Worker):

@@ -13,9 +13,8 @@ import signal
 import sys
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
 from common import handle
+from paho.mqtt.enums import CallbackAPIVersion
 
 
 def client(client_id: str) -> mqtt.Client:

@@ -3,10 +3,10 @@
 One agent process holds the MQTT connection; N worker processes run your ``Worker`` handlers.
 """
 
-from .errors import PublishBufferFull, RequestFailed
-from .message import Message, Outcome, Properties
-from .routes import Route, route
-from .worker import PublishHandle, Worker
+from procmqtt.errors import PublishBufferFull, RequestFailed
+from procmqtt.message import Message, Outcome, Properties
+from procmqtt.worker.base import PublishHandle, Worker
+from procmqtt.worker.routes import Route, route
 
 __version__ = "0.1.0"
 __all__ = ["Message", "Outcome", "Properties", "PublishBufferFull", "PublishHandle", "RequestFailed", "Route",

@@ -1,3 +1,3 @@
-from .cli import entry
+from procmqtt.cli.main import entry
 
 entry()

@@ -81,7 +81,7 @@ def to_file(path: str) -> None:
     """
     from logging.handlers import WatchedFileHandler
 
-    from .errors import ConfigError
+    from procmqtt.errors import ConfigError
 
     try:
         handler = WatchedFileHandler(path, encoding="utf-8")

@@ -7,7 +7,7 @@ import json as _json
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .topics import topic_problem
+from procmqtt.topics import topic_problem
 
 MAX_EXPIRY = 2**32 - 1
 _MAX_TEXT = 65535  # MQTT strings and binary data carry a 16-bit length

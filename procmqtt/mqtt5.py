@@ -14,7 +14,7 @@ from typing import Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 
-from .message import EMPTY, Properties
+from procmqtt.message import EMPTY, Properties
 
 REPLY_ROOT = "procmqtt/reply"
 """Replies to ``Worker.request`` come back on ``procmqtt/reply/<client id>/<worker slot>``."""

@@ -21,14 +21,14 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from . import channel
-from .aioworker import close_loop, maybe_await
-from .config import Config, from_mapping
-from .link import Payload, PublishHandle, _ReplyWaiter, to_bytes
-from .message import EMPTY, Message, Outcome, Properties
-from .routes import Route, routes_of
-from .topics import filter_problem, topic_matches, topic_problem
-from .worker import Worker, check_app, uses_asyncio
+from procmqtt.config import Config, from_mapping
+from procmqtt.ipc import channel
+from procmqtt.message import EMPTY, Message, Outcome, Properties
+from procmqtt.topics import filter_problem, topic_matches, topic_problem
+from procmqtt.worker.aio import close_loop, maybe_await
+from procmqtt.worker.base import Worker, check_app, uses_asyncio
+from procmqtt.worker.link import Payload, PublishHandle, _ReplyWaiter, to_bytes
+from procmqtt.worker.routes import Route, routes_of
 
 W = TypeVar("W", bound=Worker)
 

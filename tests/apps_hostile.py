@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from apps import Recorder
 
-from procmqtt import Message, channel
+from procmqtt import Message
+from procmqtt.ipc import channel
 
 
 class RawSubscriber(Recorder):

@@ -9,7 +9,7 @@ import time
 from procmqtt import Message, PublishBufferFull, Worker
 
 if os.environ.get("TEST_PAHO_WINDOW"):  # imported before the fork: the agent's outbox uses it
-    from procmqtt import outbox
+    from procmqtt.agent import outbox
     outbox.PAHO_WINDOW = int(os.environ["TEST_PAHO_WINDOW"])
 
 

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from apps import Recording
+
 from procmqtt import Message
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from harness import MOSQUITTO, Mosquitto, Procmqtt
 
-from procmqtt.brokersocket import BrokerSocket
+from procmqtt.agent.brokersocket import BrokerSocket
 
 
 def pytest_configure(config: pytest.Config) -> None:

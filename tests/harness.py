@@ -21,7 +21,7 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from procmqtt.embedded import find_mosquitto
+from procmqtt.dev.embedded import find_mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO = find_mosquitto()  # PATH, else /usr/sbin (Debian's place, not on a normal user's PATH)

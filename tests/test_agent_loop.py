@@ -9,7 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import ROOT, Procmqtt, publish_all, publisher, records, wait_until, write_config
+from harness import (
+    ROOT,
+    Procmqtt,
+    publish_all,
+    publisher,
+    records,
+    wait_until,
+    write_config,
+)
 
 
 class FdHogProcmqtt(Procmqtt):
@@ -91,7 +99,7 @@ def test_poller_wait_takes_descriptors_above_1023_and_reports_eof_and_closed():
     import os
     import socket
 
-    from procmqtt import poller
+    from procmqtt.ipc import poller
 
     a, b = socket.socketpair()
     high = socket.socket(fileno=os.dup2(a.fileno(), 1500))

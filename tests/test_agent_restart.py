@@ -15,11 +15,19 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import (
+    Mosquitto,
+    Procmqtt,
+    publish_all,
+    publisher,
+    wait_until,
+    write_config,
+)
 
-from harness import Mosquitto, Procmqtt, publish_all, publisher, wait_until, write_config
-from procmqtt import Properties, RequestFailed, channel
+from procmqtt import Properties, RequestFailed
 from procmqtt.config import from_mapping
-from procmqtt.link import AGENT_GONE, _AgentLink
+from procmqtt.ipc import channel
+from procmqtt.worker.link import AGENT_GONE, _AgentLink
 
 
 def _sent(agent_up: socket.socket) -> list[channel.Record]:
@@ -123,8 +131,8 @@ def test_await_publish_ends_when_the_agent_that_took_the_publish_is_killed(tmp_p
 def test_an_answer_for_a_worker_the_agent_does_not_know_yet_waits_for_its_worker_up(tmp_path):
     """A worker may publish (in on_start, say) before the supervisor's WorkerUp for it reaches the
     agent: the answer is kept for that worker, not dropped (its wait() would never end)."""
-    from procmqtt.agent import Agent
-    from procmqtt.shared import SharedState
+    from procmqtt.agent.loop import Agent
+    from procmqtt.ipc.shared import SharedState
 
     up_agent, up_other = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     agent = Agent(from_mapping({"mqtt": {}, "workers": {"count": 1}}), "c", up_agent, {}, str(tmp_path), os.getpid(),

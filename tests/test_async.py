@@ -17,14 +17,23 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from harness import (
+    Procmqtt,
+    Subscriber,
+    publish_all,
+    publisher,
+    records,
+    wait_until,
+    write_config,
+)
 
-from harness import Procmqtt, Subscriber, publish_all, publisher, records, wait_until, write_config
-from procmqtt import Message, Outcome, Worker, channel, route
+from procmqtt import Message, Outcome, Worker, route
 from procmqtt.config import Config, from_mapping
 from procmqtt.errors import ConfigError
-from procmqtt.shared import SharedState
+from procmqtt.ipc import channel
+from procmqtt.ipc.shared import SharedState
 from procmqtt.testing import WorkerHarness
-from procmqtt.worker import serve, uses_asyncio
+from procmqtt.worker.base import serve, uses_asyncio
 
 # --- configuration -----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The agent's bulk reader of the broker's stream (procmqtt/brokersocket.py).
+"""The agent's bulk reader of the broker's stream (procmqtt/agent/brokersocket.py).
 
 Unit tests feed byte streams through a socket pair, split at every size, to a reader that behaves
 like paho's (one packet with recv(1), recv(1)..., recv(n)); the integration tests run real paho and
@@ -17,10 +17,10 @@ from collections import Counter
 
 import paho.mqtt.client as mqtt
 import pytest
+from harness import publisher, records, start, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
-from harness import publisher, records, start, wait_until
-from procmqtt.brokersocket import BrokerSocket, wrap_socket
+from procmqtt.agent.brokersocket import BrokerSocket, wrap_socket
 
 
 def _length(n: int) -> bytes:

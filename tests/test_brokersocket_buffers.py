@@ -1,4 +1,4 @@
-"""The broker socket's buffers stay bounded (procmqtt/brokersocket.py, procmqtt/outbox.py), and its
+"""The broker socket's buffers stay bounded (procmqtt/agent/brokersocket.py, procmqtt/agent/outbox.py), and its
 packet framing survives any input (a hypothesis fuzz test, agreeing with paho's own decoder)."""
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from test_brokersocket import (
     publish_packet,
 )
 
-from procmqtt.brokersocket import BUFFER_SIZE, WRITE_LIMIT, BrokerSocket
-from procmqtt.outbox import Outbox, Outgoing
+from procmqtt.agent.brokersocket import BUFFER_SIZE, WRITE_LIMIT, BrokerSocket
+from procmqtt.agent.outbox import Outbox, Outgoing
 
 
 def _send_in_background(sock: socket.socket, data: bytes) -> threading.Thread:

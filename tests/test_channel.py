@@ -13,7 +13,7 @@ from collections import deque
 
 import pytest
 
-from procmqtt import channel
+from procmqtt.ipc import channel
 from procmqtt.message import EMPTY, Properties
 
 FULL = Properties(user_properties=(("a", "1"), ("ü", "ß"), ("a", "2"), ("", "")), content_type="application/json",

@@ -15,9 +15,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from harness import (Procmqtt, Subscriber, _alive, publish_all, publisher, records, start,
-                     wait_until, write_config)
+from harness import (
+    Procmqtt,
+    Subscriber,
+    _alive,
+    publish_all,
+    publisher,
+    records,
+    start,
+    wait_until,
+    write_config,
+)
 
 
 def tally(sent: list[str], record_dir: Path, label: str = "") -> tuple[int, int]:

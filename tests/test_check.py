@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 from harness import ROOT
 
-from procmqtt import check, cli, config, logs, routes
+from procmqtt import config, logs
+from procmqtt.cli import check
+from procmqtt.cli import main as cli
 from procmqtt.errors import AppError
-from procmqtt.routes import Route
+from procmqtt.worker import routes
+from procmqtt.worker.routes import Route
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -22,7 +22,8 @@ from harness import (
     write_config,
 )
 
-from procmqtt import logs, proctitle
+from procmqtt import logs
+from procmqtt.supervisor import proctitle
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -46,7 +47,7 @@ def test_run_help():
 
 
 def test_subcommands_are_one_dict():
-    from procmqtt import cli
+    from procmqtt.cli import main as cli
     assert {"run", "check"} <= set(cli.COMMANDS)
     result = procmqtt()
     assert "run" in result.stderr and "check" in result.stderr
@@ -292,7 +293,7 @@ def test_process_titles(runs, tmp_path, broker):
 
 def test_no_setproctitle_changes_nothing():
     code = ("import sys; sys.modules['setproctitle'] = None\n"
-            "from procmqtt import proctitle\n"
+            "from procmqtt.supervisor import proctitle\n"
             "before = open('/proc/self/cmdline', 'rb').read()\n"
             "proctitle.set_title('worker 1', 'app:A')\n"
             "assert open('/proc/self/cmdline', 'rb').read() == before\n"

@@ -150,7 +150,7 @@ def test_default_client_id_is_stable_and_app_specific():
 
 
 def test_dispatchers():
-    from procmqtt.dispatch import RandomDispatcher, RoundRobinDispatcher
+    from procmqtt.agent.dispatch import RandomDispatcher, RoundRobinDispatcher
     rr = RoundRobinDispatcher()
     assert [rr.choose([0, 1, 2]) for _ in range(5)] == [0, 1, 2, 0, 1]
     assert rr.choose([0, 2]) == 2 and rr.choose([0, 2]) == 0
@@ -212,7 +212,7 @@ def test_broker_feature_mistakes(tmp_path, toml, expected):
 
 @pytest.mark.timeout(10)
 def test_max_inflight_defaults_by_protocol_and_paho_leaves_it_to_the_agent():
-    from procmqtt.connection import make_client
+    from procmqtt.agent.connection import make_client
     assert config.from_mapping({"mqtt": {}}).mqtt.inflight() == 1000
     assert config.from_mapping({"mqtt": {"protocol": "5"}}).mqtt.inflight() == 20
     mqtt = config.from_mapping({"mqtt": {"protocol": "5", "max_inflight": 7}}).mqtt

@@ -13,7 +13,7 @@ import pytest
 from harness import ROOT, Procmqtt, records, wait_until
 from harness import _alive as alive
 
-from procmqtt.embedded import INSTALL_HINT
+from procmqtt.dev.embedded import INSTALL_HINT
 
 
 def group_members(pgid: int) -> list[int]:
@@ -154,7 +154,7 @@ def test_no_mosquitto_binary_is_one_line_and_exit_2(tmp_path, args):
     empty = tmp_path / "bin"
     empty.mkdir()
     # No mosquitto on PATH nor in the sbin directories (patched: this machine has /usr/sbin/mosquitto).
-    code = ("import sys, procmqtt.embedded as e, procmqtt.cli as c; e.SBIN_DIRS = (); "
+    code = ("import sys, procmqtt.dev.embedded as e, procmqtt.cli.main as c; e.SBIN_DIRS = (); "
             f"sys.exit(c.main({args!r}))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False,
                             env={**os.environ, "PATH": str(empty)}, timeout=20)
@@ -171,7 +171,7 @@ def test_embedded_broker_found_in_usr_sbin_off_path():
     result = subprocess.run([sys.executable, "-c", "import shutil; print(shutil.which('mosquitto'))"],
                             env=env, capture_output=True, text=True, timeout=10, check=True)
     assert result.stdout.strip() == "None"  # the premise: not on this PATH
-    result = subprocess.run([sys.executable, "-c", "import procmqtt.embedded as e; print(e.EmbeddedBroker().binary)"],
+    result = subprocess.run([sys.executable, "-c", "import procmqtt.dev.embedded as e; print(e.EmbeddedBroker().binary)"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=10, check=True)
     assert result.stdout.strip() == "/usr/sbin/mosquitto"
 
@@ -191,7 +191,7 @@ def test_demo_usage_errors(args, expected):
 
 
 def test_embedded_config_is_private(tmp_path):
-    from procmqtt.embedded import EmbeddedBroker
+    from procmqtt.dev.embedded import EmbeddedBroker
 
     broker = EmbeddedBroker()
     broker.dir = tmp_path

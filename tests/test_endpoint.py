@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_metrics import busy_counters, scrape, with_metrics
 
-from procmqtt import endpoint, metrics
+from procmqtt.agent import endpoint, metrics
 
 
 @pytest.fixture

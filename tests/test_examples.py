@@ -25,7 +25,7 @@ from harness import (
 
 import procmqtt
 from procmqtt import config as config_mod
-from procmqtt.app import load_app
+from procmqtt.cli.app import load_app
 
 EXAMPLES = ROOT / "examples"
 
@@ -51,7 +51,7 @@ def test_sensors(WorkerHarness):
 
 
 def test_sensor_routes(WorkerHarness):
-    from procmqtt.routes import routes_of
+    from procmqtt.worker.routes import routes_of
 
     app = example("sensor_routes.py:SensorRoutes")
     assert {(r.topic_filter, r.qos) for r in routes_of(app)} == {

@@ -9,7 +9,6 @@ import signal
 import time
 
 import pytest
-
 from harness import Procmqtt, Subscriber, publisher, wait_until, write_config
 
 

@@ -12,7 +12,9 @@ import urllib.request
 import pytest
 from harness import ROOT, free_port, publish_all, publisher, records, start, wait_until
 
-from procmqtt import config, metrics, status
+from procmqtt import config
+from procmqtt.agent import metrics
+from procmqtt.cli import status
 from procmqtt.errors import ConfigError
 from procmqtt.message import Outcome
 

@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 from harness import wait_until
 
-from procmqtt import channel, logs
-from procmqtt.app import reload_app
+from procmqtt import logs
+from procmqtt.cli.app import reload_app
 from procmqtt.config import Config, MetricsConfig, Secret, from_mapping
+from procmqtt.config.reload import Changes, adoptable, compare
 from procmqtt.errors import AppError, ConfigError, ExitCode
-from procmqtt.pidfile import PidFile, is_supervisor_command
-from procmqtt.reload import Changes, adoptable, compare
-from procmqtt.shared import MAX_SLOTS
-from procmqtt.supervisor import Child, Supervisor
-from procmqtt.worker import Worker
+from procmqtt.ipc import channel
+from procmqtt.ipc.shared import MAX_SLOTS
+from procmqtt.supervisor.arbiter import Child, Supervisor
+from procmqtt.supervisor.pidfile import PidFile, is_supervisor_command
+from procmqtt.worker.base import Worker
 
 
 def config(topics: dict[str, int] | None = None, mqtt: dict | None = None, workers: dict | None = None,
@@ -126,11 +127,11 @@ def test_reload_app_imports_a_package_afresh_and_restores_it_on_error(tmp_path, 
 
 
 def test_reload_app_never_drops_procmqtt_itself():
-    import procmqtt.worker
+    import procmqtt.worker.base
 
     with pytest.raises(AppError):
-        reload_app("procmqtt.worker:NoSuchClass")
-    assert sys.modules["procmqtt.worker"] is procmqtt.worker and "procmqtt" in sys.modules
+        reload_app("procmqtt.worker.base:NoSuchClass")
+    assert sys.modules["procmqtt.worker.base"] is procmqtt.worker.base and "procmqtt" in sys.modules
 
 
 # --- pid file ------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def test_a_pid_path_that_is_not_a_regular_file_is_refused(tmp_path):
     (["/srv/venv/bin/python3", "/srv/venv/bin/procmqtt", "run", "app:A", "--pid", "/run/p.pid"], True),
     (["/srv/venv/bin/procmqtt", "run", "app:A"], True),
     (["tail", "-f", "procmqtt-notes.txt"], False),  # issue 11: this blocked every start
-    (["vim", "procmqtt/cli.py"], False),
+    (["vim", "procmqtt/cli/main.py"], False),
     (["procmqtt: agent [app:A]"], False),
     (["procmqtt: worker 2 [app:A]"], False),
     ([sys.executable, "-m", "procmqtt", "status"], False),

@@ -7,9 +7,16 @@ import signal
 from collections import Counter
 
 import pytest
-
-from harness import (Procmqtt, Subscriber, publish_all, publisher, records, start, wait_until,
-                     write_config)
+from harness import (
+    Procmqtt,
+    Subscriber,
+    publish_all,
+    publisher,
+    records,
+    start,
+    wait_until,
+    write_config,
+)
 
 
 @pytest.mark.timeout(60)

@@ -9,11 +9,12 @@ import time
 
 import pytest
 
-from procmqtt import Message, Outcome, Properties, RequestFailed, Worker, channel, route
+from procmqtt import Message, Outcome, Properties, RequestFailed, Worker, route
 from procmqtt.config import from_mapping
+from procmqtt.ipc import channel
 from procmqtt.message import EMPTY
 from procmqtt.testing import WorkerHarness
-from procmqtt.worker import _AgentLink
+from procmqtt.worker.base import _AgentLink
 
 V5 = {"mqtt": {"protocol": "5"}}
 

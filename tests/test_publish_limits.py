@@ -1,6 +1,6 @@
 """The agent's publish path at its limits, on a real broker: more workers than paho's message ids
 once allowed, QoS 0 with a broker that stops reading, publishes the agent cannot send, and the
-worker's own size checks (procmqtt/outbox.py, procmqtt/brokersocket.py)."""
+worker's own size checks (procmqtt/agent/outbox.py, procmqtt/agent/brokersocket.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from harness import (
 )
 
 from procmqtt import Worker, topics
-from procmqtt.outbox import Outbox, Outgoing
+from procmqtt.agent.outbox import Outbox, Outgoing
 from procmqtt.testing import WorkerHarness
 
 APP = "tests/apps_publish.py:Publishers"

@@ -10,14 +10,23 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness import (
+    ROOT,
+    Procmqtt,
+    publish_all,
+    publisher,
+    records,
+    wait_until,
+    write_config,
+)
 
-from harness import ROOT, Procmqtt, publish_all, publisher, records, wait_until, write_config
-from procmqtt import Message, Outcome, Worker, route, routes
-from procmqtt.app import load_app
+from procmqtt import Message, Outcome, Worker, route
+from procmqtt.cli.app import load_app
 from procmqtt.config import Subscription, from_mapping
 from procmqtt.errors import AppError, ExitCode, RouteError
-from procmqtt.routes import Route, routes_of, with_route_subscriptions
 from procmqtt.testing import WorkerHarness
+from procmqtt.worker import routes
+from procmqtt.worker.routes import Route, routes_of, with_route_subscriptions
 
 
 class Which(Worker):

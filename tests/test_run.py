@@ -11,9 +11,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from harness import (Mosquitto, Procmqtt, Subscriber, publish_all, publisher, records, start,
-                     wait_until, write_config)
+from harness import (
+    Mosquitto,
+    Procmqtt,
+    Subscriber,
+    publish_all,
+    publisher,
+    records,
+    start,
+    wait_until,
+    write_config,
+)
 
 
 @pytest.mark.timeout(60)

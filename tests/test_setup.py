@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from harness import ROOT
 
 DEBIAN_PYTHON = Path("/usr/bin/python3")

@@ -12,13 +12,20 @@ from pathlib import Path
 
 import certs
 import pytest
-
-from harness import Mosquitto, Procmqtt, publish_all, publisher, records, wait_until, write_config
+from harness import (
+    Mosquitto,
+    Procmqtt,
+    publish_all,
+    publisher,
+    records,
+    wait_until,
+    write_config,
+)
 
 from procmqtt import Worker
 from procmqtt.config import from_mapping
 from procmqtt.errors import ExitCode
-from procmqtt.supervisor import Child, Supervisor
+from procmqtt.supervisor.arbiter import Child, Supervisor
 
 
 def _kill_children(record_dir: Path) -> None:

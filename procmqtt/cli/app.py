@@ -8,13 +8,13 @@ import os
 import sys
 import traceback
 
-from .errors import AppError, ConfigError
-from .worker import Worker, check_app
+from procmqtt.errors import AppError, ConfigError
+from procmqtt.worker.base import Worker, check_app
 
 SHOWN_FRAMES = 4
 """An app that fails on import: the last frames of its own code shown, not procmqtt's or importlib's."""
 
-_PROCMQTT_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PROCMQTT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # the procmqtt package
 _IMPORTLIB_DIR = os.path.dirname(os.path.abspath(importlib.__file__)) + os.sep
 _EXPECTED = "expected package.module:Class or path/to/file.py:Class"
 
@@ -116,7 +116,7 @@ def reload_app(spec: str) -> type[Worker]:
         owned = [os.path.splitext(os.path.basename(module_part))[0]]  # what _import_file names it
     else:
         top = module_part.split(".")[0]
-        owned = [module_part] if top == __package__ else [top]
+        owned = [module_part] if top == "procmqtt" else [top]
 
     def mine(name: str) -> bool:
         return any(name == o or name.startswith(o + ".") for o in owned)

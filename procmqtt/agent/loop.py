@@ -31,18 +31,20 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from . import channel, connection, logs, metrics, mqtt5, poller, subscriptions
-from .backoff import Backoff
-from .brokersocket import BrokerSocket, Inbound, wrap_socket
-from .config import Config
-from .connection import ConnState
-from .dispatch import DISPATCHERS
-from .errors import ExitCode
-from .link import describe_error
-from .message import EMPTY, Properties
-from .outbox import Outbox, Outgoing
-from .shared import SharedState
-from .signals import SignalQueue
+from procmqtt import logs, mqtt5
+from procmqtt.agent import connection, metrics, subscriptions
+from procmqtt.agent.brokersocket import BrokerSocket, Inbound, wrap_socket
+from procmqtt.agent.connection import ConnState
+from procmqtt.agent.dispatch import DISPATCHERS
+from procmqtt.agent.outbox import Outbox, Outgoing
+from procmqtt.backoff import Backoff
+from procmqtt.config import Config
+from procmqtt.errors import ExitCode
+from procmqtt.ipc import channel, poller
+from procmqtt.ipc.shared import SharedState
+from procmqtt.ipc.signals import SignalQueue
+from procmqtt.message import EMPTY, Properties
+from procmqtt.worker.link import describe_error
 
 TICK = 1.0
 """Longest sleep of the loop: paho's keepalive and the orphan check run at least this often."""

@@ -13,14 +13,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from . import __version__, logs, metrics
-from . import config as config_mod
-from .errors import ConfigError, ExitCode, ProcmqttError
+from procmqtt import __version__, logs
+from procmqtt import config as config_mod
+from procmqtt.agent import metrics
+from procmqtt.errors import ConfigError, ExitCode, ProcmqttError
 
 if TYPE_CHECKING:
-    from .embedded import EmbeddedBroker
-    from .routes import Route
-    from .worker import Worker
+    from procmqtt.dev.embedded import EmbeddedBroker
+    from procmqtt.worker.base import Worker
+    from procmqtt.worker.routes import Route
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMAT_ENV = "PROCMQTT_LOG_FORMAT"
@@ -97,7 +98,7 @@ def _embedded_broker(args: argparse.Namespace) -> EmbeddedBroker | None:
     Nothing starts here; ``run`` starts it after every other check."""
     if args.broker != "embedded":
         return None
-    from .embedded import EmbeddedBroker
+    from procmqtt.dev.embedded import EmbeddedBroker
 
     broker = EmbeddedBroker()
     args.broker = broker.url
@@ -110,8 +111,8 @@ def _resolve(args: argparse.Namespace) -> config_mod.Config:
 
 def _prepare(args: argparse.Namespace) -> tuple[config_mod.Config, type[Worker], tuple[Route, ...]]:
     """Everything ``run`` does before it forks: configuration, app, routes. Raises ProcmqttError."""
-    from .app import load_app
-    from .routes import routes_of
+    from procmqtt.cli.app import load_app
+    from procmqtt.worker.routes import routes_of
 
     config = _resolve(args)
     app = load_app(args.app)
@@ -119,13 +120,13 @@ def _prepare(args: argparse.Namespace) -> tuple[config_mod.Config, type[Worker],
 
 
 def run(args: argparse.Namespace) -> int:
-    from .app import split_spec
+    from procmqtt.cli.app import split_spec
 
     _setup_logs(args)
     split_spec(args.app)  # a malformed APP is a usage error (exit 2), with --print-config too
     broker = _embedded_broker(args)
     if args.print_config:
-        from .check import render_config
+        from procmqtt.cli.check import render_config
 
         sys.stdout.write(render_config(_resolve(args), args.app))
         return ExitCode.OK
@@ -133,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
         logs.to_file(args.log_file)
     config, app, routes = _prepare(args)
     metrics_listener = metrics.listen(config)  # before any fork: a port in use stops us here
-    from .pidfile import PidFile
-    from .supervisor import Supervisor
+    from procmqtt.supervisor.arbiter import Supervisor
+    from procmqtt.supervisor.pidfile import PidFile
 
     pidfile = PidFile(args.pid) if args.pid else None
     if pidfile is not None:
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
 def _reloader(args: argparse.Namespace) -> Callable[[], tuple[type[Worker], config_mod.Config]]:
     """What SIGHUP runs in the supervisor: the configuration resolved as at start, the app imported afresh."""
     def load() -> tuple[type[Worker], config_mod.Config]:
-        from .app import reload_app
+        from procmqtt.cli.app import reload_app
 
         config = _resolve(args)
         return reload_app(args.app), config
@@ -164,7 +165,7 @@ def _reloader(args: argparse.Namespace) -> Callable[[], tuple[type[Worker], conf
 
 
 def check(args: argparse.Namespace) -> int:
-    from .check import render_check
+    from procmqtt.cli.check import render_check
 
     _setup_logs(args)
     _embedded_broker(args)  # check fails where run would (no mosquitto); the port is only an example
@@ -174,7 +175,7 @@ def check(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    from . import status as status_mod
+    from procmqtt.cli import status as status_mod
 
     if args.watch is not None and args.watch <= 0:
         raise ConfigError(f"--watch: expected a number of seconds > 0, got {args.watch:g}")
@@ -182,7 +183,7 @@ def status(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from .demo import Demo
+    from procmqtt.dev.demo import Demo
 
     return Demo(workers=args.workers, seconds=args.seconds, rate=args.rate).run()
 

@@ -24,18 +24,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from . import channel, logs, poller, proctitle, reload
-from .agent import Agent
-from .backoff import Backoff
-from .config import Config, default_client_id
-from .errors import ExitCode, ProcmqttError
-from .routes import with_route_subscriptions
-from .shared import MAX_SLOTS, SharedState
-from .signals import SignalQueue
-from .worker import Worker, serve, uses_asyncio
+from procmqtt import logs
+from procmqtt.agent.loop import Agent
+from procmqtt.backoff import Backoff
+from procmqtt.config import Config, default_client_id, reload
+from procmqtt.errors import ExitCode, ProcmqttError
+from procmqtt.ipc import channel, poller
+from procmqtt.ipc.shared import MAX_SLOTS, SharedState
+from procmqtt.ipc.signals import SignalQueue
+from procmqtt.supervisor import proctitle
+from procmqtt.worker.base import Worker, serve, uses_asyncio
+from procmqtt.worker.routes import with_route_subscriptions
 
 if TYPE_CHECKING:
-    from .embedded import EmbeddedBroker
+    from procmqtt.dev.embedded import EmbeddedBroker
 
 STOP_MARGIN = 5.0
 """Seconds past ``graceful_timeout`` before the supervisor SIGKILLs what is left."""

@@ -13,8 +13,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .config import Config, Secret, Subscription, default_client_id
-from .routes import Route
+from procmqtt.config import Config, Secret, Subscription, default_client_id
+from procmqtt.worker.routes import Route
 
 MASK = "********"
 SECRET_NAME = re.compile(r"pass|secret|token|credential|api_?key|private", re.IGNORECASE)

@@ -13,7 +13,7 @@ import os
 import re
 import stat
 
-from .errors import ConfigError
+from procmqtt.errors import ConfigError
 
 MAX_PID_FILE_BYTES = 32
 """A pid and a newline are at most 8 bytes on Linux; anything larger is some other file."""

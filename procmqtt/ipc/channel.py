@@ -27,7 +27,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from .message import EMPTY, Outcome, Properties
+from procmqtt.message import EMPTY, Outcome, Properties
 
 INLINE_MAX = 128 * 1024
 """Largest datagram sent inline; a larger record goes through a memory file."""

@@ -27,8 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import logs
-from .errors import ConfigError, ExitCode, ProcmqttError
+from procmqtt import logs
+from procmqtt.errors import ConfigError, ExitCode, ProcmqttError
 
 BINARY = "mosquitto"
 SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")

@@ -19,10 +19,21 @@ import sys
 import time
 from typing import Any
 
-from . import aioworker, channel, logs, mqtt5
-from .config import Config
-from .errors import AppError, ExitCode
-from .link import (  # noqa: F401  (re-exported: procmqtt.worker.PublishHandle etc. stay importable)
+from procmqtt import logs, mqtt5
+from procmqtt.config import Config
+from procmqtt.errors import AppError, ExitCode
+from procmqtt.ipc import channel
+from procmqtt.ipc.shared import SharedState
+from procmqtt.ipc.signals import SignalQueue
+from procmqtt.message import EMPTY, Message, Outcome, Properties
+from procmqtt.topics import (
+    MAX_TOPIC_BYTES,
+    filter_problem,
+    packet_problem,
+    topic_problem,
+)
+from procmqtt.worker import aio
+from procmqtt.worker.link import (  # noqa: F401  (re-exported: procmqtt.worker.PublishHandle etc. stay importable)
     AGENT_GONE,
     Payload,
     PublishHandle,
@@ -31,11 +42,7 @@ from .link import (  # noqa: F401  (re-exported: procmqtt.worker.PublishHandle e
     describe_error,
     to_bytes,
 )
-from .message import EMPTY, Message, Outcome, Properties
-from .routes import Router, routes_of
-from .shared import SharedState
-from .signals import SignalQueue
-from .topics import MAX_TOPIC_BYTES, filter_problem, packet_problem, topic_problem
+from procmqtt.worker.routes import Router, routes_of
 
 
 class Worker:
@@ -44,7 +51,7 @@ class Worker:
     One instance lives in each worker process; it is created after fork, so ``__init__`` and
     ``on_start`` may open connections and files freely. ``worker_id``, ``config`` and ``log`` are
     set before ``on_start`` runs. Any of ``on_start``, ``on_message``, ``on_stop`` and the routes
-    may be ``async def``: the worker then runs them on an event loop (see ``aioworker``).
+    may be ``async def``: the worker then runs them on an event loop (see ``worker.aio``).
     """
 
     worker_id: int
@@ -297,7 +304,7 @@ def serve(app: type[Worker], slot: int, generation: int, config: Config, inbound
 
     Exits: a STOP record (graceful stop or recycling: everything queued before it is handled
     first), SIGTERM (stop after the current message), or the agent side closing for good.
-    Apps with async handlers run ``aioworker.serve_async`` instead, with the same exits.
+    Apps with async handlers run ``aio.serve_async`` instead, with the same exits.
     """
     log = logs.get("worker")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor decides
@@ -307,7 +314,7 @@ def serve(app: type[Worker], slot: int, generation: int, config: Config, inbound
     link = _AgentLink(slot, generation, inbound, upstream, config, wakeup=signals.fileno())
     recycle = _Recycler(config)
     if uses_asyncio(app):
-        return aioworker.serve_async(app, slot, generation, config, link, shared, signals, recycle)
+        return aio.serve_async(app, slot, generation, config, link, shared, signals, recycle)
     try:
         worker = app()
         worker._attach(slot, config, link)

@@ -29,8 +29,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
-from .brokersocket import BrokerSocket
-from .topics import packet_problem
+from procmqtt.agent.brokersocket import BrokerSocket
+from procmqtt.topics import packet_problem
 
 PAHO_WINDOW = 10_000
 """Publishes handed to paho and not yet confirmed, at most: far below its 65,535 message ids, and

@@ -20,10 +20,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .dispatch import DISPATCHERS
-from .errors import ConfigError
-from .shared import MAX_SLOTS
-from .topics import filter_problem, topic_problem
+from procmqtt.agent.dispatch import DISPATCHERS
+from procmqtt.errors import ConfigError
+from procmqtt.ipc.shared import MAX_SLOTS
+from procmqtt.topics import filter_problem, topic_problem
 
 if sys.version_info >= (3, 11):
     import tomllib

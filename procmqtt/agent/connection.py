@@ -11,7 +11,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 
-from .config import MqttConfig
+from procmqtt.config import MqttConfig
 
 
 class ConnState(enum.Enum):

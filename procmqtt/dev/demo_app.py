@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import time
 
-from .message import Message
-from .worker import Worker
+from procmqtt.message import Message
+from procmqtt.worker.base import Worker
 
 PING, PONG = "demo/ping", "demo/pong"
 REPORT_TIMEOUT = 5.0

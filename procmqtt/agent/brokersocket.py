@@ -30,7 +30,7 @@ import ssl
 import time
 from typing import Any
 
-from . import poller
+from procmqtt.ipc import poller
 
 READ_SIZE = 256 * 1024
 """Bytes asked of the kernel per ``recv``."""

@@ -18,8 +18,8 @@ import dataclasses
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import channel
-from .config import Config, Subscription
+from procmqtt.config import Config, Subscription
+from procmqtt.ipc import channel
 
 LIVE_MQTT_KEYS = frozenset({"topics", "publish_buffer", "publish_timeout"})
 """[mqtt] keys applied without a new connection: subscriptions live, the others by new workers."""

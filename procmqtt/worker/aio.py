@@ -15,16 +15,17 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import channel, logs
-from .config import Config
-from .errors import ExitCode
-from .message import Message, Outcome
-from .shared import SharedState
-from .signals import SignalQueue
+from procmqtt import logs
+from procmqtt.config import Config
+from procmqtt.errors import ExitCode
+from procmqtt.ipc import channel
+from procmqtt.ipc.shared import SharedState
+from procmqtt.ipc.signals import SignalQueue
+from procmqtt.message import Message, Outcome
 
 if TYPE_CHECKING:
-    from .link import _AgentLink
-    from .worker import Worker, _Recycler
+    from procmqtt.worker.base import Worker, _Recycler
+    from procmqtt.worker.link import _AgentLink
 
 
 def serve_async(app: type[Worker], slot: int, generation: int, config: Config, link: _AgentLink,

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from .config import Config, Subscription
-from .errors import RouteError
-from .topics import filter_problem, unshared
+from procmqtt.config import Config, Subscription
+from procmqtt.errors import RouteError
+from procmqtt.topics import filter_problem, unshared
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -1,7 +1,7 @@
 """``procmqtt demo``: a private broker, the demo app on N workers, a steady stream, a live view.
 
 The demo process orchestrates; it runs no worker code itself. It starts an embedded Mosquitto,
-then ``procmqtt run procmqtt.demo_app:DemoSensors --broker <that broker>`` as a child in its own
+then ``procmqtt run procmqtt.dev.demo_app:DemoSensors --broker <that broker>`` as a child in its own
 session (so Ctrl-C reaches only the demo, which drains the stream before stopping the app), then
 publishes readings with one paho client and redraws a view about once a second. At the end it
 confirms every reading was handed to a worker (``demo/ping`` -> ``demo/pong``), stops the app
@@ -28,22 +28,23 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from . import demo_app, logs
-from .embedded import EmbeddedBroker, _pdeathsig, free_port
-from .errors import ConfigError, ExitCode, ProcmqttError
+from procmqtt import logs
+from procmqtt.dev import demo_app
+from procmqtt.dev.embedded import EmbeddedBroker, _pdeathsig, free_port
+from procmqtt.errors import ConfigError, ExitCode, ProcmqttError
 
 try:  # the live per-worker view reads the app's [metrics] (needs procmqtt.status and prometheus_client)
     import importlib.util
 
-    from . import status
-    from .config import Config as _Config
+    from procmqtt.cli import status
+    from procmqtt.config import Config as _Config
     if (importlib.util.find_spec("prometheus_client") is None or "metrics" not in _Config.__dataclass_fields__
-            or Path(status.__file__).parent != Path(__file__).parent):  # a stale install's status.py
+            or Path(status.__file__).parent.parent != Path(__file__).parent.parent):  # a stale install's status.py
         status = None  # type: ignore[assignment]
 except ImportError:
     status = None  # type: ignore[assignment]
 
-APP = "procmqtt.demo_app:DemoSensors"
+APP = "procmqtt.dev.demo_app:DemoSensors"
 DEVICES = 8
 MAX_WORKERS = 32
 HOT_EVERY = 40
@@ -133,7 +134,7 @@ class Demo:
         config = self.dir / "demo.toml"
         config.write_text(self.config_text())
         self.app_log = self.dir / "app.log"
-        package_parent = str(Path(demo_app.__file__).resolve().parent.parent)  # this very procmqtt
+        package_parent = str(Path(demo_app.__file__).resolve().parents[2])  # this very procmqtt
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROCMQTT_")}  # our config, not theirs
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
         with open(self.app_log, "wb") as log:

@@ -43,12 +43,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import endpoint
-from .errors import ConfigError
-from .message import Outcome
+from procmqtt.agent import endpoint
+from procmqtt.errors import ConfigError
+from procmqtt.message import Outcome
 
 if TYPE_CHECKING:
-    from .config import Config
+    from procmqtt.config import Config
 
 EXTRA_HINT = "pip install 'procmqtt[metrics]'"
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,

@@ -12,9 +12,15 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from .config import Config
-from .errors import ConfigError, ExitCode, ProcmqttError
-from .metrics import _COUNTERS, _PER_WORKER, Snapshot, WorkerStats, require_client
+from procmqtt.agent.metrics import (
+    _COUNTERS,
+    _PER_WORKER,
+    Snapshot,
+    WorkerStats,
+    require_client,
+)
+from procmqtt.config import Config
+from procmqtt.errors import ConfigError, ExitCode, ProcmqttError
 
 __all__ = ["Snapshot", "Unreachable", "fetch", "parse", "render"]
 

@@ -13,8 +13,8 @@ import json
 import logging
 import os
 
-from .config import MqttConfig
-from .topics import filter_problem
+from procmqtt.config import MqttConfig
+from procmqtt.topics import filter_problem
 
 
 def problem(m: MqttConfig, topic_filter: object, qos: object) -> str | None:

@@ -25,10 +25,10 @@ from paho.mqtt.client import error_string
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from . import channel, poller
-from .config import Config
-from .errors import PublishBufferFull, RequestFailed
-from .message import Message, Properties
+from procmqtt.config import Config
+from procmqtt.errors import PublishBufferFull, RequestFailed
+from procmqtt.ipc import channel, poller
+from procmqtt.message import Message, Properties
 
 Payload = Any  # bytes, str, None, or a JSON-serialisable object
 

@@ -1,0 +1,1 @@
+"""The ``procmqtt`` command line: run, check, status, demo."""

@@ -1,0 +1,1 @@
+"""Tools for local development: the embedded broker and ``procmqtt demo``."""

@@ -1,0 +1,1 @@
+"""How the processes talk: socket-pair channels, shared memory words, signals, waiting."""

@@ -1,0 +1,1 @@
+"""The supervisor process: forks the agent and the workers, restarts, reloads, stops."""
