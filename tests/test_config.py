@@ -9,6 +9,7 @@ import certs
 import pytest
 
 from procmqtt import config
+from procmqtt.config import loader
 from procmqtt.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(10)
@@ -236,7 +237,7 @@ def test_deeply_nested_toml_is_one_line_error(tmp_path):
 
 
 def test_huge_file_is_refused_without_reading_it_all(tmp_path, monkeypatch):
-    monkeypatch.setattr(config, "MAX_FILE_BYTES", 100)
+    monkeypatch.setattr(loader, "MAX_FILE_BYTES", 100)  # where _read finds it
     assert error_of(tmp_path, "# " + "x" * 200 + "\n").endswith("not a configuration file: larger than 0 MiB")
     with pytest.raises(ConfigError, match="larger than"):
         config.load("/dev/zero")

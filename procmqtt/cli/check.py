@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from procmqtt.config import Config, Secret, Subscription, default_client_id
+from procmqtt.config.schema import keys
 from procmqtt.worker.routes import Route
 
 MASK = "********"
@@ -85,25 +86,30 @@ def render_check(app_spec: str, app: type, config: Config, routes: Iterable[Rout
 
 
 def _section(name: str, section: Any, origins: Mapping[str, str], app_spec: str | None) -> list[str]:
+    """The table's declared keys in schema order; a key declared secret is masked whatever its value."""
     lines = ["", f"[{name}]"]
     tables: list[str] = []
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        origin = origins.get(f"{name}.{f.name}")
+    for key in keys(name):
+        if key.field is None:
+            continue  # password_env, password_file: shown as the password they give
+        value = getattr(section, key.field)
+        origin = origins.get(f"{name}.{key.field}")
         comment = f"  # {origin}" if origin else ""
-        if dataclasses.is_dataclass(value) and not isinstance(value, Secret):  # [mqtt.tls], [mqtt.will] ...
-            tables += _section(f"{name}.{f.name}", value, origins, None)
+        if key.secret and value is not None:
+            lines.append(f"{key.field} = {_toml(Secret(MASK))}{comment}")
+        elif dataclasses.is_dataclass(value):  # [mqtt.tls], [mqtt.will] ...
+            tables += _section(f"{name}.{key.field}", value, origins, None)
         elif isinstance(value, tuple) and all(isinstance(v, Subscription) for v in value):
-            tables += ["", f"[{name}.{f.name}]"]
+            tables += ["", f"[{name}.{key.field}]"]
             tables += [f"{_key(s.topic_filter)} = {{ qos = {s.qos} }}" for s in value]
-        elif value is None and f.name == "client_id" and app_spec:
+        elif value is None and key.field == "client_id" and app_spec:
             lines.append(f"client_id = {_toml(default_client_id(app_spec))}  # default for {app_spec}")
-        elif value is None and f.name == "max_inflight":
+        elif value is None and key.field == "max_inflight":
             lines.append(f"max_inflight = {section.inflight()}  # default for MQTT {section.protocol}")
         elif value is None:
-            lines.append(f"# {f.name} is not set")
+            lines.append(f"# {key.field} is not set")
         else:
-            lines.append(f"{f.name} = {_toml(value)}{comment}")
+            lines.append(f"{key.field} = {_toml(value)}{comment}")
     return lines + tables
 
 

@@ -10,6 +10,8 @@ workers read take effect. The broker side is procmqtt's own:
   gracefully. With a persistent session (the default) the broker keeps the messages meanwhile.
 - A section nothing running can adopt (``[metrics]``: the socket was opened at start) keeps its
   old value, and the reload says a restart is needed for it.
+
+Which is which is each key's ``reload`` in ``schema.KEYS``; the sets below derive from it.
 """
 
 from __future__ import annotations
@@ -18,15 +20,22 @@ import dataclasses
 from dataclasses import dataclass, replace
 from typing import Any
 
-from procmqtt.config import Config, Subscription
-from procmqtt.ipc import channel
+from procmqtt.config.schema import APP_SECTION, KEYS, SECTIONS, Reload
+from procmqtt.config.values import Config, Subscription
+from procmqtt.ipc import (
+    channel,  # only for Changes.records(); loaded by ``config.reload``, not ``config``
+)
 
-LIVE_MQTT_KEYS = frozenset({"topics", "publish_buffer", "publish_timeout"})
+AGENT_KEYS: dict[str, tuple[str, ...]] = {
+    section: tuple(k.name for k in KEYS if k.section == section and k.field and k.reload is Reload.AGENT)
+    for section in SECTIONS}
+"""Per section, the fields the agent reads when it starts: a change needs a new agent (connection)."""
+LIVE_MQTT_KEYS = frozenset(k.name for k in KEYS if k.section == "mqtt" and k.field and k.reload is not Reload.AGENT)
 """[mqtt] keys applied without a new connection: subscriptions live, the others by new workers."""
-AGENT_WORKERS_KEYS = ("dispatch", "prefetch", "graceful_timeout", "max_attempts", "on_error",
-                      "dead_letter_topic")
+AGENT_WORKERS_KEYS = AGENT_KEYS["workers"]
 """[workers] keys the agent reads when it starts (the rest are read by the workers or the supervisor)."""
-RELOADED_SECTIONS = frozenset({"mqtt", "workers", "app", "source"})
+RELOADED_SECTIONS = frozenset({*(k.section for k in KEYS if "." not in k.section and k.reload is not Reload.RESTART),
+                               APP_SECTION, "source"})
 """Config fields a reload applies; any other section needs a restart of procmqtt."""
 
 
@@ -61,9 +70,8 @@ def compare(old: Config, new: Config) -> Changes:
     """What a reload from ``old`` to ``new`` does beyond replacing the workers. Names keys, never values."""
     old_topics = {s.topic_filter: s.qos for s in old.mqtt.topics}
     new_topics = {s.topic_filter: s.qos for s in new.mqtt.topics}
-    agent = [f"[mqtt] {name}" for name in _changed(old.mqtt, new.mqtt) if name not in LIVE_MQTT_KEYS]
-    agent += [f"[workers] {name}" for name in AGENT_WORKERS_KEYS
-              if getattr(old.workers, name) != getattr(new.workers, name)]
+    agent = [f"[{section}] {name}" for section, names in AGENT_KEYS.items() if section in RELOADED_SECTIONS
+             for name in names if getattr(getattr(old, section), name) != getattr(getattr(new, section), name)]
     return Changes(
         subscribe=tuple(Subscription(f, q) for f, q in new_topics.items() if old_topics.get(f) != q),
         unsubscribe=tuple(f for f in old_topics if f not in new_topics),

@@ -10,8 +10,9 @@ from __future__ import annotations
 import mmap
 import struct
 
-MAX_SLOTS = 1024
-"""Worker slots the block has room for (the largest allowed ``[workers] count``)."""
+from procmqtt.config.schema import (
+    MAX_SLOTS,  # worker slots the block has room for: [workers] count's limit
+)
 
 _WORD = 8
 # Per slot: busy since (writer: worker; reset: supervisor), messages finished (same), and the
