@@ -96,6 +96,12 @@ class Key:
         return None if self.fills else self.name
 
     @property
+    def accepts(self) -> str:
+        """What the check accepts, in the words of its error message ("an integer from 1 to 65535")."""
+        expected = self.check(object()) or "any value"  # no value of no type passes a check
+        return expected.split(" (")[0]
+
+    @property
     def env(self) -> str | None:
         """``PROCMQTT_<SECTION>_<KEY>``; None for a table and the keys inside one (TOML only)."""
         if self.check is subtable or "." in self.section:
@@ -119,7 +125,7 @@ KEYS: tuple[Key, ...] = (
     Key("mqtt", "password_file", None, text, _A, "the file that holds the password (one line)",
         fills="password"),
     Key("mqtt", "keepalive", DEFAULT_KEEPALIVE, integer(1, 65535), _A, "seconds between pings"),
-    Key("mqtt", "protocol", DEFAULT_PROTOCOL, one_of(*PROTOCOLS), _A, 'the MQTT version: "3.1.1" or "5"'),
+    Key("mqtt", "protocol", DEFAULT_PROTOCOL, one_of(*PROTOCOLS), _A, 'the MQTT version'),
     Key("mqtt", "clean_session", False, boolean, _A,
         "false: a persistent session keeps QoS 1 messages while procmqtt is away"),
     Key("mqtt", "session_expiry", DEFAULT_SESSION_EXPIRY, integer(0, 2**32 - 1), _A,
@@ -133,7 +139,7 @@ KEYS: tuple[Key, ...] = (
         "Receive Maximum)", shown=f"{DEFAULT_MAX_INFLIGHT}, MQTT 5: {DEFAULT_MAX_INFLIGHT_V5}"),
     Key("mqtt", "connect_timeout", DEFAULT_CONNECT_TIMEOUT, seconds(0.1), _A,
         "seconds for TCP, TLS handshake and CONNACK; then a clear error and a retry"),
-    Key("mqtt", "transport", DEFAULT_TRANSPORT, one_of(*TRANSPORTS), _A, '"tcp" or "websockets"'),
+    Key("mqtt", "transport", DEFAULT_TRANSPORT, one_of(*TRANSPORTS), _A, "how to reach the broker"),
     Key("mqtt", "ws_path", DEFAULT_WS_PATH, ws_path, _A, "the HTTP path of the websockets endpoint"),
     Key("mqtt", "share_group", None, share_group, _A,
         "subscribe every filter as $share/<group>/<filter>"),
@@ -162,7 +168,7 @@ KEYS: tuple[Key, ...] = (
 
     Key("workers", "count", DEFAULT_WORKERS, integer(1, MAX_SLOTS), _W, "worker processes; -w overrides"),
     Key("workers", "dispatch", DEFAULT_DISPATCH, one_of(*DISPATCH_MODES), _A,
-        "which ready worker gets the next message: " + " or ".join(f'"{m}"' for m in DISPATCH_MODES)),
+        "which ready worker gets the next message"),
     Key("workers", "prefetch", DEFAULT_PREFETCH, integer(1, 65535), _A,
         "unfinished messages one worker may hold", shown=f"{DEFAULT_PREFETCH}, at least concurrency"),
     Key("workers", "graceful_timeout", DEFAULT_GRACEFUL_TIMEOUT, seconds(0), _A,
@@ -200,16 +206,16 @@ def defaults(section: str) -> dict[str, Any]:
     return {k.name: k.default for k in keys(section) if k.field and k.default is not REQUIRED}
 
 
-def checks(section: str) -> dict[str, Check]:
+def checks_of(section: str) -> dict[str, Check]:
     """What the loader checks ``section``'s table against: every key a file may set there."""
     return {k.name: k.check for k in keys(section)}
 
 
 SECTIONS: dict[str, dict[str, Check]] = {
-    **{s: checks(s) for s in dict.fromkeys(k.section for k in KEYS if "." not in k.section)}, APP_SECTION: {}}
+    **{s: checks_of(s) for s in dict.fromkeys(k.section for k in KEYS if "." not in k.section)}, APP_SECTION: {}}
 """The top-level tables a file may hold. The loader and the environment read these very dicts."""
 SUBTABLES: dict[str, dict[str, Check]] = {
-    s: checks(s) for s in dict.fromkeys(k.section for k in KEYS if "." in k.section)}
+    s: checks_of(s) for s in dict.fromkeys(k.section for k in KEYS if "." in k.section)}
 SECRET_KEYS = frozenset((k.section, k.name) for k in KEYS if k.secret)
 SECRET_NAMES = frozenset(k.name for k in KEYS if k.secret)  # never shown, whatever their type
 PASSWORD_KEYS = tuple(k.name for k in KEYS if k.section == "mqtt" and "password" in (k.name, k.fills))
