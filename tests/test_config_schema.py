@@ -9,6 +9,11 @@ import subprocess
 import sys
 import textwrap
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
 import pytest
 from harness import ROOT
 
@@ -105,3 +110,13 @@ def test_importing_config_loads_no_runtime_module():
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT, timeout=20)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_readme_configuration_example_loads():
+    """The example above the table sets only declared keys, with values they accept."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("\n## Configuration\n"):readme.index(reference.BEGIN)]
+    example = tomllib.loads(section.split("```toml\n")[1].split("```")[0])
+    del example["mqtt"]["tls"]  # its files do not exist here; [mqtt.tls] keys are checked by the loader
+    cfg = config.from_mapping(example, "README.md", environ={"MQTT_PASSWORD": "pw"})
+    assert cfg.mqtt.share_group == "orders" and cfg.workers.count == 4 and cfg.mqtt.will is not None
