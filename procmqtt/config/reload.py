@@ -22,20 +22,21 @@ from typing import Any
 
 from procmqtt.config.schema import APP_SECTION, KEYS, SECTIONS, Reload
 from procmqtt.config.values import Config, Subscription
-from procmqtt.ipc import (
-    channel,  # only for Changes.records(); loaded by ``config.reload``, not ``config``
-)
+
+# for Changes.records() only: the supervisor imports this module; ``import procmqtt.config`` loads no ipc
+from procmqtt.ipc import channel
 
 AGENT_KEYS: dict[str, tuple[str, ...]] = {
     section: tuple(k.name for k in KEYS if k.section == section and k.field and k.reload is Reload.AGENT)
     for section in SECTIONS}
 """Per section, the fields the agent reads when it starts: a change needs a new agent (connection)."""
-LIVE_MQTT_KEYS = frozenset(k.name for k in KEYS if k.section == "mqtt" and k.field and k.reload is not Reload.AGENT)
+LIVE_MQTT_KEYS = frozenset(k.name for k in KEYS
+                           if k.section == "mqtt" and k.field and k.reload is not Reload.AGENT)
 """[mqtt] keys applied without a new connection: subscriptions live, the others by new workers."""
 AGENT_WORKERS_KEYS = AGENT_KEYS["workers"]
 """[workers] keys the agent reads when it starts (the rest are read by the workers or the supervisor)."""
-RELOADED_SECTIONS = frozenset({*(k.section for k in KEYS if "." not in k.section and k.reload is not Reload.RESTART),
-                               APP_SECTION, "source"})
+RELOADED_SECTIONS = frozenset({APP_SECTION, "source", *(k.section for k in KEYS
+                                                         if "." not in k.section and k.reload is not Reload.RESTART)})
 """Config fields a reload applies; any other section needs a restart of procmqtt."""
 
 

@@ -212,7 +212,8 @@ def checks_of(section: str) -> dict[str, Check]:
 
 
 SECTIONS: dict[str, dict[str, Check]] = {
-    **{s: checks_of(s) for s in dict.fromkeys(k.section for k in KEYS if "." not in k.section)}, APP_SECTION: {}}
+    **{s: checks_of(s) for s in dict.fromkeys(k.section for k in KEYS if "." not in k.section)},
+    APP_SECTION: {}}
 """The top-level tables a file may hold. The loader and the environment read these very dicts."""
 SUBTABLES: dict[str, dict[str, Check]] = {
     s: checks_of(s) for s in dict.fromkeys(k.section for k in KEYS if "." in k.section)}

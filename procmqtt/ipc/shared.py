@@ -10,9 +10,7 @@ from __future__ import annotations
 import mmap
 import struct
 
-from procmqtt.config.schema import (
-    MAX_SLOTS,  # worker slots the block has room for: [workers] count's limit
-)
+from procmqtt.config.schema import MAX_SLOTS  # the block's slots: the most workers
 
 _WORD = 8
 # Per slot: busy since (writer: worker; reset: supervisor), messages finished (same), and the
