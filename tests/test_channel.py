@@ -14,7 +14,7 @@ from collections import deque
 import pytest
 
 from procmqtt.ipc import channel
-from procmqtt.message import EMPTY, Properties
+from procmqtt.message import EMPTY, Outcome, Properties
 
 FULL = Properties(user_properties=(("a", "1"), ("ü", "ß"), ("a", "2"), ("", "")), content_type="application/json",
                   response_topic="procmqtt/reply/x/3", correlation_data=b"\x00\xffcorr", message_expiry=0,
@@ -36,7 +36,7 @@ def roundtrip(record: channel.Record) -> channel.Record:
     channel.Deliver(1, "t", b"", 0, False, True),
     channel.Published(7, 0),
     channel.Done(123456789),
-    channel.Done(5, channel.Outcome.FAILED, 0.25),
+    channel.Done(5, Outcome.FAILED, 0.25),
     channel.Retire(3, 17),
     channel.WorkerExited(1023, 2**32 - 1),
     channel.Ready(1023, 2**31),
