@@ -14,7 +14,7 @@ from harness import ROOT, publish_all, publisher, start, wait_until
 
 from procmqtt.config import DEFAULT_GRACEFUL_TIMEOUT
 from procmqtt.errors import ExitCode
-from procmqtt.supervisor.arbiter import STOP_MARGIN
+from procmqtt.supervisor.operations import STOP_MARGIN
 
 DEPLOY = ROOT / "examples" / "deploy"
 

@@ -19,7 +19,8 @@ from procmqtt.config.reload import Changes, adoptable, compare
 from procmqtt.errors import AppError, ConfigError, ExitCode
 from procmqtt.ipc import channel
 from procmqtt.ipc.shared import MAX_SLOTS
-from procmqtt.supervisor.arbiter import Child, Supervisor
+from procmqtt.supervisor.arbiter import Supervisor
+from procmqtt.supervisor.children import Child
 from procmqtt.supervisor.pidfile import PidFile, is_supervisor_command
 from procmqtt.worker.base import Worker
 

@@ -25,7 +25,8 @@ from harness import (
 from procmqtt import Worker
 from procmqtt.config import from_mapping
 from procmqtt.errors import ExitCode
-from procmqtt.supervisor.arbiter import Child, Supervisor
+from procmqtt.supervisor.arbiter import Supervisor
+from procmqtt.supervisor.children import Child
 
 
 def _kill_children(record_dir: Path) -> None:
