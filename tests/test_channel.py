@@ -136,7 +136,8 @@ def _writer(sock: socket.socket, seed: int) -> None:
     n = 0
     while True:
         body = rng.randbytes(rng.choice(sizes))
-        channel.send(sock, channel.Publish(0, os.getpid() % 65536, n, "t", hashlib.sha1(body).digest() + body, 0, False))
+        payload = hashlib.sha1(body).digest() + body
+        channel.send(sock, channel.Publish(0, os.getpid() % 65536, n, "t", payload, 0, False))
         n += 1
 
 

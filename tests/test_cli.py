@@ -84,7 +84,8 @@ def test_bad_config_file_exits_2(tmp_path):
 
 @pytest.mark.parametrize("content, expected", [
     (b"\x7fELF\x02\x01\x01\x00\xff\xfe", "not a TOML file: byte 8 is not UTF-8 text"),
-    (b"[mqtt]\nconnect_timeout = inf\n", "[mqtt] connect_timeout: expected a number of seconds from 0.1 to 1000000, got inf"),
+    (b"[mqtt]\nconnect_timeout = inf\n",
+     "[mqtt] connect_timeout: expected a number of seconds from 0.1 to 1000000, got inf"),
     (b"[workers]\ntimeout = nan\n", "[workers] timeout: expected a number of seconds from 0 to 1000000, got nan"),
     (b'[mqtt]\nclient_id = "' + b"c" * 65_536 + b'"\n', "[mqtt] client_id: expected at most 65,535 UTF-8 bytes"),
     (b"[mqtt]\nusername = 'u'\npassword = 73217321\n",
@@ -215,7 +216,8 @@ def test_json_format_has_every_field(monkeypatch):
 def test_text_format_carries_time_pid_role_level(monkeypatch):
     monkeypatch.setattr(logs, "_role", "agent")
     line = logging.Formatter(logs.FORMAT).format(_record())
-    assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}} \[{os.getpid()}\] \[agent\] ERROR failed on a/b", line)
+    assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}} \[{os.getpid()}\] \[agent\] ERROR failed on a/b",
+                        line)
 
 
 @pytest.mark.timeout(90)

@@ -171,7 +171,8 @@ def test_embedded_broker_found_in_usr_sbin_off_path():
     result = subprocess.run([sys.executable, "-c", "import shutil; print(shutil.which('mosquitto'))"],
                             env=env, capture_output=True, text=True, timeout=10, check=True)
     assert result.stdout.strip() == "None"  # the premise: not on this PATH
-    result = subprocess.run([sys.executable, "-c", "import procmqtt.dev.embedded as e; print(e.EmbeddedBroker().binary)"],
+    code = "import procmqtt.dev.embedded as e; print(e.EmbeddedBroker().binary)"
+    result = subprocess.run([sys.executable, "-c", code],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=10, check=True)
     assert result.stdout.strip() == "/usr/sbin/mosquitto"
 

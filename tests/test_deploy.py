@@ -138,7 +138,8 @@ def test_logrotate_snippet_rotates_a_running_procmqtt(tmp_path, broker, runs):
     wait_until(lambda: log_file.exists() and "SIGUSR1: log file reopened" in log_file.read_text(), 10,
                "the supervisor to reopen after postrotate")
     publish_all(publisher(broker), [("boom", b"x")])
-    wait_until(lambda: "on_message failed for topic 'boom'" in log_file.read_text(), 10, "a worker line in the new file")
+    wait_until(lambda: "on_message failed for topic 'boom'" in log_file.read_text(), 10,
+               "a worker line in the new file")
     assert "on_message failed" not in (logs_dir / "procmqtt.log.1").read_text()
     run.signal(signal.SIGTERM)
     assert run.wait(30) == 0

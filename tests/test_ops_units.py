@@ -109,7 +109,8 @@ def test_reload_app_imports_a_package_afresh_and_restores_it_on_error(tmp_path, 
     (pkg / "__init__.py").write_text("")
     (pkg / "helpers.py").write_text("NAME = 'first'\n")
     (pkg / "app.py").write_text("from procmqtt import Worker\nfrom .helpers import NAME\n"
-                                "class App(Worker):\n    name = NAME\n\n    def on_message(self, message):\n        pass\n")
+                                "class App(Worker):\n    name = NAME\n\n"
+                                "    def on_message(self, message):\n        pass\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
@@ -221,7 +222,8 @@ def test_a_live_pid_refuses_the_start_only_when_it_is_a_procmqtt_supervisor(tmp_
     if kind == "tail":  # a pid reused by something else makes the file stale, whatever its arguments say
         other = subprocess.Popen(["tail", "-f", str(tmp_path / "procmqtt-notes.txt")], stdout=subprocess.DEVNULL)
     else:
-        other = _fake_procmqtt(tmp_path, *(("run", "app:A", "--pid", str(path)) if kind == "supervisor" else ("status",)))
+        args = ("run", "app:A", "--pid", str(path)) if kind == "supervisor" else ("status",)
+        other = _fake_procmqtt(tmp_path, *args)
     try:  # right after exec the kernel shows an empty or the parent's command line for a moment
         wait_until(lambda: Path(f"/proc/{other.pid}/cmdline").read_bytes().count(b"\0") > 2, 5, "the command line")
         path.write_text(f"{other.pid}\n")

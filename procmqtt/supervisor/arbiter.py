@@ -328,7 +328,7 @@ class Supervisor(Operations):
         self.control = deque(r for r in self.control if not isinstance(r, channel.WorkerExited))
 
         def main() -> int:
-            agent = Agent(self.config, self.client_id, self.upstream_agent, workers,  # type: ignore[arg-type]
+            agent = Agent(self.config, self.client_id, self.upstream_agent, workers,
                           self.state_dir, self.pid, self.shared, self.metrics_listener)
             return agent.run()
         self._fork("agent", -1, main, keep)
