@@ -201,6 +201,7 @@ def _record(exc: bool = False) -> logging.LogRecord:
     return record
 
 
+@pytest.mark.unit
 def test_json_format_has_every_field(monkeypatch):
     monkeypatch.setattr(logs, "_role", "worker-2")
     line = logs.JsonFormatter().format(_record(exc=True))
@@ -213,6 +214,7 @@ def test_json_format_has_every_field(monkeypatch):
     assert "exc_info" not in json.loads(logs.JsonFormatter().format(_record()))
 
 
+@pytest.mark.unit
 def test_text_format_carries_time_pid_role_level(monkeypatch):
     monkeypatch.setattr(logs, "_role", "agent")
     line = logging.Formatter(logs.FORMAT).format(_record())
@@ -305,6 +307,7 @@ def test_no_setproctitle_changes_nothing():
     assert result.returncode == 0 and result.stdout == "None\n", result.stderr
 
 
+@pytest.mark.unit
 def test_title_is_built_from_role_and_app_only(monkeypatch):
     seen = []
     monkeypatch.setattr(proctitle, "setproctitle", seen.append)

@@ -39,6 +39,7 @@ def unit_sections(text: str) -> dict[str, dict[str, list[str]]]:
     return sections
 
 
+@pytest.mark.unit
 def test_systemd_unit_says_what_the_readme_promises():
     unit = unit_sections((DEPLOY / "procmqtt.service").read_text())
     assert set(unit) == {"Unit", "Service", "Install"}
@@ -92,6 +93,7 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     return out
 
 
+@pytest.mark.unit
 def test_dockerfile_runs_procmqtt_in_exec_form_with_sigterm():
     instructions = dockerfile_instructions((DEPLOY / "Dockerfile").read_text())
     names = [name for name, _ in instructions]
