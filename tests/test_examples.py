@@ -1,8 +1,4 @@
-"""The examples: each through procmqtt.testing.WorkerHarness, and the transform end to end.
-
-The harness tests need ``procmqtt.testing`` and ``@route`` (the api branch); until both exist they
-skip, and run as soon as they do.
-"""
+"""The examples: each through procmqtt.testing.WorkerHarness, and the transform end to end."""
 
 from __future__ import annotations
 
@@ -37,10 +33,9 @@ def example(spec: str) -> type[procmqtt.Worker]:
 
 @pytest.fixture
 def WorkerHarness() -> Any:
-    testing = pytest.importorskip("procmqtt.testing")
-    if not hasattr(procmqtt, "route"):
-        pytest.skip("@route lands with the api branch")
-    return testing.WorkerHarness
+    from procmqtt.testing import WorkerHarness
+
+    return WorkerHarness
 
 
 @pytest.mark.unit
@@ -121,8 +116,6 @@ def test_async_client(WorkerHarness):
 @pytest.mark.parametrize("name", ["sensors.toml", "sensor_routes.toml", "transform.toml", "async_client.toml"])
 @pytest.mark.unit
 def test_example_configs_load(name):
-    if name == "async_client.toml" and "concurrency" not in config_mod.WorkersConfig.__dataclass_fields__:
-        pytest.skip("[workers] concurrency lands with the api branch")
     config = config_mod.load(str(EXAMPLES / name))
     assert config.workers.count >= 1
 
