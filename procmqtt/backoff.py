@@ -18,7 +18,7 @@ class Backoff:
         self.failures += 1
         if self.failures == 1:
             return 0.0
-        delay = min(self.cap, self.base * 2 ** (self.failures - 2))
+        delay: float = min(self.cap, self.base * 2 ** (self.failures - 2))
         return delay * (1 + random.uniform(-self.jitter, self.jitter))
 
     def reset(self) -> None:

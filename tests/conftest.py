@@ -1,18 +1,48 @@
+"""Fixtures for every test file, and the ``unit`` marker's promise.
+
+Without mosquitto the tests that need a broker are skipped with one reason (``harness.require_mosquitto``);
+``pytest -m unit`` runs the tests that need none and start no process, in seconds.
+"""
+
 from __future__ import annotations
 
+import inspect
+import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import MOSQUITTO, Mosquitto, Procmqtt
+from harness import MISSING_MOSQUITTO, MOSQUITTO, Mosquitto, Procmqtt, require_mosquitto
 
 from procmqtt.agent.brokersocket import BrokerSocket
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    if MOSQUITTO is None:
-        raise pytest.UsageError("the mosquitto binary is required (apt-get install mosquitto mosquitto-clients)")
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"mosquitto: {MOSQUITTO}" if MOSQUITTO else f"{MISSING_MOSQUITTO}; the tests that need it are skipped"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Every skip for a missing mosquitto names one place, so ``-ra`` sums them up in one line."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and isinstance(report.longrepr, tuple) and MISSING_MOSQUITTO in report.longrepr[2]:
+        path, line = inspect.getsourcefile(require_mosquitto), inspect.getsourcelines(require_mosquitto)[1]
+        report.longrepr = (path, line, report.longrepr[2])
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test marked ``unit`` that starts a process (a broker, procmqtt, a fork) fails, so the mark stays true."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a test marked unit must not start a process; drop the mark or the process")
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(os, "fork", refuse)
 
 
 @pytest.fixture

@@ -15,16 +15,37 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from procmqtt.dev.embedded import find_mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
-MOSQUITTO = find_mosquitto()  # PATH, else /usr/sbin (Debian's place, not on a normal user's PATH)
+MISSING_MOSQUITTO = "mosquitto not found: apt-get install mosquitto mosquitto-clients"
+
+
+def _mosquitto() -> str | None:
+    """PATH, else /usr/sbin (Debian's place, not on a normal user's PATH). PROCMQTT_TEST_MOSQUITTO
+    overrides the lookup for the tests alone: a path, or "none" to see the suite without a broker."""
+    override = os.environ.get("PROCMQTT_TEST_MOSQUITTO")
+    if override:
+        return None if override == "none" else override
+    return find_mosquitto()
+
+
+MOSQUITTO = _mosquitto()
+
+
+def require_mosquitto() -> str:
+    """The mosquitto binary; without one, the calling test is skipped (one reason for all of them)."""
+    if MOSQUITTO is None:
+        pytest.skip(MISSING_MOSQUITTO)
+    return MOSQUITTO
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
@@ -118,7 +139,6 @@ class Mosquitto:
                                    "/usr/lib/mosquitto_dynamic_security.so",
                                    "/usr/local/lib/mosquitto_dynamic_security.so") if os.path.exists(p)), None)
         if plugin is None:
-            import pytest
             pytest.skip("mosquitto_dynamic_security.so is not installed")
         acls = [{"priority": 0, **entry, "allow": False} for entry in self.deny or ()]
         config = {"defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True, "subscribe": True,
@@ -131,7 +151,7 @@ class Mosquitto:
 
     def start(self) -> None:
         config = self._write_config()
-        self.proc = subprocess.Popen([MOSQUITTO or "mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([require_mosquitto(), "-c", str(config)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         wait_until(self._accepts, 10, f"mosquitto on port {self.port}")
 
@@ -225,7 +245,7 @@ class Procmqtt:
         cmd = [sys.executable, "-m", "procmqtt", "run", app, *args]
         if config is not None:
             cmd += ["-c", config]
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the process, closed in cleanup
         # its own session, so a test can signal the whole process group as a terminal would
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env={**os.environ, **(env or {})}, start_new_session=True)

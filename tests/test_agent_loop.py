@@ -95,6 +95,7 @@ def test_two_instances_with_one_client_id_back_off_and_say_so_once(tmp_path, bro
         assert run.stop() == 0
 
 
+@pytest.mark.unit
 def test_poller_wait_takes_descriptors_above_1023_and_reports_eof_and_closed():
     import os
     import socket

@@ -42,6 +42,7 @@ def _sent(agent_up: socket.socket) -> list[channel.Record]:
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_the_sync_fails_only_what_the_dead_agent_took():
     agent_up, worker_up = channel.pair()
     agent_in, worker_in = channel.pair()
@@ -128,6 +129,7 @@ def test_await_publish_ends_when_the_agent_that_took_the_publish_is_killed(tmp_p
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_an_answer_for_a_worker_the_agent_does_not_know_yet_waits_for_its_worker_up(tmp_path):
     """A worker may publish (in on_start, say) before the supervisor's WorkerUp for it reaches the
     agent: the answer is kept for that worker, not dropped (its wait() would never end)."""

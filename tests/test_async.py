@@ -38,18 +38,21 @@ from procmqtt.worker.base import serve, uses_asyncio
 # --- configuration -----------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_concurrency_defaults_to_1_and_keeps_prefetch():
     cfg = from_mapping({})
     assert cfg.workers.concurrency == 1 and cfg.workers.prefetch == 16
 
 
 @pytest.mark.parametrize("value", [0, 1001, -1, "4", True, 2.5])
+@pytest.mark.unit
 def test_concurrency_is_checked(value):
     with pytest.raises(ConfigError) as info:
         from_mapping({"workers": {"concurrency": value}}, "p.toml")
     assert str(info.value) == f"p.toml: [workers] concurrency: expected an integer from 1 to 1000, got {value!r}"
 
 
+@pytest.mark.unit
 def test_prefetch_follows_concurrency_unless_set():
     assert from_mapping({"workers": {"concurrency": 100}}).workers.prefetch == 100
     assert from_mapping({"workers": {"concurrency": 8}}).workers.prefetch == 16
@@ -73,11 +76,13 @@ class AsyncStart(SyncApp):
     async def on_start(self) -> None: ...
 
 
+@pytest.mark.unit
 def test_async_apps_are_recognised():
     assert not uses_asyncio(SyncApp)
     assert uses_asyncio(AsyncRoute) and uses_asyncio(AsyncStart)
 
 
+@pytest.mark.unit
 def test_a_coroutine_reaching_the_sync_path_fails_loudly(caplog):
     class Sneaky(Worker):
         def on_message(self, message: Message) -> object:

@@ -141,6 +141,7 @@ def _expected(packets: list[bytes]) -> list:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 64, 1000, 70_000, None])
+@pytest.mark.unit
 def test_any_split_of_the_stream_gives_every_packet_once_in_order(size):
     stream = b"".join(MIXED)
     if size is None:
@@ -162,6 +163,7 @@ def test_any_split_of_the_stream_gives_every_packet_once_in_order(size):
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.unit
 def test_without_decoding_paho_gets_the_whole_stream_packet_by_packet():
     """MQTT 5 connections decode nothing here: paho reads every packet, none of them split."""
     out = _stream_through([b"".join(MIXED)[i:i + 7] for i in range(0, len(b"".join(MIXED)), 7)], fast=False)
@@ -169,6 +171,7 @@ def test_without_decoding_paho_gets_the_whole_stream_packet_by_packet():
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.unit
 def test_decoded_packets_match_paho_own_decoder():
     paho_packet = pytest.importorskip("paho.mqtt._packet")
     rng = random.Random(7)
@@ -189,6 +192,7 @@ def test_decoded_packets_match_paho_own_decoder():
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.unit
 def test_mqtt5_packets_without_properties_are_decoded_the_rest_left_to_paho():
     paho_packet = pytest.importorskip("paho.mqtt._packet")
     plain = publish_packet("v5/plain", b"p", 1, 9, v5_properties=b"")
@@ -218,6 +222,7 @@ def _body_length(packet: bytes) -> int:
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.unit
 def test_end_of_stream_inside_a_packet_reaches_paho_as_connection_lost():
     a, b = socket.socketpair()
     a.sendall(publish_packet("t", b"whole") + publish_packet("t", b"cut short")[:5])
@@ -235,6 +240,7 @@ def test_end_of_stream_inside_a_packet_reaches_paho_as_connection_lost():
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.unit
 def test_a_socket_error_is_raised_to_paho_after_the_buffered_packets():
     class Failing:
         def __init__(self) -> None:
@@ -255,6 +261,7 @@ def test_a_socket_error_is_raised_to_paho_after_the_buffered_packets():
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.unit
 def test_nothing_is_released_before_a_packet_is_whole():
     a, b = socket.socketpair()
     b.setblocking(False)
@@ -274,6 +281,7 @@ def test_nothing_is_released_before_a_packet_is_whole():
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_what_paho_writes_goes_out_in_one_send_and_before_close(pair):
     a, buf = pair
     assert buf.send(PUBACK) == 4 and buf.send(PINGRESP) == 2  # paho's sends: buffered, never blocking
@@ -287,6 +295,7 @@ def test_what_paho_writes_goes_out_in_one_send_and_before_close(pair):
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_a_failed_write_reaches_paho_as_connection_lost(pair):
     a, buf = pair
     a.close()
@@ -300,6 +309,7 @@ def test_a_failed_write_reaches_paho_as_connection_lost(pair):
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_a_full_socket_keeps_the_rest_for_the_next_flush(pair):
     a, buf = pair
     big = os.urandom(8 * 1024 * 1024)
@@ -396,6 +406,7 @@ def test_retained_message_keeps_its_flag(tmp_path, broker, runs):
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_tls_sockets_are_read_until_they_would_block():
     """A TLS socket returns one record per recv; fill keeps reading (the plain-socket shortcut is off).
     TLS end to end: tests/test_broker_features.py."""
@@ -406,6 +417,7 @@ def test_tls_sockets_are_read_until_they_would_block():
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_a_fifth_length_byte_goes_to_paho_to_refuse():
     """Remaining length takes at most four bytes: paho reads the fifth and reports a protocol error."""
     sock = _Arrivals([bytes([0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]) + b"rest", b"not yet"])

@@ -44,6 +44,7 @@ def _read_all(buf: BrokerSocket, count: int) -> list:
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.unit
 def test_the_read_buffer_shrinks_back_after_a_large_packet(pair):
     """Before: the buffer kept the size of the largest packet ever read (127 MB after 100 MB)."""
     a, buf = pair
@@ -56,6 +57,7 @@ def test_the_read_buffer_shrinks_back_after_a_large_packet(pair):
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.unit
 def test_growing_for_a_large_packet_allocates_it_once(pair):
     """Before: zeros were built and then copied in (bytes(n) + extend), about twice the packet at
     the peak, more while the unread bytes moved."""
@@ -76,6 +78,7 @@ def test_growing_for_a_large_packet_allocates_it_once(pair):
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_the_write_buffer_is_bounded_and_counts_what_the_kernel_took(pair):
     """Before: ``send`` took everything (589 MB with the broker stopped); now, past WRITE_LIMIT,
     paho is told "would block" and keeps the rest in its own queue."""
@@ -94,6 +97,7 @@ def test_the_write_buffer_is_bounded_and_counts_what_the_kernel_took(pair):
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_qos0_is_answered_only_once_the_kernel_has_its_bytes(pair):
     """paho calls a QoS 0 publish sent when ``BrokerSocket.send`` took it; the outbox waits for
     ``flush`` to hand its last byte to the kernel."""
@@ -178,6 +182,7 @@ def _drive(stream: bytes, cuts: list[int], *, v5: bool = False) -> list[tuple[st
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.binary(max_size=600), cuts=st.lists(st.integers(0, 10_000), max_size=8), v5=st.booleans())
+@pytest.mark.unit
 def test_random_bytes_never_break_the_framing(data, cuts, v5):
     """Anything a broker sends is consumed once, in order, without an exception or a hot loop."""
     _drive(data, cuts, v5=v5)
@@ -199,6 +204,7 @@ _malformed = st.sampled_from([
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(packets=st.lists(st.one_of(_publish, st.sampled_from([SUBACK, PUBACK, PINGRESP])), max_size=12),
        tail=st.one_of(st.just(b""), _malformed), cuts=st.lists(st.integers(0, 100_000), max_size=10))
+@pytest.mark.unit
 def test_packets_split_anywhere_agree_with_paho(packets, tail, cuts):
     """Valid packets in any split: every one exactly once and in order, decoded as paho decodes
     it, or handed to paho whole; a malformed one at the end goes to paho, which refuses it."""
@@ -233,11 +239,13 @@ def _decodable(packet: bytes) -> bool:
     return bool(topic)
 
 
+@pytest.mark.unit
 def test_the_length_helper_matches_the_spec():
     assert _length(127) == b"\x7f" and _length(128) == b"\x80\x01" and _length(268_435_455) == b"\xff\xff\xff\x7f"
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_tcp_sockets_send_without_nagle():
     """The agent writes once per pass already; with Nagle a publish waited for the broker's delayed
     ACK of the previous write (a handler echoing 300 messages one by one took 14.5 s, now 2 s:

@@ -14,7 +14,7 @@ from collections import deque
 import pytest
 
 from procmqtt.ipc import channel
-from procmqtt.message import EMPTY, Properties
+from procmqtt.message import EMPTY, Outcome, Properties
 
 FULL = Properties(user_properties=(("a", "1"), ("ü", "ß"), ("a", "2"), ("", "")), content_type="application/json",
                   response_topic="procmqtt/reply/x/3", correlation_data=b"\x00\xffcorr", message_expiry=0,
@@ -36,7 +36,7 @@ def roundtrip(record: channel.Record) -> channel.Record:
     channel.Deliver(1, "t", b"", 0, False, True),
     channel.Published(7, 0),
     channel.Done(123456789),
-    channel.Done(5, channel.Outcome.FAILED, 0.25),
+    channel.Done(5, Outcome.FAILED, 0.25),
     channel.Retire(3, 17),
     channel.WorkerExited(1023, 2**32 - 1),
     channel.Ready(1023, 2**31),
@@ -61,11 +61,13 @@ def roundtrip(record: channel.Record) -> channel.Record:
     channel.SyncAck(42, (1, 7, 41)),
     channel.SyncAck(2**40, tuple(range(1, 60_001))),  # a whole publish_buffer: through the memory file
 ])
+@pytest.mark.unit
 def test_records_round_trip(record):
     assert roundtrip(record) == record
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_an_mqtt311_delivery_costs_one_byte_more_than_before():
     """The properties flag is the only addition to a 3.1.1 delivery: head 14 -> 15 bytes."""
     plain = channel.encode(channel.Deliver(1, "t/1", b"12345", 1, False, False))
@@ -74,6 +76,7 @@ def test_an_mqtt311_delivery_costs_one_byte_more_than_before():
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_large_properties_travel_through_the_memory_file():
     many = Properties(user_properties=tuple((f"name-{i}", "v" * 1000) for i in range(300)))
     record = channel.Deliver(1, "big/props", os.urandom(1000), 1, False, False, many)
@@ -83,6 +86,7 @@ def test_large_properties_travel_through_the_memory_file():
 
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("size", [channel.INLINE_MAX - 100, channel.INLINE_MAX + 1, 5 * 1024 * 1024])
+@pytest.mark.unit
 def test_large_records_travel_whole(size):
     payload = os.urandom(size)
     got = roundtrip(channel.Publish(1, 1, 1, "big", payload, 1, False))
@@ -90,6 +94,7 @@ def test_large_records_travel_whole(size):
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_worker_up_carries_a_working_socket():
     agent_end, worker_end = channel.pair()
     up = roundtrip(channel.WorkerUp(2, 5, agent_end))
@@ -102,6 +107,7 @@ def test_worker_up_carries_a_working_socket():
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_batches_keep_order_and_split_at_the_datagram_limit():
     a, b = channel.pair()
     with a, b:
@@ -119,6 +125,7 @@ def test_batches_keep_order_and_split_at_the_datagram_limit():
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_full_channel_does_not_block_a_nonblocking_sender():
     a, b = channel.pair()
     with a, b:
@@ -136,7 +143,8 @@ def _writer(sock: socket.socket, seed: int) -> None:
     n = 0
     while True:
         body = rng.randbytes(rng.choice(sizes))
-        channel.send(sock, channel.Publish(0, os.getpid() % 65536, n, "t", hashlib.sha1(body).digest() + body, 0, False))
+        payload = hashlib.sha1(body).digest() + body
+        channel.send(sock, channel.Publish(0, os.getpid() % 65536, n, "t", payload, 0, False))
         n += 1
 
 

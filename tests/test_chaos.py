@@ -87,7 +87,7 @@ def test_2_agent_sigkilled_twice_mid_stream(tmp_path, broker, runs):
         os.kill(run.pids("agent")[-1], signal.SIGKILL)
         run.wait_for_log(r"started agent", count=n)
     wait_until(handled_all(sent, rec), 60, "all 5,000 handled")
-    lost, duplicates = tally(sent, rec)
+    lost, _duplicates = tally(sent, rec)
     assert lost == 0
     assert run.stop() == 0
 
@@ -117,7 +117,9 @@ def test_3_broker_sigkilled_and_restarted_while_workers_publish(tmp_path, persis
             wait_until(pub.is_connected, 20, "the test publisher to reconnect")
         time.sleep(0.001)
     wait_until(lambda: all(info.is_published() for info in infos), 60, "the test publisher to finish")
-    handled = lambda: {r["topic"][5:] for r in records(rec) if r["topic"].startswith("echo/")}
+
+    def handled() -> set[str]:
+        return {r["topic"][5:] for r in records(rec) if r["topic"].startswith("echo/")}
     wait_until(lambda: set(sent) <= handled(), 60, "every message handled")
     wait_until(lambda: set(sent) <= {m.topic[7:] for m in echoes.messages}, 60, "every echo delivered")
     got = Counter(r["topic"][5:] for r in records(rec) if r["topic"].startswith("echo/"))
@@ -164,7 +166,7 @@ def test_5_poison_message_is_dead_lettered_after_max_attempts(tmp_path, broker, 
     wait_until(lambda: dlq.payloads() == [b"deadly payload"], 30, "the poison message in the dead-letter topic")
     assert dlq.messages[0].topic == "dlq/poison"
     deaths = run.log().count("was killed by SIGKILL")
-    lost, duplicates = tally(sent, rec, f"poison_deaths={deaths} dead_lettered={len(dlq.messages)} ")
+    lost, _duplicates = tally(sent, rec, f"poison_deaths={deaths} dead_lettered={len(dlq.messages)} ")
     assert lost == 0 and deaths == 3
     assert "dead-lettering the message on 'poison'" in run.log()
     dlq.close()

@@ -122,6 +122,7 @@ ROUTES = (Route("sensors/{device}/temperature", "sensors/+/temperature", 1, "tem
           Route("commands/#", "commands/#", 1, "command", ()))
 
 
+@pytest.mark.unit
 def test_subscriptions_show_what_each_filter_reaches():
     cfg = config.from_mapping({"mqtt": {"topics": {"sensors/+/temperature": {"qos": 1},
                                                    "commands/#": {"qos": 0}, "other": {}}}})
@@ -134,6 +135,7 @@ def test_subscriptions_show_what_each_filter_reaches():
     }
 
 
+@pytest.mark.unit
 def test_check_lists_routes_from_routes_of(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(logs, "setup", lambda *a, **k: None)  # keep pytest's own log handlers
     seen = []
@@ -152,6 +154,7 @@ def test_check_lists_routes_from_routes_of(monkeypatch, capsys, tmp_path):
     ]
 
 
+@pytest.mark.unit
 def test_a_bad_route_stops_check_with_its_code(monkeypatch, capsys):
     class BadRoute(AppError):
         exit_code = 2
@@ -166,6 +169,7 @@ def test_a_bad_route_stops_check_with_its_code(monkeypatch, capsys):
     assert captured.err == "procmqtt: error: Recorder.temperature: route 'a/#/b': '#' must be the last level\n"
 
 
+@pytest.mark.unit
 def test_no_subscriptions_is_said_plainly():
     assert "none" in check.render_subscriptions([])
 
@@ -174,11 +178,13 @@ def test_no_subscriptions_is_said_plainly():
     ("a\"b\\c\n", '"a\\"b\\\\c\\n"'), (True, "true"), (3, "3"), (2.5, "2.5"), ([1, "x"], '[1, "x"]'),
     ({}, "{}"), ({"a b": 1}, '{ "a b" = 1 }'), (config.Secret("pw"), '"********"'),
 ])
+@pytest.mark.unit
 def test_values_render_as_toml(value, text):
     assert check._toml(value) == text
     assert tomllib.loads(f"v = {text}")["v"] == (value if not isinstance(value, config.Secret) else "********")
 
 
+@pytest.mark.unit
 def test_app_secrets_are_masked_at_any_depth():
     cfg = config.from_mapping({"app": {"secrets": {"db": "p1", "list": ["p2"]}, "clientSecret": "p3",
                                        "password_hint": 4, "plain": "visible"}})
@@ -204,6 +210,7 @@ def test_check_prints_broker_feature_tables_and_the_shared_filters(tmp_path: Pat
 
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("protocol, window", [("3.1.1", 1000), ("5", 20)])
+@pytest.mark.unit
 def test_the_max_inflight_in_effect_is_printed_not_left_unset(protocol, window):
     text = check.render_config(config.from_mapping({"mqtt": {"protocol": protocol}}))
     assert f"max_inflight = {window}  # default for MQTT {protocol}" in text

@@ -84,7 +84,8 @@ def test_bad_config_file_exits_2(tmp_path):
 
 @pytest.mark.parametrize("content, expected", [
     (b"\x7fELF\x02\x01\x01\x00\xff\xfe", "not a TOML file: byte 8 is not UTF-8 text"),
-    (b"[mqtt]\nconnect_timeout = inf\n", "[mqtt] connect_timeout: expected a number of seconds from 0.1 to 1000000, got inf"),
+    (b"[mqtt]\nconnect_timeout = inf\n",
+     "[mqtt] connect_timeout: expected a number of seconds from 0.1 to 1000000, got inf"),
     (b"[workers]\ntimeout = nan\n", "[workers] timeout: expected a number of seconds from 0 to 1000000, got nan"),
     (b'[mqtt]\nclient_id = "' + b"c" * 65_536 + b'"\n', "[mqtt] client_id: expected at most 65,535 UTF-8 bytes"),
     (b"[mqtt]\nusername = 'u'\npassword = 73217321\n",
@@ -200,6 +201,7 @@ def _record(exc: bool = False) -> logging.LogRecord:
     return record
 
 
+@pytest.mark.unit
 def test_json_format_has_every_field(monkeypatch):
     monkeypatch.setattr(logs, "_role", "worker-2")
     line = logs.JsonFormatter().format(_record(exc=True))
@@ -212,10 +214,12 @@ def test_json_format_has_every_field(monkeypatch):
     assert "exc_info" not in json.loads(logs.JsonFormatter().format(_record()))
 
 
+@pytest.mark.unit
 def test_text_format_carries_time_pid_role_level(monkeypatch):
     monkeypatch.setattr(logs, "_role", "agent")
     line = logging.Formatter(logs.FORMAT).format(_record())
-    assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}} \[{os.getpid()}\] \[agent\] ERROR failed on a/b", line)
+    assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}} \[{os.getpid()}\] \[agent\] ERROR failed on a/b",
+                        line)
 
 
 @pytest.mark.timeout(90)
@@ -303,6 +307,7 @@ def test_no_setproctitle_changes_nothing():
     assert result.returncode == 0 and result.stdout == "None\n", result.stderr
 
 
+@pytest.mark.unit
 def test_title_is_built_from_role_and_app_only(monkeypatch):
     seen = []
     monkeypatch.setattr(proctitle, "setproctitle", seen.append)

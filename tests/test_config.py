@@ -29,6 +29,7 @@ def error_of(tmp_path: Path, text: str) -> str:
     return message
 
 
+@pytest.mark.unit
 def test_full_file(tmp_path, monkeypatch):
     monkeypatch.setenv("MQ_PW", "s3cret")
     cfg = load_text(tmp_path, """
@@ -59,6 +60,7 @@ anything = { goes = [1, 2] }
     assert "s3cret" not in repr(cfg) and "s3cret" not in str(cfg.mqtt)
 
 
+@pytest.mark.unit
 def test_defaults_without_a_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = config.load(None)
@@ -66,12 +68,14 @@ def test_defaults_without_a_file(tmp_path, monkeypatch):
     assert cfg.workers.count == config.DEFAULT_WORKERS and cfg.mqtt.topics == ()
 
 
+@pytest.mark.unit
 def test_default_file_is_used_when_present(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "procmqtt.toml").write_text("[workers]\ncount = 3\n")
     assert config.load(None).workers.count == 3
 
 
+@pytest.mark.unit
 def test_password_file(tmp_path):
     (tmp_path / "pw").write_text("from-file\n")
     cfg = load_text(tmp_path, f'[mqtt]\nusername = "u"\npassword_file = "{tmp_path / "pw"}"\n')
@@ -102,15 +106,18 @@ def test_password_file(tmp_path):
     ("[mqtt]\npassword_env = 'PROCMQTT_TEST_UNSET_VAR'\n", "environment variable PROCMQTT_TEST_UNSET_VAR is not set"),
     ("[mqtt]\npassword_file = '/nonexistent/pw'\n", "password_file: cannot read /nonexistent/pw"),
 ])
+@pytest.mark.unit
 def test_mistakes_name_file_key_and_expectation(tmp_path, text, expected):
     assert expected in error_of(tmp_path, text)
 
 
+@pytest.mark.unit
 def test_missing_file():
     with pytest.raises(ConfigError, match=r"^/nonexistent/procmqtt.toml: no such configuration file$"):
         config.load("/nonexistent/procmqtt.toml")
 
 
+@pytest.mark.unit
 def test_password_never_in_errors(tmp_path):
     message = error_of(tmp_path, "[mqtt]\npassword = 'hunter2'\nport = 0\n")
     assert "hunter2" not in message
@@ -123,6 +130,7 @@ def test_password_never_in_errors(tmp_path):
     ("mqtts://broker", "broker", 8883, None),
     ("wss://svc@broker/ws", "broker", 443, "svc"),
 ])
+@pytest.mark.unit
 def test_broker_override(url, host, port, user):
     cfg = config.with_overrides(config.Config(), broker=url, workers=3)
     assert (cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.username, cfg.workers.count) == (host, port, user, 3)
@@ -134,22 +142,26 @@ def test_broker_override(url, host, port, user):
     ("mqtt://host:notaport", "expected mqtt://, mqtts://, ws:// or wss:// followed by [user@]host[:port]"),
     ("host:1883", "expected mqtt://, mqtts://, ws:// or wss:// followed by [user@]host[:port]"),
 ])
+@pytest.mark.unit
 def test_bad_broker_url(url, expected):
     with pytest.raises(ConfigError) as info:
         config.with_overrides(config.Config(), broker=url)
     assert expected in str(info.value) and "hunter2" not in str(info.value)
 
 
+@pytest.mark.unit
 def test_bad_worker_count_flag():
     with pytest.raises(ConfigError, match="--workers: expected an integer from 1 to 1024, got 0"):
         config.with_overrides(config.Config(), workers=0)
 
 
+@pytest.mark.unit
 def test_default_client_id_is_stable_and_app_specific():
     assert config.default_client_id("a:B") == config.default_client_id("a:B")
     assert config.default_client_id("a:B") != config.default_client_id("a:C")
 
 
+@pytest.mark.unit
 def test_dispatchers():
     from procmqtt.agent.dispatch import RandomDispatcher, RoundRobinDispatcher
     rr = RoundRobinDispatcher()
@@ -159,6 +171,7 @@ def test_dispatchers():
     assert {rnd.choose([3, 5]) for _ in range(200)} == {3, 5}
 
 
+@pytest.mark.unit
 def test_workers_are_not_capped_by_the_publish_buffer():
     """-w 64 (and up to 1,024) with the default publish_buffer: the agent queues past paho's ids."""
     assert config.with_overrides(config.from_mapping({}, "f.toml"), workers=64).workers.count == 64
@@ -174,6 +187,7 @@ def test_workers_are_not_capped_by_the_publish_buffer():
     ("ws://b:9001", False, "websockets", "/mqtt"),
     ("wss://b/custom", True, "websockets", "/custom"),
 ])
+@pytest.mark.unit
 def test_broker_url_scheme_sets_tls_and_transport(url, tls, transport, ws_path):
     m = config.with_overrides(config.Config(), broker=url).mqtt
     assert (m.tls is not None, m.transport, m.ws_path) == (tls, transport, ws_path)
@@ -184,6 +198,7 @@ def certificates(tmp_path_factory):
     return certs.make(tmp_path_factory.mktemp("certs"))
 
 
+@pytest.mark.unit
 def test_tls_will_birth_and_share_group_tables(certificates):
     ca = certificates.ca
     cfg = config.from_mapping({"mqtt": {
@@ -207,11 +222,13 @@ def test_tls_will_birth_and_share_group_tables(certificates):
     ("[mqtt.tls]\ncafile = 'x'\n", "[mqtt.tls] unknown key 'cafile'"),
     ("[mqtt]\ntransport = 'udp'\n", "[mqtt] transport: expected one of \"tcp\", \"websockets\""),
 ])
+@pytest.mark.unit
 def test_broker_feature_mistakes(tmp_path, toml, expected):
     assert expected in error_of(tmp_path, toml)
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_max_inflight_defaults_by_protocol_and_paho_leaves_it_to_the_agent():
     from procmqtt.agent.connection import make_client
     assert config.from_mapping({"mqtt": {}}).mqtt.inflight() == 1000
@@ -225,6 +242,7 @@ def test_max_inflight_defaults_by_protocol_and_paho_leaves_it_to_the_agent():
 
 # --- what used to escape as a traceback or an agent crash loop (issue 11, point 16) ----------------
 
+@pytest.mark.unit
 def test_binary_file_is_one_line_error(tmp_path):
     (tmp_path / "p.toml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
     with pytest.raises(ConfigError) as info:
@@ -232,10 +250,12 @@ def test_binary_file_is_one_line_error(tmp_path):
     assert str(info.value) == f"{tmp_path / 'p.toml'}: not a TOML file: byte 0 is not UTF-8 text"
 
 
+@pytest.mark.unit
 def test_deeply_nested_toml_is_one_line_error(tmp_path):
     assert "nested too deeply" in error_of(tmp_path, "a = " + "[" * 100_000)
 
 
+@pytest.mark.unit
 def test_huge_file_is_refused_without_reading_it_all(tmp_path, monkeypatch):
     monkeypatch.setattr(loader, "MAX_FILE_BYTES", 100)  # where _read finds it
     assert error_of(tmp_path, "# " + "x" * 200 + "\n").endswith("not a configuration file: larger than 0 MiB")
@@ -245,12 +265,14 @@ def test_huge_file_is_refused_without_reading_it_all(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("key", ["publish_timeout", "connect_timeout", "graceful_timeout", "timeout"])
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e300", "1e10"])
+@pytest.mark.unit
 def test_durations_must_be_finite_and_bounded(tmp_path, key, value):
     section = "mqtt" if key in ("publish_timeout", "connect_timeout") else "workers"
     message = error_of(tmp_path, f"[{section}]\n{key} = {value}\n")
     assert f"[{section}] {key}: expected a number of seconds from " in message and "to 1000000" in message
 
 
+@pytest.mark.unit
 def test_durations_at_the_bound_are_accepted(tmp_path):
     cfg = load_text(tmp_path, "[mqtt]\nconnect_timeout = 1000000\n[workers]\ntimeout = 0\n")
     assert cfg.mqtt.connect_timeout == 1_000_000 and cfg.workers.timeout == 0
@@ -264,12 +286,14 @@ def test_durations_at_the_bound_are_accepted(tmp_path):
     ("client_id", "a\udcffb", "[mqtt] client_id: expected valid UTF-8 text"),  # from the environment
     ("host", "h\x00", "[mqtt] host: expected a string without NUL characters"),
 ])
+@pytest.mark.unit
 def test_strings_that_go_on_the_wire_are_checked(key, value, expected):
     with pytest.raises(ConfigError) as info:
         config.from_mapping({"mqtt": {key: value}}, "f.toml")
     assert str(info.value).startswith(f"f.toml: {expected}") and len(str(info.value)) < 300
 
 
+@pytest.mark.unit
 def test_client_id_of_exactly_65535_bytes_is_accepted():
     assert len(config.from_mapping({"mqtt": {"client_id": "é" * 32_767 + "a"}}).mqtt.client_id) == 32_768
 
@@ -285,12 +309,14 @@ def test_client_id_of_exactly_65535_bytes_is_accepted():
     ({"topics": {"x" * 70_000: {}}}, (f'[mqtt.topics] "{"x" * 57}...": expected a valid MQTT topic filter (a topic '
                                       "filter must be at most 65535 bytes)")),
 ])
+@pytest.mark.unit
 def test_will_birth_and_filters_fit_the_wire(table, expected):
     with pytest.raises(ConfigError) as info:
         config.from_mapping({"mqtt": table}, "f.toml")
     assert str(info.value).startswith(f"f.toml: {expected}")
 
 
+@pytest.mark.unit
 def test_birth_payload_is_a_publish_not_a_connect_field():
     birth = config.from_mapping({"mqtt": {"birth": {"topic": "b", "payload": "x" * 100_000}}}).mqtt.birth
     assert birth is not None and len(birth.payload) == 100_000
@@ -298,6 +324,7 @@ def test_birth_payload_is_a_publish_not_a_connect_field():
 
 @pytest.mark.parametrize("value", [73217321, 7321.7321, True, ["hunter2"], {"x": "hunter2"}, "hunter2" * 10_000,
                                    "hunter2\udcff"])
+@pytest.mark.unit
 def test_password_of_any_wrong_kind_is_never_shown(value):
     with pytest.raises(ConfigError) as info:
         config.from_mapping({"mqtt": {"username": "u", "password": value}}, "f.toml")
@@ -306,6 +333,7 @@ def test_password_of_any_wrong_kind_is_never_shown(value):
     assert "hunter2" not in message and "7321" not in message and "True" not in message
 
 
+@pytest.mark.unit
 def test_password_from_a_file_or_variable_is_checked_and_not_shown(tmp_path):
     (tmp_path / "pw").write_text("hunter2" * 10_000)
     with pytest.raises(ConfigError) as info:
@@ -318,6 +346,7 @@ def test_password_from_a_file_or_variable_is_checked_and_not_shown(tmp_path):
     assert "hunter2" not in str(info.value)
 
 
+@pytest.mark.unit
 def test_environment_values_are_checked_for_the_wire():
     with pytest.raises(ConfigError) as info:
         config.resolve("/dev/null", environ={"PROCMQTT_MQTT_CLIENT_ID": "x" * 70_000})
@@ -332,6 +361,7 @@ def _tls_error(tmp_path: Path, **tls: str) -> str:
     return error_of(tmp_path, f"[mqtt.tls]\n{lines}")
 
 
+@pytest.mark.unit
 def test_tls_files_must_be_certificates(tmp_path, certificates):
     (tmp_path / "notes.txt").write_text("not a certificate\n")
     assert _tls_error(tmp_path, ca_certs=tmp_path / "notes.txt").endswith(
@@ -357,6 +387,7 @@ def test_encrypted_tls_key_is_refused_without_a_prompt(tmp_path, certificates):
                             "unencrypted (readable by its user only)")
 
 
+@pytest.mark.unit
 def test_a_newline_or_escape_sequence_in_what_the_user_gave_stays_escaped(tmp_path):
     message = error_of(tmp_path, '[mqtt]\n"ho\\nst\\u001b[31m" = 1\n')  # error_of: one line
     assert "unknown key 'ho\\nst\\x1b[31m'" in message

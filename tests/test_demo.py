@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import ROOT, Procmqtt, records, wait_until
+from harness import ROOT, Procmqtt, records, require_mosquitto, wait_until
 from harness import _alive as alive
 
 from procmqtt.dev.embedded import INSTALL_HINT
@@ -64,6 +64,7 @@ class Demo:
 
 @pytest.fixture
 def demos():
+    require_mosquitto()
     started: list[Demo] = []
     yield started
     for demo in started:
@@ -117,6 +118,7 @@ def test_demo_ctrl_c_stops_gracefully(tmp_path, demos):
 @pytest.mark.timeout(60)
 def test_run_with_embedded_broker(tmp_path, runs):
     """mosquitto_pub reaches the app; a broker that dies is restarted on the same port; stop is clean."""
+    require_mosquitto()
     record_dir = tmp_path / "records"
     record_dir.mkdir()
     cfg = tmp_path / "embedded.toml"
@@ -171,7 +173,8 @@ def test_embedded_broker_found_in_usr_sbin_off_path():
     result = subprocess.run([sys.executable, "-c", "import shutil; print(shutil.which('mosquitto'))"],
                             env=env, capture_output=True, text=True, timeout=10, check=True)
     assert result.stdout.strip() == "None"  # the premise: not on this PATH
-    result = subprocess.run([sys.executable, "-c", "import procmqtt.dev.embedded as e; print(e.EmbeddedBroker().binary)"],
+    code = "import procmqtt.dev.embedded as e; print(e.EmbeddedBroker().binary)"
+    result = subprocess.run([sys.executable, "-c", code],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=10, check=True)
     assert result.stdout.strip() == "/usr/sbin/mosquitto"
 
@@ -190,10 +193,12 @@ def test_demo_usage_errors(args, expected):
     assert len(lines) == 1 and lines[0].startswith(f"procmqtt: error: {expected}")
 
 
-def test_embedded_config_is_private(tmp_path):
-    from procmqtt.dev.embedded import EmbeddedBroker
+@pytest.mark.unit
+def test_embedded_config_is_private(tmp_path, monkeypatch):
+    from procmqtt.dev import embedded
 
-    broker = EmbeddedBroker()
+    monkeypatch.setattr(embedded, "find_mosquitto", lambda: "mosquitto")  # the config needs no binary
+    broker = embedded.EmbeddedBroker()
     broker.dir = tmp_path
     lines = broker.config_text().splitlines()
     assert f"listener {broker.port} 127.0.0.1" in lines and broker.port != 1883

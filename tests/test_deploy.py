@@ -14,7 +14,7 @@ from harness import ROOT, publish_all, publisher, start, wait_until
 
 from procmqtt.config import DEFAULT_GRACEFUL_TIMEOUT
 from procmqtt.errors import ExitCode
-from procmqtt.supervisor.arbiter import STOP_MARGIN
+from procmqtt.supervisor.operations import STOP_MARGIN
 
 DEPLOY = ROOT / "examples" / "deploy"
 
@@ -39,6 +39,7 @@ def unit_sections(text: str) -> dict[str, dict[str, list[str]]]:
     return sections
 
 
+@pytest.mark.unit
 def test_systemd_unit_says_what_the_readme_promises():
     unit = unit_sections((DEPLOY / "procmqtt.service").read_text())
     assert set(unit) == {"Unit", "Service", "Install"}
@@ -92,6 +93,7 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     return out
 
 
+@pytest.mark.unit
 def test_dockerfile_runs_procmqtt_in_exec_form_with_sigterm():
     instructions = dockerfile_instructions((DEPLOY / "Dockerfile").read_text())
     names = [name for name, _ in instructions]
@@ -138,7 +140,8 @@ def test_logrotate_snippet_rotates_a_running_procmqtt(tmp_path, broker, runs):
     wait_until(lambda: log_file.exists() and "SIGUSR1: log file reopened" in log_file.read_text(), 10,
                "the supervisor to reopen after postrotate")
     publish_all(publisher(broker), [("boom", b"x")])
-    wait_until(lambda: "on_message failed for topic 'boom'" in log_file.read_text(), 10, "a worker line in the new file")
+    wait_until(lambda: "on_message failed for topic 'boom'" in log_file.read_text(), 10,
+               "a worker line in the new file")
     assert "on_message failed" not in (logs_dir / "procmqtt.log.1").read_text()
     run.signal(signal.SIGTERM)
     assert run.wait(30) == 0

@@ -49,6 +49,7 @@ def hello(request: endpoint.Request) -> endpoint.Response:
 # --- in-process -----------------------------------------------------------------------------------
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_routes_and_errors(listener):
     port = listener.getsockname()[1]
     server = served(listener, {"/hello": hello})
@@ -75,6 +76,7 @@ def test_routes_and_errors(listener):
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300) | st.builds(lambda a, b: a + b"\r\n\r\n" + b, st.binary(max_size=200),
                                            st.binary(max_size=20)))
+@pytest.mark.unit
 def test_parse_never_raises(data):
     """Whatever a client sends, parse() answers: a request, an error to send, or 'not whole yet'."""
     found = endpoint.parse(data)
@@ -84,6 +86,7 @@ def test_parse_never_raises(data):
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_a_failing_handler_is_a_500_and_the_server_goes_on(listener, caplog):
     port = listener.getsockname()[1]
 
@@ -99,6 +102,7 @@ def test_a_failing_handler_is_a_500_and_the_server_goes_on(listener, caplog):
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_an_idle_or_slow_client_is_closed_at_the_deadline(listener):
     port = listener.getsockname()[1]
     server = served(listener, {"/hello": hello}, deadline=0.5)
@@ -115,6 +119,7 @@ def test_an_idle_or_slow_client_is_closed_at_the_deadline(listener):
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_when_every_slot_is_taken_new_clients_wait_in_the_accept_queue(listener):
     port = listener.getsockname()[1]
     server = served(listener, {"/hello": hello}, max_connections=2, deadline=1.0)
@@ -138,6 +143,7 @@ def test_when_every_slot_is_taken_new_clients_wait_in_the_accept_queue(listener)
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_handlers_get_a_bounded_share_of_the_time(listener):
     """A client asking in a loop cannot keep the thread, and so the agent's GIL, busy."""
     port = listener.getsockname()[1]
@@ -157,6 +163,7 @@ def test_handlers_get_a_bounded_share_of_the_time(listener):
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_metrics_answer_as_prometheus_client_does(listener):
     """Same bytes as ``exposition`` (what prometheus_client's handler served), OpenMetrics and gzip on request."""
     port = listener.getsockname()[1]

@@ -64,6 +64,7 @@ def toml_file(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
+@pytest.mark.unit
 def test_every_scalar_key_has_a_variable():
     expected = {variable(k) for k in SAMPLES} | {
         "PROCMQTT_MQTT_PASSWORD", "PROCMQTT_MQTT_PASSWORD_ENV", "PROCMQTT_MQTT_PASSWORD_FILE"}
@@ -72,6 +73,7 @@ def test_every_scalar_key_has_a_variable():
     assert not [v for v in config.env_variables() if v.startswith("PROCMQTT_APP_")]
 
 
+@pytest.mark.unit
 def test_a_key_added_to_the_schema_gets_a_variable(monkeypatch):
     """Another section ([metrics]) or key ([workers] concurrency) needs no code here."""
     monkeypatch.setitem(config._SECTIONS, "metrics", {"port": config._integer(1, 65535), "host": config._text})
@@ -85,6 +87,7 @@ def test_a_key_added_to_the_schema_gets_a_variable(monkeypatch):
 
 
 @pytest.mark.parametrize("key", list(SAMPLES))
+@pytest.mark.unit
 def test_precedence_key_by_key(tmp_path, key):
     section, name = key.split(".")
     file_text, env_text, env_value = SAMPLES[key]
@@ -106,6 +109,7 @@ def test_precedence_key_by_key(tmp_path, key):
     assert value_of(only_env, key) == env_value
 
 
+@pytest.mark.unit
 def test_command_line_wins_over_environment_and_file(tmp_path):
     path = toml_file(tmp_path, '[mqtt]\nhost = "file"\nport = 1884\nusername = "fu"\n[workers]\ncount = 2\n')
     env = {"PROCMQTT_WORKERS_COUNT": "3", "PROCMQTT_MQTT_HOST": "env", "PROCMQTT_MQTT_PORT": "1885"}
@@ -133,6 +137,7 @@ def test_command_line_precedence_through_the_real_command(tmp_path):
     assert shown["workers"]["count"] == 4 and shown["workers"]["prefetch"] == 7
 
 
+@pytest.mark.unit
 def test_password_from_environment_replaces_any_form_in_the_file(tmp_path, monkeypatch):
     path = toml_file(tmp_path, '[mqtt]\nusername = "u"\npassword_env = "SOME_UNSET_VARIABLE_X"\n')
     cfg = config.resolve(path, environ={"PROCMQTT_MQTT_PASSWORD": "env-secret"})
@@ -160,12 +165,14 @@ def test_password_from_environment_replaces_any_form_in_the_file(tmp_path, monke
     ({"PROCMQTT_MQTT_PASSWORD": "a", "PROCMQTT_MQTT_PASSWORD_FILE": "/f"},
      "set only one of PROCMQTT_MQTT_PASSWORD, PROCMQTT_MQTT_PASSWORD_FILE"),
 ])
+@pytest.mark.unit
 def test_bad_values_name_the_variable(env, expected):
     with pytest.raises(ConfigError) as info:
         config.resolve(None, environ=env)
     assert str(info.value).startswith(expected) and "\n" not in str(info.value)
 
 
+@pytest.mark.unit
 def test_publish_buffer_times_workers_is_not_capped():
     """It was, at paho's 16-bit message ids; the agent queues what paho cannot number (outbox.py)."""
     cfg = config.resolve(None, environ={"PROCMQTT_MQTT_PUBLISH_BUFFER": "30000", "PROCMQTT_WORKERS_COUNT": "300"})
@@ -173,6 +180,7 @@ def test_publish_buffer_times_workers_is_not_capped():
 
 
 @pytest.mark.parametrize("text, value", [("true", True), ("1", True), ("FALSE", False), ("0", False)])
+@pytest.mark.unit
 def test_booleans(text, value):
     assert config.resolve(None, environ={"PROCMQTT_MQTT_CLEAN_SESSION": text}).mqtt.clean_session is value
 
@@ -183,6 +191,7 @@ def test_booleans(text, value):
     ("PROCMQTT_MQTT_TOPICS", "PROCMQTT_MQTT_TOPICS: ignored; [mqtt.topics] is set in the configuration file only"),
     ("PROCMQTT_APP_ALERT_ABOVE", "PROCMQTT_APP_ALERT_ABOVE: ignored; [app] is set in the configuration file only"),
 ])
+@pytest.mark.unit
 def test_unknown_variables_warn_with_the_nearest_name(caplog, name, message):
     with caplog.at_level(logging.WARNING, logger="procmqtt.config"):
         cfg = config.resolve(None, environ={name: "s3cret-value"})
@@ -191,6 +200,7 @@ def test_unknown_variables_warn_with_the_nearest_name(caplog, name, message):
     assert "s3cret-value" not in caplog.text
 
 
+@pytest.mark.unit
 def test_other_variables_are_left_alone(caplog):
     env = {"PROCMQTT_LOG_FORMAT": "json", "PROCMQTT_SOMETHING_ELSE": "1", "MQTT_HOST": "x"}
     with caplog.at_level(logging.WARNING):
@@ -198,6 +208,7 @@ def test_other_variables_are_left_alone(caplog):
     assert caplog.messages == []
 
 
+@pytest.mark.unit
 def test_config_file_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "procmqtt.toml").write_text("[workers]\ncount = 2\n")
@@ -211,6 +222,7 @@ def test_config_file_from_the_environment(tmp_path, monkeypatch):
         config.resolve(None, environ={"PROCMQTT_CONFIG": "/nonexistent.toml"})
 
 
+@pytest.mark.unit
 def test_a_mistake_in_the_file_still_names_the_file(tmp_path):
     path = toml_file(tmp_path, "[workers]\ncount = 0\n")
     with pytest.raises(ConfigError, match=r"p.toml: \[workers\] count: expected an integer from 1 to 1024, got 0"):

@@ -1,8 +1,4 @@
-"""The examples: each through procmqtt.testing.WorkerHarness, and the transform end to end.
-
-The harness tests need ``procmqtt.testing`` and ``@route`` (the api branch); until both exist they
-skip, and run as soon as they do.
-"""
+"""The examples: each through procmqtt.testing.WorkerHarness, and the transform end to end."""
 
 from __future__ import annotations
 
@@ -37,12 +33,12 @@ def example(spec: str) -> type[procmqtt.Worker]:
 
 @pytest.fixture
 def WorkerHarness() -> Any:
-    testing = pytest.importorskip("procmqtt.testing")
-    if not hasattr(procmqtt, "route"):
-        pytest.skip("@route lands with the api branch")
-    return testing.WorkerHarness
+    from procmqtt.testing import WorkerHarness
+
+    return WorkerHarness
 
 
+@pytest.mark.unit
 def test_sensors(WorkerHarness):
     with WorkerHarness(example("sensors.py:Sensors"), config={"app": {"alert_above": 30.0}}) as h:
         h.deliver("sensors/d1/temperature", b'{"celsius": 21.5}')
@@ -50,6 +46,7 @@ def test_sensors(WorkerHarness):
         assert h.published == [("alerts/d2", b'{"device":"d2","celsius":31.5}', 1, False)]
 
 
+@pytest.mark.unit
 def test_sensor_routes(WorkerHarness):
     from procmqtt.worker.routes import routes_of
 
@@ -72,6 +69,7 @@ def request(method_args: dict[str, Any], reply_to: Any = "replies/me", correlati
     return json.dumps({"reply_to": reply_to, "correlation_id": correlation_id, "args": method_args}).encode()
 
 
+@pytest.mark.unit
 def test_request_reply(WorkerHarness):
     with WorkerHarness(example("request_reply.py:Calculator")) as h:
         h.deliver("rpc/sum", request({"numbers": [1, 2, 3.5]}))
@@ -87,6 +85,7 @@ def test_request_reply(WorkerHarness):
         assert replies[2]["correlation_id"] == "44" and "unknown method 'cube'" in replies[2]["error"]
 
 
+@pytest.mark.unit
 def test_transform(WorkerHarness):
     app = example("transform.py:Transform")
     transform = sys.modules[app.__module__].transform
@@ -101,6 +100,7 @@ def test_transform(WorkerHarness):
         ]
 
 
+@pytest.mark.unit
 def test_async_client(WorkerHarness):
     app = example("async_client.py:Enricher")
     with WorkerHarness(app, config={"app": {"latency": 0.01}}) as h:
@@ -114,9 +114,8 @@ def test_async_client(WorkerHarness):
 
 
 @pytest.mark.parametrize("name", ["sensors.toml", "sensor_routes.toml", "transform.toml", "async_client.toml"])
+@pytest.mark.unit
 def test_example_configs_load(name):
-    if name == "async_client.toml" and "concurrency" not in config_mod.WorkersConfig.__dataclass_fields__:
-        pytest.skip("[workers] concurrency lands with the api branch")
     config = config_mod.load(str(EXAMPLES / name))
     assert config.workers.count >= 1
 

@@ -57,6 +57,7 @@ def busy_counters() -> metrics.Counters:
 # --- in-process: counters, exposition, parsing, rendering ----------------------------------------
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_exposition_has_exactly_the_contract_names():
     text = metrics.exposition(busy_counters().snapshot()).decode()
     types = dict(line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE"))
@@ -64,6 +65,7 @@ def test_exposition_has_exactly_the_contract_names():
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_snapshot_survives_exposition_and_parsing():
     snap = busy_counters().snapshot()
     back = status.parse(metrics.exposition(snap).decode())
@@ -75,6 +77,7 @@ def test_snapshot_survives_exposition_and_parsing():
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_histogram_buckets_count_and_sum():
     snap = busy_counters().snapshot()
     buckets = dict(snap.buckets)
@@ -90,6 +93,7 @@ def test_histogram_buckets_count_and_sum():
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_restart_totals_only_grow():
     """A total queued for a dead agent may reach its successor after a newer one: keep the larger."""
     c = metrics.Counters(1)
@@ -99,6 +103,7 @@ def test_restart_totals_only_grow():
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_render_rows_rates_and_totals():
     before = busy_counters().snapshot(taken=100.0)
     c = busy_counters()
@@ -116,6 +121,7 @@ def test_render_rows_rates_and_totals():
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_served_over_http_from_a_thread(tmp_path):
     counters = busy_counters()
     port = free_port()
@@ -129,6 +135,7 @@ def test_served_over_http_from_a_thread(tmp_path):
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_port_in_use_is_one_line_config_error():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -141,6 +148,7 @@ def test_port_in_use_is_one_line_config_error():
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_missing_prometheus_client_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import raises ImportError
     cfg = config.from_mapping({"metrics": {"port": free_port()}}, "m.toml")
@@ -152,6 +160,7 @@ def test_missing_prometheus_client_names_the_extra(monkeypatch):
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_nothing_listening_is_unreachable():
     port = free_port()
     with pytest.raises(status.Unreachable, match=f"nothing answers on http://127.0.0.1:{port}/metrics"):
@@ -161,6 +170,7 @@ def test_nothing_listening_is_unreachable():
 # --- configuration -----------------------------------------------------------------------------
 
 @pytest.mark.timeout(10)
+@pytest.mark.unit
 def test_metrics_config_defaults_and_values():
     assert config.Config().metrics == config.MetricsConfig(port=None, host="127.0.0.1")
     cfg = config.from_mapping({"metrics": {"port": 9464, "host": "0.0.0.0"}})
@@ -175,6 +185,7 @@ def test_metrics_config_defaults_and_values():
     ({"host": ""}, "[metrics] host: expected a non-empty string, got ''"),
     ({"prot": 1}, "[metrics] unknown key 'prot' (did you mean 'port'?)"),
 ])
+@pytest.mark.unit
 def test_metrics_config_errors(table, expected):
     with pytest.raises(ConfigError) as info:
         config.from_mapping({"metrics": table}, "p.toml")

@@ -19,7 +19,8 @@ from procmqtt.config.reload import Changes, adoptable, compare
 from procmqtt.errors import AppError, ConfigError, ExitCode
 from procmqtt.ipc import channel
 from procmqtt.ipc.shared import MAX_SLOTS
-from procmqtt.supervisor.arbiter import Child, Supervisor
+from procmqtt.supervisor.arbiter import Supervisor
+from procmqtt.supervisor.children import Child
 from procmqtt.supervisor.pidfile import PidFile, is_supervisor_command
 from procmqtt.worker.base import Worker
 
@@ -32,6 +33,7 @@ def config(topics: dict[str, int] | None = None, mqtt: dict | None = None, worke
 
 # --- what a reload changes ------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_topic_changes_become_subscribe_and_unsubscribe_records():
     old = config({"a/#": 1, "b/#": 1, "c/#": 0})
     new = config({"b/#": 1, "c/#": 1, "d/+": 2})
@@ -41,6 +43,7 @@ def test_topic_changes_become_subscribe_and_unsubscribe_records():
     assert changes.describe() == "subscribe c/# (qos 1), d/+ (qos 2); unsubscribe a/#"
 
 
+@pytest.mark.unit
 def test_same_config_changes_nothing():
     changes = compare(config({"a/#": 1}, app={"x": 1}), config({"a/#": 1}, app={"x": 1}))
     assert changes == Changes()
@@ -50,12 +53,14 @@ def test_same_config_changes_nothing():
 @pytest.mark.parametrize("key, value", [("host", "elsewhere"), ("port", 1884), ("client_id", "other"),
                                         ("keepalive", 30), ("protocol", "5"), ("username", "svc"),
                                         ("password", "new-secret"), ("share_group", "group-xyz")])
+@pytest.mark.unit
 def test_connection_settings_restart_the_agent_and_never_show_values(key, value):
     changes = compare(config({"a/#": 1}), config({"a/#": 1}, mqtt={key: value}))
     assert changes.agent == (f"[mqtt] {key}",)
     assert str(value) not in changes.describe().replace(f"[mqtt] {key}", "")
 
 
+@pytest.mark.unit
 def test_worker_side_settings_need_no_new_agent():
     old = config(mqtt={"publish_buffer": 10}, workers={"count": 2, "timeout": 5, "max_messages": 0},
                  app={"a": 1})
@@ -64,11 +69,13 @@ def test_worker_side_settings_need_no_new_agent():
     assert compare(old, new) == Changes()
 
 
+@pytest.mark.unit
 def test_agent_side_worker_settings_restart_the_agent():
     changes = compare(config(), config(workers={"prefetch": 4, "on_error": "retry"}))
     assert changes.agent == ("[workers] prefetch", "[workers] on_error")
 
 
+@pytest.mark.unit
 def test_sections_a_reload_cannot_apply_are_kept_and_reported():
     old = config()
     new = replace(config(app={"v": 2}), metrics=MetricsConfig(port=9999))
@@ -77,6 +84,7 @@ def test_sections_a_reload_cannot_apply_are_kept_and_reported():
     assert kept.metrics == old.metrics and kept.app == {"v": 2}
 
 
+@pytest.mark.unit
 def test_secret_compares_by_value():
     assert Secret("a") == Secret("a") and Secret("a") != Secret("b")
 
@@ -92,6 +100,7 @@ class App(Worker):
 '''
 
 
+@pytest.mark.unit
 def test_reload_app_imports_a_file_app_afresh(tmp_path):
     path = tmp_path / "reloadable_file_app.py"
     path.write_text(APP.format(version="one"))
@@ -102,13 +111,15 @@ def test_reload_app_imports_a_file_app_afresh(tmp_path):
     assert second is not first and first.on_message.__globals__["VERSION"] == "one"
 
 
+@pytest.mark.unit
 def test_reload_app_imports_a_package_afresh_and_restores_it_on_error(tmp_path, monkeypatch):
     pkg = tmp_path / "reloadable_pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "helpers.py").write_text("NAME = 'first'\n")
     (pkg / "app.py").write_text("from procmqtt import Worker\nfrom .helpers import NAME\n"
-                                "class App(Worker):\n    name = NAME\n\n    def on_message(self, message):\n        pass\n")
+                                "class App(Worker):\n    name = NAME\n\n"
+                                "    def on_message(self, message):\n        pass\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
@@ -126,6 +137,7 @@ def test_reload_app_imports_a_package_afresh_and_restores_it_on_error(tmp_path, 
             del sys.modules[name]
 
 
+@pytest.mark.unit
 def test_reload_app_never_drops_procmqtt_itself():
     import procmqtt.worker.base
 
@@ -136,6 +148,7 @@ def test_reload_app_never_drops_procmqtt_itself():
 
 # --- pid file ------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_pid_file_written_and_removed(tmp_path):
     path = tmp_path / "p.pid"
     pidfile = PidFile(str(path))
@@ -159,6 +172,7 @@ def test_stale_pid_files_are_replaced(tmp_path):
 
 @pytest.mark.parametrize("content", [b"garbage\n", b"12 34\n", b"1234\nmore notes\n", b"x" * 4096,
                                      b"\x00\x01", b"-5\n"])
+@pytest.mark.unit
 def test_a_file_that_is_not_a_pid_file_is_never_deleted(tmp_path, content):
     path = tmp_path / "notes.txt"
     path.write_bytes(content)
@@ -167,6 +181,7 @@ def test_a_file_that_is_not_a_pid_file_is_never_deleted(tmp_path, content):
     assert path.read_bytes() == content
 
 
+@pytest.mark.unit
 def test_a_pid_path_that_is_not_a_regular_file_is_refused(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)  # reading it would block startup forever
@@ -200,6 +215,7 @@ def test_a_pid_path_that_is_not_a_regular_file_is_refused(tmp_path):
     ([], False),
     ([""], False),
 ])
+@pytest.mark.unit
 def test_supervisor_command_lines(argv, supervisor):
     assert is_supervisor_command([arg.encode() for arg in argv]) is supervisor
 
@@ -220,7 +236,8 @@ def test_a_live_pid_refuses_the_start_only_when_it_is_a_procmqtt_supervisor(tmp_
     if kind == "tail":  # a pid reused by something else makes the file stale, whatever its arguments say
         other = subprocess.Popen(["tail", "-f", str(tmp_path / "procmqtt-notes.txt")], stdout=subprocess.DEVNULL)
     else:
-        other = _fake_procmqtt(tmp_path, *(("run", "app:A", "--pid", str(path)) if kind == "supervisor" else ("status",)))
+        args = ("run", "app:A", "--pid", str(path)) if kind == "supervisor" else ("status",)
+        other = _fake_procmqtt(tmp_path, *args)
     try:  # right after exec the kernel shows an empty or the parent's command line for a moment
         wait_until(lambda: Path(f"/proc/{other.pid}/cmdline").read_bytes().count(b"\0") > 2, 5, "the command line")
         path.write_text(f"{other.pid}\n")
@@ -236,6 +253,7 @@ def test_a_live_pid_refuses_the_start_only_when_it_is_a_procmqtt_supervisor(tmp_
         other.wait()
 
 
+@pytest.mark.unit
 def test_remove_leaves_a_file_another_process_took_over(tmp_path):
     path = tmp_path / "p.pid"
     pidfile = PidFile(str(path))
@@ -245,6 +263,7 @@ def test_remove_leaves_a_file_another_process_took_over(tmp_path):
     assert path.read_text() == "12345\n"
 
 
+@pytest.mark.unit
 def test_pid_file_in_a_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"--pid .*/nope/p\.pid: cannot create: No such file or directory"):
         PidFile(str(tmp_path / "nope" / "p.pid")).create()
@@ -263,6 +282,7 @@ def restore_logging():
     root.handlers[:], root.level = saved
 
 
+@pytest.mark.unit
 def test_log_file_follows_a_rename_and_reopen_says_so(tmp_path, restore_logging):
     path = tmp_path / "procmqtt.log"
     logs.setup("INFO")
@@ -278,11 +298,13 @@ def test_log_file_follows_a_rename_and_reopen_says_so(tmp_path, restore_logging)
     assert "[supervisor] INFO after rotation" in new  # the same format as on stderr
 
 
+@pytest.mark.unit
 def test_reopen_without_a_log_file_does_nothing(restore_logging):
     logs.setup("INFO")
     assert logs.reopen() is False
 
 
+@pytest.mark.unit
 def test_unwritable_log_file_is_a_clear_error(tmp_path, restore_logging):
     logs.setup("INFO")
     with pytest.raises(ConfigError, match=r"--log-file .*/nope/x\.log: cannot open: No such file or directory"):
@@ -317,6 +339,7 @@ def supervisor(**workers: int) -> Supervisor:
     return sup
 
 
+@pytest.mark.unit
 def test_sigttou_retires_the_highest_slot_and_never_goes_below_one():
     sup = supervisor(count=2)
     sup.scale(-1)
@@ -326,6 +349,7 @@ def test_sigttou_retires_the_highest_slot_and_never_goes_below_one():
     assert sup.config.workers.count == 1 and len(sup.control) == 1
 
 
+@pytest.mark.unit
 def test_sigttin_is_not_limited_by_the_publish_buffer_only_by_the_slots():
     """The agent queues publishes past paho's 16-bit message ids (outbox.py): no cap on workers."""
     sup = Supervisor(_App, "tests:App", config(mqtt={"publish_buffer": 30_000}, workers={"count": MAX_SLOTS - 1}))
@@ -335,6 +359,7 @@ def test_sigttin_is_not_limited_by_the_publish_buffer_only_by_the_slots():
     assert sup.config.workers.count == MAX_SLOTS
 
 
+@pytest.mark.unit
 def test_adopt_sends_subscription_changes_then_retires_workers_and_keeps_the_agent():
     sup = supervisor(count=2)
     sup.adopt(_NewApp, config({"b/#": 1}, workers={"count": 2}), 1)
@@ -343,6 +368,7 @@ def test_adopt_sends_subscription_changes_then_retires_workers_and_keeps_the_age
                                  channel.Retire(0, 11), channel.Retire(1, 12)]
 
 
+@pytest.mark.unit
 def test_adopt_with_a_connection_change_also_stops_the_agent_once():
     sup = supervisor(count=1)
     sup.adopt(_App, config({"a/#": 1}, mqtt={"port": 1999}, workers={"count": 1}), 1)
@@ -350,6 +376,7 @@ def test_adopt_with_a_connection_change_also_stops_the_agent_once():
     assert list(sup.control) == [channel.StopAgent(), channel.Retire(0, 11)]
 
 
+@pytest.mark.unit
 def test_a_reloaded_worker_that_cannot_boot_goes_back_an_old_one_is_fatal():
     sup = supervisor(count=1)
     sup.loader = lambda: (_NewApp, config({"a/#": 1}, workers={"count": 1}))
@@ -362,6 +389,7 @@ def test_a_reloaded_worker_that_cannot_boot_goes_back_an_old_one_is_fatal():
     assert sup.stopping and sup.exit_code == ExitCode.APP
 
 
+@pytest.mark.unit
 def test_a_reload_that_cannot_load_changes_nothing():
     sup = supervisor(count=1)
 

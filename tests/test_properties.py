@@ -16,6 +16,8 @@ from procmqtt.message import EMPTY
 from procmqtt.testing import WorkerHarness
 from procmqtt.worker.base import _AgentLink
 
+pytestmark = pytest.mark.unit  # pure logic: no broker, no process
+
 V5 = {"mqtt": {"protocol": "5"}}
 
 

@@ -202,6 +202,7 @@ def test_a_dead_letter_that_cannot_be_published_is_dropped_and_max_attempts_hold
 # --- the worker refuses what MQTT cannot carry -------------------------------------------------
 
 
+@pytest.mark.unit
 def test_packet_problem_names_the_limit():
     limit = topics.MAX_REMAINING_LENGTH
     assert topics.packet_problem("t", limit - 3, 0) is None  # 2 + 1 + payload: exactly the maximum
@@ -211,6 +212,7 @@ def test_packet_problem_names_the_limit():
     assert topics.packet_problem("t" * 65_536, 0, 0) == "a topic must be at most 65535 bytes"
 
 
+@pytest.mark.unit
 def test_worker_publish_refuses_a_payload_over_the_packet_size(monkeypatch):
     monkeypatch.setattr(topics, "MAX_REMAINING_LENGTH", 1000)  # not 256 MiB of test memory
     with WorkerHarness(_Publishes) as h:
@@ -239,6 +241,7 @@ class _FakePaho:
         return info
 
 
+@pytest.mark.unit
 def test_the_outbox_hands_paho_max_inflight_qos1_publishes_in_order_and_the_rest_as_they_are_confirmed():
     answers: list[tuple[str, int]] = []
     box = Outbox(lambda e, error: answers.append((e.topic, error)), logging.getLogger("test"), v5=False,
@@ -261,6 +264,7 @@ def test_the_outbox_hands_paho_max_inflight_qos1_publishes_in_order_and_the_rest
     assert answers == [("a", 0), ("d", 0), ("b", 135)] and len(box) == 2
 
 
+@pytest.mark.unit
 def test_a_publish_paho_cannot_encode_fails_alone():
     answers: list[tuple[str, int]] = []
     box = Outbox(lambda e, error: answers.append((e.topic, error)), logging.getLogger("test"), v5=False, inflight=9)

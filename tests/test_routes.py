@@ -67,6 +67,7 @@ class Child(Base):
         self.hit("child", topic=message.topic)
 
 
+@pytest.mark.unit
 def test_routes_are_collected_in_declaration_order_with_inheritance():
     assert routes_of(Child) == (
         Route("base/{x}", "base/+", 1, "base", ("x",)),
@@ -77,6 +78,7 @@ def test_routes_are_collected_in_declaration_order_with_inheritance():
     assert routes_of(Worker) == ()
 
 
+@pytest.mark.unit
 def test_stacked_routes_reach_the_same_method():
     assert reached(Child, "child/b") == ("child", {"topic": "child/b"})
     assert reached(Child, "base/7") == ("base", {"x": "7"})
@@ -121,6 +123,7 @@ def _app_with(pattern: object, qos: object = 0, signature: str = "(self, message
     ("s/{}/t", 0, "(self, message, **kw)", "{} is not a valid parameter name"),
     ("$share/{g}/t", 0, "(self, message, g)", "a shared subscription must look like"),
 ])
+@pytest.mark.unit
 def test_bad_routes_are_one_line_errors_with_exit_code_2(pattern, qos, signature, expected):
     with pytest.raises(RouteError) as info:
         routes_of(_app_with(pattern, qos, signature))
@@ -130,10 +133,12 @@ def test_bad_routes_are_one_line_errors_with_exit_code_2(pattern, qos, signature
     assert info.value.exit_code == ExitCode.USAGE == 2
 
 
+@pytest.mark.unit
 def test_a_parameter_may_be_taken_by_keyword_only_or_kwargs():
     assert routes_of(_app_with("a/{x}/{y}", 0, "(self, message, *, x, **rest)"))[0].params == ("x", "y")
 
 
+@pytest.mark.unit
 def test_two_routes_with_the_same_filter_are_an_error():
     class Twice(Worker):
         @route("a/{x}")
@@ -146,6 +151,7 @@ def test_two_routes_with_the_same_filter_are_an_error():
         routes_of(Twice)
 
 
+@pytest.mark.unit
 def test_route_on_a_staticmethod_is_an_error():
     class Static(Worker):
         @route("a")
@@ -155,6 +161,7 @@ def test_route_on_a_staticmethod_is_an_error():
         routes_of(Static)
 
 
+@pytest.mark.unit
 def test_load_app_checks_routes_before_any_fork():
     with pytest.raises(RouteError) as info:
         load_app("tests/apps_routes.py:BadParam")
@@ -163,6 +170,7 @@ def test_load_app_checks_routes_before_any_fork():
     assert info.value.exit_code == 2
 
 
+@pytest.mark.unit
 def test_an_app_that_handles_nothing_is_an_error():
     class Empty(Worker):
         pass
@@ -230,10 +238,12 @@ class Ranked(Which):
     ("q", "#"),
     ("q/r/s", "#"),
 ])
+@pytest.mark.unit
 def test_most_specific_route_wins(topic, winner):
     assert reached(Ranked, topic)[0] == winner
 
 
+@pytest.mark.unit
 def test_ties_keep_declaration_order():
     class Tie(Which):
         @route("+/b/c")
@@ -246,11 +256,13 @@ def test_ties_keep_declaration_order():
     assert reached(Tie, "a/b/c")[0] == "first"
 
 
+@pytest.mark.unit
 def test_the_order_is_documented_by_specificity():
     ranked = sorted(routes_of(Ranked), key=routes.specificity)
     assert [r.pattern for r in ranked] == ["a/b/c", "+/b/c", "a/{mid}/c", "a/+", "a/+/#", "a/#", "#"]
 
 
+@pytest.mark.unit
 def test_wildcards_at_the_first_level_do_not_match_dollar_topics():
     class Dollar(Which):
         @route("#")
@@ -292,17 +304,20 @@ class Params(Which):
     ("jobs/fast", ("job", {"queue": "fast"})),  # a shared subscription delivers the plain topic
     ("literal.dots/[x]", ("regex_chars", {})),
 ])
+@pytest.mark.unit
 def test_parameters_are_passed_as_keyword_arguments(topic, expected):
     assert reached(Params, topic) == expected
 
 
 @pytest.mark.parametrize("topic", ["sensors/d1", "sensors/d1/t/extra", "literalXdots/[x]", "jobs/a/b"])
+@pytest.mark.unit
 def test_no_partial_matches(topic):
     assert reached(Params, topic) is Outcome.UNROUTED
 
 
 # --- unrouted, overriding on_message ----------------------------------------------------------------
 
+@pytest.mark.unit
 def test_unrouted_is_logged_once_per_topic_at_debug(caplog):
     caplog.set_level(logging.DEBUG, logger="procmqtt.worker.routes")
     with WorkerHarness(Params) as h:
@@ -314,6 +329,7 @@ def test_unrouted_is_logged_once_per_topic_at_debug(caplog):
         f"no route matches topic {t!r}; acknowledged as unrouted (logged once per topic)" for t in ("other/1", "other/2")]
 
 
+@pytest.mark.unit
 def test_unrouted_memory_is_bounded(monkeypatch):
     monkeypatch.setattr(routes, "MAX_UNROUTED_REMEMBERED", 10)
     with WorkerHarness(Params) as h:
@@ -322,6 +338,7 @@ def test_unrouted_memory_is_bounded(monkeypatch):
         assert 0 < len(h.worker._router._unrouted) <= 10  # type: ignore[union-attr]
 
 
+@pytest.mark.unit
 def test_overriding_on_message_receives_everything_and_may_dispatch():
     class Override(Params):
         def on_message(self, message: Message) -> object:
@@ -339,6 +356,7 @@ def test_overriding_on_message_receives_everything_and_may_dispatch():
                                  ("override", {"topic": "sensors/too/many/levels"})]
 
 
+@pytest.mark.unit
 def test_route_filters_join_the_config_subscriptions_with_the_higher_qos():
     cfg = from_mapping({"mqtt": {"topics": {"jobs/#": {"qos": 1}, "$share/group/jobs/+": {"qos": 0},
                                             "sensors/+/+": {"qos": 2}}}})

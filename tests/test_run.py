@@ -42,7 +42,7 @@ def test_each_message_handled_exactly_once_and_spread_over_workers(tmp_path, bro
 
 @pytest.mark.timeout(60)
 def test_binary_payloads_are_byte_exact_both_ways(tmp_path, broker, runs):
-    run, rec = start(runs, tmp_path, broker, topics={"echo/#": 1})
+    run, _rec = start(runs, tmp_path, broker, topics={"echo/#": 1})
     sub = Subscriber(broker, "echoed/#")
     payloads = [bytes(range(256)), b"\x00" * 10, b"", os.urandom(100_000), b"\xff\xfe not utf-8 \x80"]
     pub = publisher(broker)

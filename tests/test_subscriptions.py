@@ -65,6 +65,7 @@ def test_agent_drops_a_bad_runtime_subscription_instead_of_saving_it(tmp_path, b
     assert run.stop() == 0
 
 
+@pytest.mark.unit
 def test_load_drops_invalid_saved_entries_with_a_log_line(tmp_path, caplog):
     from procmqtt.agent.loop import (
         subscriptions,  # here, so the integration tests above run on a tree without it

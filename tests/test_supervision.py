@@ -25,7 +25,8 @@ from harness import (
 from procmqtt import Worker
 from procmqtt.config import from_mapping
 from procmqtt.errors import ExitCode
-from procmqtt.supervisor.arbiter import Child, Supervisor
+from procmqtt.supervisor.arbiter import Supervisor
+from procmqtt.supervisor.children import Child
 
 
 def _kill_children(record_dir: Path) -> None:
@@ -149,6 +150,7 @@ class _App(Worker):
         pass
 
 
+@pytest.mark.unit
 def test_an_agent_crash_loop_counts_quick_failures_in_a_row_but_not_sigkill(tmp_path, caplog):
     """SIGKILL comes from operators, tests and the OOM killer: it breaks a run of failures, and only
     AGENT_CRASH_LOOP failures in a row stop procmqtt, naming the last error the agent left."""
@@ -168,6 +170,7 @@ def test_an_agent_crash_loop_counts_quick_failures_in_a_row_but_not_sigkill(tmp_
     assert not (tmp_path / "last-error-4242").exists()
 
 
+@pytest.mark.unit
 def test_an_agent_that_lived_past_stable_after_starts_a_new_count():
     sup = Supervisor(_App, "tests:App", from_mapping({"mqtt": {}, "workers": {"count": 1}}))
     sup.state_dir = "/nonexistent"

@@ -12,7 +12,7 @@ from procmqtt.config import Config
 from procmqtt.errors import ConfigError, RouteError
 from procmqtt.testing import WorkerHarness
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = [pytest.mark.timeout(10), pytest.mark.unit]  # unit: pure logic, no broker, no process
 
 
 class Alerts(Worker):

@@ -95,7 +95,7 @@ class Demo:
             self.start_app()
             self.connect()
             self.say(f"procmqtt demo: a private mosquitto (pid {self.broker.pid}) on 127.0.0.1:{self.broker.port}; "
-                     f"{APP} (pid {self.app.pid}) on {self.workers} workers")
+                     f"{APP} (pid {self.app_pid}) on {self.workers} workers")
             self.say(f"  streaming {self.rate:g} readings/s for {self.seconds:g}s (Ctrl-C stops earlier); "
                      f"watch the alerts: mosquitto_sub -p {self.broker.port} -t 'demo/alerts/#' -v")
             if status is None:
@@ -126,6 +126,10 @@ class Demo:
         print(line, flush=True)
 
     # --- the parts -----------------------------------------------------------------------------
+
+    @property
+    def app_pid(self) -> int | None:
+        return self.app.pid if self.app is not None else None
 
     def start_app(self) -> None:
         """``procmqtt run`` of the demo app, in its own session, logging to a file in our temp dir."""
@@ -161,7 +165,7 @@ class Demo:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"procmqtt-demo-stream-{os.getpid()}")
         client.max_inflight_messages_set(100)
         client.max_queued_messages_set(0)
-        client.reconnect_delay_set(0.1, 1)
+        client.reconnect_delay_set(0.1, 1)  # type: ignore[arg-type]  # paho's hint says int; it sleeps float
         client.on_connect = lambda c, u, f, rc, p: c.subscribe(
             [(demo_app.PONG, 1), ("demo/alerts/#", 1), ("demo/workers/+", 1)])
         client.on_subscribe = lambda *_: self.subscribed.set()
@@ -175,7 +179,7 @@ class Demo:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """paho's thread."""
         if msg.topic == demo_app.PONG:
-            self.pongs.add(msg.payload)
+            self.pongs.add(bytes(msg.payload))
             self.pong_count += 1
         elif msg.topic.startswith("demo/alerts/"):
             self.alerts += 1
@@ -271,7 +275,8 @@ class Demo:
                 self.say(f"  worker {slot}: no report (it did not stop gracefully)")
             else:
                 share = 100 * report["readings"] / handled if handled else 0
-                self.say(f"  worker {slot}: {report['readings']:6d} readings ({share:4.1f}%), {report['alerts']} alert(s)")
+                self.say(f"  worker {slot}: {report['readings']:6d} readings ({share:4.1f}%), "
+                         f"{report['alerts']} alert(s)")
         if status is not None:
             self.say(f"  (the live view's totals also count the {self.pong_count} ping(s) the app answered)")
         if app_code != 0:

@@ -79,7 +79,7 @@ def free_port() -> int:
     while True:
         with socket.socket() as s:
             s.bind((HOST, 0))
-            port = s.getsockname()[1]
+            port: int = s.getsockname()[1]
         if port != RESERVED_PORT:
             return port
 
@@ -153,7 +153,7 @@ class EmbeddedBroker:
                 raise BrokerFailed(f"the embedded broker (mosquitto on {HOST}:{self.port}) {why}")
             time.sleep(0.02)
         self.log.info("embedded broker: mosquitto (pid %d) on %s:%d; try: mosquitto_pub -p %d -t TOPIC -m hello",
-                      self.proc.pid, HOST, self.port, self.port)
+                      self.pid, HOST, self.port, self.port)
 
     def _accepts(self) -> bool:
         try:

@@ -32,14 +32,16 @@ class SharedState:
     # worker -> supervisor: hung handlers and crash loops
     def busy_since(self, slot: int) -> float:
         """``time.monotonic()`` when the slot's worker started its current message; 0 when idle."""
-        return _DOUBLE.unpack_from(self._mem, self._slot(slot, 0))[0]
+        when: float = _DOUBLE.unpack_from(self._mem, self._slot(slot, 0))[0]
+        return when
 
     def set_busy_since(self, slot: int, when: float) -> None:
         _DOUBLE.pack_into(self._mem, self._slot(slot, 0), when)
 
     def finished(self, slot: int) -> int:
         """Messages the slot's current worker has finished since it started."""
-        return _COUNT.unpack_from(self._mem, self._slot(slot, 1))[0]
+        count: int = _COUNT.unpack_from(self._mem, self._slot(slot, 1))[0]
+        return count
 
     def set_finished(self, slot: int, count: int) -> None:
         _COUNT.pack_into(self._mem, self._slot(slot, 1), count)
@@ -59,7 +61,8 @@ class SharedState:
         """
         if _COUNT.unpack_from(self._mem, self._slot(slot, 2))[0] != generation:
             return 0
-        return _COUNT.unpack_from(self._mem, self._slot(slot, 3))[0]
+        delivery_id: int = _COUNT.unpack_from(self._mem, self._slot(slot, 3))[0]
+        return delivery_id
 
     def reset_slot(self, slot: int) -> None:
         """Before a new worker starts in ``slot`` (supervisor); the agent's words stay."""

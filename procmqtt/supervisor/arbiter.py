@@ -4,7 +4,8 @@ Modelled on gunicorn's arbiter. Signal handlers only queue the signal; ``run()``
 pass in order: signals, reaping, then either reconciling the process count or driving the stop.
 The supervisor never touches the broker and never blocks on a channel. Operations signals act
 through the same pass: SIGHUP reloads (``reload``), SIGTTIN/SIGTTOU change the worker count
-(``scale``), and ``reconcile`` then starts whatever the new state lacks.
+(``scale``), and ``reconcile`` then starts whatever the new state lacks. Those operations and the
+stop live in ``operations.py``; the record of each child and its last words in ``children.py``.
 """
 
 from __future__ import annotations
@@ -18,39 +19,38 @@ import socket
 import sys
 import tempfile
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from procmqtt import logs
 from procmqtt.agent.loop import Agent
 from procmqtt.backoff import Backoff
-from procmqtt.config import Config, default_client_id, reload
-from procmqtt.errors import ExitCode, ProcmqttError
+from procmqtt.config import Config, default_client_id
+from procmqtt.errors import ExitCode
 from procmqtt.ipc import channel, poller
-from procmqtt.ipc.shared import MAX_SLOTS, SharedState
+from procmqtt.ipc.shared import SharedState
 from procmqtt.ipc.signals import SignalQueue
 from procmqtt.supervisor import proctitle
+from procmqtt.supervisor.children import (
+    AGENT_CRASH_LOOP,
+    BROKER_SLOT,
+    CRASH_LOOP,
+    STABLE_AFTER,
+    Child,
+    describe_exit,
+    kill,
+    read_last_error,
+    restart_cause,
+    write_last_error,
+)
+from procmqtt.supervisor.operations import Loader, Operations
 from procmqtt.worker.base import Worker, serve, uses_asyncio
 from procmqtt.worker.routes import with_route_subscriptions
 
 if TYPE_CHECKING:
     from procmqtt.dev.embedded import EmbeddedBroker
 
-STOP_MARGIN = 5.0
-"""Seconds past ``graceful_timeout`` before the supervisor SIGKILLs what is left."""
-STABLE_AFTER = 5.0
-"""A child that lived this long resets its restart backoff."""
-CRASH_LOOP = 5
-"""A worker slot whose process died this many times in a row before handling anything stops procmqtt."""
-AGENT_CRASH_LOOP = 3
-"""An agent that failed this many times in a row within ``STABLE_AFTER`` of starting stops procmqtt.
-Failed: an exception or a non-zero exit code or signal, except SIGKILL (an operator, a test, or the
-OOM killer; the restart backoff handles those)."""
-LAST_ERROR_MAX = 500
-"""Characters of a crashed child's exception message kept for the supervisor's log line."""
 DUMP_GRACE = 0.5
 """Seconds between asking a hung worker for its stack (SIGUSR1) and SIGKILL."""
 
@@ -59,28 +59,13 @@ _OPERATIONS_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIG
 _SUPERVISOR_ONLY = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 """Children ignore these: sent to the whole process group (a closed terminal), only the supervisor acts."""
 
-Loader = Callable[[], tuple[type[Worker], Config]]
-"""Loads the app and the configuration again, as ``procmqtt run`` did; raises ``ProcmqttError``."""
 
-BROKER_SLOT = -2
-"""The embedded broker's slot (``--broker embedded``); the agent is -1, workers 0 .. N-1."""
+class Supervisor(Operations):
+    """Runs in the process ``procmqtt run`` started; constructing it has no side effects.
 
-
-@dataclass
-class Child:
-    role: str  # "agent", "worker" or "broker"
-    slot: int  # the worker's id; -1 for the agent, -2 for the embedded broker
-    generation: int  # unique per fork, so the agent can tell a replacement from a stale record
-    pid: int
-    started: float
-    agent_end: socket.socket | None = None  # a worker's channel, the end the agent uses
-    kill_at: float = 0.0  # hung: SIGKILL at this time (after the stack dump)
-    revision: int = 0  # which loaded app and configuration it was forked from (SIGHUP adds one)
-    retiring: bool = False  # asked to stop gracefully, for a reload or one worker fewer
-
-
-class Supervisor:
-    """Runs in the process ``procmqtt run`` started; constructing it has no side effects."""
+    Its methods run in the supervisor process, except what ``_fork`` calls in a new child (said
+    there). Reload, scale, stop and give-up are in ``Operations`` (``operations.py``).
+    """
 
     def __init__(self, app: type[Worker], app_spec: str, config: Config,
                  metrics_listener: socket.socket | None = None, *, broker: EmbeddedBroker | None = None,
@@ -157,7 +142,7 @@ class Supervisor:
     def teardown(self) -> None:
         self.signals.close()
         for child in self.children.values():  # only after an internal error
-            _kill(child.pid, signal.SIGKILL)
+            kill(child.pid, signal.SIGKILL)
         for child in self.children.values():
             if child.agent_end is not None:
                 child.agent_end.close()
@@ -218,9 +203,9 @@ class Supervisor:
             child.agent_end.close()
         if child.role == "worker":  # the agent must not wait for an end of file a grandchild can withhold
             self.control.append(channel.WorkerExited(child.slot, child.generation))
-        name = {"agent": "agent", "broker": "embedded broker"}.get(child.role, f"worker {child.slot}")
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        error = self.last_error(child)
+        name = child.name
+        how = describe_exit(code)
+        error = read_last_error(self.state_dir, child.pid, self.log)
         if error:
             how += f" ({error})"
         if child.role == "broker" and self.broker is not None:
@@ -261,14 +246,7 @@ class Supervisor:
 
     def count_restart(self, child: Child, code: int) -> None:
         """Tell the agent the running total for this cause: exit_<code>, a signal name, recycled, hung, reload."""
-        if child.kill_at:
-            cause = "hung"
-        elif child.retiring:
-            cause = "reload"
-        elif code == 0:
-            cause = "recycled"  # or a SIGTERM sent to that worker alone: both leave with code 0
-        else:
-            cause = signal.Signals(-code).name if code < 0 else f"exit_{code}"
+        cause = restart_cause(child, code)
         self.restarts[cause] = self.restarts.get(cause, 0) + 1
         self.control.append(channel.Restarts(cause, self.restarts[cause]))
 
@@ -287,20 +265,6 @@ class Supervisor:
         self.quick_deaths[child.slot] = self.quick_deaths.get(child.slot, 0) + 1 if early else 0
         return self.quick_deaths[child.slot] >= (AGENT_CRASH_LOOP if child.role == "agent" else CRASH_LOOP)
 
-    def last_error(self, child: Child) -> str:
-        """What a child that crashed with an exception wrote before it exited (``_fork``), or ''."""
-        path = _last_error_path(self.state_dir, child.pid)
-        try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                error = f.read()
-            os.unlink(path)
-        except FileNotFoundError:
-            return ""
-        except OSError as exc:
-            self.log.warning("cannot read the last error of pid %d from %s: %s", child.pid, path, exc)
-            return ""
-        return error
-
     def murder_hung_workers(self) -> None:
         """A worker past ``[workers] timeout`` on one message: dump its stack, then SIGKILL it."""
         timeout = self.config.workers.timeout
@@ -308,7 +272,7 @@ class Supervisor:
         for child in self.children.values():
             if child.kill_at:
                 if now >= child.kill_at:
-                    _kill(child.pid, signal.SIGKILL)
+                    kill(child.pid, signal.SIGKILL)
                 continue
             if child.role != "worker" or not timeout:
                 continue
@@ -316,7 +280,7 @@ class Supervisor:
             if busy and now - busy > timeout:
                 self.log.error("worker %d (pid %d) has spent %.1fs on one message (timeout %gs); its stack "
                                "follows, then it is killed", child.slot, child.pid, now - busy, timeout)
-                _kill(child.pid, signal.SIGUSR1)  # faulthandler writes every thread's stack to stderr
+                kill(child.pid, signal.SIGUSR1)  # faulthandler writes every thread's stack to stderr
                 child.kill_at = now + DUMP_GRACE
 
     def reconcile(self) -> None:
@@ -349,6 +313,7 @@ class Supervisor:
         self.log.info("started embedded broker (pid %d) on %s", pid, self.broker.url)
 
     def spawn_agent(self) -> None:
+        """Fork the agent with every live worker's channel; ``main`` runs in the child."""
         workers = {c.slot: (c.generation, c.agent_end) for c in self.children.values() if c.agent_end}
         keep = [self.upstream_agent, *(sock for _, sock in workers.values())]
 
@@ -363,12 +328,14 @@ class Supervisor:
         self.control = deque(r for r in self.control if not isinstance(r, channel.WorkerExited))
 
         def main() -> int:
-            agent = Agent(self.config, self.client_id, self.upstream_agent, workers,  # type: ignore[arg-type]
+            agent = Agent(self.config, self.client_id, self.upstream_agent, workers,
                           self.state_dir, self.pid, self.shared, self.metrics_listener)
             return agent.run()
         self._fork("agent", -1, main, keep)
 
     def spawn_worker(self, slot: int) -> None:
+        """Fork a worker for ``slot``; ``main`` runs in the child, the supervisor passes the agent's
+        end of the new channel to the agent (``WorkerUp``)."""
         self.shared.reset_slot(slot)
         agent_end, worker_end = channel.pair()
         generation = next(self.generations)
@@ -383,34 +350,39 @@ class Supervisor:
 
     def _fork(self, role: str, slot: int, main: Callable[[], int], keep: list[socket.socket],
               generation: int | None = None) -> Child:
+        """Fork a child running ``main``; in the supervisor, record it and return its ``Child``."""
         generation = generation if generation is not None else next(self.generations)
         pid = os.fork()
-        if pid == 0:  # child: never returns into the supervisor's code
-            code: int = ExitCode.FORCED
-            try:
-                logs.set_role(role)
-                proctitle.set_title(role.replace("-", " "), self.app_spec)
-                self.signals.close()
-                for signum in _SUPERVISOR_ONLY:
-                    signal.signal(signum, signal.SIG_IGN)
-                self._close_except(keep)
-                code = main()
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else ExitCode.FORCED
-            except Exception as exc:
-                self.log.exception("%s crashed", role)
-                try:
-                    _write_last_error(self.state_dir, exc)
-                except OSError as error:
-                    self.log.warning("cannot leave the error for the supervisor: %s", error)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+        if pid == 0:
+            self._run_child(role, main, keep)
         child = Child(role.split("-")[0], slot, generation, pid, time.monotonic(), revision=self.revision)
         self.children[pid] = child
         self.log.info("started %s (pid %d)", role.replace("-", " "), pid)
         return child
+
+    def _run_child(self, role: str, main: Callable[[], int], keep: list[socket.socket]) -> NoReturn:
+        """In the new child: its own setup, then ``main``; never returns into the supervisor's code."""
+        code: int = ExitCode.FORCED
+        try:
+            logs.set_role(role)
+            proctitle.set_title(role.replace("-", " "), self.app_spec)
+            self.signals.close()
+            for signum in _SUPERVISOR_ONLY:
+                signal.signal(signum, signal.SIG_IGN)
+            self._close_except(keep)
+            code = main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else ExitCode.FORCED
+        except Exception as exc:
+            self.log.exception("%s crashed", role)
+            try:
+                write_last_error(self.state_dir, exc)
+            except OSError as error:
+                self.log.warning("cannot leave the error for the supervisor: %s", error)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
     def _close_except(self, keep: list[socket.socket]) -> None:
         """In a new child: drop the channel ends that belong to other processes."""
@@ -420,87 +392,10 @@ class Supervisor:
             if sock is not None and sock not in keep:
                 sock.close()
 
-    # --- reload and scaling (SIGHUP, SIGTTIN, SIGTTOU) ------------------------------------------
-
-    def reload(self) -> None:
-        """SIGHUP: load the configuration and the app again and adopt them; on error, keep running."""
-        if self.loader is None:
-            self.log.warning("SIGHUP ignored: this supervisor has nothing to reload from")
-            return
-        self.log.info("SIGHUP: reloading the configuration and %s", self.app_spec)
-        try:
-            app, config = self.loader()
-        except ProcmqttError as exc:
-            self.log.error("reload failed; still running the previous configuration and app: %s", exc)
-            return
-        except Exception:  # a bug, not a user mistake: still no reason to stop consuming
-            self.log.exception("reload failed; still running the previous configuration and app")
-            return
-        self.previous = (self.revision, self.app, self.config)
-        self.adopt(app, config, next(self.revisions))
-
-    def adopt(self, app: type[Worker], config: Config, revision: int) -> None:
-        """Switch to ``app`` and ``config``: every worker is replaced gracefully (the new ones fork
-        from ``app``), subscription changes go to the running agent, and the agent itself restarts
-        gracefully only when a setting it reads at start changed (see ``reload.compare``)."""
-        config = with_route_subscriptions(reload.adoptable(self.config, config), app)
-        changes = reload.compare(self.config, config)
-        self.log.info("reload: %s; %d worker(s), each replaced once it has finished what it holds",
-                      changes.describe(), config.workers.count)
-        self.app, self.config, self.revision = app, config, revision
-        self.client_id = config.mqtt.client_id or default_client_id(self.app_spec)
-        self.control.extend(changes.records())
-        for child in list(self.children.values()):
-            if child.role == "worker" or (child.role == "agent" and changes.agent):
-                self.retire(child)
-        for slot in [s for s in self.restart_at if s >= config.workers.count]:
-            del self.restart_at[slot]
-
-    def give_up(self, child: Child, code: ExitCode, message: str) -> None:
-        """A process that cannot work: if the last reload started it, go back to what ran before
-        that reload; otherwise stop procmqtt with ``code``."""
-        if child.retiring:  # from code already given up on: its replacement runs the current code
-            self.log.warning("%s; it was being replaced anyway", message)
-            return
-        if self.previous is None or child.revision != self.revision:
-            self.fatal(code, message)
-            return
-        revision, app, config = self.previous
-        self.previous = None
-        self.log.error("%s; going back to the app and configuration from before the reload (fix them, "
-                       "then send SIGHUP again)", message)
-        self.quick_deaths.clear()
-        self.adopt(app, config, revision)
-
-    def scale(self, delta: int) -> None:
-        """SIGTTIN / SIGTTOU: one worker more or fewer, never below one. The worker in the highest
-        slot leaves gracefully: the agent gives it nothing more, it finishes what it holds."""
-        name = "SIGTTIN" if delta > 0 else "SIGTTOU"
-        count = self.config.workers.count + delta
-        if count < 1:
-            self.log.warning("SIGTTOU ignored: procmqtt keeps at least one worker")
-            return
-        if count > MAX_SLOTS:
-            self.log.warning("SIGTTIN ignored: at most %d workers", MAX_SLOTS)
-            return
-        self.config = replace(self.config, workers=replace(self.config.workers, count=count))
-        self.log.info("%s: %d worker(s)", name, count)
-        self.restart_at.pop(count, None)
-        for child in list(self.children.values()):
-            if delta < 0 and child.role == "worker" and child.slot == count:
-                self.retire(child)
-
-    def retire(self, child: Child) -> None:
-        """Stop one process gracefully through the agent. A worker is given nothing more, finishes
-        what it holds and exits; the agent stops its workers, flushes and disconnects."""
-        if not child.retiring:
-            child.retiring = True
-            self.control.append(channel.Retire(child.slot, child.generation) if child.role == "worker"
-                                else channel.StopAgent())
-
     # --- talking to the agent --------------------------------------------------------------------
 
     def flush_control(self) -> None:
+        """Send the queued records to the agent without blocking; what does not fit waits a pass."""
         while self.control:
             record = self.control[0]
             if isinstance(record, channel.WorkerUp) and record.sock.fileno() == -1:
@@ -514,75 +409,5 @@ class Supervisor:
                 return
             self.control.popleft()
 
-    # --- stopping ------------------------------------------------------------------------------
-
-    def begin_stop(self, reason: str) -> None:
-        """Graceful stop: the agent stops dispatching, workers finish, publishes flush."""
-        if self.stopping:
-            return
-        self.stopping = True
-        self.restart_at.clear()
-        timeout = self.config.workers.graceful_timeout
-        self.stop_deadline = time.monotonic() + timeout + STOP_MARGIN
-        self.log.info("%s: stopping gracefully (up to %gs)", reason, timeout)
-        self.control.append(channel.StopAgent())
-
-    def drive_stop(self) -> None:
-        agent_alive = any(c.role == "agent" for c in self.children.values())
-        if not agent_alive and not self.workers_signalled:
-            # Without an agent no one tells the workers to stop; do it directly.
-            self.workers_signalled = True
-            for child in self.children.values():
-                if child.role == "worker":
-                    _kill(child.pid, signal.SIGTERM)
-        if time.monotonic() >= self.stop_deadline:
-            self.log.error("graceful stop timed out; killing %d process(es)", len(self.children))
-            self.kill_all()
-
-    def stop_broker_last(self) -> None:
-        """Once the agent and the workers are gone, stop the embedded broker (it outlives them so
-        the agent can flush its publishes and acknowledgements)."""
-        if self.broker is None or any(c.role != "broker" for c in self.children.values()):
-            return
-        for pid in [pid for pid, c in self.children.items() if c.role == "broker"]:
-            del self.children[pid]
-        self.broker.stop()
-        self.log.info("embedded broker stopped")
-
-    def kill_all(self) -> None:
-        self.stopping = True
-        self.stop_deadline = time.monotonic() + STOP_MARGIN
-        if self.exit_code == ExitCode.OK:
-            self.exit_code = ExitCode.FORCED
-        for child in self.children.values():
-            _kill(child.pid, signal.SIGKILL)
-
-    def fatal(self, code: ExitCode, message: str) -> None:
-        self.log.error("%s; stopping with exit code %d", message, code)
-        self.exit_code = code
-        self.begin_stop("fatal error")
 
 
-def _last_error_path(state_dir: str, pid: int) -> str:
-    return os.path.join(state_dir, f"last-error-{pid}")
-
-
-def _write_last_error(state_dir: str, exc: Exception) -> None:
-    """In a crashing child: one line for the supervisor (exception type, message, where it was raised),
-    so a give-up names the error, not only an exit code."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
-    message = str(exc).replace("\n", " ")
-    if len(message) > LAST_ERROR_MAX:
-        message = message[:LAST_ERROR_MAX] + "..."
-    path = _last_error_path(state_dir, os.getpid())
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(f"{type(exc).__name__}: {message}{where}")
-    os.replace(path + ".tmp", path)
-
-
-def _kill(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass

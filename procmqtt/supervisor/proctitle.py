@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+setproctitle: Callable[[str], None] | None
 try:
     from setproctitle import setproctitle
 except ImportError:  # the optional extra "proctitle" is not installed: keep the plain command line
