@@ -14,13 +14,13 @@ from harness import wait_until
 
 from procmqtt import logs
 from procmqtt.cli.app import reload_app
-from procmqtt.config import Config, MetricsConfig, Secret, from_mapping
+from procmqtt.config import MAX_SLOTS, Config, MetricsConfig, Secret, from_mapping
 from procmqtt.config.reload import Changes, adoptable, compare
 from procmqtt.errors import AppError, ConfigError, ExitCode
 from procmqtt.ipc import channel
-from procmqtt.ipc.shared import MAX_SLOTS
 from procmqtt.supervisor.arbiter import Supervisor
 from procmqtt.supervisor.children import Child
+from procmqtt.supervisor.operations import subscription_records
 from procmqtt.supervisor.pidfile import PidFile, is_supervisor_command
 from procmqtt.worker.base import Worker
 
@@ -39,7 +39,8 @@ def test_topic_changes_become_subscribe_and_unsubscribe_records():
     new = config({"b/#": 1, "c/#": 1, "d/+": 2})
     changes = compare(old, new)
     assert changes.agent == () and changes.needs_restart == ()
-    assert changes.records() == [channel.Unsubscribe("a/#"), channel.Subscribe("c/#", 1), channel.Subscribe("d/+", 2)]
+    assert subscription_records(changes) == [channel.Unsubscribe("a/#"), channel.Subscribe("c/#", 1),
+                                             channel.Subscribe("d/+", 2)]
     assert changes.describe() == "subscribe c/# (qos 1), d/+ (qos 2); unsubscribe a/#"
 
 

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         if not config.mqtt.topics and not routes:
             logs.get().warning("no [mqtt.topics] configured and no routes; the app receives only what it "
                                "subscribes to at runtime")
-        return Supervisor(app, args.app, config, metrics_listener, broker=broker, loader=_reloader(args)).run()
+        return Supervisor(app, args.app, config, metrics_listener, sidecar=broker, loader=_reloader(args)).run()
     finally:
         if broker is not None:
             broker.stop()

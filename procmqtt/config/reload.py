@@ -23,9 +23,6 @@ from typing import Any
 from procmqtt.config.schema import APP_SECTION, KEYS, SECTIONS, Reload
 from procmqtt.config.values import Config, Subscription
 
-# for Changes.records() only: the supervisor imports this module; ``import procmqtt.config`` loads no ipc
-from procmqtt.ipc import channel
-
 AGENT_KEYS: dict[str, tuple[str, ...]] = {
     section: tuple(k.name for k in KEYS if k.section == section and k.field and k.reload is Reload.AGENT)
     for section in SECTIONS}
@@ -48,11 +45,6 @@ class Changes:
     unsubscribe: tuple[str, ...] = ()  # filters no longer in [mqtt.topics]
     agent: tuple[str, ...] = ()  # changed keys that need a new agent (a new connection)
     needs_restart: tuple[str, ...] = ()  # changed sections kept as they were until procmqtt restarts
-
-    def records(self) -> list[channel.Record]:
-        """What the agent is sent; it applies them to its subscriptions and to the broker."""
-        return [*(channel.Unsubscribe(f) for f in self.unsubscribe),
-                *(channel.Subscribe(s.topic_filter, s.qos) for s in self.subscribe)]
 
     def describe(self) -> str:
         parts = []

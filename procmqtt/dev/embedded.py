@@ -172,11 +172,17 @@ class EmbeddedBroker:
             return ""
         return f": {lines[-1]}" if lines else ""
 
-    def reaped(self, code: int) -> None:
-        """Someone else (the supervisor's ``waitpid(-1)``) collected its exit status."""
+    @property
+    def name(self) -> str:
+        """How the supervisor's log lines name it (it is the supervisor's sidecar)."""
+        return "embedded broker"
+
+    def reaped(self, code: int) -> str:
+        """Someone else (the supervisor's ``waitpid(-1)``) collected its exit status; returns its last words."""
         if self.proc is not None:
             self.proc.returncode = code
             self.proc = None
+        return self.last_words()
 
     def stop(self) -> None:
         """SIGTERM, wait, SIGKILL if need be, then remove the temporary directory."""

@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from procmqtt import logs
 from procmqtt.agent.loop import Agent
@@ -34,10 +34,11 @@ from procmqtt.ipc.signals import SignalQueue
 from procmqtt.supervisor import proctitle
 from procmqtt.supervisor.children import (
     AGENT_CRASH_LOOP,
-    BROKER_SLOT,
     CRASH_LOOP,
+    SIDECAR_SLOT,
     STABLE_AFTER,
     Child,
+    Sidecar,
     describe_exit,
     kill,
     read_last_error,
@@ -47,9 +48,6 @@ from procmqtt.supervisor.children import (
 from procmqtt.supervisor.operations import Loader, Operations
 from procmqtt.worker.base import Worker, serve, uses_asyncio
 from procmqtt.worker.routes import with_route_subscriptions
-
-if TYPE_CHECKING:
-    from procmqtt.dev.embedded import EmbeddedBroker
 
 DUMP_GRACE = 0.5
 """Seconds between asking a hung worker for its stack (SIGUSR1) and SIGKILL."""
@@ -68,13 +66,13 @@ class Supervisor(Operations):
     """
 
     def __init__(self, app: type[Worker], app_spec: str, config: Config,
-                 metrics_listener: socket.socket | None = None, *, broker: EmbeddedBroker | None = None,
+                 metrics_listener: socket.socket | None = None, *, sidecar: Sidecar | None = None,
                  loader: Loader | None = None) -> None:
         """``metrics_listener``: the ``[metrics]`` socket (``metrics.listen``), handed to every agent.
-        ``broker``: an embedded broker already started; supervised like a child, stopped last.
+        ``sidecar``: a process already started (``--broker embedded``); restarted like a child, stopped last.
         ``loader``: what SIGHUP calls to load the app and the configuration again."""
         self.app = app
-        self.broker = broker
+        self.sidecar = sidecar
         self.loader = loader
         self.revision = 0
         self.revisions = itertools.count(1)
@@ -107,7 +105,7 @@ class Supervisor(Operations):
                 self.reap_children()
                 self.murder_hung_workers()
                 if self.stopping:
-                    self.stop_broker_last()
+                    self.stop_sidecar_last()
                     if not self.children:
                         break
                     self.drive_stop()
@@ -135,9 +133,9 @@ class Supervisor(Operations):
         if w.concurrency > 1 and not uses_asyncio(self.app):
             self.log.warning("[workers] concurrency = %d has no effect: %s has no async handlers, so each "
                              "worker handles one message at a time", w.concurrency, self.app.__name__)
-        if self.broker is not None and self.broker.pid is not None:
-            self.children[self.broker.pid] = Child("broker", BROKER_SLOT, next(self.generations),
-                                                   self.broker.pid, time.monotonic())
+        if self.sidecar is not None and self.sidecar.pid is not None:
+            self.children[self.sidecar.pid] = Child("sidecar", SIDECAR_SLOT, next(self.generations),
+                                                    self.sidecar.pid, time.monotonic(), label=self.sidecar.name)
 
     def teardown(self) -> None:
         self.signals.close()
@@ -208,9 +206,8 @@ class Supervisor(Operations):
         error = read_last_error(self.state_dir, child.pid, self.log)
         if error:
             how += f" ({error})"
-        if child.role == "broker" and self.broker is not None:
-            how += self.broker.last_words()
-            self.broker.reaped(code)
+        if child.role == "sidecar" and self.sidecar is not None:
+            how += self.sidecar.reaped(code)
         if self.stopping:
             self.log.log(logging.INFO if code == 0 else logging.WARNING, "%s (pid %d) %s", name, child.pid, how)
             return
@@ -234,7 +231,7 @@ class Supervisor(Operations):
             return
         if child.role == "worker":
             self.count_restart(child, code)
-        if code == 0 and child.role != "broker":  # recycled, reloaded, or asked to leave: replace it at once
+        if code == 0 and child.role != "sidecar":  # recycled, reloaded, or asked to leave: replace it at once
             self.log.info("%s (pid %d) exited; replacing it", name, child.pid)
             return
         backoff = self.backoffs.setdefault(child.slot, Backoff(base=0.5, cap=10.0))
@@ -292,25 +289,26 @@ class Supervisor(Operations):
         now = time.monotonic()
         running = {c.slot for c in self.children.values()}
         agent_leaving = any(c.role == "agent" and c.retiring for c in self.children.values())
-        broker = (BROKER_SLOT,) if self.broker is not None else ()
-        for slot in (*broker, -1, *range(self.config.workers.count)):
+        sidecar = (SIDECAR_SLOT,) if self.sidecar is not None else ()
+        for slot in (*sidecar, -1, *range(self.config.workers.count)):
             if slot >= 0 and agent_leaving:
                 break
             if slot not in running and now >= self.restart_at.get(slot, 0.0):
                 self.restart_at.pop(slot, None)
-                if slot == BROKER_SLOT:
-                    self.spawn_broker()
+                if slot == SIDECAR_SLOT:
+                    self.spawn_sidecar()
                 elif slot == -1:
                     self.spawn_agent()
                 else:
                     self.spawn_worker(slot)
 
-    def spawn_broker(self) -> None:
-        """Restart the embedded broker on the same port; the agent's reconnect finds it there."""
-        assert self.broker is not None
-        pid = self.broker.spawn()
-        self.children[pid] = Child("broker", BROKER_SLOT, next(self.generations), pid, time.monotonic())
-        self.log.info("started embedded broker (pid %d) on %s", pid, self.broker.url)
+    def spawn_sidecar(self) -> None:
+        """Restart the sidecar (the embedded broker comes back on its port; the agent's reconnect finds it)."""
+        assert self.sidecar is not None
+        pid = self.sidecar.spawn()
+        self.children[pid] = Child("sidecar", SIDECAR_SLOT, next(self.generations), pid, time.monotonic(),
+                                   label=self.sidecar.name)
+        self.log.info("started %s (pid %d)", self.sidecar.name, pid)
 
     def spawn_agent(self) -> None:
         """Fork the agent with every live worker's channel; ``main`` runs in the child."""

@@ -14,6 +14,7 @@ import signal
 import socket
 import traceback
 from dataclasses import dataclass
+from typing import Protocol
 
 STABLE_AFTER = 5.0
 """A child that lived this long resets its restart backoff."""
@@ -26,14 +27,37 @@ OOM killer; the restart backoff handles those)."""
 LAST_ERROR_MAX = 500
 """Characters of a crashed child's exception message kept for the supervisor's log line."""
 
-BROKER_SLOT = -2
-"""The embedded broker's slot (``--broker embedded``); the agent is -1, workers 0 .. N-1."""
+SIDECAR_SLOT = -2
+"""The sidecar's slot (``--broker embedded``'s Mosquitto); the agent is -1, workers 0 .. N-1."""
+
+
+class Sidecar(Protocol):
+    """A process started before the supervisor and kept alive beside the agent and the workers,
+    stopped last, once they are gone (the CLI hands ``--broker embedded``'s Mosquitto in as one).
+    The supervisor restarts it like any child: its ``waitpid(-1)`` reaps it, so it owns it."""
+
+    @property
+    def name(self) -> str:
+        """How log lines name it, e.g. "embedded broker"."""
+
+    @property
+    def pid(self) -> int | None:
+        """The running process, or None."""
+
+    def spawn(self) -> int:
+        """Start it again (it died); returns the new pid without waiting for it to be ready."""
+
+    def reaped(self, code: int) -> str:
+        """The supervisor collected its exit status; returns what to add to the log line."""
+
+    def stop(self) -> None:
+        """Stop it for good; called once, after every other child is gone."""
 
 
 @dataclass
 class Child:
-    role: str  # "agent", "worker" or "broker"
-    slot: int  # the worker's id; -1 for the agent, -2 for the embedded broker
+    role: str  # "agent", "worker" or "sidecar"
+    slot: int  # the worker's id; -1 for the agent, -2 for the sidecar
     generation: int  # unique per fork, so the agent can tell a replacement from a stale record
     pid: int
     started: float
@@ -41,11 +65,12 @@ class Child:
     kill_at: float = 0.0  # hung: SIGKILL at this time (after the stack dump)
     revision: int = 0  # which loaded app and configuration it was forked from (SIGHUP adds one)
     retiring: bool = False  # asked to stop gracefully, for a reload or one worker fewer
+    label: str = ""  # a sidecar's name
 
     @property
     def name(self) -> str:
-        """How log lines name it: "agent", "embedded broker", "worker 3"."""
-        return {"agent": "agent", "broker": "embedded broker"}.get(self.role, f"worker {self.slot}")
+        """How log lines name it: "agent", "worker 3", or the sidecar's name."""
+        return self.label or ("agent" if self.role == "agent" else f"worker {self.slot}")
 
 
 def restart_cause(child: Child, code: int) -> str:

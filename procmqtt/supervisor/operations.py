@@ -18,16 +18,16 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from procmqtt.config import Config, default_client_id, reload
+from procmqtt.config import MAX_SLOTS, Config, default_client_id, reload
+from procmqtt.config.reload import Changes
 from procmqtt.errors import ExitCode, ProcmqttError
 from procmqtt.ipc import channel
-from procmqtt.ipc.shared import MAX_SLOTS
 from procmqtt.supervisor.children import Child, kill
 from procmqtt.worker.base import Worker
 from procmqtt.worker.routes import with_route_subscriptions
 
 if TYPE_CHECKING:
-    from procmqtt.dev.embedded import EmbeddedBroker
+    from procmqtt.supervisor.children import Sidecar
 
 Loader = Callable[[], tuple[type[Worker], Config]]
 """Loads the app and the configuration again, as ``procmqtt run`` did; raises ``ProcmqttError``."""
@@ -47,7 +47,7 @@ class Operations:
     revision: int
     revisions: itertools.count[int]
     previous: tuple[int, type[Worker], Config] | None
-    broker: EmbeddedBroker | None
+    sidecar: Sidecar | None
     children: dict[int, Child]
     restart_at: dict[int, float]
     quick_deaths: dict[int, int]
@@ -87,7 +87,7 @@ class Operations:
                       changes.describe(), config.workers.count)
         self.app, self.config, self.revision = app, config, revision
         self.client_id = config.mqtt.client_id or default_client_id(self.app_spec)
-        self.control.extend(changes.records())
+        self.control.extend(subscription_records(changes))
         for child in list(self.children.values()):
             if child.role == "worker" or (child.role == "agent" and changes.agent):
                 self.retire(child)
@@ -162,15 +162,15 @@ class Operations:
             self.log.error("graceful stop timed out; killing %d process(es)", len(self.children))
             self.kill_all()
 
-    def stop_broker_last(self) -> None:
-        """Once the agent and the workers are gone, stop the embedded broker (it outlives them so
-        the agent can flush its publishes and acknowledgements)."""
-        if self.broker is None or any(c.role != "broker" for c in self.children.values()):
+    def stop_sidecar_last(self) -> None:
+        """Once the agent and the workers are gone, stop the sidecar (the embedded broker outlives
+        them so the agent can flush its publishes and acknowledgements)."""
+        if self.sidecar is None or any(c.role != "sidecar" for c in self.children.values()):
             return
-        for pid in [pid for pid, c in self.children.items() if c.role == "broker"]:
+        for pid in [pid for pid, c in self.children.items() if c.role == "sidecar"]:
             del self.children[pid]
-        self.broker.stop()
-        self.log.info("embedded broker stopped")
+        self.sidecar.stop()
+        self.log.info("%s stopped", self.sidecar.name)
 
     def kill_all(self) -> None:
         """SIGQUIT, a second SIGTERM/SIGINT, or the stop deadline: SIGKILL every child now."""
@@ -186,3 +186,10 @@ class Operations:
         self.log.error("%s; stopping with exit code %d", message, code)
         self.exit_code = code
         self.begin_stop("fatal error")
+
+
+def subscription_records(changes: Changes) -> list[channel.Record]:
+    """What the running agent is sent for a reload's topic changes; it applies them to its
+    subscriptions and to the broker, as it does a worker's ``self.subscribe``."""
+    return [*(channel.Unsubscribe(f) for f in changes.unsubscribe),
+            *(channel.Subscribe(s.topic_filter, s.qos) for s in changes.subscribe)]
