@@ -54,6 +54,12 @@ class RouteError(AppError):
     exit_code = ExitCode.USAGE
 
 
+class HandlerError(AppError):
+    """A handler declared to return what procmqtt cannot honour (not None or an ``Outcome``): found at load."""
+
+    exit_code = ExitCode.USAGE
+
+
 class PublishBufferFull(RuntimeError):
     """``Worker.publish`` waited ``[mqtt] publish_timeout`` for room in the agent's publish buffer."""
 

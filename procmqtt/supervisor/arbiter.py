@@ -33,7 +33,8 @@ from procmqtt.ipc import channel, poller
 from procmqtt.ipc.shared import MAX_SLOTS, SharedState
 from procmqtt.ipc.signals import SignalQueue
 from procmqtt.supervisor import proctitle
-from procmqtt.worker.base import Worker, serve, uses_asyncio
+from procmqtt.worker.base import Worker, uses_asyncio
+from procmqtt.worker.main import serve
 from procmqtt.worker.routes import with_route_subscriptions
 
 if TYPE_CHECKING:
