@@ -84,7 +84,7 @@ class PublishError(enum.IntEnum):
         if code >= 128:
             try:
                 return f"{ReasonCode(PacketTypes.PUBACK, identifier=code)} (reason code {code})"
-            except ValueError:
+            except (ValueError, KeyError):  # paho knows no name for it
                 return f"reason code {code}"
         return str(error_string(code))
 

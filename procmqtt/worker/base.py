@@ -240,13 +240,14 @@ def _check_return(app: type[Worker], name: str) -> None:
     promise nothing); what they return is checked when it is returned."""
     func = inspect.getattr_static(app, name)
     func = getattr(func, "__func__", func)
+    written = getattr(func, "__annotations__", {}).get("return", inspect.Parameter.empty)
     try:
         annotation = inspect.get_annotations(func, eval_str=True).get("return", inspect.Parameter.empty)
     except Exception:  # noqa: BLE001 - a name only imported for type checking: judge the text
-        annotation = getattr(func, "__annotations__", {}).get("return", inspect.Parameter.empty)
+        annotation = written
     if annotation is inspect.Parameter.empty or _allowed(annotation):
         return
-    shown = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+    shown = written if isinstance(written, str) else inspect.formatannotation(annotation)
     raise HandlerError(f"{getattr(func, '__qualname__', name)}: declared to return {shown}; a handler returns "
                        "None or a procmqtt.Outcome (any other value would count as a failure)")
 
