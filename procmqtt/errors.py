@@ -13,7 +13,7 @@ class ExitCode(IntEnum):
     FORCED = 1
     """Stopped forcibly (a second signal or the graceful timeout) or an internal error."""
     USAGE = 2
-    """Bad command line, configuration or ``@route``."""
+    """Bad command line, configuration, ``@route`` or handler return annotation."""
     APP = 3
     """The app could not be imported, is not a Worker subclass, or a worker failed to boot; a worker
     slot or the agent kept dying right after start (a crash loop)."""
