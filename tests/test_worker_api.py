@@ -10,7 +10,15 @@ import sys
 from typing import Any, Optional
 
 import pytest
-from harness import ROOT, Procmqtt, Subscriber, publish_all, publisher, wait_until, write_config
+from harness import (
+    ROOT,
+    Procmqtt,
+    Subscriber,
+    publish_all,
+    publisher,
+    wait_until,
+    write_config,
+)
 
 from procmqtt import Message, Outcome, Worker, route
 from procmqtt.testing import WorkerHarness
@@ -76,8 +84,8 @@ def test_any_other_return_value_counts_as_failed_and_is_logged_once(app, caplog)
         assert h.deliver("number") is Outcome.FAILED
         assert h.deliver("ok") is Outcome.OK
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["on_message for topic 'true' returned True, which is neither None nor a procmqtt.Outcome; "
-                     "counted as FAILED (logged once per worker process)"]
+    assert lines == [("on_message for topic 'true' returned True, which is neither None nor a procmqtt.Outcome; "
+                      "counted as FAILED (logged once per worker process)")]
 
 
 def _app(annotation: Any, *, as_route: bool = False, is_async: bool = False) -> type[Worker]:
@@ -93,9 +101,10 @@ def _app(annotation: Any, *, as_route: bool = False, is_async: bool = False) -> 
     return type("App", (Worker,), {"on_message": handler})
 
 
-@pytest.mark.parametrize("annotation", [None, type(None), Outcome, Optional[Outcome], Outcome | None, Any, object,
+@pytest.mark.parametrize("annotation", [None, type(None), Outcome, Optional[Outcome], Outcome | None, Any, object,  # noqa: UP045
                                         "None", "Outcome", "procmqtt.Outcome", "Outcome | None",
-                                        "Optional[Outcome]", "Awaitable[Outcome | None]", "NotImportedOutcome"[11:]])
+                                        "Optional[Outcome]", "Awaitable[Outcome | None]",
+                                        "typing_only.Outcome"])  # not importable here: judged by its text
 @pytest.mark.parametrize("as_route", [False, True])
 def test_return_annotations_none_or_outcome_load(annotation, as_route):
     with WorkerHarness(_app(annotation, as_route=as_route)):
