@@ -49,8 +49,6 @@ async def _invoke(func: Callable[[], Any]) -> Any:
 class AsyncLoop(ServeLoop):
     """Runs each delivery as a task on a fresh event loop; the hooks run on that loop too."""
 
-    mode = "async"
-
     def setup(self) -> None:
         super().setup()
         self.loop = asyncio.new_event_loop()
@@ -62,6 +60,9 @@ class AsyncLoop(ServeLoop):
         # Readers first: an async on_start may await a publish confirmation.
         self.loop.add_reader(self.link.inbound, self._readable)
         self.loop.add_reader(self.signals.fileno(), self._signalled)
+
+    def ready_note(self) -> str:
+        return f" (async, concurrency {self.concurrency})"
 
     def call(self, func: Callable[[], Any]) -> Any:
         return self.loop.run_until_complete(_invoke(func))

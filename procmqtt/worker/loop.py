@@ -45,7 +45,6 @@ class ServeLoop:
     ``setup`` and ``teardown``.
     """
 
-    mode = "sync"  # for the ready line
     link: _AgentLink
     signals: SignalQueue
     recycle: _Recycler
@@ -80,8 +79,7 @@ class ServeLoop:
                 return ExitCode.APP
             self.worker, self.runner = worker, Runner(worker)
             self.link.send(channel.Ready(self.slot, self.generation))
-            self.log.debug("worker %d ready (%s, concurrency %d)", self.slot, self.mode,
-                           self.config.workers.concurrency)
+            self.log.debug("worker %d ready%s", self.slot, self.ready_note())
             try:
                 self.serve()
                 self.log.debug("worker %d leaving: %s", self.slot, self.stop_reason)
@@ -102,6 +100,10 @@ class ServeLoop:
         self.link = _AgentLink(self.slot, self.generation, self.inbound, self.upstream, self.config,
                                wakeup=self.signals.fileno())
         self.recycle = _Recycler(self.config)
+
+    def ready_note(self) -> str:
+        """What the ready line adds about how this loop runs handlers."""
+        return ""
 
     def call(self, func: Callable[[], Any]) -> Any:
         """Run a hook (the app's constructor, ``on_start``, ``on_stop``) and return what it gives."""
