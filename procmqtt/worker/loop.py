@@ -40,9 +40,9 @@ from procmqtt.worker.link import _AgentLink
 class ServeLoop:
     """The base loop: boot, Ready, Done/Retire bookkeeping, named exits, shutdown.
 
-    Subclasses implement ``serve`` (read records, run handlers, return at a named exit) and ``call``
-    (run a hook, awaiting it on the event loop where there is one); the asyncio one also extends
-    ``setup`` and ``teardown``.
+    Subclasses implement ``serve``: read records, run each delivery through ``runner`` between
+    ``started`` and ``done``, and return at a named exit (``stop``). The asyncio one also runs the
+    hooks on its event loop (``call``) and extends ``setup`` and ``teardown``.
     """
 
     link: _AgentLink
