@@ -5,9 +5,10 @@ One agent process holds the MQTT connection; N worker processes run your ``Worke
 
 from procmqtt.errors import PublishBufferFull, RequestFailed
 from procmqtt.message import Message, Outcome, Properties
-from procmqtt.worker.base import PublishHandle, Worker
+from procmqtt.worker.answers import PublishError, PublishHandle
+from procmqtt.worker.base import Worker
 from procmqtt.worker.routes import Route, route
 
 __version__ = "0.1.0"
-__all__ = ["Message", "Outcome", "Properties", "PublishBufferFull", "PublishHandle", "RequestFailed", "Route",
-           "Worker", "__version__", "route"]
+__all__ = ["Message", "Outcome", "Properties", "PublishBufferFull", "PublishError", "PublishHandle", "RequestFailed",
+           "Route", "Worker", "__version__", "route"]

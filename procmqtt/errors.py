@@ -13,7 +13,7 @@ class ExitCode(IntEnum):
     FORCED = 1
     """Stopped forcibly (a second signal or the graceful timeout) or an internal error."""
     USAGE = 2
-    """Bad command line, configuration or ``@route``."""
+    """Bad command line, configuration, ``@route`` or handler return annotation."""
     APP = 3
     """The app could not be imported, is not a Worker subclass, or a worker failed to boot; a worker
     slot or the agent kept dying right after start (a crash loop)."""
@@ -50,6 +50,12 @@ class AppError(ProcmqttError):
 
 class RouteError(AppError):
     """A ``@route`` that cannot work (bad filter, qos or parameter): a usage mistake, found at load."""
+
+    exit_code = ExitCode.USAGE
+
+
+class HandlerError(AppError):
+    """A handler declared to return what procmqtt cannot honour (not None or an ``Outcome``): found at load."""
 
     exit_code = ExitCode.USAGE
 

@@ -65,8 +65,9 @@ class Properties:
                 data = data.encode("utf-8")
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise ValueError(f"correlation_data must be bytes or str, got {data!r}")
-            object.__setattr__(self, "correlation_data", bytes(data))
-            _check_length("correlation_data", self.correlation_data)
+            data = bytes(data)
+            object.__setattr__(self, "correlation_data", data)
+            _check_length("correlation_data", data)
         expiry = self.message_expiry
         if expiry is not None and (isinstance(expiry, bool) or not isinstance(expiry, int)
                                    or not 0 <= expiry <= MAX_EXPIRY):

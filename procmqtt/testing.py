@@ -1,8 +1,8 @@
 """Unit-test a procmqtt app in process: no broker, no processes.
 
 ``WorkerHarness`` runs one instance of the app the way a worker process does: the same load-time
-checks, ``on_start``/``on_stop``, and every delivery through ``Worker.handle`` (or
-``handle_async`` for async apps), so routes, parameters and outcomes behave as in production.
+checks, ``on_start``/``on_stop``, and every delivery through ``worker.handling.Runner``, the code
+path of a worker process, so routes, parameters, return values and outcomes behave as in production.
 The channels are replaced by ``FakeLink``, which records what the app publishes and subscribes.
 
     with WorkerHarness(Sensors, config={"app": {"alert_above": 30}}) as h:
@@ -26,8 +26,10 @@ from procmqtt.ipc import channel
 from procmqtt.message import EMPTY, Message, Outcome, Properties
 from procmqtt.topics import filter_problem, topic_matches, topic_problem
 from procmqtt.worker.aio import close_loop, maybe_await
+from procmqtt.worker.answers import PublishHandle, _Answer, _ReplyWaiter
 from procmqtt.worker.base import Worker, check_app, uses_asyncio
-from procmqtt.worker.link import Payload, PublishHandle, _ReplyWaiter, to_bytes
+from procmqtt.worker.handling import Runner
+from procmqtt.worker.link import Payload, to_bytes
 from procmqtt.worker.routes import Route, routes_of
 
 W = TypeVar("W", bound=Worker)
@@ -40,8 +42,7 @@ Answer = Callable[[Message], Payload]
 
 
 class FakeLink:
-    """What a Worker uses of its channels (``publish``, ``request``, ``send``, ``wait_for``),
-    recorded in lists.
+    """What a Worker uses of its channels (the ``worker.answers.Link`` protocol), recorded in lists.
 
     Every publish succeeds at once: its handle's ``wait()`` and ``await`` give True. A request is
     answered at once by the first responder whose filter matches its topic; with none it times out
@@ -49,6 +50,7 @@ class FakeLink:
     """
 
     loop_thread: int | None = None
+    closed = False
 
     def __init__(self, worker_id: int = 0) -> None:
         self.published: list[tuple[str, bytes, int, bool]] = []
@@ -89,7 +91,7 @@ class FakeLink:
         elif isinstance(record, channel.Unsubscribe):
             self.unsubscriptions.append(record.topic_filter)
 
-    def wait_for(self, handle: PublishHandle, timeout: float | None) -> bool:
+    def wait_for(self, handle: _Answer, timeout: float | None) -> bool:
         return handle.error == 0
 
 
@@ -114,6 +116,7 @@ class WorkerHarness(Generic[W]):
         self.routes: tuple[Route, ...] = routes_of(app)
         self.is_async = uses_asyncio(app)
         self._worker: W | None = None
+        self._runner: Runner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -122,6 +125,13 @@ class WorkerHarness(Generic[W]):
         if self._worker is None:
             raise RuntimeError("WorkerHarness: use it as a context manager first")
         return self._worker
+
+    @property
+    def runner(self) -> Runner:
+        """What hands each delivery to the app (inside the ``with`` block)."""
+        if self._runner is None:
+            raise RuntimeError("WorkerHarness: use it as a context manager first")
+        return self._runner
 
     @property
     def published(self) -> list[tuple[str, bytes, int, bool]]:
@@ -178,14 +188,14 @@ class WorkerHarness(Generic[W]):
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await maybe_await(self.worker.on_stop())
-        self._worker = None
+        self._worker = self._runner = None
 
     async def _start(self) -> None:
         worker = self.app()
         worker._attach(self.worker_id, self.config, self.link)
-        worker._raise_errors = self.raise_exceptions
         await maybe_await(worker.on_start())
         self._worker = worker
+        self._runner = Runner(worker, raise_errors=self.raise_exceptions)
 
     def _run(self, coroutine: Any) -> Any:
         if self._loop is not None:
@@ -197,7 +207,7 @@ class WorkerHarness(Generic[W]):
         raise RuntimeError("WorkerHarness: a sync app awaited something")  # pragma: no cover
 
     def _close(self) -> None:
-        self._worker = None
+        self._worker = self._runner = None
         if self._loop is not None:
             close_loop(self._loop)
             self._loop = None
@@ -213,15 +223,15 @@ class WorkerHarness(Generic[W]):
         """
         message = self._message(topic, payload, qos, retain, redelivered, properties)
         if self._loop is not None:
-            return self._loop.run_until_complete(self.worker.handle_async(message))
+            return self._loop.run_until_complete(self.runner.handle_async(message))
         if self.is_async:
             raise RuntimeError("WorkerHarness: an async app entered with 'async with' takes deliver_async")
-        return self.worker.handle(message)
+        return self.runner.handle(message)
 
     async def deliver_async(self, topic: str, payload: Payload = b"", qos: int = 0, retain: bool = False,
                             redelivered: bool = False, *, properties: Properties | None = None) -> Outcome:
         """``deliver`` on the running event loop (inside ``async with``)."""
-        return await self.worker.handle_async(self._message(topic, payload, qos, retain, redelivered, properties))
+        return await self.runner.handle_async(self._message(topic, payload, qos, retain, redelivered, properties))
 
     def _message(self, topic: str, payload: Payload, qos: int, retain: bool, redelivered: bool,
                  properties: Properties | None) -> Message:

@@ -33,7 +33,8 @@ from procmqtt.errors import ConfigError
 from procmqtt.ipc import channel
 from procmqtt.ipc.shared import SharedState
 from procmqtt.testing import WorkerHarness
-from procmqtt.worker.base import serve, uses_asyncio
+from procmqtt.worker.base import uses_asyncio
+from procmqtt.worker.main import serve
 
 # --- configuration -----------------------------------------------------------------------------
 

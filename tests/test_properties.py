@@ -14,7 +14,7 @@ from procmqtt.config import from_mapping
 from procmqtt.ipc import channel
 from procmqtt.message import EMPTY
 from procmqtt.testing import WorkerHarness
-from procmqtt.worker.base import _AgentLink
+from procmqtt.worker.link import _AgentLink
 
 pytestmark = pytest.mark.unit  # pure logic: no broker, no process
 

@@ -46,7 +46,8 @@ from procmqtt.supervisor.children import (
     write_last_error,
 )
 from procmqtt.supervisor.operations import Loader, Operations
-from procmqtt.worker.base import Worker, serve, uses_asyncio
+from procmqtt.worker.base import Worker, uses_asyncio
+from procmqtt.worker.main import serve
 from procmqtt.worker.routes import with_route_subscriptions
 
 DUMP_GRACE = 0.5

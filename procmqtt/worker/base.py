@@ -1,30 +1,31 @@
-"""The ``Worker`` base class users subclass, and the loop that runs it in a worker process.
+"""The ``Worker`` base class users subclass, and the load-time checks of an app.
 
-A worker never talks to the broker. It reads deliveries from its own channel (written only by the
-agent), and sends completions, publishes and subscription changes on the publish channel that all
-workers share (``link.py`` holds that side). Everything here runs in the worker process, after fork.
+A worker never talks to the broker: ``publish``, ``request`` and ``subscribe`` go through its link
+to the agent (``link.py``; typed as ``answers.Link``). The class holds the user's API only: the
+framework's entry point for a message is ``handling.Runner``, outside the user's namespace, and the
+loop that runs the process is ``worker.loop`` with its sync and async subclasses.
+
+``check_app`` and ``uses_asyncio`` run where the app is loaded: in the supervisor before any fork,
+and in ``procmqtt.testing``. A ``Worker`` instance is created and used in the worker process only.
 """
 
 from __future__ import annotations
 
-import faulthandler
+import collections.abc
 import inspect
 import logging
 import math
 import os
-import random
-import signal
-import socket
-import sys
-import time
+import re
+import types
+import typing
+from collections.abc import Awaitable
 from typing import Any
 
-from procmqtt import logs, mqtt5
+from procmqtt import mqtt5
 from procmqtt.config import Config
-from procmqtt.errors import AppError, ExitCode
+from procmqtt.errors import AppError, HandlerError
 from procmqtt.ipc import channel
-from procmqtt.ipc.shared import SharedState
-from procmqtt.ipc.signals import SignalQueue
 from procmqtt.message import EMPTY, Message, Outcome, Properties
 from procmqtt.topics import (
     MAX_TOPIC_BYTES,
@@ -32,17 +33,13 @@ from procmqtt.topics import (
     packet_problem,
     topic_problem,
 )
-from procmqtt.worker import aio
-from procmqtt.worker.link import (  # noqa: F401  (re-exported: procmqtt.worker.PublishHandle etc. stay importable)
-    AGENT_GONE,
-    Payload,
-    PublishHandle,
-    _AgentLink,
-    _ReplyWaiter,
-    describe_error,
-    to_bytes,
-)
+from procmqtt.worker.answers import Link, PublishHandle, _ReplyWaiter
+from procmqtt.worker.link import Payload, to_bytes
 from procmqtt.worker.routes import Router, routes_of
+
+_ALLOWED_RETURNS: frozenset[Any] = frozenset({None, type(None), Outcome, Any, object, typing.NoReturn})
+_ALLOWED_NAMES = frozenset({"None", "Outcome", "Any", "object", "NoReturn", "Never"})
+_WRAPPERS = frozenset({"Optional", "Union", "Awaitable", "Coroutine"})
 
 
 class Worker:
@@ -57,19 +54,19 @@ class Worker:
     worker_id: int
     config: Config
     log: logging.Logger
-    _link: Any = None
+    _link: Link | None = None
     _router: Router | None = None
-    _raise_errors = False  # procmqtt.testing: let a handler's exception through
 
-    def on_start(self) -> None:
+    def on_start(self) -> None | Awaitable[None]:
         """Called once in the worker process before the first message."""
 
-    def on_message(self, message: Message) -> Any:
+    def on_message(self, message: Message) -> Outcome | None | Awaitable[Outcome | None]:
         """Called for each message this worker is given.
 
         The default hands the message to the most specific matching ``@route`` method and returns
         ``Outcome.UNROUTED`` when none matches. An override receives every message (routes then
-        only subscribe), and may call ``super().on_message(message)`` to dispatch.
+        only subscribe), and may call ``super().on_message(message)`` to dispatch. Return None (or
+        an ``Outcome``, which is honoured); any other value counts as a failure (``handling``).
         """
         router = self._router or self._make_router()
         found = router.match(message.topic)
@@ -77,9 +74,10 @@ class Worker:
             router.unrouted(message.topic)
             return Outcome.UNROUTED
         handler, params = found
-        return handler(message, **params)
+        result: Outcome | None | Awaitable[Outcome | None] = handler(message, **params)
+        return result
 
-    def on_stop(self) -> None:
+    def on_stop(self) -> None | Awaitable[None]:
         """Called once when the worker stops gracefully."""
 
     def publish(self, topic: str, payload: Payload = b"", qos: int = 0, retain: bool = False, *,
@@ -198,47 +196,8 @@ class Worker:
                 f"{topic_filter[:100]!r}... ({len(topic_filter)} characters)"
             raise ValueError(f"{what}: {problem}, got {shown}")
 
-    def handle(self, message: Message) -> Outcome:
-        """Run ``on_message`` for one message; log (never raise) its exception.
-
-        The one code path for every message of a sync app, in production and in tests;
-        ``handle_async`` is its twin for apps with async handlers.
-        """
-        try:
-            result = self.on_message(message)
-        except Exception:
-            if self._raise_errors:
-                raise
-            return self._failed(message)
-        if result is None:
-            return Outcome.OK
-        if result is Outcome.UNROUTED:
-            return Outcome.UNROUTED
-        if inspect.iscoroutine(result):  # an async handler reached from a sync app: a bug, say so
-            result.close()
-            self.log.error("on_message for topic %r returned a coroutine, but this worker runs no event "
-                           "loop; declare the handler with async def on the class", message.topic)
-            return Outcome.FAILED
-        return Outcome.OK
-
-    async def handle_async(self, message: Message) -> Outcome:
-        """``handle`` for apps with async handlers, on the worker's event loop; sync handlers run inline."""
-        try:
-            result = self.on_message(message)
-            if inspect.iscoroutine(result):
-                result = await result
-        except Exception:
-            if self._raise_errors:
-                raise
-            return self._failed(message)
-        return Outcome.UNROUTED if result is Outcome.UNROUTED else Outcome.OK
-
-    def _failed(self, message: Message) -> Outcome:
-        """Called in an except block: log the handler's exception with its traceback."""
-        self.log.exception("on_message failed for topic %r", message.topic)
-        return Outcome.FAILED
-
-    def _attach(self, worker_id: int, config: Config, link: Any) -> None:
+    def _attach(self, worker_id: int, config: Config, link: Link) -> None:
+        """In the worker process (or the harness), right after ``__init__``: before ``on_start``."""
         self.worker_id = worker_id
         self.config = config
         self.log = logging.getLogger(f"procmqtt.app.{type(self).__name__}")
@@ -249,7 +208,7 @@ class Worker:
         self._router = Router(routes_of(type(self)), self, logging.getLogger("procmqtt.worker.routes"))
         return self._router
 
-    def _require_link(self) -> _AgentLink:
+    def _require_link(self) -> Link:
         if self._link is None:
             raise RuntimeError("this worker is not running under procmqtt")
         return self._link
@@ -262,11 +221,54 @@ def uses_asyncio(app: type[Worker]) -> bool:
 
 
 def check_app(app: type[Worker]) -> None:
-    """Load-time checks (supervisor, harness): the routes are valid, and something handles messages."""
+    """Load-time checks (supervisor, harness): the routes are valid, something handles messages, and
+    no handler is declared to return what procmqtt cannot honour."""
     routes = routes_of(app)
     if not routes and app.on_message is Worker.on_message:
         raise AppError(f"{app.__qualname__} has no @route methods and does not override on_message, "
                        "so it would handle nothing")
+    handlers = [r.name for r in routes]
+    if app.on_message is not Worker.on_message:
+        handlers.insert(0, "on_message")
+    for name in dict.fromkeys(handlers):
+        _check_return(app, name)
+
+
+def _check_return(app: type[Worker], name: str) -> None:
+    """Refuse a return annotation that is neither None nor ``Outcome`` (nor ``Optional[Outcome]``):
+    the value would otherwise be counted as a failure at run time. ``Any`` and ``object`` pass (they
+    promise nothing); what they return is checked when it is returned."""
+    func = inspect.getattr_static(app, name)
+    func = getattr(func, "__func__", func)
+    written = getattr(func, "__annotations__", {}).get("return", inspect.Parameter.empty)
+    try:
+        annotation = inspect.get_annotations(func, eval_str=True).get("return", inspect.Parameter.empty)
+    except Exception:  # noqa: BLE001 - a name only imported for type checking: judge the text
+        annotation = written
+    if annotation is inspect.Parameter.empty or _allowed(annotation):
+        return
+    shown = written if isinstance(written, str) else inspect.formatannotation(annotation)
+    raise HandlerError(f"{getattr(func, '__qualname__', name)}: declared to return {shown}; a handler returns "
+                       "None or a procmqtt.Outcome (any other value would count as a failure)")
+
+
+def _allowed(annotation: Any) -> bool:
+    """None, ``Outcome``, ``Any``, ``object``, ``NoReturn``, unions of these, and ``Awaitable`` or
+    ``Coroutine`` of them (the base class's own signature)."""
+    if isinstance(annotation, str):  # not evaluable here: judge the names in the text
+        names = [t.strip().rsplit(".", 1)[-1] for t in re.split(r"[][,|]", annotation) if t.strip()]
+        return all(n in _ALLOWED_NAMES or n in _WRAPPERS for n in names)
+    try:
+        if annotation in _ALLOWED_RETURNS or annotation is getattr(typing, "Never", None):
+            return True
+    except TypeError:  # unhashable: not one of them
+        return False
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return all(_allowed(arg) for arg in args)
+    if origin in (collections.abc.Awaitable, collections.abc.Coroutine) and args:
+        return _allowed(args[-1])
+    return False
 
 
 def _check_format(what: str, properties: Properties | None, payload: bytes) -> None:
@@ -286,7 +288,7 @@ def _check_size(what: str, topic: str, payload: bytes, qos: int, properties: Pro
     A request's response topic is set by the agent: the most it can take is counted."""
     size = None
     if v5:
-        size = len(mqtt5.to_paho(properties).pack()) if properties is not None else 0
+        size = len(mqtt5.to_paho(properties).pack()) if properties is not None else 0  # type: ignore[no-untyped-call]
         size += 3 + MAX_TOPIC_BYTES if request else 0
     problem = packet_problem(topic, len(payload), qos, size)
     if problem:
@@ -296,104 +298,3 @@ def _check_size(what: str, topic: str, payload: bytes, qos: int, properties: Pro
 def _check_qos(qos: int) -> None:
     if qos not in (0, 1, 2) or isinstance(qos, bool):
         raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
-
-
-def serve(app: type[Worker], slot: int, generation: int, config: Config, inbound: socket.socket,
-          upstream: socket.socket, shared: SharedState) -> int:
-    """The worker process's main loop, after fork; returns the process exit code.
-
-    Exits: a STOP record (graceful stop or recycling: everything queued before it is handled
-    first), SIGTERM (stop after the current message), or the agent side closing for good.
-    Apps with async handlers run ``aio.serve_async`` instead, with the same exits.
-    """
-    log = logs.get("worker")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor decides
-    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # the supervisor's hang report
-    signals = SignalQueue([signal.SIGTERM])
-    inbound.setblocking(False)
-    link = _AgentLink(slot, generation, inbound, upstream, config, wakeup=signals.fileno())
-    recycle = _Recycler(config)
-    if uses_asyncio(app):
-        return aio.serve_async(app, slot, generation, config, link, shared, signals, recycle)
-    try:
-        worker = app()
-        worker._attach(slot, config, link)
-        worker.on_start()
-    except Exception:
-        log.exception("worker %d failed to boot (%s.__init__ or on_start raised)", slot, app.__name__)
-        return ExitCode.APP
-    link.send(channel.Ready(slot, generation))
-    log.debug("worker %d ready", slot)
-    finished = 0
-    try:
-        while True:
-            if signals.pop():
-                log.info("SIGTERM: stopping after the current message")
-                break
-            record = link.next()
-            if isinstance(record, channel.Deliver):
-                shared.set_current(slot, generation, record.delivery_id)
-                began = time.monotonic()
-                shared.set_busy_since(slot, began)
-                outcome = worker.handle(Message(record.topic, record.payload, record.qos, record.retain,
-                                                record.redelivered, record.properties))
-                shared.set_busy_since(slot, 0.0)
-                # It stays current until the next one starts: dying before its Done is on the channel
-                # still charges it an attempt (the agent reads what was sent before it charges).
-                finished += 1
-                shared.set_finished(slot, finished)
-                link.send_later(channel.Done(record.delivery_id, outcome, time.monotonic() - began))
-                reason = recycle.due(finished)
-                if reason:
-                    log.info("recycling: %s; finishing what this worker holds", reason)
-                    link.send(channel.Retire(slot, generation))
-            elif isinstance(record, channel.Stop):
-                log.debug("stop requested; every message received was handled")
-                break
-            elif link.closed:
-                log.warning("the agent's channel closed; stopping")
-                break
-    finally:
-        try:
-            link.flush()  # completions still queued
-        except OSError:
-            log.warning("could not report the last completions: the agent side is gone")
-        try:
-            worker.on_stop()
-        except Exception:
-            log.exception("on_stop raised")
-    return ExitCode.OK
-
-
-class _Recycler:
-    """Decides when a worker should be replaced: after max_messages (+ jitter) or above max_memory_mb."""
-
-    def __init__(self, config: Config) -> None:
-        w = config.workers
-        self.limit = w.max_messages + random.randint(0, w.max_messages_jitter) if w.max_messages else 0
-        self.max_rss = w.max_memory_mb * 1024 * 1024
-        self.next_memory_check = 0.0
-        self.requested = False
-
-    def due(self, finished: int) -> str | None:
-        if self.requested:
-            return None
-        reason = None
-        if self.limit and finished >= self.limit:
-            reason = f"{finished} messages handled (max_messages)"
-        elif self.max_rss and time.monotonic() >= self.next_memory_check:
-            self.next_memory_check = time.monotonic() + 1.0
-            rss = _rss()
-            if rss > self.max_rss:
-                reason = f"resident memory {rss / 2**20:.0f} MB > max_memory_mb"
-        self.requested = reason is not None
-        return reason
-
-
-def _rss() -> int:
-    """This process's resident memory in bytes (Linux); 0 where unknown."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0

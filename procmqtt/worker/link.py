@@ -1,5 +1,6 @@
-"""The worker's side of the channels: its link to the agent, and the handles a publish or a
-request returns. Runs in the worker process (any thread of it, and its event loop for async apps).
+"""The worker's side of the channels: its link to the agent, which resolves the handles a publish
+or a request returns (``answers``). Runs in the worker process (any thread of it, and its event
+loop for async apps).
 
 Reads of the worker's inbound channel are serialised by one lock; whoever holds it resolves every
 handle and waiter it reads a reply for, so a thread waiting on its own publish never misses it.
@@ -11,28 +12,31 @@ publish the new agent neither confirmed nor holds, so no ``wait()`` outlives the
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Generator
 from typing import Any
 
-from paho.mqtt.client import error_string
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.reasoncodes import ReasonCode
-
 from procmqtt.config import Config
-from procmqtt.errors import PublishBufferFull, RequestFailed
+from procmqtt.errors import PublishBufferFull
 from procmqtt.ipc import channel, poller
 from procmqtt.message import Message, Properties
+from procmqtt.worker.answers import (
+    PublishError,
+    PublishHandle,
+    _Answer,
+    _ReplyWaiter,
+    describe_error,
+)
+
+__all__ = ["AGENT_GONE", "Payload", "describe_error", "to_bytes"]  # describe_error: for the agent's log lines
 
 Payload = Any  # bytes, str, None, or a JSON-serialisable object
 
-AGENT_GONE = 7
+AGENT_GONE = PublishError.AGENT_GONE
 """``PublishHandle.error`` when the agent that took the publish is gone, its side closed or the agent
 restarted, before confirming it (paho's MQTT_ERR_CONN_LOST)."""
 
@@ -46,105 +50,6 @@ def to_bytes(payload: Payload) -> bytes:
     if payload is None:
         return b""
     return json.dumps(payload, separators=(",", ":")).encode("utf-8")
-
-
-class _Answer:
-    """Something the agent answers later (a publish confirmation, a reply), awaited by a handler:
-    ``wait()`` blocks, ``await`` does not block the event loop. ``error`` is 0 on success."""
-
-    def __init__(self, link: Any) -> None:
-        self._link = link
-        self.error: int | None = None  # paho's error code or the broker's reason code once known
-        self._done = threading.Event()
-        self._waiters: list[asyncio.Future[None]] = []
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """True once answered with success; False when it failed or ``timeout`` seconds passed first."""
-        return self._link.wait_for(self, timeout)
-
-    async def wait_async(self, timeout: float | None = None) -> bool:
-        """``wait()`` for coroutines: the worker's event loop reads the confirmation meanwhile."""
-        if self._done.is_set() or getattr(self._link, "closed", False):  # closed: as wait(), False
-            return self._done.is_set() and self.error == 0
-        if not getattr(self._link, "loop_thread", None):  # no event loop reads the channel
-            return await asyncio.to_thread(self.wait, timeout)
-        future = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
-        if self._done.is_set():  # resolved by another thread just now
-            future.set_result(None)
-        try:
-            await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            self._waiters.remove(future)
-        return self._done.is_set() and self.error == 0
-
-    def __await__(self) -> Generator[Any, None, bool]:
-        return self.wait_async().__await__()
-
-    def _resolve(self, error: int) -> None:
-        self.error = error
-        self._done.set()
-        for future in self._waiters:
-            loop = future.get_loop()
-            if threading.get_ident() == self._link.loop_thread:
-                _settle(future)
-            else:
-                loop.call_soon_threadsafe(_settle, future)
-
-
-class PublishHandle(_Answer):
-    """What ``Worker.publish`` returns: ``wait()`` tells whether the publish reached the broker.
-
-    ``wait()`` is True once the message's bytes are in the kernel's socket to the broker (QoS 0; not
-    merely in the agent's buffer) or the broker acknowledged it (QoS 1/2). In an async handler, ``await handle`` (or ``await
-    handle.wait_async(timeout)``) gives the same answer without blocking the event loop.
-    """
-
-    def __init__(self, link: Any, request_id: int) -> None:
-        super().__init__(link)
-        self.request_id = request_id
-
-
-class _ReplyWaiter(_Answer):
-    """One ``Worker.request`` in flight: answered by the reply with its correlation data, or failed
-    early when its publish fails or the agent goes away."""
-
-    def __init__(self, link: Any, correlation: bytes) -> None:
-        super().__init__(link)
-        self.correlation = correlation
-        self.reply: Message | None = None
-
-    def _answer(self, reply: Message) -> None:
-        self.reply = reply
-        self._resolve(0)
-
-    def result(self, topic: str, timeout: float) -> Message:
-        """The reply, once the wait is over; raises ``TimeoutError`` or ``RequestFailed``."""
-        self._link.forget(self)
-        if self.reply is not None:
-            return self.reply
-        if self.error is None:
-            raise TimeoutError(f"request to {topic!r}: no reply within {timeout:g}s")
-        raise RequestFailed(f"request to {topic!r} failed: {describe_error(self.error)}")
-
-
-def describe_error(code: int) -> str:
-    """Words for ``PublishHandle.error``: the broker's MQTT 5 reason (``Not authorized``) or paho's error."""
-    if code == AGENT_GONE:
-        return "the agent's side closed or restarted before an answer"
-    if code >= 128:
-        try:
-            return f"{ReasonCode(PacketTypes.PUBACK, identifier=code)} (reason code {code})"
-        except ValueError:
-            return f"reason code {code}"
-    return error_string(code)
-
-
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class _AgentLink:
@@ -322,7 +227,7 @@ class _AgentLink:
                     self._pump(timeout)
         return self._inbox.popleft() if self._inbox else None
 
-    def wait_for(self, handle: PublishHandle, timeout: float | None) -> bool:
+    def wait_for(self, handle: _Answer, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not handle._done.is_set() and not self.closed:
             remaining = 0.1 if deadline is None else deadline - time.monotonic()

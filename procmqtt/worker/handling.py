@@ -1,0 +1,76 @@
+"""Handling one message: the framework's logic, kept off the ``Worker`` class so that no user
+method can replace it (a user's ``handle`` is just a method).
+
+``Runner`` is the one code path for a message in production (``worker.sync``, ``worker.aio``) and in
+``procmqtt.testing``; it runs in the worker process, after fork (or in the test's process).
+
+What a handler returns decides the outcome: None is OK; an ``Outcome`` is honoured (``FAILED``
+goes through ``on_error`` like an exception, ``UNROUTED`` is acknowledged and counted apart);
+anything else is a mistake, counted as FAILED and logged once per worker process, never
+acknowledged silently as OK. A return annotation that promises such a value is refused at load
+(``base.check_app``).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from procmqtt.message import Message, Outcome
+from procmqtt.worker.base import Worker
+
+
+class Runner:
+    """Runs ``worker.on_message`` for one message and turns how it ended into an ``Outcome``.
+
+    ``raise_errors`` (``procmqtt.testing``): a handler's exception propagates instead of being
+    logged and counted as FAILED.
+    """
+
+    def __init__(self, worker: Worker, *, raise_errors: bool = False) -> None:
+        self.worker = worker
+        self.raise_errors = raise_errors
+        self._told = False  # a return value that is neither None nor an Outcome was logged
+
+    def handle(self, message: Message) -> Outcome:
+        """A sync app's message: run ``on_message``, log (never raise) its exception."""
+        try:
+            result = self.worker.on_message(message)
+        except Exception:
+            if self.raise_errors:
+                raise
+            return self._failed(message)
+        if inspect.iscoroutine(result):  # an async handler reached from a sync app: a bug, say so
+            result.close()
+            self.worker.log.error("on_message for topic %r returned a coroutine, but this worker runs no "
+                                  "event loop; declare the handler with async def on the class", message.topic)
+            return Outcome.FAILED
+        return self._outcome(message, result)
+
+    async def handle_async(self, message: Message) -> Outcome:
+        """``handle`` for apps with async handlers, on the worker's event loop; sync handlers run inline."""
+        try:
+            result = self.worker.on_message(message)
+            if inspect.iscoroutine(result):
+                result = await result
+        except Exception:
+            if self.raise_errors:
+                raise
+            return self._failed(message)
+        return self._outcome(message, result)
+
+    def _outcome(self, message: Message, result: object) -> Outcome:
+        if result is None:
+            return Outcome.OK
+        if isinstance(result, Outcome):
+            return result
+        if not self._told:
+            self._told = True
+            self.worker.log.error(
+                "on_message for topic %r returned %.100r, which is neither None nor a procmqtt.Outcome; "
+                "counted as FAILED (logged once per worker process)", message.topic, result)
+        return Outcome.FAILED
+
+    def _failed(self, message: Message) -> Outcome:
+        """Called in an except block: log the handler's exception with its traceback."""
+        self.worker.log.exception("on_message failed for topic %r", message.topic)
+        return Outcome.FAILED
