@@ -94,7 +94,7 @@ def calibrate(target_seconds: float = 0.001) -> int:
         n *= 2
 
 
-def handle(payload: bytes, reply: "object | None" = None) -> None:
+def handle(payload: bytes, reply: object | None = None) -> None:
     """The workload: what every peer runs for every message (from BENCH_WORKLOAD)."""
     workload = os.environ["BENCH_WORKLOAD"]
     if workload == "cpu":

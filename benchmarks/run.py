@@ -134,9 +134,9 @@ def prepare_sessions(port: int, client_ids: list[str], topic_filter: str, qos: i
     """Persistent sessions subscribed and then offline, so the broker queues for them."""
     for cid in client_ids:
         c = paho_client(port, cid, clean=False)
-        rc, mid = c.subscribe(topic_filter, qos)
+        _rc, mid = c.subscribe(topic_filter, qos)
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and mid in c._out_messages:  # noqa: SLF001 - setup only
+        while time.monotonic() < deadline and mid in c._out_messages:  # paho's own table: setup only
             time.sleep(0.01)
         time.sleep(0.05)
         c.disconnect()
@@ -522,7 +522,8 @@ def main() -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine(), "broker_lines": args.broker_line, "spin_iterations_per_ms": spin, "reps": reps, "scale": scale,
+    report = {"machine": machine(), "broker_lines": args.broker_line, "spin_iterations_per_ms": spin, "reps": reps,
+              "scale": scale,
               "workloads": [w.__dict__ for w in workloads], "table": table,
               "runs": [r.__dict__ for r in results]}
     (out / "latest.json").write_text(json.dumps(report, indent=1, default=str))

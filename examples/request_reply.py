@@ -9,7 +9,8 @@ MQTT 3.1.1, as here, they travel in the JSON payload:
 
     procmqtt run examples/request_reply.py:Calculator --broker embedded -w 2
     mosquitto_sub -p PORT -t 'replies/me' -v &
-    mosquitto_pub -p PORT -t rpc/sum -m '{"reply_to": "replies/me", "correlation_id": "42", "args": {"numbers": [1, 2, 3.5]}}'
+    mosquitto_pub -p PORT -t rpc/sum \
+        -m '{"reply_to": "replies/me", "correlation_id": "42", "args": {"numbers": [1, 2, 3.5]}}'
 
 The caller subscribes to its own reply topic before it sends, and matches replies by correlation id.
 """

@@ -27,7 +27,8 @@ def make(directory: Path) -> Certs:
     directory.mkdir(parents=True, exist_ok=True)
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=procmqtt test CA",
              "-keyout", "ca.key", "-out", "ca.crt", cwd=directory)
-    for name, extra in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "extendedKeyUsage=clientAuth")):
+    for name, extra in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+                        ("client", "extendedKeyUsage=clientAuth")):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
                  "-out", f"{name}.csr", cwd=directory)
         (directory / f"{name}.ext").write_text(extra + "\n")

@@ -15,7 +15,7 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
 held = [os.open(os.devnull, os.O_RDONLY) for _ in range(HELD)]
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from procmqtt.cli.main import entry
+from procmqtt.cli.main import entry  # noqa: E402 - after the descriptors are taken
 
 sys.argv[0] = "procmqtt"
 entry()

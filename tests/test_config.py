@@ -99,7 +99,8 @@ def test_password_file(tmp_path):
     ("[workers]\ncount = -1\n", "[workers] count: expected an integer from 1 to 1024, got -1"),
     ("[workers]\ncount = true\n", "[workers] count: expected an integer"),
     ("[workers]\ndispatch = 'fastest'\n", '[workers] dispatch: expected one of "random", "round_robin"'),
-    ("[workers]\ngraceful_timeout = -2\n", "[workers] graceful_timeout: expected a number of seconds from 0 to 1000000, got -2"),
+    ("[workers]\ngraceful_timeout = -2\n",
+     "[workers] graceful_timeout: expected a number of seconds from 0 to 1000000, got -2"),
     ("mqtt = 3\n", "[mqtt] must be a table"),
     ("[mqtt\n", "not valid TOML"),
     ("[mqtt]\npassword = 'a'\npassword_env = 'B'\n", "set only one of password, password_env, password_file"),
@@ -299,7 +300,8 @@ def test_client_id_of_exactly_65535_bytes_is_accepted():
 
 
 @pytest.mark.parametrize("table, expected", [
-    ({"will": {"topic": "t" * 65_536}}, "[mqtt.will] topic: expected a topic name to publish to (a topic must be at most"),
+    ({"will": {"topic": "t" * 65_536}},
+     "[mqtt.will] topic: expected a topic name to publish to (a topic must be at most"),
     ({"will": {"topic": "w", "payload": "p" * 65_536}}, "[mqtt.will] payload: expected at most 65,535 UTF-8 bytes"),
     ({"birth": {"topic": "b" * 65_536}}, "[mqtt.birth] topic: expected a topic name to publish to"),
     ({"birth": {"topic": "b\udcff"}}, "[mqtt.birth] topic: expected a topic name to publish to (valid UTF-8 text"),
@@ -338,7 +340,8 @@ def test_password_from_a_file_or_variable_is_checked_and_not_shown(tmp_path):
     (tmp_path / "pw").write_text("hunter2" * 10_000)
     with pytest.raises(ConfigError) as info:
         config.from_mapping({"mqtt": {"password_file": str(tmp_path / "pw")}}, "f.toml")
-    assert str(info.value).startswith(f"f.toml: [mqtt] password_file: {tmp_path / 'pw'}: expected a password of at most")
+    expected = f"f.toml: [mqtt] password_file: {tmp_path / 'pw'}: expected a password of at most"
+    assert str(info.value).startswith(expected)
     assert "hunter2" not in str(info.value)
     with pytest.raises(ConfigError) as info:
         config.from_mapping({"mqtt": {"password_env": "PW"}}, "f.toml", environ={"PW": "hunter2\udcff"})

@@ -153,7 +153,7 @@ def test_any_file_gives_a_config_or_one_config_error(tmp_path_factory, content):
     assert isinstance(cfg, config.Config)
 
 
-env_names = st.sampled_from(sorted(config.env_variables()) + ["PROCMQTT_MQTT_HOTS", "PROCMQTT_APP_X"])
+env_names = st.sampled_from([*sorted(config.env_variables()), "PROCMQTT_MQTT_HOTS", "PROCMQTT_APP_X"])
 
 
 @FUZZ

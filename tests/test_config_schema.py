@@ -33,7 +33,8 @@ def test_readme_holds_exactly_the_rendered_reference_table():
     """Regenerate with ``python3 -m procmqtt.config.reference --write README.md``."""
     readme = (ROOT / "README.md").read_text()
     assert readme.count(reference.BEGIN) == 1 and readme.count(reference.END) == 1
-    assert reference.block() in readme, "README's table is stale: python3 -m procmqtt.config.reference --write README.md"
+    stale = "README's table is stale: python3 -m procmqtt.config.reference --write README.md"
+    assert reference.block() in readme, stale
     assert reference.replaced(readme) == readme
 
 
@@ -44,7 +45,8 @@ def test_the_table_has_one_row_per_key_with_its_variable_default_and_reload():
             "| agent restarts |") in table
     assert "| `[workers] count` | an integer from 1 to 1024 | `1` | `PROCMQTT_WORKERS_COUNT` | new workers |" in table
     assert "| `[mqtt.tls] insecure` | true or false | `false` | file only | agent restarts |" in table
-    assert "| `[metrics] port` | an integer from 1 to 65535 | unset | `PROCMQTT_METRICS_PORT` | procmqtt restart |" in table
+    assert ("| `[metrics] port` | an integer from 1 to 65535 | unset | `PROCMQTT_METRICS_PORT` | procmqtt restart |"
+            in table)
 
 
 @pytest.mark.parametrize("section", list(SECTION_CLASSES))
@@ -69,10 +71,10 @@ def test_each_key_has_its_variable_and_only_those():
 
 def test_reload_classification_is_as_before():
     """The sets reload.py had written out, now derived from each key's ``reload``."""
-    assert reload.LIVE_MQTT_KEYS == {"topics", "publish_buffer", "publish_timeout"}
+    assert {"topics", "publish_buffer", "publish_timeout"} == reload.LIVE_MQTT_KEYS
     assert reload.AGENT_WORKERS_KEYS == ("dispatch", "prefetch", "graceful_timeout", "max_attempts", "on_error",
                                          "dead_letter_topic")
-    assert reload.RELOADED_SECTIONS == {"mqtt", "workers", "app", "source"}
+    assert {"mqtt", "workers", "app", "source"} == reload.RELOADED_SECTIONS
     assert {k.reload for k in KEYS if k.section == "metrics"} == {Reload.RESTART}
 
 
@@ -107,7 +109,8 @@ def test_importing_config_loads_no_runtime_module():
         runtime = ("procmqtt.agent", "procmqtt.worker", "procmqtt.supervisor", "procmqtt.ipc")
         print(sorted(m for m in sys.modules if m.startswith(runtime)))
     """)
-    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT, timeout=20)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT,
+                            timeout=20)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 

@@ -43,7 +43,8 @@ def read_all(sock: socket.socket) -> bytes:
 
 
 def hello(request: endpoint.Request) -> endpoint.Response:
-    return endpoint.Response(200, f"hello {request.query.get('n', ['?'])[0]}\n".encode(), (("Content-Type", "text/plain"),))
+    body = f"hello {request.query.get('n', ['?'])[0]}\n".encode()
+    return endpoint.Response(200, body, (("Content-Type", "text/plain"),))
 
 
 # --- in-process -----------------------------------------------------------------------------------

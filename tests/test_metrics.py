@@ -264,7 +264,8 @@ def test_counts_messages_publishes_and_reconnects(tmp_path, broker, runs):
     publish_all(pub, [(f"echo/{i}", b"e") for i in range(echoes)])
     wait_until(lambda: len(records(rec)) >= n + echoes, 30, "all messages handled")
     # gauges are sampled once a second: wait for a sample taken after the work
-    s = wait_until(lambda: (x := snap(port)).processed == n + echoes and x.in_flight == 0 and x.window == 2 * 16 and x, 10,
+    s = wait_until(lambda: (x := snap(port)).processed == n + echoes and x.in_flight == 0 and x.window == 2 * 16 and x,
+                   10,
                    "the agent's counts to catch up")
     assert s.received == n + echoes
     assert set(s.workers) == {0, 1} and all(w.processed > 0 for w in s.workers.values())

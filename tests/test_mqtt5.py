@@ -118,7 +118,8 @@ def test_request_reply_between_two_instances_reaches_the_asking_worker(tmp_path,
     _, served = run_app(runs, tmp_path / "responder", broker, "tests/apps_mqtt5.py:Props",
                         topics={"service/#": 1})
     workers_toml = "concurrency = 4" if asker == "AsyncAsker" else ""
-    run, rec = run_app(runs, tmp_path / "asker", broker, f"tests/apps_mqtt5.py:{asker}", topics={"ask/#": 1, "procmqtt/#": 0},
+    run, rec = run_app(runs, tmp_path / "asker", broker, f"tests/apps_mqtt5.py:{asker}",
+                       topics={"ask/#": 1, "procmqtt/#": 0},
                        settings={"service": "service/echo"}, workers_toml=workers_toml)
     pub = v5_client(broker, "pub5")
     for i in range(40):

@@ -38,7 +38,7 @@ def test_recycling_after_max_messages_loses_and_repeats_nothing(tmp_path, broker
 
 @pytest.mark.timeout(60)
 def test_recycling_above_max_memory(tmp_path, broker, runs):
-    run, rec = start(runs, tmp_path, broker, topics={"load/#": 1}, workers=1, workers_toml="max_memory_mb = 1")
+    run, _rec = start(runs, tmp_path, broker, topics={"load/#": 1}, workers=1, workers_toml="max_memory_mb = 1")
     pub = publisher(broker)
     publish_all(pub, [("load/1", b"1")])
     run.wait_for_log(r"recycling: resident memory \d+ MB > max_memory_mb")
@@ -140,7 +140,7 @@ def test_slow_workers_hold_back_the_broker_instead_of_dropping(tmp_path, broker,
 @pytest.mark.timeout(60)
 def test_handlers_waiting_on_publishes_are_not_stalled_by_backpressure(tmp_path, broker, runs):
     """With the read-ahead full, the agent must still read the PUBACKs handlers are waiting for."""
-    run, rec = start(runs, tmp_path, broker, topics={"echo/#": 1}, workers=1, workers_toml="prefetch = 1")
+    run, _rec = start(runs, tmp_path, broker, topics={"echo/#": 1}, workers=1, workers_toml="prefetch = 1")
     out = Subscriber(broker, "echoed/#")
     publish_all(publisher(broker), [(f"echo/{i}", b"x") for i in range(300)])
     wait_until(lambda: len(out.messages) >= 300, 20, "300 echoes confirmed one by one")

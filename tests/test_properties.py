@@ -163,7 +163,8 @@ def test_v5_misuse_gives_clear_errors():
             w.publish("t", properties={"content_type": "x"})
         with pytest.raises(ValueError, match=r"unexpected keyword argument 'colour'"):
             w.publish("t", colour="red")
-        assert h.deliver("svc/x", properties=Properties(response_topic="r/1")) is Outcome.OK  # no correlation: none sent
+        # no correlation: none sent
+        assert h.deliver("svc/x", properties=Properties(response_topic="r/1")) is Outcome.OK
         assert h.published_messages[-1].properties == Properties(message_expiry=30)
 
 

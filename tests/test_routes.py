@@ -326,7 +326,8 @@ def test_unrouted_is_logged_once_per_topic_at_debug(caplog):
     lines = [r for r in caplog.records if r.name == "procmqtt.worker.routes"]
     assert [r.levelno for r in lines] == [logging.DEBUG] * 2
     assert [r.getMessage() for r in lines] == [
-        f"no route matches topic {t!r}; acknowledged as unrouted (logged once per topic)" for t in ("other/1", "other/2")]
+        f"no route matches topic {t!r}; acknowledged as unrouted (logged once per topic)"
+        for t in ("other/1", "other/2")]
 
 
 @pytest.mark.unit

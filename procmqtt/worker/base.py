@@ -57,10 +57,10 @@ class Worker:
     _link: Link | None = None
     _router: Router | None = None
 
-    def on_start(self) -> None | Awaitable[None]:
+    def on_start(self) -> Awaitable[None] | None:
         """Called once in the worker process before the first message."""
 
-    def on_message(self, message: Message) -> Outcome | None | Awaitable[Outcome | None]:
+    def on_message(self, message: Message) -> Outcome | Awaitable[Outcome | None] | None:
         """Called for each message this worker is given.
 
         The default hands the message to the most specific matching ``@route`` method and returns
@@ -74,10 +74,10 @@ class Worker:
             router.unrouted(message.topic)
             return Outcome.UNROUTED
         handler, params = found
-        result: Outcome | None | Awaitable[Outcome | None] = handler(message, **params)
+        result: Outcome | Awaitable[Outcome | None] | None = handler(message, **params)
         return result
 
-    def on_stop(self) -> None | Awaitable[None]:
+    def on_stop(self) -> Awaitable[None] | None:
         """Called once when the worker stops gracefully."""
 
     def publish(self, topic: str, payload: Payload = b"", qos: int = 0, retain: bool = False, *,
@@ -288,7 +288,7 @@ def _check_size(what: str, topic: str, payload: bytes, qos: int, properties: Pro
     A request's response topic is set by the agent: the most it can take is counted."""
     size = None
     if v5:
-        size = len(mqtt5.to_paho(properties).pack()) if properties is not None else 0  # type: ignore[no-untyped-call]
+        size = len(mqtt5.to_paho(properties).pack()) if properties is not None else 0
         size += 3 + MAX_TOPIC_BYTES if request else 0
     problem = packet_problem(topic, len(payload), qos, size)
     if problem:
