@@ -13,9 +13,7 @@ itself dies is sent again by the broker (persistent session). See README "Delive
 from __future__ import annotations
 
 import faulthandler
-import itertools
 import os
-import random
 import signal
 import socket
 import ssl
@@ -33,10 +31,11 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from procmqtt import logs, mqtt5
 from procmqtt.agent import connection, metrics, subscriptions
-from procmqtt.agent.brokersocket import BrokerSocket, Inbound, wrap_socket
+from procmqtt.agent.brokersocket import BrokerSocket, wrap_socket
 from procmqtt.agent.connection import ConnState
 from procmqtt.agent.dispatch import DISPATCHERS
-from procmqtt.agent.outbox import Outbox, Outgoing
+from procmqtt.agent.ledger import Delivery, DeliveryLedger, Effects, Inbound
+from procmqtt.agent.outbox import EarlyAnswers, Outbox, Outgoing, sync_ack
 from procmqtt.backoff import Backoff
 from procmqtt.config import Config
 from procmqtt.errors import ExitCode
@@ -70,29 +69,13 @@ REPLY_WAIT_FALLBACK = 30.0
 
 
 @dataclass
-class _Delivery:
-    delivery_id: int
-    mid: int
-    epoch: int  # connection the message arrived on; an ack on a later connection is meaningless
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    redelivered: bool
-    properties: Properties | None = None  # MQTT 5 only
-    slot: int = -1
-    attempts: int = 0  # workers that died or failed while handling it
-
-
-@dataclass
 class _WorkerChannel:
+    """The agent's end of one worker's channel (what it holds is the ledger's ``Seat``)."""
+
     slot: int
     generation: int
     sock: socket.socket
-    outstanding: dict[int, None] = field(default_factory=dict)  # delivery ids, in the order sent
-    backlog: deque[bytes] = field(default_factory=deque)  # encoded records not yet sent
-    ready: bool = False  # on_start finished
-    retiring: bool = False  # recycling: gets nothing new, then a stop
+    unsent: deque[bytes] = field(default_factory=deque)  # encoded records not yet sent
 
 
 class Agent:
@@ -115,13 +98,19 @@ class Agent:
         self.workers: dict[int, _WorkerChannel] = {}
         for slot, (generation, sock) in workers.items():
             sock.setblocking(False)
-            self.workers[slot] = _WorkerChannel(slot, generation, sock, ready=True)
+            self.workers[slot] = _WorkerChannel(slot, generation, sock)
         self.upstream.setblocking(False)
-        self.dispatcher = DISPATCHERS[config.workers.dispatch]()
         self.prefetch = config.workers.prefetch
+        w = config.workers
+        self.ledger = DeliveryLedger(Effects(self._deliver, self._acknowledge, self._dead_letter, self._drop,
+                                             self._requeued),
+                                     DISPATCHERS[w.dispatch](), prefetch=w.prefetch, workers=w.count,
+                                     max_attempts=w.max_attempts, retry_failed=w.on_error == "retry",
+                                     dead_letters=w.dead_letter_topic is not None)
+        for slot, (generation, _) in workers.items():
+            self.ledger.worker_up(slot, generation, ready=True)
         self.subscriptions = self._load_subscriptions()
         self.state = ConnState.DISCONNECTED
-        self.epoch = 0
         self.backoff = Backoff(base=0.5, cap=30.0)
         self.connected_at = 0.0
         self.short_lived = 0  # connections in a row that ended before STABLE_CONNECTION
@@ -129,28 +118,21 @@ class Agent:
         self.warned_takeover = False
         self.next_attempt = 0.0
         self.connack_deadline = 0.0
-        self.pending: deque[_Delivery] = deque()  # received, not yet given to a worker
-        self.deliveries: dict[int, _Delivery] = {}  # given to a worker, not yet done
-        self.delivery_ids = itertools.count(random.getrandbits(48))
         self.publishes = Outbox(self._published, self.log, v5=config.mqtt.protocol == "5",  # not yet answered
                                 inflight=config.mqtt.inflight())
         self.subscribe_requests: dict[int, list[str]] = {}
         self.unsubscribe_on_connect: set[str] = set()  # removed offline; a persistent session may hold them
-        self.early_ready: set[tuple[int, int]] = set()  # (slot, generation) ready before its WorkerUp
-        # Answers to publishes a worker made (in on_start, say) before its WorkerUp arrived; a
-        # generation is newer than any this agent has known in that slot (else it is gone).
-        self.early_replies: dict[tuple[int, int], list[channel.Published]] = {}
-        self.newest_generation: dict[int, int] = {slot: gen for slot, (gen, _) in workers.items()}
+        self.early_answers = EarlyAnswers({slot: gen for slot, (gen, _) in workers.items()})
         self.syncing = 0  # mid of the UNSUBSCRIBE that proves the broker has our acknowledgements
         self.metrics = metrics.Counters(max(config.workers.count, max(self.workers, default=-1) + 1))
         self.v5 = config.mqtt.protocol == "5"
+        self.batch_properties = EMPTY if self.v5 else None  # of the messages ``brokersocket`` decodes
         self.reply_prefix = mqtt5.reply_prefix(client_id)  # + worker slot: where its replies come back
         self.replies_wanted = False  # a worker made a request: the reply filter is subscribed
         self.replies = 0  # replies routed to workers
         self.replies_until = 0.0  # keep reading the broker until then: a worker awaits a reply
         self.metrics_listener = metrics_listener
         self.last_broker_read = 0.0
-        self.backlog_limit = config.workers.count * self.prefetch  # undispatched messages we read ahead
         self.dirty: set[int] = set()  # slots with records to flush at the end of this pass
         self.oddities: Counter[str] = Counter()  # hostile or broken input handled, by kind (``_odd``)
         self.closed_passes = 0  # passes in a row whose wait list held a closed socket
@@ -204,6 +186,8 @@ class Agent:
     def _set_state(self, new: ConnState) -> None:
         connection.check_transition(self.state, new)
         self.state = new
+        if new is not ConnState.CONNECTED:
+            self.ledger.offline(lost=False)  # acknowledgements go nowhere now
 
     def _finished(self) -> bool:
         if self.exit_code != ExitCode.OK:
@@ -274,8 +258,7 @@ class Agent:
             return
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.config.workers.graceful_timeout
-        held = len(self.pending)
-        self.pending.clear()
+        held = self.ledger.stop()
         self.log.info("stopping (%s): %d worker(s) finish what they hold; %d undispatched message(s) "
                       "stay unacknowledged at the broker", reason, len(self.workers), held)
         for worker in self.workers.values():
@@ -294,7 +277,7 @@ class Agent:
         for worker in self.workers.values():
             by_sock[worker.sock] = worker
             rlist.append(worker.sock)
-            if worker.backlog:
+            if worker.unsent:
                 wlist.append(worker.sock)
         mqtt_sock = self.client.socket() if self.state is not ConnState.DISCONNECTED else None
         buffered = False  # bytes already read from the broker that select would not announce
@@ -390,8 +373,7 @@ class Agent:
             self._schedule_reconnect(f"no CONNACK within {self.config.mqtt.connect_timeout:g}s {self._connect_hint()}")
         if os.getppid() != self.supervisor_pid and not self.stopping:
             self.begin_stop("the supervisor is gone")
-        self.metrics.sample({slot: len(w.outstanding) for slot, w in self.workers.items()},
-                            self.prefetch * sum(w.ready and not w.retiring for w in self.workers.values()))
+        self.metrics.sample(self.ledger.in_flight(), self.ledger.window())
 
     # --- broker connection -------------------------------------------------------------------
 
@@ -443,8 +425,7 @@ class Agent:
             return
         self._set_state(ConnState.CONNECTED)
         self.connected_at = time.monotonic()  # the backoff resets only once this connection proves stable
-        self.epoch += 1
-        if self.epoch > 1:
+        if self.ledger.connected() > 1:
             self.metrics.reconnects += 1
         self.log.info("connected to %s:%d (session present: %s)", self.config.mqtt.host,
                       self.config.mqtt.port, bool(flags.session_present))
@@ -471,7 +452,7 @@ class Agent:
         self.log.error("broker %s:%d: protocol error: %s; dropping the connection", m.host, m.port, error)
         self._set_state(ConnState.CLOSING)
         self.dropped_for = error
-        self.pending = deque(d for d in self.pending if d.qos != 1)  # they come again on the next connection
+        self.ledger.offline(lost=True)  # undispatched QoS 1 messages come again on the next connection
         if self.v5:
             self.client.disconnect(ReasonCode(PacketTypes.DISCONNECT, "Protocol error"))
         else:
@@ -486,15 +467,14 @@ class Agent:
             return
         if self.state in (ConnState.CLOSING, ConnState.DISCONNECTED) or self.exit_code != ExitCode.OK:
             self.state = ConnState.DISCONNECTED  # expected: we closed it, or we are leaving
+            self.ledger.offline(lost=False)
             return
         was_connected = self.state is ConnState.CONNECTED
         self._set_state(ConnState.DISCONNECTED)
         if not was_connected:
             self._schedule_reconnect(f"the broker closed the connection before CONNACK {self._connect_hint()}")
             return
-        # Undispatched QoS 1 messages come again from the broker on the next connection; QoS 0 and
-        # QoS 2 (already completed) would not, so they stay queued.
-        self.pending = deque(d for d in self.pending if d.qos != 1)
+        self.ledger.offline(lost=True)  # undispatched QoS 1 messages come again on the next connection
         self._note_connection_end(reason)
         self._schedule_reconnect(f"connection lost ({reason})")
 
@@ -579,6 +559,7 @@ class Agent:
     # --- messages in ---------------------------------------------------------------------------
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """paho's PUBLISH (an MQTT 5 one with properties, or QoS 2): into the one intake path."""
         try:
             topic = msg.topic
         except UnicodeDecodeError:  # from a broker that does not check; raising would crash-loop on its resend
@@ -587,39 +568,19 @@ class Agent:
             if msg.qos:
                 client.ack(msg.mid, msg.qos)
             return
-        properties = None
-        if self.v5:
-            properties = mqtt5.from_paho(getattr(msg, "properties", None))
-            if topic.startswith(self.reply_prefix):
-                self._route_reply(topic, msg.payload, msg.qos, msg.mid, bool(msg.retain), properties)
-                return
-        self.metrics.received += 1
-        if msg.qos == 2:
-            # paho has already sent PUBREC; holding PUBCOMP across a crash would strand the
-            # message (README "Delivery guarantees"), so QoS 2 completes on arrival.
-            client.ack(msg.mid, 2)
-        if self.stopping:
-            return  # QoS 1 stays unacknowledged at the broker; QoS 0 is dropped
-        self.pending.append(_Delivery(next(self.delivery_ids), msg.mid, self.epoch, topic, msg.payload,
-                                      msg.qos, bool(msg.retain), bool(msg.dup), properties))
-        self._dispatch()
+        properties = mqtt5.from_paho(getattr(msg, "properties", None)) if self.v5 else None
+        self._intake([Inbound(topic, msg.payload, msg.qos, msg.mid, bool(msg.retain), bool(msg.dup))], properties)
 
-    def _on_publishes(self, batch: list[Inbound]) -> None:
-        """Messages decoded by ``brokersocket`` (MQTT 3.1.1, or MQTT 5 without properties): the
-        same as ``_on_message``."""
-        properties = EMPTY if self.v5 else None
-        if self.v5 and any(m[0].startswith(self.reply_prefix) for m in batch):
-            for topic, payload, qos, mid, retain, _ in batch:
-                if topic.startswith(self.reply_prefix):
-                    self._route_reply(topic, payload, qos, mid, retain, properties)
-            batch = [m for m in batch if not m[0].startswith(self.reply_prefix)]
+    def _intake(self, batch: list[Inbound], properties: Properties | None) -> None:
+        """Every message from the broker (decoded by ``brokersocket`` or by paho): MQTT 5 replies
+        to the workers that await them, the rest to the ledger."""
+        if self.v5 and any(m.topic.startswith(self.reply_prefix) for m in batch):
+            for m in batch:
+                if m.topic.startswith(self.reply_prefix):
+                    self._route_reply(m.topic, m.payload, m.qos, m.mid, m.retain, properties or EMPTY)
+            batch = [m for m in batch if not m.topic.startswith(self.reply_prefix)]
         self.metrics.received += len(batch)
-        if self.stopping:
-            return  # QoS 1 stays unacknowledged at the broker; QoS 0 is dropped
-        epoch, ids, append = self.epoch, self.delivery_ids, self.pending.append
-        for topic, payload, qos, mid, retain, dup in batch:
-            append(_Delivery(next(ids), mid, epoch, topic, payload, qos, retain, dup, properties))
-        self._dispatch()
+        self.ledger.arrived(batch, properties)
 
     def _route_reply(self, topic: str, payload: bytes, qos: int, mid: int, retain: bool,
                      properties: Properties) -> None:
@@ -639,64 +600,26 @@ class Agent:
             return
         self._write(worker, channel.Reply(topic, payload, qos, retain, properties))
 
-    def _dispatch(self) -> None:
-        while self.pending and not self.stopping:
-            ready = [slot for slot, w in self.workers.items()
-                     if w.ready and not w.retiring and len(w.outstanding) < self.prefetch]
-            if not ready:
-                return
-            worker = self.workers[self.dispatcher.choose(ready)]
-            d = self.pending.popleft()
-            d.slot = worker.slot
-            worker.outstanding[d.delivery_id] = None
-            self.metrics.dispatched[worker.slot] += 1
-            self.deliveries[d.delivery_id] = d
-            self._write(worker, channel.Deliver(d.delivery_id, d.topic, d.payload, d.qos, d.retain, d.redelivered,
-                                                d.properties))
+    # --- the ledger's effects ------------------------------------------------------------------
 
-    def _done(self, record: channel.Done) -> None:
-        d = self.deliveries.pop(record.delivery_id, None)
-        if d is None:
-            return  # finished for an earlier agent, or already redelivered
-        worker = self.workers.get(d.slot)
-        if worker is not None:
-            worker.outstanding.pop(record.delivery_id, None)
-        self.metrics.done(d.slot, record.outcome, record.seconds)
-        if record.failed and self.config.workers.on_error == "retry":
-            self._failed_attempt(d, "on_message raised", front=False)
-        else:
-            self._ack(d)
-        self._dispatch()
+    def _deliver(self, slot: int, d: Delivery) -> None:
+        self.metrics.dispatched[slot] += 1
+        self._write(self.workers[slot], channel.Deliver(d.delivery_id, d.topic, d.payload, d.qos, d.retain,
+                                                        d.redelivered, d.properties))
 
-    def _ack(self, d: _Delivery) -> None:
-        if d.qos == 1 and d.epoch == self.epoch and self.state is ConnState.CONNECTED:
-            self.client.ack(d.mid, 1)
+    def _acknowledge(self, mid: int, qos: int) -> None:
+        self.client.ack(mid, qos)
 
-    def _failed_attempt(self, d: _Delivery, reason: str, *, front: bool) -> None:
-        """One more attempt used up: hand the message out again, or dead-letter it."""
-        d.attempts += 1
-        if d.attempts >= self.config.workers.max_attempts:
-            self._dead_letter(d, f"{reason} ({d.attempts} attempts)")
-            return
-        self._requeue(d, front=front)
-
-    def _requeue(self, d: _Delivery, *, front: bool) -> None:
-        """Hand a message out again, to whichever worker is free next, marked redelivered."""
-        d.redelivered = True
+    def _requeued(self, d: Delivery) -> None:
         self.metrics.redelivered += 1
-        if front:
-            self.pending.appendleft(d)
-        else:
-            self.pending.append(d)
 
-    def _dead_letter(self, d: _Delivery, reason: str) -> None:
+    def _drop(self, d: Delivery, reason: str) -> None:
+        self.metrics.dropped += 1
+        self.log.error("dropping the message on %r: %s; set [workers] dead_letter_topic to keep such "
+                       "messages", d.topic, reason)
+
+    def _dead_letter(self, d: Delivery, reason: str) -> None:
         topic = self.config.workers.dead_letter_topic
-        if topic is None:
-            self.metrics.dropped += 1
-            self.log.error("dropping the message on %r: %s; set [workers] dead_letter_topic to keep such "
-                           "messages", d.topic, reason)
-            self._ack(d)
-            return
         target = f"{topic}/{d.topic}"
         properties = None
         if self.config.mqtt.protocol == "5":
@@ -708,7 +631,7 @@ class Agent:
             self.metrics.dropped += 1
             self.log.error("dropping the message on %r: %s; its dead letter cannot be published (%s)",
                            d.topic[:200], reason, problem)
-            self._ack(d)
+            self.ledger.settle(d)
             return
         self.metrics.dead_lettered += 1
         self.log.error("dead-lettering the message on %r to %r: %s", d.topic, target, reason)
@@ -718,17 +641,17 @@ class Agent:
 
     def _write(self, worker: _WorkerChannel, record: channel.Record) -> None:
         """Queue a record for a worker; the end of the pass sends each worker's queue as one batch."""
-        worker.backlog.append(channel.encode(record))
+        worker.unsent.append(channel.encode(record))
         self.dirty.add(worker.slot)
 
     def _flush(self, worker: _WorkerChannel) -> None:
         """Never blocks: what does not fit waits for the socket to be writable."""
         try:
-            channel.send_many(worker.sock, worker.backlog, block=False)
+            channel.send_many(worker.sock, worker.unsent, block=False)
         except OSError as exc:
             if not channel.is_gone(exc):
                 raise
-            worker.backlog.clear()  # it is dead; its end of file arrives on the next pass
+            worker.unsent.clear()  # it is dead; its end of file arrives on the next pass
 
     def _at_eof(self, sock: socket.socket) -> bool:
         """Workers never write to their own channel, so readable means end of file."""
@@ -740,17 +663,10 @@ class Agent:
             return True
 
     def _worker_record(self, record: channel.Ready | channel.Retire) -> None:
-        worker = self.workers.get(record.slot)
-        if worker is None or worker.generation != record.generation:
-            if isinstance(record, channel.Ready):
-                self.early_ready.add((record.slot, record.generation))  # its WorkerUp is still queued
-            return
         if isinstance(record, channel.Ready):
-            worker.ready = True
-            self._dispatch()
-        elif not worker.retiring:
-            worker.retiring = True
-            self._write(worker, channel.Stop())
+            self.ledger.ready(record.slot, record.generation)
+        elif self.ledger.retiring(record.slot, record.generation):
+            self._write(self.workers[record.slot], channel.Stop())
 
     def _add_worker(self, record: channel.WorkerUp) -> None:
         current = self.workers.get(record.slot)
@@ -759,41 +675,26 @@ class Agent:
             return
         if current is not None:
             self._forget_worker(current)
-        ready = (record.slot, record.generation) in self.early_ready
-        self.early_ready.discard((record.slot, record.generation))
-        self.workers[record.slot] = _WorkerChannel(record.slot, record.generation, record.sock, ready=ready)
-        self.newest_generation[record.slot] = record.generation
-        for slot, generation in [k for k in self.early_replies if k[0] == record.slot]:
-            for answer in self.early_replies.pop((slot, generation)):
-                if generation == record.generation:  # an older generation's are moot: it is gone
-                    self._write(self.workers[slot], answer)
+        worker = self.workers[record.slot] = _WorkerChannel(record.slot, record.generation, record.sock)
+        for answer in self.early_answers.worker_up(record.slot, record.generation):
+            self._write(worker, answer)
         self.metrics.ensure_slots(record.slot + 1)  # SIGTTIN adds slots
-        self.backlog_limit = max(self.backlog_limit, len(self.workers) * self.prefetch)
         if self.stopping:
-            self._write(self.workers[record.slot], channel.Stop())
-        self._dispatch()
+            self._write(worker, channel.Stop())
+        self.ledger.worker_up(record.slot, record.generation)
 
     def _forget_worker(self, worker: _WorkerChannel) -> None:
-        """A worker is gone: what it held goes back to the front of the queue, marked redelivered."""
+        """A worker is gone: the ledger takes back what it held (``DeliveryLedger.gone``)."""
         del self.workers[worker.slot]
         worker.sock.close()
-        held = [self.deliveries.pop(i) for i in worker.outstanding if i in self.deliveries]
-        if self.stopping:
-            if held:
-                self.log.warning("worker %d stopped holding %d message(s); QoS 1 ones stay at the broker",
-                                 worker.slot, len(held))
-            return
-        if not held:
-            return
-        self.log.warning("worker %d is gone holding %d unfinished message(s); they go to other workers",
-                         worker.slot, len(held))
         current = self.shared.current(worker.slot, worker.generation)
-        for d in reversed(held):
-            if d.delivery_id == current:  # the one it died on counts an attempt
-                self._failed_attempt(d, f"worker {worker.slot} died while handling it", front=True)
-            else:
-                self._requeue(d, front=True)
-        self._dispatch()
+        held = self.ledger.gone(worker.slot, worker.generation, current)
+        if held and self.stopping:
+            self.log.warning("worker %d stopped holding %d message(s); QoS 1 ones stay at the broker",
+                             worker.slot, held)
+        elif held:
+            self.log.warning("worker %d is gone holding %d unfinished message(s); they go to other workers",
+                             worker.slot, held)
 
     # --- the publish channel -----------------------------------------------------------------
 
@@ -815,7 +716,7 @@ class Agent:
         the broker (and TCP), not in the agent. Read anyway while acknowledgements are awaited
         (handlers may be waiting on them; ``_read_broker`` then takes one packet per pass) and now
         and then for PINGRESP."""
-        return (len(self.pending) < self.backlog_limit
+        return (self.ledger.room() > 0
                 or bool(self.publishes or self.subscribe_requests)
                 or now < self.replies_until  # a handler waits for a reply, maybe behind the flood
                 or now - self.last_broker_read > self.config.mqtt.keepalive / 4)
@@ -823,7 +724,7 @@ class Agent:
     def _read_broker(self) -> None:
         """Read what the broker sent, in bulk: PUBLISH packets are decoded here, everything else is
         given to paho one whole packet at a time (``brokersocket``). Takes at most what the workers'
-        backlog has room for, but at least one message, and every packet before it, so
+        read-ahead has room for, but at least one message, and every packet before it, so
         acknowledgements awaited by handlers are never stuck behind a flood."""
         stream = self.stream
         if stream is None:  # a paho whose socket could not be wrapped reads for itself
@@ -832,12 +733,12 @@ class Agent:
         if self.client.socket() is not stream:
             return
         stream.fill(READ_AHEAD)
-        budget = max(1, self.backlog_limit - len(self.pending))
+        budget = max(1, self.ledger.room())
         while budget > 0 and self.client.socket() is stream:
             batch = stream.publishes(budget, self.v5)
             if batch:
                 budget -= len(batch)
-                self._on_publishes(batch)
+                self._intake(batch, self.batch_properties)
                 continue
             if not stream.release():
                 return  # the rest of the packet is still on its way
@@ -900,23 +801,29 @@ class Agent:
                 entry.properties = mqtt5.to_paho(record.properties, response_topic)
             except Exception as exc:  # noqa: BLE001 - a record paho cannot take fails its publish, never the agent
                 self.log.warning("publish to %r failed: its properties: %s", record.topic[:200], exc)
-                self._reply(record.slot, record.generation, record.request_id, MQTTErrorCode.MQTT_ERR_INVAL)
+                self._answer(record.slot, record.generation, record.request_id, MQTTErrorCode.MQTT_ERR_INVAL)
                 return
         self.publishes.add(entry)
+
+    def _done(self, record: channel.Done) -> None:
+        slot = self.ledger.done(record.delivery_id, failed=record.failed)
+        if slot >= 0:
+            self.metrics.done(slot, record.outcome, record.seconds)
 
     def _published(self, entry: Outgoing, error: int) -> None:
         """A publish is answered (``outbox``): the worker hears, or a dead letter's original is acknowledged."""
         d = entry.dead_letter
+        described = describe_error(error) if error else ""  # the one use of the worker's error names
         if d is not None:
             if error:
                 self.metrics.dropped += 1
                 self.log.error("the dead letter of the message on %r could not be published to %r (%s); "
-                               "dropping the message", d.topic, entry.topic[:200], describe_error(error))
-            self._ack(d)
+                               "dropping the message", d.topic, entry.topic[:200], described)
+            self.ledger.settle(d)
             return
         if error >= 128:
-            self.log.warning("the broker refused the publish to %r: %s", entry.topic, describe_error(error))
-        self._reply(entry.slot, entry.generation, entry.request_id, error)
+            self.log.warning("the broker refused the publish to %r: %s", entry.topic, described)
+        self._answer(entry.slot, entry.generation, entry.request_id, error)
 
     def _expect_reply(self, record: channel.Publish) -> str:
         """A worker's request: subscribe to the replies before the request leaves (the broker handles
@@ -938,23 +845,20 @@ class Agent:
         gone; tell their workers."""
         self.publishes.fail_lost(self.stream)
 
-    def _reply(self, slot: int, generation: int, request_id: int, error: int) -> None:
+    def _answer(self, slot: int, generation: int, request_id: int, error: int) -> None:
+        """Tell a worker how its publish went (``channel.Published``)."""
         self.metrics.published(error)  # every worker publish ends here once
         worker = self.workers.get(slot)
         answer = channel.Published(request_id, int(error))
         if worker is not None and worker.generation == generation:
             self._write(worker, answer)
-        elif generation > self.newest_generation.get(slot, -1):  # its WorkerUp is still queued
-            self.early_replies.setdefault((slot, generation), []).append(answer)
+        else:
+            self.early_answers.keep(slot, generation, answer)
 
     def _sync_worker(self, record: channel.Sync) -> None:
-        """Tell a worker which of its publishes up to the Sync are still in flight here; the answers
-        to the others are already queued before this one, or were lost with a dead agent."""
         worker = self.workers.get(record.slot)
-        if worker is None or worker.generation != record.generation:
-            return
-        in_flight = self.publishes.in_flight(record.slot, record.generation, record.last_request_id)
-        self._write(worker, channel.SyncAck(record.last_request_id, in_flight))
+        if worker is not None and worker.generation == record.generation:
+            self._write(worker, sync_ack(self.publishes, record))
 
     # --- subscriptions survive agent restarts ------------------------------------------------
 
