@@ -2,7 +2,7 @@
 
 No socket, no paho, no clock: the agent's loop (``loop.py``) reads records and packets, tells the
 ledger what happened (a message arrived, a worker is up/ready/retiring/gone, a delivery is done,
-the connection came or went, the agent stops), and the ledger answers through four injected
+the connection came or went, the agent stops), and the ledger answers through injected
 callbacks (:class:`Effects`): deliver to a slot, acknowledge a packet id, dead-letter, drop
 (and requeued, for the metrics).
 Callbacks rather than returned effect objects: the hot path (one arrival, one dispatch, one
@@ -170,9 +170,7 @@ class DeliveryLedger:
         if d is None:
             return -1
         slot = d.slot
-        seat = self.seats.get(slot)
-        if seat is not None:
-            seat.outstanding.pop(delivery_id, None)
+        del self.seats[slot].outstanding[delivery_id]  # a delivery is in ``deliveries`` while its seat holds it
         if failed and self.retry_failed:
             self._failed_attempt(d, "on_message raised", front=False)
         else:
@@ -249,7 +247,7 @@ class DeliveryLedger:
         if seat is None:
             return 0
         del self.seats[slot]
-        held = [self.deliveries.pop(i) for i in seat.outstanding if i in self.deliveries]
+        held = [self.deliveries.pop(i) for i in seat.outstanding]
         if self.stopping or not held:
             return len(held)
         for d in reversed(held):
