@@ -345,7 +345,7 @@ def test_ready_before_up_and_stale_records() -> None:
 
 @pytest.mark.parametrize(("lost", "left"), [(True, [0, 2]), (False, [0, 1, 2])])
 def test_connection_lost(lost: bool, left: list[int]) -> None:
-    ledger, rec = make()
+    ledger, _ = make()
     assert ledger.connected() == 1
     ledger.arrived([msg(1, 0), msg(2, 1), msg(3, 2)], None)
     ledger.offline(lost=lost)

@@ -28,6 +28,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties as PahoProperties
 
 from procmqtt.agent.brokersocket import BrokerSocket
 from procmqtt.agent.ledger import Delivery
@@ -204,3 +206,13 @@ def sync_ack(outbox: Outbox, record: channel.Sync) -> channel.SyncAck:
     to the others are already queued before this one, or were lost with a dead agent."""
     return channel.SyncAck(record.last_request_id,
                            outbox.in_flight(record.slot, record.generation, record.last_request_id))
+
+
+def dead_letter_entry(prefix: str, d: Delivery, reason: str, *, v5: bool) -> Outgoing:
+    """The dead letter of ``d``: its payload at QoS 1 on ``prefix/<its topic>``; MQTT 5 adds the
+    reason and the original topic as user properties."""
+    properties = None
+    if v5:
+        properties = PahoProperties(PacketTypes.PUBLISH)
+        properties.UserProperty = [("procmqtt-reason", reason), ("procmqtt-topic", d.topic)]
+    return Outgoing(f"{prefix}/{d.topic}", d.payload, 1, False, properties, dead_letter=d)
