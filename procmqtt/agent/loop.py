@@ -22,8 +22,7 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections import Counter
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -34,9 +33,10 @@ from procmqtt.agent import metrics
 from procmqtt.agent.connection import ConnState
 from procmqtt.agent.dispatch import DISPATCHERS
 from procmqtt.agent.ledger import Delivery, DeliveryLedger, Effects, Inbound
-from procmqtt.agent.outbox import EarlyAnswers, Outbox, Outgoing, dead_letter_entry, sync_ack
+from procmqtt.agent.outbox import Outbox, Outgoing, dead_letter_entry, sync_ack
 from procmqtt.agent.replies import Replies
 from procmqtt.agent.session import BrokerSession
+from procmqtt.agent.workers import WorkerChannel, WorkerChannels
 from procmqtt.config import Config
 from procmqtt.errors import ExitCode
 from procmqtt.ipc import channel, poller
@@ -51,16 +51,6 @@ UPSTREAM_BATCH = 512
 """Datagrams read from the publish channel per pass, so the broker socket is never starved."""
 CLOSED_PASSES_LIMIT = 100
 """Loop passes in a row that may find a closed socket in the wait list before the agent gives up."""
-
-
-@dataclass
-class _WorkerChannel:
-    """The agent's end of one worker's channel (what the worker holds is the ledger's ``Seat``)."""
-
-    slot: int
-    generation: int
-    sock: socket.socket
-    unsent: deque[bytes] = field(default_factory=deque)  # encoded records not yet sent
 
 
 class Agent:
@@ -81,10 +71,9 @@ class Agent:
         self.shared = shared
         self.metrics_listener = metrics_listener
         self.log = logs.get("agent")
-        self.workers: dict[int, _WorkerChannel] = {}
-        for slot, (generation, sock) in workers.items():
-            sock.setblocking(False)
-            self.workers[slot] = _WorkerChannel(slot, generation, sock)
+        self.channels = WorkerChannels(workers)
+        self.workers = self.channels.by_slot  # the workers the agent knows, by slot
+        self._write = self.channels.write
         self.metrics = metrics.Counters(max(config.workers.count, max(self.workers, default=-1) + 1))
         w = config.workers
         self.ledger = DeliveryLedger(Effects(self._deliver, self._acknowledge, self._dead_letter, self._drop,
@@ -96,11 +85,9 @@ class Agent:
             self.ledger.worker_up(slot, generation, ready=True)
         self.v5 = config.mqtt.protocol == "5"
         self.publishes = Outbox(self._published, self.log, v5=self.v5, inflight=config.mqtt.inflight())
-        self.early_answers = EarlyAnswers({slot: gen for slot, (gen, _) in workers.items()})
         self.replies = Replies(client_id)
         self.session = BrokerSession(config, client_id, state_dir, self.log, ledger=self.ledger,
                                      counters=self.metrics, publishes=self.publishes, replies=self.replies)
-        self.dirty: set[int] = set()  # slots with records to flush at the end of this pass
         self.oddities: Counter[str] = Counter()  # hostile or broken input handled, by kind (``_odd``)
         self.closed_passes = 0  # passes in a row whose wait list held a closed socket
         self.stopping = False
@@ -117,7 +104,7 @@ class Agent:
         if self.metrics_listener is not None:
             metrics.serve(self.metrics_listener, self.metrics)
         self.log.info("agent started; broker %s:%d, client id %s, %d subscription(s)", self.config.mqtt.host,
-                      self.config.mqtt.port, self.client_id, len(self.session.subscriptions))
+                      self.config.mqtt.port, self.client_id, len(self.session.subs))
         for worker in self.workers.values():  # inherited: a dead agent may have taken their publishes
             self._write(worker, channel.AgentStarted())
         last_misc = 0.0
@@ -172,7 +159,7 @@ class Agent:
             session.connect()
         rlist: list[Any] = [self.upstream, self.signals]
         wlist: list[Any] = []
-        by_sock: dict[socket.socket, _WorkerChannel] = {}
+        by_sock: dict[socket.socket, WorkerChannel] = {}
         for worker in self.workers.values():
             by_sock[worker.sock] = worker
             rlist.append(worker.sock)
@@ -202,7 +189,7 @@ class Agent:
         if self.upstream in readable:
             self._read_upstream(UPSTREAM_BATCH)
         gone = [w for s in readable
-                if (w := by_sock.get(s)) is not None and self.workers.get(w.slot) is w and self._at_eof(s)]
+                if (w := by_sock.get(s)) is not None and self.workers.get(w.slot) is w and self.channels.at_eof(s)]
         if gone:
             # A dead worker's completions were queued on the publish channel before it died:
             # read them all first, so nothing it finished is handed out again.
@@ -213,15 +200,7 @@ class Agent:
         # What this pass queued for the broker (acknowledgements, publishes) goes out in one write,
         # before the workers are woken: the broker's answers are then on their way while we flush.
         session.write()
-        for sock in writable:
-            writer = by_sock.get(sock)
-            if writer is not None and self.workers.get(writer.slot) is writer:
-                self.dirty.add(writer.slot)
-        for slot in self.dirty:
-            known = self.workers.get(slot)
-            if known is not None:
-                self._flush(known)
-        self.dirty.clear()
+        self.channels.flush(by_sock[s] for s in writable if s in by_sock)
 
     def _odd(self, kind: str, message: str, *args: Any) -> None:
         """Something a hostile or broken peer sent, handled without a crash: counted, logged as a
@@ -326,29 +305,6 @@ class Agent:
 
     # --- workers -------------------------------------------------------------------------------
 
-    def _write(self, worker: _WorkerChannel, record: channel.Record) -> None:
-        """Queue a record for a worker; the end of the pass sends each worker's queue as one batch."""
-        worker.unsent.append(channel.encode(record))
-        self.dirty.add(worker.slot)
-
-    def _flush(self, worker: _WorkerChannel) -> None:
-        """Never blocks: what does not fit waits for the socket to be writable."""
-        try:
-            channel.send_many(worker.sock, worker.unsent, block=False)
-        except OSError as exc:
-            if not channel.is_gone(exc):
-                raise
-            worker.unsent.clear()  # it is dead; its end of file arrives on the next pass
-
-    def _at_eof(self, sock: socket.socket) -> bool:
-        """Workers never write to their own channel, so readable means end of file."""
-        try:
-            return channel.receive(sock) is None
-        except BlockingIOError:
-            return False
-        except ConnectionResetError:
-            return True
-
     def _worker_record(self, record: channel.Ready | channel.Retire) -> None:
         if isinstance(record, channel.Ready):
             self.ledger.ready(record.slot, record.generation)
@@ -362,18 +318,15 @@ class Agent:
             return
         if current is not None:
             self._forget_worker(current)
-        worker = self.workers[record.slot] = _WorkerChannel(record.slot, record.generation, record.sock)
-        for answer in self.early_answers.worker_up(record.slot, record.generation):
-            self._write(worker, answer)
+        worker = self.channels.add(record.slot, record.generation, record.sock)
         self.metrics.ensure_slots(record.slot + 1)  # SIGTTIN adds slots
         if self.stopping:
             self._write(worker, channel.Stop())
         self.ledger.worker_up(record.slot, record.generation)
 
-    def _forget_worker(self, worker: _WorkerChannel) -> None:
+    def _forget_worker(self, worker: WorkerChannel) -> None:
         """A worker is gone: the ledger takes back what it held (``DeliveryLedger.gone``)."""
-        del self.workers[worker.slot]
-        worker.sock.close()
+        self.channels.remove(worker)
         current = self.shared.current(worker.slot, worker.generation)
         held = self.ledger.gone(worker.slot, worker.generation, current)
         if held and self.stopping:
@@ -410,8 +363,8 @@ class Agent:
         elif isinstance(record, channel.WorkerUp):
             self._add_worker(record)
         elif isinstance(record, channel.WorkerExited):  # no end of file while a child of it holds the channel
-            worker = self.workers.get(record.slot)
-            if worker is not None and worker.generation == record.generation:
+            worker = self.channels.current(record.slot, record.generation)
+            if worker is not None:
                 self._forget_worker(worker)
         elif isinstance(record, channel.StopAgent):
             self.begin_stop("requested by the supervisor")
@@ -464,14 +417,9 @@ class Agent:
     def _answer(self, slot: int, generation: int, request_id: int, error: int) -> None:
         """Tell a worker how its publish went (``channel.Published``)."""
         self.metrics.published(error)  # every worker publish ends here once
-        worker = self.workers.get(slot)
-        answer = channel.Published(request_id, int(error))
-        if worker is not None and worker.generation == generation:
-            self._write(worker, answer)
-        else:
-            self.early_answers.keep(slot, generation, answer)
+        self.channels.answer(slot, generation, channel.Published(request_id, int(error)))
 
     def _sync_worker(self, record: channel.Sync) -> None:
-        worker = self.workers.get(record.slot)
-        if worker is not None and worker.generation == record.generation:
+        worker = self.channels.current(record.slot, record.generation)
+        if worker is not None:
             self._write(worker, sync_ack(self.publishes, record))

@@ -17,17 +17,17 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from procmqtt import mqtt5
-from procmqtt.agent import connection, metrics, subscriptions
+from procmqtt.agent import connection, metrics
 from procmqtt.agent.brokersocket import BrokerSocket, wrap_socket
 from procmqtt.agent.connection import ConnState
 from procmqtt.agent.ledger import DeliveryLedger, Inbound
 from procmqtt.agent.outbox import Outbox
 from procmqtt.agent.replies import Replies
+from procmqtt.agent.subscriptions import Subscriptions
 from procmqtt.backoff import Backoff
 from procmqtt.config import Config
 from procmqtt.errors import ExitCode
@@ -65,10 +65,7 @@ class BrokerSession:
         self.replies = replies
         self.v5 = config.mqtt.protocol == "5"
         self.batch_properties = EMPTY if self.v5 else None  # of the messages ``brokersocket`` decodes
-        self.state_path = os.path.join(state_dir, "subscriptions.json")
-        self.subscriptions = subscriptions.load(self.state_path, config.mqtt, log)
-        self.subscribe_requests: dict[int, list[str]] = {}
-        self.unsubscribe_on_connect: set[str] = set()  # removed offline; a persistent session may hold them
+        self.subs = Subscriptions(config.mqtt, os.path.join(state_dir, "subscriptions.json"), log)
         self.state = ConnState.DISCONNECTED
         self.backoff = Backoff(base=0.5, cap=30.0)
         self.connected_at = 0.0
@@ -171,11 +168,7 @@ class BrokerSession:
         if window is not None and window < m.inflight():  # paho cannot apply it on a live connection
             self.log.warning("the broker's Receive Maximum is %d, below [mqtt] max_inflight (%d): a broker that "
                              "enforces it may disconnect us; set max_inflight = %d", window, m.inflight(), window)
-        if self.subscriptions:
-            self._subscribe(list(self.subscriptions.items()))
-        if self.unsubscribe_on_connect:
-            self._unsubscribe(sorted(self.unsubscribe_on_connect))
-            self.unsubscribe_on_connect.clear()
+        self.subs.connected(self.client)
         if self.replies.wanted:
             self.subscribe_replies()
         if m.birth is not None:
@@ -235,91 +228,24 @@ class BrokerSession:
 
     # --- subscriptions -------------------------------------------------------------------------
 
-    def _subscribe(self, subs: list[tuple[str, int]]) -> None:
-        valid = []
-        for f, qos in subs:  # one bad filter must not cost the others (paho refuses the whole list)
-            problem = subscriptions.problem(self.config.mqtt, f, qos)
-            if problem is None:
-                valid.append((f, qos))
-            else:
-                self.log.error("not subscribing to %s: %s", subscriptions.shown(f), problem)
-        wire = [(self.config.mqtt.wire_filter(f), qos) for f, qos in valid]
-        if not wire:
-            return
-        try:
-            rc, mid = self.client.subscribe(wire)
-        except Exception:  # paho refuses what the checks missed: a failed request, not a dead agent
-            self.log.exception("paho refused to subscribe to %s", ", ".join(subscriptions.shown(f) for f, _ in wire))
-            return
-        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
-            self.subscribe_requests[mid] = [f for f, _ in wire]
-
-    def _unsubscribe(self, filters: list[str]) -> None:
-        wire = [self.config.mqtt.wire_filter(f) for f in filters]
-        try:
-            _, mid = self.client.unsubscribe(wire)
-        except Exception:  # as in _subscribe
-            self.log.exception("paho refused to unsubscribe from %s", ", ".join(subscriptions.shown(f) for f in wire))
-            return
-        if mid is not None:
-            self.subscribe_requests[mid] = wire
-
-    def subscribe_replies(self) -> None:
-        """Replies are this instance's own: never inside the share group, never saved.
-
-        QoS 0: a QoS 1 reply would need a slot of the Receive Maximum window, which handlers waiting
-        for replies may hold entirely; it would then wait for a slot only its own arrival can free.
-        """
-        try:
-            rc, mid = self.client.subscribe(self.replies.filter, 0)
-        except Exception:  # as in _subscribe
-            self.log.exception("paho refused to subscribe to %s", self.replies.filter)
-            return
-        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
-            self.subscribe_requests[mid] = [self.replies.filter]
-
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any], properties: Any) -> None:
-        filters = self.subscribe_requests.pop(mid, [])
-        granted = []
-        for topic_filter, reason in zip(filters, reasons, strict=False):
-            if reason.is_failure:
-                self.log.error("the broker refused the subscription to %s: %s", topic_filter, reason)
-            else:
-                granted.append(f"{topic_filter} (qos {reason.value})")
-        if granted:
-            self.log.info("subscribed to %s", ", ".join(granted))
+        self.subs.granted(mid, reasons)
 
     def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
         if mid == self.syncing:
             self.syncing = 0
             return
-        for topic_filter in self.subscribe_requests.pop(mid, []):
-            self.log.info("unsubscribed from %s", topic_filter)
+        self.subs.unsubscribed(mid)
 
     def runtime_subscribe(self, record: channel.Subscribe) -> None:
         """A worker subscribed at run time: saved, so every later agent subscribes too."""
-        problem = subscriptions.problem(self.config.mqtt, record.topic_filter, record.qos)
-        if problem is not None:  # saved, it would crash every agent that loads it
-            self.log.error("runtime subscription to %s dropped, not saved: %s",
-                           subscriptions.shown(record.topic_filter), problem)
-            return
-        self.subscriptions[record.topic_filter] = record.qos
-        self.unsubscribe_on_connect.discard(record.topic_filter)
-        subscriptions.save(self.state_path, self.subscriptions)
-        if self.state is ConnState.CONNECTED:
-            self._subscribe([(record.topic_filter, record.qos)])
+        self.subs.add(record.topic_filter, record.qos, self.client if self.state is ConnState.CONNECTED else None)
 
     def runtime_unsubscribe(self, record: channel.Unsubscribe) -> None:
-        problem = subscriptions.problem(self.config.mqtt, record.topic_filter, 0)
-        if problem is not None:  # never subscribed, and paho would refuse it
-            self.log.error("unsubscribe from %s ignored: %s", subscriptions.shown(record.topic_filter), problem)
-            return
-        self.subscriptions.pop(record.topic_filter, None)
-        subscriptions.save(self.state_path, self.subscriptions)
-        if self.state is ConnState.CONNECTED:
-            self._unsubscribe([record.topic_filter])
-        else:
-            self.unsubscribe_on_connect.add(record.topic_filter)
+        self.subs.remove(record.topic_filter, self.client if self.state is ConnState.CONNECTED else None)
+
+    def subscribe_replies(self) -> None:
+        self.subs.subscribe_replies(self.client, self.replies.filter)
 
     # --- the socket ----------------------------------------------------------------------------
 
@@ -336,7 +262,7 @@ class BrokerSession:
         (handlers may be waiting on them; ``read`` then takes one packet per pass) and now
         and then for PINGRESP."""
         return (self.ledger.room() > 0
-                or bool(self.publishes or self.subscribe_requests)
+                or bool(self.publishes or self.subs.requests)
                 or now < self.replies.until  # a handler waits for a reply, maybe behind the flood
                 or now - self.last_read > self.config.mqtt.keepalive / 4)
 
