@@ -25,7 +25,6 @@ import time
 from collections import Counter
 from typing import Any
 
-import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
 from procmqtt import logs, mqtt5
@@ -100,7 +99,7 @@ class Agent:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor decides
         self.signals = SignalQueue([signal.SIGTERM])
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # stack on demand
-        self.session.start(self._on_message)
+        self.session.start(self._intake, self._odd)
         if self.metrics_listener is not None:
             metrics.serve(self.metrics_listener, self.metrics)
         self.log.info("agent started; broker %s:%d, client id %s, %d subscription(s)", self.config.mqtt.host,
@@ -134,7 +133,7 @@ class Agent:
         if late and (self.workers or self.publishes):
             self.log.warning("graceful timeout: %d worker(s) still running, %d publish(es) unconfirmed",
                              len(self.workers), len(self.publishes))
-        self.session.disconnect(self._intake)
+        self.session.disconnect()
         return True
 
     def begin_stop(self, reason: str) -> None:
@@ -184,7 +183,7 @@ class Agent:
         if self.signals in readable and self.signals.pop():
             self.begin_stop("SIGTERM received")
         if mqtt_sock is not None and (buffered or mqtt_sock in readable):
-            session.read(self._intake)
+            session.read()
             session.last_read = time.monotonic()
         if self.upstream in readable:
             self._read_upstream(UPSTREAM_BATCH)
@@ -231,19 +230,6 @@ class Agent:
         self.metrics.sample(self.ledger.in_flight(), self.ledger.window())
 
     # --- messages in ---------------------------------------------------------------------------
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        """paho's PUBLISH (an MQTT 5 one with properties, or QoS 2): into the one intake path."""
-        try:
-            topic = msg.topic
-        except UnicodeDecodeError:  # from a broker that does not check; raising would crash-loop on its resend
-            self._odd("topic", "a message whose topic is not valid UTF-8 (%r, QoS %d); acknowledged and dropped",
-                      getattr(msg, "_topic", b"?")[:200], msg.qos)
-            if msg.qos:
-                client.ack(msg.mid, msg.qos)
-            return
-        properties = mqtt5.from_paho(getattr(msg, "properties", None)) if self.v5 else None
-        self._intake([Inbound(topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain), bool(msg.dup))], properties)
 
     def _intake(self, batch: list[Inbound], properties: Properties | None) -> None:
         """Every message from the broker (decoded by ``brokersocket`` or by paho): MQTT 5 replies
@@ -379,20 +365,13 @@ class Agent:
                          record.generation, record.request_id)
         if record.properties is not None:
             try:
-                response_topic = self._expect_reply(record) if record.request else None
+                response_topic = self.session.expect_reply(record) if record.request else None
                 entry.properties = mqtt5.to_paho(record.properties, response_topic)
             except Exception as exc:  # noqa: BLE001 - a record paho cannot take fails its publish, never the agent
                 self.log.warning("publish to %r failed: its properties: %s", record.topic[:200], exc)
                 self._answer(record.slot, record.generation, record.request_id, MQTTErrorCode.MQTT_ERR_INVAL)
                 return
         self.publishes.add(entry)
-
-    def _expect_reply(self, record: channel.Publish) -> str:
-        """A worker's request: subscribe to the replies before the request leaves (``replies``)."""
-        topic, first = self.replies.expect(record, time.monotonic())
-        if first and self.session.state is ConnState.CONNECTED:
-            self.session.subscribe_replies()
-        return topic
 
     def _done(self, record: channel.Done) -> None:
         slot = self.ledger.done(record.delivery_id, failed=record.failed)

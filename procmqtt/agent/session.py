@@ -76,17 +76,22 @@ class BrokerSession:
         self.connack_deadline = 0.0
         self.syncing = 0  # mid of the UNSUBSCRIBE that proves the broker has our acknowledgements
         self.last_read = 0.0
+        self.intake: Intake  # set in start(): the loop's one intake path
+        self.odd: Callable[..., None]  # set in start(): counts and logs what a broken broker sent
         self.exit_code = ExitCode.OK  # why the agent leaves early (refused credentials, a stuck loop)
         self.client: mqtt.Client = None  # type: ignore[assignment]  # created in start(), after fork
         self.stream: BrokerSocket | None = None  # the broker socket as paho sees it (brokersocket.py)
 
-    def start(self, on_message: Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]) -> None:
-        """Build the paho client (in the agent process, after fork); paho's PUBLISHes go to ``on_message``."""
+    def start(self, intake: Intake, odd: Callable[..., None]) -> None:
+        """Build the paho client (in the agent process, after fork). Every PUBLISH read goes to
+        ``intake``; ``odd(kind, message, *args)`` counts and logs what a broken broker sent."""
+        self.intake = intake
+        self.odd = odd
         client = connection.make_client(self.config.mqtt, self.client_id,
                                         self.config.workers.count * self.config.workers.prefetch)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_message = on_message
+        client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
         client.on_unsubscribe = self._on_unsubscribe
@@ -223,6 +228,20 @@ class BrokerSession:
                              "instance its own [mqtt] client_id", "" if taken_over else "probably ",
                              self.client_id)
 
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """paho's PUBLISH (an MQTT 5 one with properties, or QoS 2): into the one intake path."""
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # from a broker that does not check; raising would crash-loop on its resend
+            self.odd("topic", "a message whose topic is not valid UTF-8 (%r, QoS %d); acknowledged and dropped",
+                     getattr(msg, "_topic", b"?")[:200], msg.qos)
+            if msg.qos:
+                client.ack(msg.mid, msg.qos)
+            return
+        properties = mqtt5.from_paho(getattr(msg, "properties", None)) if self.v5 else None
+        self.intake([Inbound(topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain), bool(msg.dup))],
+                    properties)
+
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         self.publishes.confirmed(mid, reason.value if reason.is_failure else 0, self.stream)
 
@@ -246,6 +265,14 @@ class BrokerSession:
 
     def subscribe_replies(self) -> None:
         self.subs.subscribe_replies(self.client, self.replies.filter)
+
+    def expect_reply(self, record: channel.Publish) -> str:
+        """A worker's request: its response topic; the reply filter is subscribed before the
+        request leaves (the broker handles our packets in order)."""
+        topic, first = self.replies.expect(record, time.monotonic())
+        if first and self.state is ConnState.CONNECTED:
+            self.subscribe_replies()
+        return topic
 
     # --- the socket ----------------------------------------------------------------------------
 
@@ -282,8 +309,8 @@ class BrokerSession:
             stream.flush()
             self.publishes.sent(stream)
 
-    def read(self, intake: Intake) -> None:
-        """Read what the broker sent, in bulk: PUBLISH packets are decoded here and go to ``intake``,
+    def read(self) -> None:
+        """Read what the broker sent, in bulk: PUBLISH packets are decoded here and go to the intake,
         everything else is given to paho one whole packet at a time (``brokersocket``). Takes at most
         what the ledger's read-ahead has room for, but at least one message, and every packet before
         it, so acknowledgements awaited by handlers are never stuck behind a flood."""
@@ -300,7 +327,7 @@ class BrokerSession:
             batch = stream.publishes(budget, self.v5)
             if batch:
                 budget -= len(batch)
-                intake(batch, self.batch_properties)
+                self.intake(batch, self.batch_properties)
                 continue
             if not stream.release():
                 return  # the rest of the packet is still on its way
@@ -317,7 +344,7 @@ class BrokerSession:
 
     # --- leaving -------------------------------------------------------------------------------
 
-    def disconnect(self, intake: Intake) -> None:
+    def disconnect(self) -> None:
         """Say the will ourselves (a clean DISCONNECT suppresses it), make sure the broker has our
         acknowledgements, then DISCONNECT and flush it."""
         if self.state is not ConnState.CONNECTED:
@@ -325,7 +352,7 @@ class BrokerSession:
         will = self.config.mqtt.will
         if will is not None:
             self.client.publish(will.topic, will.payload, will.qos, will.retain)
-        self._sync_with_broker(intake)
+        self._sync_with_broker()
         if self.state is not ConnState.CONNECTED:  # the broker went away meanwhile
             return
         self._set_state(ConnState.CLOSING)
@@ -339,7 +366,7 @@ class BrokerSession:
             self.client.loop_write()
         self.log.info("disconnected from the broker")
 
-    def _sync_with_broker(self, intake: Intake, timeout: float = 2.0) -> None:
+    def _sync_with_broker(self, timeout: float = 2.0) -> None:
         """Wait until the broker has processed every acknowledgement we sent.
 
         paho closes the socket right after DISCONNECT; with unread messages in our receive buffer
@@ -363,5 +390,5 @@ class BrokerSession:
                 self.log.debug("the broker socket closed while syncing; not waiting for the UNSUBACK")
                 return
             if readable or waiting:
-                self.read(intake)  # messages arriving now are ignored: we are stopping
+                self.read()  # messages arriving now are ignored: we are stopping
             self.write()
