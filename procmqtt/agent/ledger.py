@@ -99,6 +99,7 @@ class DeliveryLedger:
         """``workers``: the configured count, for the read-ahead; ``retry_failed``: ``on_error =
         "retry"``; ``dead_letters``: a dead letter topic is set."""
         self.effects = effects
+        self._deliver, self._ack = effects.deliver, effects.acknowledge  # the hot path's, looked up once
         self.dispatcher = dispatcher
         self.prefetch = prefetch
         self.max_attempts = max_attempts
@@ -143,14 +144,14 @@ class DeliveryLedger:
             if qos == 2:
                 # paho has already sent PUBREC; holding PUBCOMP across a crash would strand the
                 # message (README "Delivery guarantees"), so QoS 2 completes on arrival.
-                self.effects.acknowledge(mid, 2)
+                self._ack(mid, 2)
             if not stopping:  # else QoS 1 stays unacknowledged at the broker; QoS 0 is dropped
                 append(Delivery(next(ids), mid, epoch, topic, payload, qos, retain, dup, properties))
         self.dispatch()
 
     def dispatch(self) -> None:
         """Hand pending messages to ready workers with room, the dispatcher choosing among them."""
-        pending, seats, prefetch = self.pending, self.seats, self.prefetch
+        pending, seats, prefetch, deliver = self.pending, self.seats, self.prefetch, self._deliver
         while pending and not self.stopping:
             ready = [slot for slot, s in seats.items() if s.ready and not s.retiring and len(s.outstanding) < prefetch]
             if not ready:
@@ -160,7 +161,7 @@ class DeliveryLedger:
             d.slot = slot
             seats[slot].outstanding[d.delivery_id] = None
             self.deliveries[d.delivery_id] = d
-            self.effects.deliver(slot, d)
+            deliver(slot, d)
 
     def done(self, delivery_id: int, *, failed: bool) -> int:
         """A worker finished a delivery: returns the slot that held it, or -1 if unknown (done for
@@ -184,7 +185,7 @@ class DeliveryLedger:
 
     def _acknowledge(self, d: Delivery) -> None:
         if d.qos == 1 and d.epoch == self.epoch and self.online:
-            self.effects.acknowledge(d.mid, 1)
+            self._ack(d.mid, 1)
 
     def _failed_attempt(self, d: Delivery, reason: str, *, front: bool) -> None:
         """One more attempt used up: hand the message out again, or dead-letter it."""
