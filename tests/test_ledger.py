@@ -67,12 +67,14 @@ class LedgerMachine(RuleBasedStateMachine):
             RoundRobinDispatcher(), prefetch=prefetch, workers=2, max_attempts=max_attempts,
             retry_failed=retry_failed, dead_letters=dead_letters)
         self.next_mid = 1
-        self.generations: dict[int, int] = {}  # slot -> the newest generation started there
+        self.generations: dict[int, int] = {0: 1, 1: 1}  # slot -> the newest generation started there
         self.arrived: dict[bytes, tuple[int, int, int]] = {}  # payload -> (qos, mid, epoch)
         self.acked: set[int] = set()  # QoS 1 mids acknowledged
         self.may_ack: set[int] = set()  # mids whose message was just finished (done, settled, dropped)
         self.finished: set[bytes] = set()  # left by a sanctioned path
-        self.settleable: list[Delivery] = []  # dead letters published, not yet settled
+        self.ledger.connected()  # connected, two ready workers: the interesting steps come early
+        self.ledger.worker_up(0, 1, ready=True)
+        self.ledger.worker_up(1, 1, ready=True)
 
     # effects checked as they happen
 
@@ -187,12 +189,15 @@ class LedgerMachine(RuleBasedStateMachine):
             self._finishing(d)
             self.ledger.settle(d)
 
-    @rule(lost=st.booleans())
-    def disconnect(self, lost: bool) -> None:
+    @rule(lost=st.booleans(), back=st.booleans())
+    def disconnect(self, lost: bool, back: bool) -> None:
+        """``back``: reconnected at once (what held messages meet most often)."""
         if lost:
             self.finished.update(d.payload for d in self.ledger.pending if d.qos == 1)  # the broker resends
         self.ledger.offline(lost=lost)
         assert not self.ledger.online
+        if back:
+            self.reconnect()
 
     @precondition(lambda self: not self.ledger.online)
     @rule()
@@ -200,6 +205,7 @@ class LedgerMachine(RuleBasedStateMachine):
         before = self.ledger.epoch
         assert self.ledger.connected() == before + 1
 
+    @precondition(lambda self: self.next_mid > 12)  # the stop ends the interesting part: not too early
     @rule()
     def stop(self) -> None:
         self.finished.update(d.payload for d in self.ledger.pending)
@@ -236,7 +242,7 @@ class LedgerMachine(RuleBasedStateMachine):
                            for s in self.ledger.seats.values()), "a message waits while a worker is free"
 
 
-LedgerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None,
+LedgerMachine.TestCase.settings = settings(max_examples=400, stateful_step_count=40, deadline=None,
                                            suppress_health_check=[HealthCheck.too_slow])
 test_ledger_properties = LedgerMachine.TestCase
 
