@@ -130,24 +130,15 @@ def test_await_publish_ends_when_the_agent_that_took_the_publish_is_killed(tmp_p
 
 @pytest.mark.timeout(10)
 @pytest.mark.unit
-def test_an_answer_for_a_worker_the_agent_does_not_know_yet_waits_for_its_worker_up(tmp_path):
+def test_an_answer_for_a_worker_the_agent_does_not_know_yet_waits_for_its_worker_up():
     """A worker may publish (in on_start, say) before the supervisor's WorkerUp for it reaches the
     agent: the answer is kept for that worker, not dropped (its wait() would never end)."""
-    from procmqtt.agent.loop import Agent
-    from procmqtt.ipc.shared import SharedState
+    from procmqtt.agent.outbox import EarlyAnswers
 
-    up_agent, up_other = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    agent = Agent(from_mapping({"mqtt": {}, "workers": {"count": 1}}), "c", up_agent, {}, str(tmp_path), os.getpid(),
-                  SharedState(1))
-    agent._reply(0, 7, request_id=41, error=0)  # slot 0, generation 7: not known yet
-    agent._reply(0, 6, request_id=40, error=0)  # an older generation, gone before it was known
-    ours, theirs = channel.pair()
-    agent._add_worker(channel.WorkerUp(0, 7, theirs))
-    agent._flush(agent.workers[0])
-    ours.setblocking(False)
-    assert channel.receive(ours) == [channel.Published(41, 0)]
-    assert not agent.early_replies
-    agent._reply(0, 5, request_id=39, error=0)  # a generation older than one known: gone, not kept
-    assert not agent.early_replies
-    for sock in (up_agent, up_other, ours, theirs):
-        sock.close()
+    early = EarlyAnswers({})  # the agent was forked with no worker known
+    early.keep(0, 7, channel.Published(41, 0))  # slot 0, generation 7: not known yet
+    early.keep(0, 6, channel.Published(40, 0))  # an older generation, gone before it was known
+    assert early.worker_up(0, 7) == [channel.Published(41, 0)]
+    assert not early
+    early.keep(0, 5, channel.Published(39, 0))  # a generation older than one known: gone, not kept
+    assert not early

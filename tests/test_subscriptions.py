@@ -67,9 +67,7 @@ def test_agent_drops_a_bad_runtime_subscription_instead_of_saving_it(tmp_path, b
 
 @pytest.mark.unit
 def test_load_drops_invalid_saved_entries_with_a_log_line(tmp_path, caplog):
-    from procmqtt.agent.loop import (
-        subscriptions,  # here, so the integration tests above run on a tree without it
-    )
+    from procmqtt.agent import subscriptions  # here, so the integration tests above run on a tree without it
     m = MqttConfig(share_group="g", topics=(Subscription("conf/#", 1),))
     path = tmp_path / "subscriptions.json"
     path.write_text(json.dumps({"ok/#": 1, TOO_LONG_SHARED: 1, "x/#/y": 0, "q/+": 7, "b/+": True, "s": "1",

@@ -28,8 +28,12 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties as PahoProperties
 
 from procmqtt.agent.brokersocket import BrokerSocket
+from procmqtt.agent.ledger import Delivery
+from procmqtt.ipc import channel
 from procmqtt.topics import packet_problem
 
 PAHO_WINDOW = 10_000
@@ -53,7 +57,7 @@ class Outgoing:
     slot: int = -1  # the worker that published it
     generation: int = 0
     request_id: int = 0
-    dead_letter: Any = None  # the agent's _Delivery this dead letter stands for
+    dead_letter: Delivery | None = None  # the message this dead letter stands for (its original)
     info: mqtt.MQTTMessageInfo | None = None  # paho's, once handed over
     stream: BrokerSocket | None = None  # QoS 0 written: the socket its bytes were written to ...
     end: int = 0  # ... and where they end in its ``written`` count
@@ -166,3 +170,49 @@ class Outbox:
         return tuple(e.request_id for e in (*self.queued, *self.paho.values(), *self.unsent)
                      if e.slot == slot and e.generation == generation and e.dead_letter is None
                      and e.request_id <= last_request_id)
+
+
+class EarlyAnswers:
+    """Answers to publishes a worker made (in on_start, say) before its WorkerUp reached the agent.
+
+    Kept only for a generation newer than any the agent has known in that slot (an older one is
+    gone, and nobody waits for its answers); handed over when that worker's WorkerUp arrives.
+    """
+
+    def __init__(self, newest: dict[int, int]) -> None:
+        self.newest = newest  # slot -> the newest generation known there
+        self.kept: dict[tuple[int, int], list[channel.Published]] = {}
+
+    def keep(self, slot: int, generation: int, answer: channel.Published) -> None:
+        if generation > self.newest.get(slot, -1):  # its WorkerUp is still queued
+            self.kept.setdefault((slot, generation), []).append(answer)
+
+    def worker_up(self, slot: int, generation: int) -> list[channel.Published]:
+        """The answers waiting for this worker; those of older generations in its slot are dropped."""
+        self.newest[slot] = generation
+        out: list[channel.Published] = []
+        for key in [k for k in self.kept if k[0] == slot]:
+            answers = self.kept.pop(key)
+            if key[1] == generation:
+                out += answers
+        return out
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+
+def sync_ack(outbox: Outbox, record: channel.Sync) -> channel.SyncAck:
+    """Tell a worker which of its publishes up to the Sync are still in flight here; the answers
+    to the others are already queued before this one, or were lost with a dead agent."""
+    return channel.SyncAck(record.last_request_id,
+                           outbox.in_flight(record.slot, record.generation, record.last_request_id))
+
+
+def dead_letter_entry(prefix: str, d: Delivery, reason: str, *, v5: bool) -> Outgoing:
+    """The dead letter of ``d``: its payload at QoS 1 on ``prefix/<its topic>``; MQTT 5 adds the
+    reason and the original topic as user properties."""
+    properties = None
+    if v5:
+        properties = PahoProperties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.UserProperty = [("procmqtt-reason", reason), ("procmqtt-topic", d.topic)]
+    return Outgoing(f"{prefix}/{d.topic}", d.payload, 1, False, properties, dead_letter=d)

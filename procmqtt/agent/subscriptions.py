@@ -5,6 +5,10 @@ Whatever the file holds is checked before it reaches paho: a filter that paho or
 refuses would otherwise crash every agent that loads it, a crash loop no restart can end. So a
 record is checked as subscribed (inside ``$share/<group>/`` with ``share_group``) before it is
 saved, and a bad entry already in the file is dropped with a log line when it is loaded.
+
+:class:`Subscriptions` also sends them: all of them on every connection (a broker without our
+session has none), a runtime change at once when connected, and an unsubscribe made offline on
+the next connection (a persistent session may still hold the filter).
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTErrorCode
 
 from procmqtt.config import MqttConfig
 from procmqtt.topics import filter_problem
@@ -72,3 +80,111 @@ def save(path: str, subscriptions: dict[str, int]) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(subscriptions, f)
     os.replace(tmp, path)
+
+
+class Subscriptions:
+    """The filters the app subscribes (saved at every change) and the requests awaiting the broker."""
+
+    def __init__(self, m: MqttConfig, path: str, log: logging.Logger) -> None:
+        self.m = m
+        self.path = path
+        self.log = log
+        self.filters = load(path, m, log)  # filter -> qos, as configured or changed at run time
+        self.requests: dict[int, list[str]] = {}  # mid -> filters of a SUBSCRIBE/UNSUBSCRIBE in flight
+        self.unsubscribe_on_connect: set[str] = set()  # removed offline; a persistent session may hold them
+
+    def __len__(self) -> int:
+        return len(self.filters)
+
+    def connected(self, client: mqtt.Client) -> None:
+        """A new connection: subscribe everything, and send the unsubscribes made offline."""
+        if self.filters:
+            self.subscribe(client, list(self.filters.items()))
+        if self.unsubscribe_on_connect:
+            self.unsubscribe(client, sorted(self.unsubscribe_on_connect))
+            self.unsubscribe_on_connect.clear()
+
+    def add(self, topic_filter: str, qos: int, client: mqtt.Client | None) -> None:
+        """A runtime subscription; ``client`` while connected."""
+        why = problem(self.m, topic_filter, qos)
+        if why is not None:  # saved, it would crash every agent that loads it
+            self.log.error("runtime subscription to %s dropped, not saved: %s", shown(topic_filter), why)
+            return
+        self.filters[topic_filter] = qos
+        self.unsubscribe_on_connect.discard(topic_filter)
+        save(self.path, self.filters)
+        if client is not None:
+            self.subscribe(client, [(topic_filter, qos)])
+
+    def remove(self, topic_filter: str, client: mqtt.Client | None) -> None:
+        """A runtime unsubscribe; ``client`` while connected, else it is sent on the next connection."""
+        why = problem(self.m, topic_filter, 0)
+        if why is not None:  # never subscribed, and paho would refuse it
+            self.log.error("unsubscribe from %s ignored: %s", shown(topic_filter), why)
+            return
+        self.filters.pop(topic_filter, None)
+        save(self.path, self.filters)
+        if client is not None:
+            self.unsubscribe(client, [topic_filter])
+        else:
+            self.unsubscribe_on_connect.add(topic_filter)
+
+    def subscribe(self, client: mqtt.Client, subs: list[tuple[str, int]]) -> None:
+        valid = []
+        for f, qos in subs:  # one bad filter must not cost the others (paho refuses the whole list)
+            why = problem(self.m, f, qos)
+            if why is None:
+                valid.append((f, qos))
+            else:
+                self.log.error("not subscribing to %s: %s", shown(f), why)
+        wire = [(self.m.wire_filter(f), qos) for f, qos in valid]
+        if not wire:
+            return
+        try:
+            rc, mid = client.subscribe(wire)
+        except Exception:  # paho refuses what the checks missed: a failed request, not a dead agent
+            self.log.exception("paho refused to subscribe to %s", ", ".join(shown(f) for f, _ in wire))
+            return
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+            self.requests[mid] = [f for f, _ in wire]
+
+    def unsubscribe(self, client: mqtt.Client, filters: list[str]) -> None:
+        wire = [self.m.wire_filter(f) for f in filters]
+        try:
+            _, mid = client.unsubscribe(wire)
+        except Exception:  # as in subscribe
+            self.log.exception("paho refused to unsubscribe from %s", ", ".join(shown(f) for f in wire))
+            return
+        if mid is not None:
+            self.requests[mid] = wire
+
+    def subscribe_replies(self, client: mqtt.Client, reply_filter: str) -> None:
+        """MQTT 5 replies (``replies``) are this instance's own: never inside the share group, never saved.
+
+        QoS 0: a QoS 1 reply would need a slot of the Receive Maximum window, which handlers waiting
+        for replies may hold entirely; it would then wait for a slot only its own arrival can free.
+        """
+        try:
+            rc, mid = client.subscribe(reply_filter, 0)
+        except Exception:  # as in subscribe
+            self.log.exception("paho refused to subscribe to %s", reply_filter)
+            return
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+            self.requests[mid] = [reply_filter]
+
+    def granted(self, mid: int, reasons: list[Any]) -> None:
+        """The broker's SUBACK."""
+        filters = self.requests.pop(mid, [])
+        granted = []
+        for topic_filter, reason in zip(filters, reasons, strict=False):
+            if reason.is_failure:
+                self.log.error("the broker refused the subscription to %s: %s", topic_filter, reason)
+            else:
+                granted.append(f"{topic_filter} (qos {reason.value})")
+        if granted:
+            self.log.info("subscribed to %s", ", ".join(granted))
+
+    def unsubscribed(self, mid: int) -> None:
+        """The broker's UNSUBACK."""
+        for topic_filter in self.requests.pop(mid, []):
+            self.log.info("unsubscribed from %s", topic_filter)

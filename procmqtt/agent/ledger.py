@@ -1,0 +1,276 @@
+"""The delivery core: every decision about a message between its arrival and its acknowledgement.
+
+No socket, no paho, no clock: the agent's loop (``loop.py``) reads records and packets, tells the
+ledger what happened (a message arrived, a worker is up/ready/retiring/gone, a delivery is done,
+the connection came or went, the agent stops), and the ledger answers through injected
+callbacks (:class:`Effects`): deliver to a slot, acknowledge a packet id, dead-letter, drop
+(and requeued, for the metrics).
+Callbacks rather than returned effect objects: the hot path (one arrival, one dispatch, one
+Done) then allocates nothing beyond the :class:`Delivery` itself, and the effects happen in the
+order the decisions are made. Runs in the agent process, in its one thread.
+
+The guarantees enforced here (property-tested in ``tests/test_ledger.py``):
+
+- A QoS 1 message is acknowledged once at most, only after a worker reported it done or its dead
+  letter was settled, and only on the connection (``epoch``) it arrived on: an acknowledgement on a
+  later connection would name another message.
+- A message is held by one worker at most, and a worker holds at most ``prefetch``.
+- A message leaves only by acknowledgement, dead letter, drop (``max_attempts`` without a dead
+  letter topic), or the stop (it then stays unacknowledged at the broker); a worker that dies gives
+  back what it held, front of the queue, the one it died on counting an attempt.
+- A lost connection forgets the undispatched QoS 1 messages: the broker sends them again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from procmqtt.agent.dispatch import Dispatcher
+from procmqtt.message import Properties
+
+
+class Inbound(NamedTuple):
+    """A PUBLISH as it arrived from the broker, decoded (``brokersocket`` or paho)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int  # the packet id, what an acknowledgement names
+    retain: bool
+    dup: bool
+
+
+@dataclass(slots=True, eq=False)
+class Delivery:
+    """One message the agent holds: undispatched (``pending``) or given to a worker (``slot``)."""
+
+    delivery_id: int
+    mid: int
+    epoch: int  # connection the message arrived on; an ack on a later connection is meaningless
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    redelivered: bool
+    properties: Properties | None = None  # MQTT 5 only
+    slot: int = -1
+    attempts: int = 0  # workers that died or failed while handling it
+
+
+@dataclass(slots=True, eq=False)
+class Seat:
+    """What the ledger knows of the worker in one slot."""
+
+    generation: int
+    outstanding: dict[int, None] = field(default_factory=dict)  # delivery ids, in the order sent
+    ready: bool = False  # on_start finished
+    retiring: bool = False  # recycling: gets nothing new, then a stop
+
+
+@dataclass(frozen=True, slots=True)
+class Effects:
+    """What the ledger asks the agent to do. Each is called in the order decided.
+
+    - ``deliver(slot, delivery)``: send it to the slot's worker.
+    - ``acknowledge(mid, qos)``: PUBACK (QoS 1) or PUBCOMP (QoS 2) on the current connection.
+    - ``dead_letter(delivery, reason)``: publish it to the dead letter topic, then call
+      :meth:`DeliveryLedger.settle` (confirmed, failed or unpublishable: the original is done).
+    - ``drop(delivery, reason)``: given up without a dead letter (the ledger acknowledges it).
+    - ``requeued(delivery)``: it goes out again, marked redelivered (for the metrics).
+    """
+
+    deliver: Callable[[int, Delivery], None]
+    acknowledge: Callable[[int, int], None]
+    dead_letter: Callable[[Delivery, str], None]
+    drop: Callable[[Delivery, str], None]
+    requeued: Callable[[Delivery], None]
+
+
+class DeliveryLedger:
+    """Pending and dispatched messages, the workers' windows, attempts and epochs."""
+
+    def __init__(self, effects: Effects, dispatcher: Dispatcher, *, prefetch: int, workers: int,
+                 max_attempts: int, retry_failed: bool, dead_letters: bool) -> None:
+        """``workers``: the configured count, for the read-ahead; ``retry_failed``: ``on_error =
+        "retry"``; ``dead_letters``: a dead letter topic is set."""
+        self.effects = effects
+        self._deliver, self._ack = effects.deliver, effects.acknowledge  # the hot path's, looked up once
+        self.dispatcher = dispatcher
+        self.prefetch = prefetch
+        self.max_attempts = max_attempts
+        self.retry_failed = retry_failed
+        self.dead_letters = dead_letters
+        self.read_ahead = workers * prefetch  # undispatched messages the agent reads ahead at most
+        self.pending: deque[Delivery] = deque()  # received, not yet given to a worker
+        self.deliveries: dict[int, Delivery] = {}  # given to a worker, not yet done
+        self.seats: dict[int, Seat] = {}
+        self.early_ready: set[tuple[int, int]] = set()  # (slot, generation) ready before it was up
+        self.delivery_ids = itertools.count(random.getrandbits(48))
+        self.epoch = 0  # connections so far; the current one's number
+        self.online = False  # connected: an acknowledgement can be sent
+        self.stopping = False
+
+    # --- the connection ------------------------------------------------------------------------
+
+    def connected(self) -> int:
+        """A new connection (CONNACK): acknowledgements go out again, under a new epoch."""
+        self.epoch += 1
+        self.online = True
+        return self.epoch
+
+    def offline(self, *, lost: bool) -> None:
+        """No acknowledgement can go out any more. ``lost``: the session continues on the next
+        connection, where the broker sends the undispatched QoS 1 messages again; QoS 0 and QoS 2
+        (already completed) would not come again, so they stay."""
+        self.online = False
+        if lost:
+            self.pending = deque(d for d in self.pending if d.qos != 1)
+
+    def room(self) -> int:
+        """How many more messages the read-ahead takes (at most ``read_ahead`` undispatched)."""
+        return self.read_ahead - len(self.pending)
+
+    # --- messages in ---------------------------------------------------------------------------
+
+    def arrived(self, batch: Iterable[Inbound], properties: Properties | None) -> None:
+        """The one intake path: messages from the broker, all with ``properties`` (MQTT 5)."""
+        stopping, epoch, ids, append = self.stopping, self.epoch, self.delivery_ids, self.pending.append
+        for topic, payload, qos, mid, retain, dup in batch:
+            if qos == 2:
+                # paho has already sent PUBREC; holding PUBCOMP across a crash would strand the
+                # message (README "Delivery guarantees"), so QoS 2 completes on arrival.
+                self._ack(mid, 2)
+            if not stopping:  # else QoS 1 stays unacknowledged at the broker; QoS 0 is dropped
+                append(Delivery(next(ids), mid, epoch, topic, payload, qos, retain, dup, properties))
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Hand pending messages to ready workers with room, the dispatcher choosing among them."""
+        pending, seats, prefetch, deliver = self.pending, self.seats, self.prefetch, self._deliver
+        while pending and not self.stopping:
+            ready = [slot for slot, s in seats.items() if s.ready and not s.retiring and len(s.outstanding) < prefetch]
+            if not ready:
+                return
+            slot = self.dispatcher.choose(ready)
+            d = pending.popleft()
+            d.slot = slot
+            seats[slot].outstanding[d.delivery_id] = None
+            self.deliveries[d.delivery_id] = d
+            deliver(slot, d)
+
+    def done(self, delivery_id: int, *, failed: bool) -> int:
+        """A worker finished a delivery: returns the slot that held it, or -1 if unknown (done for
+        an earlier agent, or already redelivered). A failure is retried (``on_error = "retry"``)
+        or acknowledged."""
+        d = self.deliveries.pop(delivery_id, None)
+        if d is None:
+            return -1
+        slot = d.slot
+        del self.seats[slot].outstanding[delivery_id]  # a delivery is in ``deliveries`` while its seat holds it
+        if failed and self.retry_failed:
+            self._failed_attempt(d, "on_message raised", front=False)
+        else:
+            self._acknowledge(d)
+        self.dispatch()
+        return slot
+
+    def settle(self, d: Delivery) -> None:
+        """A dead letter is confirmed, failed or could not be published: its original is done."""
+        self._acknowledge(d)
+
+    def _acknowledge(self, d: Delivery) -> None:
+        if d.qos == 1 and d.epoch == self.epoch and self.online:
+            self._ack(d.mid, 1)
+
+    def _failed_attempt(self, d: Delivery, reason: str, *, front: bool) -> None:
+        """One more attempt used up: hand the message out again, or dead-letter it."""
+        d.attempts += 1
+        if d.attempts < self.max_attempts:
+            self._requeue(d, front=front)
+            return
+        reason = f"{reason} ({d.attempts} attempts)"
+        if self.dead_letters:
+            self.effects.dead_letter(d, reason)  # acknowledged once the dead letter is settled
+        else:
+            self.effects.drop(d, reason)
+            self._acknowledge(d)
+
+    def _requeue(self, d: Delivery, *, front: bool) -> None:
+        """Hand a message out again, to whichever worker is free next, marked redelivered."""
+        d.redelivered = True
+        self.effects.requeued(d)
+        if front:
+            self.pending.appendleft(d)
+        else:
+            self.pending.append(d)
+
+    # --- workers -------------------------------------------------------------------------------
+
+    def worker_up(self, slot: int, generation: int, *, ready: bool = False) -> None:
+        """A worker joined ``slot`` (the previous one there, if any, is already gone)."""
+        ready = ready or (slot, generation) in self.early_ready
+        self.early_ready.discard((slot, generation))
+        self.seats[slot] = Seat(generation, ready=ready)
+        self.read_ahead = max(self.read_ahead, len(self.seats) * self.prefetch)
+        self.dispatch()
+
+    def _seat(self, slot: int, generation: int) -> Seat | None:
+        seat = self.seats.get(slot)
+        return seat if seat is not None and seat.generation == generation else None
+
+    def ready(self, slot: int, generation: int) -> None:
+        """A worker's on_start finished: it takes messages (kept if its WorkerUp is still queued)."""
+        seat = self._seat(slot, generation)
+        if seat is None:
+            self.early_ready.add((slot, generation))
+            return
+        seat.ready = True
+        self.dispatch()
+
+    def retiring(self, slot: int, generation: int) -> bool:
+        """A worker asked to be recycled: it gets nothing new. True the first time (send it a Stop)."""
+        seat = self._seat(slot, generation)
+        if seat is None or seat.retiring:
+            return False
+        seat.retiring = True
+        return True
+
+    def gone(self, slot: int, generation: int, current: int) -> int:
+        """A worker is gone; ``current``: the delivery it was on (0 if none). What it held goes back
+        to the front of the queue, marked redelivered; the one it died on counts an attempt. While
+        stopping, it stays unacknowledged at the broker. Returns how many messages it held."""
+        seat = self._seat(slot, generation)
+        if seat is None:
+            return 0
+        del self.seats[slot]
+        held = [self.deliveries.pop(i) for i in seat.outstanding]
+        if self.stopping or not held:
+            return len(held)
+        for d in reversed(held):
+            if d.delivery_id == current:
+                self._failed_attempt(d, f"worker {slot} died while handling it", front=True)
+            else:
+                self._requeue(d, front=True)
+        self.dispatch()
+        return len(held)
+
+    def stop(self) -> int:
+        """Stop dispatching; undispatched messages are forgotten (QoS 1 stays at the broker).
+        Returns how many were forgotten."""
+        self.stopping = True
+        held = len(self.pending)
+        self.pending.clear()
+        return held
+
+    def in_flight(self) -> dict[int, int]:
+        """Messages each worker holds, by slot (for the metrics)."""
+        return {slot: len(s.outstanding) for slot, s in self.seats.items()}
+
+    def window(self) -> int:
+        """Messages the ready, non-retiring workers can hold at once."""
+        return self.prefetch * sum(s.ready and not s.retiring for s in self.seats.values())

@@ -1,0 +1,95 @@
+"""The agent's ends of the workers' channels. Runs in the agent process, in its one thread.
+
+Records for a worker are encoded when queued (``write``) and sent in one batch per worker at the
+end of the loop's pass (``flush``), never blocking: what the socket does not take waits for it to
+be writable. A worker never writes to its own channel (it writes to the shared publish channel),
+so its channel turning readable means end of file: the worker is gone (``at_eof``).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from procmqtt.agent.outbox import EarlyAnswers
+from procmqtt.ipc import channel
+
+
+@dataclass(eq=False)
+class WorkerChannel:
+    """The agent's end of one worker's channel (what the worker holds is the ledger's ``Seat``)."""
+
+    slot: int
+    generation: int
+    sock: socket.socket
+    unsent: deque[bytes] = field(default_factory=deque)  # encoded records not yet sent
+
+
+class WorkerChannels:
+    """The known workers' channels by slot, and answers kept for workers not known yet."""
+
+    def __init__(self, inherited: dict[int, tuple[int, socket.socket]]) -> None:
+        """``inherited``: slot -> (generation, socket) at the agent's fork."""
+        self.by_slot: dict[int, WorkerChannel] = {}
+        for slot, (generation, sock) in inherited.items():
+            sock.setblocking(False)
+            self.by_slot[slot] = WorkerChannel(slot, generation, sock)
+        self.dirty: set[int] = set()  # slots with records to flush at the end of this pass
+        self.early_answers = EarlyAnswers({slot: gen for slot, (gen, _) in inherited.items()})
+
+    def current(self, slot: int, generation: int) -> WorkerChannel | None:
+        """The channel of that worker, if it is the one the agent knows in its slot."""
+        worker = self.by_slot.get(slot)
+        return worker if worker is not None and worker.generation == generation else None
+
+    def write(self, worker: WorkerChannel, record: channel.Record) -> None:
+        """Queue a record for a worker; the end of the pass sends each worker's queue as one batch."""
+        worker.unsent.append(channel.encode(record))
+        self.dirty.add(worker.slot)
+
+    def answer(self, slot: int, generation: int, answer: channel.Published) -> None:
+        """How a worker's publish went: to the worker, or kept until its WorkerUp arrives."""
+        worker = self.current(slot, generation)
+        if worker is not None:
+            self.write(worker, answer)
+        else:
+            self.early_answers.keep(slot, generation, answer)
+
+    def add(self, slot: int, generation: int, sock: socket.socket) -> WorkerChannel:
+        """A new worker (the previous one in its slot is already removed); answers kept for it are queued."""
+        worker = self.by_slot[slot] = WorkerChannel(slot, generation, sock)
+        for answer in self.early_answers.worker_up(slot, generation):
+            self.write(worker, answer)
+        return worker
+
+    def remove(self, worker: WorkerChannel) -> None:
+        del self.by_slot[worker.slot]
+        worker.sock.close()
+
+    def flush(self, writable: Iterable[WorkerChannel]) -> None:
+        """Send what this pass queued, and what waited for a socket now ``writable``."""
+        for worker in writable:
+            if self.by_slot.get(worker.slot) is worker:
+                self.dirty.add(worker.slot)
+        for slot in self.dirty:
+            known = self.by_slot.get(slot)
+            if known is not None:
+                try:
+                    channel.send_many(known.sock, known.unsent, block=False)
+                except OSError as exc:
+                    if not channel.is_gone(exc):
+                        raise
+                    known.unsent.clear()  # it is dead; its end of file arrives on the next pass
+        self.dirty.clear()
+
+    @staticmethod
+    def at_eof(sock: socket.socket) -> bool:
+        """Workers never write to their own channel, so readable means end of file."""
+        try:
+            return channel.receive(sock) is None
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:
+            return True

@@ -1,0 +1,377 @@
+"""The delivery core (``procmqtt/agent/ledger.py``) on its own: no socket, no broker, no clock.
+
+A hypothesis state machine drives the ledger with random interleavings of arrivals (QoS 0/1/2, over
+several connections), completions, failures, workers dying mid-message, workers joining and
+retiring, dead letters settling, disconnects, reconnects and the stop, and checks the guarantees
+after every step. Then one small table per path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from procmqtt.agent.dispatch import RoundRobinDispatcher
+from procmqtt.agent.ledger import Delivery, DeliveryLedger, Effects, Inbound
+
+pytestmark = pytest.mark.unit
+
+
+@dataclass
+class Recorder:
+    """The ledger's effects, as they happen."""
+
+    delivered: list[tuple[int, int]] = field(default_factory=list)  # (slot, delivery id)
+    acks: list[tuple[int, int]] = field(default_factory=list)  # (mid, qos)
+    dead_letters: list[tuple[Delivery, str]] = field(default_factory=list)
+    drops: list[tuple[Delivery, str]] = field(default_factory=list)
+    requeued: list[int] = field(default_factory=list)  # delivery ids
+
+    def effects(self) -> Effects:
+        return Effects(lambda slot, d: self.delivered.append((slot, d.delivery_id)),
+                       lambda mid, qos: self.acks.append((mid, qos)),
+                       lambda d, reason: self.dead_letters.append((d, reason)),
+                       lambda d, reason: self.drops.append((d, reason)),
+                       lambda d: self.requeued.append(d.delivery_id))
+
+
+def make(prefetch: int = 2, workers: int = 2, max_attempts: int = 2, retry_failed: bool = True,
+         dead_letters: bool = True) -> tuple[DeliveryLedger, Recorder]:
+    rec = Recorder()
+    ledger = DeliveryLedger(rec.effects(), RoundRobinDispatcher(), prefetch=prefetch, workers=workers,
+                            max_attempts=max_attempts, retry_failed=retry_failed, dead_letters=dead_letters)
+    return ledger, rec
+
+
+def msg(mid: int, qos: int = 1, topic: str = "t") -> Inbound:
+    return Inbound(topic, str(mid).encode(), qos, mid, False, False)
+
+
+# --- the property tests ------------------------------------------------------------------------
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    """Every message carries a unique payload: its identity across redeliveries."""
+
+    @initialize(prefetch=st.integers(1, 3), max_attempts=st.integers(1, 3), retry_failed=st.booleans(),
+                dead_letters=st.booleans())
+    def setup(self, prefetch: int, max_attempts: int, retry_failed: bool, dead_letters: bool) -> None:
+        self.rec = Recorder()
+        effects = self.rec.effects()
+        self.ledger = DeliveryLedger(
+            Effects(self._deliver, self._acknowledge, effects.dead_letter, self._drop, effects.requeued),
+            RoundRobinDispatcher(), prefetch=prefetch, workers=2, max_attempts=max_attempts,
+            retry_failed=retry_failed, dead_letters=dead_letters)
+        self.next_mid = 1
+        self.generations: dict[int, int] = {0: 1, 1: 1}  # slot -> the newest generation started there
+        self.arrived: dict[bytes, tuple[int, int, int]] = {}  # payload -> (qos, mid, epoch)
+        self.acked: set[int] = set()  # QoS 1 mids acknowledged
+        self.may_ack: set[int] = set()  # mids whose message was just finished (done, settled, dropped)
+        self.finished: set[bytes] = set()  # left by a sanctioned path
+        self.ledger.connected()  # connected, two ready workers: the interesting steps come early
+        self.ledger.worker_up(0, 1, ready=True)
+        self.ledger.worker_up(1, 1, ready=True)
+
+    # effects checked as they happen
+
+    def _deliver(self, slot: int, d: Delivery) -> None:
+        seat = self.ledger.seats[slot]
+        assert seat.ready and not seat.retiring, "delivered to a worker that takes nothing"
+        assert len(seat.outstanding) <= self.ledger.prefetch, "over the prefetch"
+        assert not self.ledger.stopping
+
+    def _acknowledge(self, mid: int, qos: int) -> None:
+        assert self.ledger.online, "acknowledged without a connection"
+        if qos == 2:
+            return  # PUBCOMP on arrival
+        assert mid in self.may_ack, f"mid {mid} acknowledged before it was done or its dead letter settled"
+        assert mid not in self.acked, f"mid {mid} acknowledged twice"
+        payload = next(p for p, (q, m, _) in self.arrived.items() if m == mid)
+        assert self.arrived[payload][2] == self.ledger.epoch, "acknowledged on another connection"
+        self.acked.add(mid)
+
+    def _drop(self, d: Delivery, reason: str) -> None:
+        self.rec.drops.append((d, reason))
+        self.may_ack.add(d.mid)
+        self.finished.add(d.payload)
+
+    def _finishing(self, d: Delivery) -> None:
+        self.may_ack.add(d.mid)
+        self.finished.add(d.payload)
+
+    # rules
+
+    @precondition(lambda self: self.ledger.online)
+    @rule(qos=st.lists(st.sampled_from([0, 1, 2]), min_size=1, max_size=4))
+    def arrive(self, qos: list[int]) -> None:
+        batch = []
+        for q in qos:
+            mid, self.next_mid = self.next_mid, self.next_mid + 1
+            batch.append(msg(mid, q))
+            self.arrived[str(mid).encode()] = (q, mid, self.ledger.epoch)
+            if self.ledger.stopping:
+                self.finished.add(str(mid).encode())  # stays at the broker (QoS 1) or is dropped
+        self.ledger.arrived(batch, None)
+
+    @rule(slot=st.integers(0, 2), ready=st.booleans())
+    def worker_up(self, slot: int, ready: bool) -> None:
+        generation = self.generations.get(slot, 0) + 1
+        if slot in self.ledger.seats:  # the agent forgets the old one first
+            self._gone(slot, 0)
+        if ready:
+            self.ledger.ready(slot, generation)  # before its WorkerUp: kept
+        self.generations[slot] = generation
+        self.ledger.worker_up(slot, generation)
+
+    @rule(slot=st.integers(0, 2), stale=st.booleans())
+    def ready(self, slot: int, stale: bool) -> None:
+        self.ledger.ready(slot, self.generations.get(slot, 0) - stale)
+
+    @rule(slot=st.integers(0, 2))
+    def retire(self, slot: int) -> None:
+        seat = self.ledger.seats.get(slot)
+        first = seat is not None and not seat.retiring
+        assert self.ledger.retiring(slot, self.generations.get(slot, 0)) == first
+
+    @precondition(lambda self: self.ledger.deliveries)
+    @rule(data=st.data(), failed=st.booleans())
+    def done(self, data: st.DataObject, failed: bool) -> None:
+        d = data.draw(st.sampled_from(sorted(self.ledger.deliveries.values(), key=lambda d: d.delivery_id)))
+        slot = d.slot
+        if not (failed and self.ledger.retry_failed):
+            self._finishing(d)
+        assert self.ledger.done(d.delivery_id, failed=failed) == slot
+        if d.delivery_id in self.ledger.seats[slot].outstanding:  # retried, and handed out again at once
+            assert d.redelivered and failed and self.ledger.retry_failed
+
+    @rule()
+    def done_unknown(self) -> None:
+        assert self.ledger.done(-1, failed=False) == -1
+
+    @precondition(lambda self: self.ledger.seats)
+    @rule(data=st.data(), on_one=st.booleans())
+    def worker_dies(self, data: st.DataObject, on_one: bool) -> None:
+        slot = data.draw(st.sampled_from(sorted(self.ledger.seats)))
+        held = list(self.ledger.seats[slot].outstanding)
+        current = data.draw(st.sampled_from(held)) if held and on_one else 0
+        self._gone(slot, current)
+
+    def _gone(self, slot: int, current: int) -> None:
+        held = [self.ledger.deliveries[i] for i in self.ledger.seats[slot].outstanding]
+        stopping = self.ledger.stopping
+        if stopping:
+            self.finished.update(d.payload for d in held)  # stays unacknowledged at the broker
+        assert self.ledger.gone(slot, self.generations[slot], current) == len(held)
+        assert slot not in self.ledger.seats
+        if stopping:
+            return
+        pending = {id(d) for d in self.ledger.pending}
+        dead = {id(d) for d, _ in self.rec.dead_letters} | {id(d) for d, _ in self.rec.drops}
+        for d in held:  # back in the queue (maybe handed out again at once), or given up
+            back = id(d) in pending or (d.delivery_id in self.ledger.deliveries and d.slot != slot)
+            assert back or id(d) in dead, "a dead worker's message disappeared"
+            assert back <= d.redelivered
+
+    @rule()
+    def worker_gone_twice(self) -> None:
+        assert self.ledger.gone(7, 1, 0) == 0  # never up, or already gone
+
+    @precondition(lambda self: self.rec.dead_letters)
+    @rule(data=st.data())
+    def settle(self, data: st.DataObject) -> None:
+        pending = [d for d, _ in self.rec.dead_letters if d.payload not in self.finished]
+        if pending:
+            d = data.draw(st.sampled_from(pending))
+            self._finishing(d)
+            self.ledger.settle(d)
+
+    @rule(lost=st.booleans(), back=st.booleans())
+    def disconnect(self, lost: bool, back: bool) -> None:
+        """``back``: reconnected at once (what held messages meet most often)."""
+        if lost:
+            self.finished.update(d.payload for d in self.ledger.pending if d.qos == 1)  # the broker resends
+        self.ledger.offline(lost=lost)
+        assert not self.ledger.online
+        if back:
+            self.reconnect()
+
+    @precondition(lambda self: not self.ledger.online)
+    @rule()
+    def reconnect(self) -> None:
+        before = self.ledger.epoch
+        assert self.ledger.connected() == before + 1
+
+    @precondition(lambda self: self.next_mid > 12)  # the stop ends the interesting part: not too early
+    @rule()
+    def stop(self) -> None:
+        self.finished.update(d.payload for d in self.ledger.pending)
+        assert self.ledger.stop() >= 0
+        assert not self.ledger.pending
+
+    # invariants, after every step
+
+    @invariant()
+    def one_holder_each(self) -> None:
+        held = [i for s in self.ledger.seats.values() for i in s.outstanding]
+        assert len(held) == len(set(held)), "a message held by two workers"
+        assert set(held) == set(self.ledger.deliveries)
+        for slot, seat in self.ledger.seats.items():
+            assert len(seat.outstanding) <= self.ledger.prefetch
+            assert all(self.ledger.deliveries[i].slot == slot for i in seat.outstanding)
+        assert self.ledger.in_flight() == {s: len(seat.outstanding) for s, seat in self.ledger.seats.items()}
+        assert 0 <= self.ledger.window() <= self.ledger.prefetch * len(self.ledger.seats)
+
+    @invariant()
+    def nothing_disappears(self) -> None:
+        pending = [d.payload for d in self.ledger.pending]
+        held = [d.payload for d in self.ledger.deliveries.values()]
+        dead = [d.payload for d, _ in self.rec.dead_letters if d.payload not in self.finished]
+        places = pending + held + dead
+        assert len(places) == len(set(places)), "a message in two places"
+        for payload in self.arrived:
+            assert (payload in self.finished) != (payload in places), f"message {payload!r} disappeared"
+
+    @invariant()
+    def dispatched_while_anyone_can_take(self) -> None:
+        if self.ledger.pending and not self.ledger.stopping:
+            assert not any(s.ready and not s.retiring and len(s.outstanding) < self.ledger.prefetch
+                           for s in self.ledger.seats.values()), "a message waits while a worker is free"
+
+
+LedgerMachine.TestCase.settings = settings(max_examples=400, stateful_step_count=40, deadline=None,
+                                           suppress_health_check=[HealthCheck.too_slow])
+test_ledger_properties = LedgerMachine.TestCase
+
+
+# --- one small table per path --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("qos", "acks", "pending"), [
+    (0, [], 1),
+    (1, [], 1),
+    (2, [(1, 2)], 1),  # PUBCOMP on arrival
+])
+def test_arrival(qos: int, acks: list[tuple[int, int]], pending: int) -> None:
+    ledger, rec = make()
+    ledger.connected()
+    ledger.arrived([msg(1, qos)], None)
+    assert (rec.acks, len(ledger.pending), ledger.room()) == (acks, pending, 4 - pending)
+
+
+@pytest.mark.parametrize(("ready", "retiring", "delivered"), [
+    (True, False, [0, 1, 0, 1]),  # round robin, two each (prefetch 2), the fifth waits
+    (False, False, []),
+    (True, True, []),
+])
+def test_dispatch(ready: bool, retiring: bool, delivered: list[int]) -> None:
+    ledger, rec = make()
+    ledger.connected()
+    for slot in (0, 1):
+        ledger.worker_up(slot, 1, ready=ready)
+        if retiring:
+            assert ledger.retiring(slot, 1)
+            assert not ledger.retiring(slot, 1)  # the Stop goes once
+    ledger.arrived([msg(m) for m in range(1, 6)], None)
+    assert [slot for slot, _ in rec.delivered] == delivered
+    assert len(ledger.pending) == 5 - len(delivered)
+
+
+@pytest.mark.parametrize(("failed", "retry", "epoch_changed", "acks", "requeued"), [
+    (False, True, False, [(1, 1)], 0),
+    (True, False, False, [(1, 1)], 0),  # on_error = "ack"
+    (True, True, False, [(1, 1)], 1),  # retried at the back, handed out again, then done
+    (False, True, True, [], 0),  # arrived on an earlier connection: no ack on this one
+])
+def test_done(failed: bool, retry: bool, epoch_changed: bool, acks: list[tuple[int, int]], requeued: int) -> None:
+    ledger, rec = make(max_attempts=3, retry_failed=retry)
+    ledger.connected()
+    ledger.worker_up(0, 1, ready=True)
+    ledger.arrived([msg(1)], None)
+    (_, delivery_id), = rec.delivered
+    if epoch_changed:
+        ledger.offline(lost=True)
+        ledger.connected()
+    assert ledger.done(delivery_id, failed=failed) == 0
+    assert ledger.done(delivery_id, failed=False) == (0 if requeued else -1)  # handed out again, or gone
+    assert (rec.acks, len(rec.requeued)) == (acks, requeued)
+
+
+@pytest.mark.parametrize(("dead_letters", "dead", "drops", "acks_before_settle"), [
+    (True, 1, 0, []),
+    (False, 0, 1, [(1, 1)]),
+])
+def test_attempts_used_up(dead_letters: bool, dead: int, drops: int, acks_before_settle: list[tuple[int, int]]) -> None:
+    ledger, rec = make(max_attempts=1, dead_letters=dead_letters)
+    ledger.connected()
+    ledger.worker_up(0, 1, ready=True)
+    ledger.arrived([msg(1)], None)
+    ledger.done(rec.delivered[0][1], failed=True)
+    assert (len(rec.dead_letters), len(rec.drops), rec.acks) == (dead, drops, acks_before_settle)
+    assert "on_message raised (1 attempts)" in (rec.dead_letters or rec.drops)[0][1]
+    if dead:
+        ledger.settle(rec.dead_letters[0][0])
+        assert rec.acks == [(1, 1)]
+
+
+@pytest.mark.parametrize(("stopping", "current", "pending", "attempts"), [
+    (False, "first", 2, [1, 0]),  # the one it died on counts an attempt; both at the front
+    (False, None, 2, [0, 0]),
+    (True, "first", 0, []),  # stays at the broker
+])
+def test_worker_gone(stopping: bool, current: str | None, pending: int, attempts: list[int]) -> None:
+    ledger, rec = make(max_attempts=3)
+    ledger.connected()
+    ledger.worker_up(0, 1, ready=True)
+    ledger.arrived([msg(1), msg(2), msg(3)], None)  # prefetch 2: the third waits
+    if stopping:
+        ledger.stop()
+    first = rec.delivered[0][1]
+    assert ledger.gone(0, 1, first if current else 0) == 2
+    assert len(ledger.pending) == pending + (0 if stopping else 1)
+    assert [d.attempts for d in list(ledger.pending)[:pending]] == attempts
+    assert [d.mid for d in ledger.pending][:pending] == ([1, 2] if pending else [])
+    assert ledger.gone(0, 1, 0) == 0
+
+
+def test_ready_before_up_and_stale_records() -> None:
+    ledger, rec = make()
+    ledger.connected()
+    ledger.arrived([msg(1)], None)
+    ledger.ready(0, 2)  # its WorkerUp is still queued
+    assert not ledger.retiring(0, 2)
+    ledger.worker_up(0, 2)
+    assert [slot for slot, _ in rec.delivered] == [0]
+    ledger.ready(0, 1)  # an older generation: ignored
+    assert ledger.window() == 2
+
+
+@pytest.mark.parametrize(("lost", "left"), [(True, [0, 2]), (False, [0, 1, 2])])
+def test_connection_lost(lost: bool, left: list[int]) -> None:
+    ledger, _ = make()
+    assert ledger.connected() == 1
+    ledger.arrived([msg(1, 0), msg(2, 1), msg(3, 2)], None)
+    ledger.offline(lost=lost)
+    assert [d.qos for d in ledger.pending] == left
+    assert ledger.connected() == 2
+
+
+def test_stop_forgets_the_undispatched_and_ignores_arrivals() -> None:
+    ledger, rec = make()
+    ledger.connected()
+    ledger.arrived([msg(1), msg(2)], None)
+    assert ledger.stop() == 2
+    ledger.arrived([msg(3, 2), msg(4)], None)
+    ledger.worker_up(0, 1, ready=True)
+    assert (len(ledger.pending), rec.delivered, rec.acks) == (0, [], [(3, 2)])
+
+
+def test_read_ahead_grows_with_the_workers() -> None:
+    ledger, _ = make(prefetch=2, workers=1)
+    assert ledger.room() == 2
+    for slot in range(3):
+        ledger.worker_up(slot, 1)
+    assert ledger.room() == 6
