@@ -147,7 +147,7 @@ def test_any_split_of_the_stream_gives_every_packet_once_in_order(size):
     if size is None:
         rng = random.Random(4)
         cuts = sorted(rng.sample(range(1, len(stream)), 40))
-        chunks = [stream[i:j] for i, j in zip([0, *cuts], [*cuts, len(stream)])]
+        chunks = [stream[i:j] for i, j in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
     else:
         chunks = [stream[i:i + size] for i in range(0, len(stream), size)]
     out = _stream_through(chunks)

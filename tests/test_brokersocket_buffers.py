@@ -131,10 +131,11 @@ def test_qos0_is_answered_only_once_the_kernel_has_its_bytes(pair):
 def _drive(stream: bytes, cuts: list[int], *, v5: bool = False) -> list[tuple[str, object]]:
     """What the agent does with ``stream`` arriving in pieces cut at ``cuts``, in order: publishes
     decoded (``pub``), and what paho read (as paho reads: up to the release, until "would block",
-    ``paho``, or the end of the stream, ``end``: all that is left). Checks that paho reads exactly the bytes consumed, that everything is consumed, and
-    that no pass spins without consuming anything (a hot loop)."""
+    ``paho``, or the end of the stream, ``end``: all that is left). Checks that paho reads exactly
+    the bytes consumed, that everything is consumed, and that no pass spins without consuming
+    anything (a hot loop)."""
     points = sorted({c % (len(stream) + 1) for c in cuts})
-    chunks = [stream[i:j] for i, j in zip([0, *points], [*points, len(stream)])]
+    chunks = [stream[i:j] for i, j in zip([0, *points], [*points, len(stream)], strict=True)]
     sock = _Arrivals(chunks)
     buf = BrokerSocket(sock)
     arrived = 0
@@ -143,7 +144,7 @@ def _drive(stream: bytes, cuts: list[int], *, v5: bool = False) -> list[tuple[st
     def consumed() -> int:
         return arrived - len(sock.ready) - (buf.end - buf.pos)
 
-    for chunk in chunks + [b""]:
+    for chunk in [*chunks, b""]:
         sock.arrive()
         arrived += len(chunk)
         buf.fill(1 << 20)

@@ -51,7 +51,7 @@ def make_client(m: MqttConfig, client_id: str, receive_maximum: int) -> mqtt.Cli
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
         clean_session=None if v5 else m.clean_session,
         manual_ack=True,
-        transport=m.transport,
+        transport="websockets" if m.transport == "websockets" else "tcp",  # checked at load: one of the two
     )
     if m.transport == "websockets":
         client.ws_set_options(path=m.ws_path)

@@ -167,14 +167,14 @@ class Counters:
         lists = [list(x) for x in (self.dispatched, self.processed, self.failed, self.unrouted, self.in_flight)]
         h = list(self._histogram)
         cumulative, buckets = 0, []
-        for bound, n in zip((*BUCKETS, float("inf")), h[:-1]):
+        for bound, n in zip((*BUCKETS, float("inf")), h[:-1], strict=True):
             cumulative += int(n)
             buckets.append((bound, cumulative))
         return Snapshot(
             received=self.received, redelivered=self.redelivered, dead_lettered=self.dead_lettered,
             dropped=self.dropped, publishes_sent=self.publishes_sent, publishes_failed=self.publishes_failed,
             reconnects=self.reconnects, window=self.window,
-            workers={slot: WorkerStats(*values) for slot, values in enumerate(zip(*lists))},
+            workers={slot: WorkerStats(*values) for slot, values in enumerate(zip(*lists, strict=True))},
             restarts=self.restarts, buckets=tuple(buckets), seconds_sum=float(h[-1]), taken=taken)
 
 
@@ -239,7 +239,8 @@ class Collector:
 def _le(bound: float) -> str:
     from prometheus_client.utils import floatToGoString
 
-    return floatToGoString(bound)
+    text: str = floatToGoString(bound)
+    return text
 
 
 def exposition(snapshot: Snapshot) -> bytes:
@@ -247,7 +248,7 @@ def exposition(snapshot: Snapshot) -> bytes:
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Collector(lambda: snapshot))  # type: ignore[arg-type]
+    registry.register(Collector(lambda: snapshot))
     return generate_latest(registry)
 
 
@@ -297,7 +298,7 @@ def serve(sock: socket.socket, counters: Counters) -> endpoint.Endpoint:
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Collector(lambda: counters.snapshot(time.monotonic())))  # type: ignore[arg-type]
+    registry.register(Collector(lambda: counters.snapshot(time.monotonic())))
     return endpoint.serve(sock, {"/metrics": lambda request: scrape(registry, request)}, name="procmqtt-metrics")
 
 

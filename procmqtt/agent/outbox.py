@@ -213,6 +213,6 @@ def dead_letter_entry(prefix: str, d: Delivery, reason: str, *, v5: bool) -> Out
     reason and the original topic as user properties."""
     properties = None
     if v5:
-        properties = PahoProperties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties = PahoProperties(PacketTypes.PUBLISH)
         properties.UserProperty = [("procmqtt-reason", reason), ("procmqtt-topic", d.topic)]
     return Outgoing(f"{prefix}/{d.topic}", d.payload, 1, False, properties, dead_letter=d)
