@@ -36,8 +36,9 @@ class Progress:
 
     def latency(self, sent: float) -> None:
         if self.lat_fd < 0:
-            self.lat_fd = os.open(os.path.join(self.directory, f"{os.getpid()}.lat"),
-                                  os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self.lat_fd = os.open(
+                os.path.join(self.directory, f"{os.getpid()}.lat"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
+            )
         os.write(self.lat_fd, struct.pack("=d", time.monotonic() - sent))
 
 

@@ -28,6 +28,7 @@ def run_raw(host: str, port: int, client_id: str, topic_filter: str, qos: int) -
 
     def reply(topic: str, payload: bytes) -> None:
         c.publish(topic, payload, qos=1)
+
     c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(topic_filter, qos)
     c.on_subscribe = lambda *a: print("READY", flush=True)
     c.on_message = lambda cl, u, m: handle(m.payload, reply)

@@ -66,18 +66,44 @@ class Peer:
 
     def command(self, port: int, client_id: str, topic_filter: str, qos: int, config: Path) -> list[str]:
         if self.kind == "procmqtt":
-            return [sys.executable, "-m", "procmqtt", "run", "bench_app:Bench", "-c", str(config),
-                    "-w", str(self.n), "--log-level", "INFO"]
-        return [sys.executable, str(HERE / "peers.py"), self.kind, "127.0.0.1", str(port), client_id,
-                topic_filter, str(qos), str(self.n)]
+            return [
+                sys.executable,
+                "-m",
+                "procmqtt",
+                "run",
+                "bench_app:Bench",
+                "-c",
+                str(config),
+                "-w",
+                str(self.n),
+                "--log-level",
+                "INFO",
+            ]
+        return [
+            sys.executable,
+            str(HERE / "peers.py"),
+            self.kind,
+            "127.0.0.1",
+            str(port),
+            client_id,
+            topic_filter,
+            str(qos),
+            str(self.n),
+        ]
 
     def client_ids(self, client_id: str) -> list[str]:
         return [f"{client_id}-{i}" for i in range(self.n)] if self.kind == "share" else [client_id]
 
 
-PEERS = [Peer("A raw paho", "raw"), Peer("B Pool N=2", "pool", 2), Peer("B Pool N=4", "pool", 4),
-         Peer("C $share N=2", "share", 2), Peer("C $share N=4", "share", 4),
-         Peer("procmqtt -w 2", "procmqtt", 2), Peer("procmqtt -w 4", "procmqtt", 4)]
+PEERS = [
+    Peer("A raw paho", "raw"),
+    Peer("B Pool N=2", "pool", 2),
+    Peer("B Pool N=4", "pool", 4),
+    Peer("C $share N=2", "share", 2),
+    Peer("C $share N=4", "share", 4),
+    Peer("procmqtt -w 2", "procmqtt", 2),
+    Peer("procmqtt -w 4", "procmqtt", 4),
+]
 
 
 @dataclass
@@ -96,6 +122,7 @@ class Result:
 
 # --- the broker -----------------------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,8 +132,15 @@ def free_port() -> int:
 def start_broker(directory: Path, extra: list[str] | None = None) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     conf = directory / "mosquitto.conf"
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false",
-             "max_queued_messages 2000000", "max_queued_bytes 0", "queue_qos0_messages true", "log_type error"]
+    lines = [
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous true",
+        "persistence false",
+        "max_queued_messages 2000000",
+        "max_queued_bytes 0",
+        "queue_qos0_messages true",
+        "log_type error",
+    ]
     if os.geteuid() == 0:
         lines.append("user root")
     lines += extra or []
@@ -166,6 +200,7 @@ def publish(port: int, topic: str, payloads: list[bytes], qos: int, rate: float 
 
 # --- measuring a peer ------------------------------------------------------------------------------
 
+
 def tree(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -200,8 +235,10 @@ def cpu_seconds(pid: int) -> float:
 def roles(peer: Peer, root: int, log: str) -> dict[int, str]:
     pids = [root, *tree(root)]
     if peer.kind == "procmqtt":
-        named = {int(p): ("agent" if r == "agent" else "worker") for r, p in
-                 re.findall(r"started (agent|worker \d+) \(pid (\d+)\)", log)}
+        named = {
+            int(p): ("agent" if r == "agent" else "worker")
+            for r, p in re.findall(r"started (agent|worker \d+) \(pid (\d+)\)", log)
+        }
         return {p: named.get(p, "supervisor") for p in pids}
     if peer.kind == "pool":
         return {p: ("paho" if p == root else "pool worker") for p in pids}
@@ -231,24 +268,41 @@ def measure(peer: Peer, w: Workload, port: int, work: Path, run_id: str, spin: i
     topic_filter = f"bench/{run_id}/#"
     client_id = f"bench-{run_id}"
     config = work / f"{run_id}.toml"
-    config.write_text(f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nclient_id = "{client_id}"\n'
-                      f'[mqtt.topics]\n"{topic_filter}" = {{ qos = {w.qos} }}\n')
+    config.write_text(
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nclient_id = "{client_id}"\n'
+        f'[mqtt.topics]\n"{topic_filter}" = {{ qos = {w.qos} }}\n'
+    )
     payloads = [os.urandom(w.payload) for _ in range(min(w.n, 64))]
     items = [payloads[i % len(payloads)] for i in range(w.n)]
     subscriber = None
     if w.handler == "publish":
         subscriber = Counter(port, "bench/out")
-    prepare_sessions(port, peer.client_ids(client_id),
-                     f"$share/bench/{topic_filter}" if peer.kind == "share" else topic_filter, w.qos)
+    prepare_sessions(
+        port,
+        peer.client_ids(client_id),
+        f"$share/bench/{topic_filter}" if peer.kind == "share" else topic_filter,
+        w.qos,
+    )
     if w.mode == "drain":
         publish(port, f"bench/{run_id}/x", items, w.qos)
-    env = {**os.environ, "BENCH_DIR": str(count_dir), "BENCH_WORKLOAD": w.handler, "BENCH_SPIN": str(spin),
-           "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "BENCH_DIR": str(count_dir),
+        "BENCH_WORKLOAD": w.handler,
+        "BENCH_SPIN": str(spin),
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     log_path = work / f"{run_id}.log"
     with open(log_path, "wb") as log:
         began = time.monotonic()
-        proc = subprocess.Popen(peer.command(port, client_id, topic_filter, w.qos, config), env=env,
-                                stdout=log, stderr=subprocess.STDOUT, cwd=HERE, start_new_session=True)
+        proc = subprocess.Popen(
+            peer.command(port, client_id, topic_filter, w.qos, config),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=HERE,
+            start_new_session=True,
+        )
     try:
         if w.mode != "drain":  # a drain needs no wait: its messages are already queued
             result.startup_s = ready(proc, peer, log_path)
@@ -331,6 +385,7 @@ class Counter:
 
 # --- the report -----------------------------------------------------------------------------------
 
+
 def machine() -> dict[str, str]:
     cpu = "unknown"
     try:
@@ -340,9 +395,17 @@ def machine() -> dict[str, str]:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     version = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()[0]
     import importlib.metadata as md
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "memory_gib": f"{mem:.0f}",
-            "kernel": platform.release(), "python": platform.python_version(),
-            "paho_mqtt": md.version("paho-mqtt"), "procmqtt": md.version("procmqtt"), "broker": version}
+
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory_gib": f"{mem:.0f}",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "paho_mqtt": md.version("paho-mqtt"),
+        "procmqtt": md.version("procmqtt"),
+        "broker": version,
+    }
 
 
 def summarize(results: list[Result]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -351,9 +414,13 @@ def summarize(results: list[Result]) -> dict[str, dict[str, dict[str, Any]]]:
         for p in {r.peer for r in results if r.workload == w}:
             rs = [r for r in results if r.workload == w and r.peer == p]
             rates = [r.rate for r in rs]
-            row = {"rate": statistics.median(rates), "spread": (min(rates), max(rates)),
-                   "lost": max(r.lost for r in rs), "pss_mb": statistics.median(r.pss_mb for r in rs),
-                   "reps": len(rs)}
+            row = {
+                "rate": statistics.median(rates),
+                "spread": (min(rates), max(rates)),
+                "lost": max(r.lost for r in rs),
+                "pss_mb": statistics.median(r.pss_mb for r in rs),
+                "reps": len(rs),
+            }
             for k in ("p50_ms", "p99_ms", "startup_s"):
                 vals = [getattr(r, k) for r in rs if getattr(r, k) is not None]
                 row[k] = statistics.median(vals) if vals else None
@@ -419,8 +486,10 @@ def print_table(table: dict[str, dict[str, dict[str, Any]]], peers: list[Peer], 
             cells.append(f"{text:>27}")
         lines.append(f"{p.key:16}" + "".join(cells))
     lines.append("")
-    lines.append(f"{'peak PSS (MB), W3':16}" + "".join(
-        f"{p.key}: {table.get('W3', {}).get(p.key, {}).get('pss_mb', 0):.0f}  " for p in peers))
+    lines.append(
+        f"{'peak PSS (MB), W3':16}"
+        + "".join(f"{p.key}: {table.get('W3', {}).get(p.key, {}).get('pss_mb', 0):.0f}  " for p in peers)
+    )
     return "\n".join(lines)
 
 
@@ -439,21 +508,28 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]], peers: list[Peer], wor
             else:
                 lo, hi = row["spread"]
                 ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.2f}"  # A not in this run
-                cells.append(f"{row['rate']:,.0f} ({ratio}) [{lo:,.0f}-{hi:,.0f}]"
-                             + (f" lost {row['lost']}" if row["lost"] else ""))
+                cells.append(
+                    f"{row['rate']:,.0f} ({ratio}) [{lo:,.0f}-{hi:,.0f}]"
+                    + (f" lost {row['lost']}" if row["lost"] else "")
+                )
         w3 = table.get("W3", {}).get(p.key, {})
-        starts = [table[w.key][p.key]["startup_s"] for w in workloads
-                  if w.mode != "drain" and table.get(w.key, {}).get(p.key, {}).get("startup_s") is not None]
+        starts = [
+            table[w.key][p.key]["startup_s"]
+            for w in workloads
+            if w.mode != "drain" and table.get(w.key, {}).get(p.key, {}).get("startup_s") is not None
+        ]
         cells.append(f"{w3.get('pss_mb', 0):.0f} MB")
         cells.append(f"{statistics.median(starts):.2f} s" if starts else "")
         lines.append(f"| {p.key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def chart(table: dict[str, dict[str, dict[str, Any]]], peers: list[Peer], workloads: list[Workload],
-          path: Path) -> bool:
+def chart(
+    table: dict[str, dict[str, dict[str, Any]]], peers: list[Peer], workloads: list[Workload], path: Path
+) -> bool:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -482,9 +558,14 @@ def main() -> int:
     parser.add_argument("--peers", default="", help="comma-separated peer key prefixes, e.g. 'A,procmqtt'")
     parser.add_argument("--workloads", default="", help="comma-separated workload keys, e.g. 'W1,W2'")
     parser.add_argument("--out", default=str(HERE / "results"), help="where latest.json/png go")
-    parser.add_argument("--broker-line", action="append", default=[], metavar="LINE",
-                        help="an extra mosquitto.conf line for experiments, e.g. 'max_inflight_messages 100' "
-                             "(recorded in the JSON; the documented runs use none)")
+    parser.add_argument(
+        "--broker-line",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="an extra mosquitto.conf line for experiments, e.g. 'max_inflight_messages 100' "
+        "(recorded in the JSON; the documented runs use none)",
+    )
     args = parser.parse_args()
     if shutil.which("mosquitto") is None:
         print("benchmarks need the mosquitto binary (apt-get install mosquitto)", file=sys.stderr)
@@ -494,8 +575,9 @@ def main() -> int:
     workloads = [w for w in WORKLOADS if not args.workloads or w.key in args.workloads.split(",")]
     scale = args.scale if args.scale is not None else (0.1 if args.quick else 1.0)
     if scale != 1.0:
-        workloads = [Workload(w.key, w.title, w.qos, w.mode, max(100, int(w.n * scale)), w.payload, w.handler)
-                     for w in workloads]
+        workloads = [
+            Workload(w.key, w.title, w.qos, w.mode, max(100, int(w.n * scale)), w.payload, w.handler) for w in workloads
+        ]
     spin = calibrate()
     work = Path(tempfile.mkdtemp(prefix="procmqtt-bench-"))
     broker, port = start_broker(work, args.broker_line)
@@ -509,9 +591,11 @@ def main() -> int:
                     run_id = f"{rep}-{w.key}-{p.kind}{p.n}"
                     r = measure(p, w, port, work, run_id, spin)
                     results.append(r)
-                    print(f"rep {rep + 1}/{reps} {w.key} {p.key:16} {r.rate:10,.0f} msg/s  lost {r.lost}"
-                          + (f"  p50 {r.p50_ms:.2f} ms p99 {r.p99_ms:.2f} ms" if r.p50_ms is not None else ""),
-                          flush=True)
+                    print(
+                        f"rep {rep + 1}/{reps} {w.key} {p.key:16} {r.rate:10,.0f} msg/s  lost {r.lost}"
+                        + (f"  p50 {r.p50_ms:.2f} ms p99 {r.p99_ms:.2f} ms" if r.p50_ms is not None else ""),
+                        flush=True,
+                    )
     finally:
         broker.terminate()
         broker.wait(10)
@@ -522,18 +606,29 @@ def main() -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine(), "broker_lines": args.broker_line, "spin_iterations_per_ms": spin, "reps": reps,
-              "scale": scale,
-              "workloads": [w.__dict__ for w in workloads], "table": table,
-              "runs": [r.__dict__ for r in results]}
+    report = {
+        "machine": machine(),
+        "broker_lines": args.broker_line,
+        "spin_iterations_per_ms": spin,
+        "reps": reps,
+        "scale": scale,
+        "workloads": [w.__dict__ for w in workloads],
+        "table": table,
+        "runs": [r.__dict__ for r in results],
+    }
     (out / "latest.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "latest.md").write_text(markdown(table, peers, workloads) + "\n\nPaired ratios (median of each "
-                                   "repetition's rate over A's in the same repetition) [range]:\n\n"
-                                   + paired_markdown(results, peers, workloads) + "\n")
+    (out / "latest.md").write_text(
+        markdown(table, peers, workloads) + "\n\nPaired ratios (median of each "
+        "repetition's rate over A's in the same repetition) [range]:\n\n"
+        + paired_markdown(results, peers, workloads)
+        + "\n"
+    )
     drawn = chart(table, peers, workloads, out / "latest.png")
     print(f"\nmachine: {report['machine']}")
-    print(f"wrote {out / 'latest.json'}" + (f" and {out / 'latest.png'}" if drawn else
-                                             " (install matplotlib for the chart)"))
+    print(
+        f"wrote {out / 'latest.json'}"
+        + (f" and {out / 'latest.png'}" if drawn else " (install matplotlib for the chart)")
+    )
     return 0
 
 

@@ -1,8 +1,8 @@
 """A runnable example: average temperatures per device, publish an alert when it is too hot.
 
-    procmqtt run examples/sensors.py:Sensors -c examples/sensors.toml -w 4
-    mosquitto_pub -t sensors/d1/temperature -m '{"celsius": 31.5}'
-    mosquitto_sub -t 'alerts/#' -v
+procmqtt run examples/sensors.py:Sensors -c examples/sensors.toml -w 4
+mosquitto_pub -t sensors/d1/temperature -m '{"celsius": 31.5}'
+mosquitto_sub -t 'alerts/#' -v
 """
 
 from procmqtt import Message, Worker

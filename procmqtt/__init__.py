@@ -10,5 +10,16 @@ from procmqtt.worker.base import Worker
 from procmqtt.worker.routes import Route, route
 
 __version__ = "0.1.0"
-__all__ = ["Message", "Outcome", "Properties", "PublishBufferFull", "PublishError", "PublishHandle", "RequestFailed",
-           "Route", "Worker", "__version__", "route"]
+__all__ = [
+    "Message",
+    "Outcome",
+    "Properties",
+    "PublishBufferFull",
+    "PublishError",
+    "PublishHandle",
+    "RequestFailed",
+    "Route",
+    "Worker",
+    "__version__",
+    "route",
+]

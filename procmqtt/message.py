@@ -48,7 +48,8 @@ class Properties:
         for name, value in pairs:
             if not isinstance(name, str) or not isinstance(value, str):
                 raise ValueError(  # noqa: TRY004 - one exception type for every bad property
-                    f"user_properties must be (name, value) pairs of strings, got {(name, value)!r}")
+                    f"user_properties must be (name, value) pairs of strings, got {(name, value)!r}"
+                )
             _check_length("user property", name)
             _check_length("user property", value)
         if self.content_type is not None:
@@ -69,12 +70,14 @@ class Properties:
             object.__setattr__(self, "correlation_data", data)
             _check_length("correlation_data", data)
         expiry = self.message_expiry
-        if expiry is not None and (isinstance(expiry, bool) or not isinstance(expiry, int)
-                                   or not 0 <= expiry <= MAX_EXPIRY):
+        if expiry is not None and (
+            isinstance(expiry, bool) or not isinstance(expiry, int) or not 0 <= expiry <= MAX_EXPIRY
+        ):
             raise ValueError(f"message_expiry must be whole seconds from 0 to {MAX_EXPIRY}, got {expiry!r}")
         if self.payload_format_indicator not in (None, 0, 1) or isinstance(self.payload_format_indicator, bool):
-            raise ValueError(f"payload_format_indicator must be 0 (bytes) or 1 (UTF-8), "
-                             f"got {self.payload_format_indicator!r}")
+            raise ValueError(
+                f"payload_format_indicator must be 0 (bytes) or 1 (UTF-8), got {self.payload_format_indicator!r}"
+            )
 
     def user_property(self, name: str, default: str | None = None) -> str | None:
         """The value of the first user property called ``name``, else ``default``."""

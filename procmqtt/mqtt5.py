@@ -48,7 +48,7 @@ def reply_slot(topic: str, prefix: str) -> int | None:
     """The worker slot a reply topic under ``prefix`` names, or None: anyone may publish there, so
     only a short run of ASCII digits counts (``str.isdigit`` also accepts '²', and ``int`` of
     thousands of digits raises)."""
-    slot = topic[len(prefix):]
+    slot = topic[len(prefix) :]
     if 0 < len(slot) <= MAX_SLOT_DIGITS and slot.isascii() and slot.isdigit():
         return int(slot)
     return None
@@ -59,9 +59,14 @@ def from_paho(props: Any) -> Properties:
     found = props.__dict__ if props is not None else {}
     if not found.keys() & _PAHO_NAMES:  # only a topic alias or subscription id, or nothing
         return EMPTY
-    return Properties(tuple(found.get("UserProperty", ())), found.get("ContentType"),
-                      found.get("ResponseTopic"), found.get("CorrelationData"),
-                      found.get("MessageExpiryInterval"), found.get("PayloadFormatIndicator"))
+    return Properties(
+        tuple(found.get("UserProperty", ())),
+        found.get("ContentType"),
+        found.get("ResponseTopic"),
+        found.get("CorrelationData"),
+        found.get("MessageExpiryInterval"),
+        found.get("PayloadFormatIndicator"),
+    )
 
 
 def to_paho(props: Properties, response_topic: str | None = None) -> PahoProperties:
@@ -83,5 +88,11 @@ def to_paho(props: Properties, response_topic: str | None = None) -> PahoPropert
 
 
 _UNSAFE = re.compile("[%+#/\x00]")
-_PAHO_NAMES = {"UserProperty", "ContentType", "ResponseTopic", "CorrelationData", "MessageExpiryInterval",
-               "PayloadFormatIndicator"}
+_PAHO_NAMES = {
+    "UserProperty",
+    "ContentType",
+    "ResponseTopic",
+    "CorrelationData",
+    "MessageExpiryInterval",
+    "PayloadFormatIndicator",
+}

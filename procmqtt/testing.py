@@ -61,8 +61,9 @@ class FakeLink:
         self.reply_topic = f"procmqtt/reply/harness/{worker_id}"
         self._requests = itertools.count(1)
 
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool,
-                properties: Properties | None = None) -> PublishHandle:
+    def publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool, properties: Properties | None = None
+    ) -> PublishHandle:
         self.published.append((topic, payload, qos, retain))
         self.published_messages.append(Message(topic, payload, qos, retain, False, properties))
         handle = PublishHandle(self, next(self._requests))
@@ -77,8 +78,16 @@ class FakeLink:
             if topic_matches(topic_filter, topic):
                 request = Message(topic, payload, qos, False, False, properties)
                 reply = to_bytes(answer(request))
-                waiter._answer(Message(self.reply_topic, reply, qos, False, False,
-                                       Properties(correlation_data=properties.correlation_data)))
+                waiter._answer(
+                    Message(
+                        self.reply_topic,
+                        reply,
+                        qos,
+                        False,
+                        False,
+                        Properties(correlation_data=properties.correlation_data),
+                    )
+                )
                 break
         return waiter
 
@@ -105,8 +114,14 @@ class WorkerHarness(Generic[W]):
     with ``async with`` and ``deliver_async``. Deliveries run one at a time.
     """
 
-    def __init__(self, app: type[W], config: Config | Mapping[str, Any] | None = None, *,
-                 raise_exceptions: bool = True, worker_id: int = 0) -> None:
+    def __init__(
+        self,
+        app: type[W],
+        config: Config | Mapping[str, Any] | None = None,
+        *,
+        raise_exceptions: bool = True,
+        worker_id: int = 0,
+    ) -> None:
         check_app(app)  # the same checks as procmqtt run: bad routes raise RouteError here
         self.app = app
         self.config = config if isinstance(config, Config) else from_mapping(config or {}, "WorkerHarness config")
@@ -174,8 +189,7 @@ class WorkerHarness(Generic[W]):
             raise
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         try:
             self._run(maybe_await(self.worker.on_stop()))
         finally:
@@ -185,8 +199,9 @@ class WorkerHarness(Generic[W]):
         await self._start()
         return self
 
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await maybe_await(self.worker.on_stop())
         self._worker = self._runner = None
 
@@ -214,8 +229,16 @@ class WorkerHarness(Generic[W]):
 
     # --- messages ----------------------------------------------------------------------------
 
-    def deliver(self, topic: str, payload: Payload = b"", qos: int = 0, retain: bool = False,
-                redelivered: bool = False, *, properties: Properties | None = None) -> Outcome:
+    def deliver(
+        self,
+        topic: str,
+        payload: Payload = b"",
+        qos: int = 0,
+        retain: bool = False,
+        redelivered: bool = False,
+        *,
+        properties: Properties | None = None,
+    ) -> Outcome:
         """Hand one message to the app as the agent would; returns how handling ended.
 
         ``payload``: bytes, str (UTF-8) or a JSON-serialisable object, as for ``publish``.
@@ -228,13 +251,22 @@ class WorkerHarness(Generic[W]):
             raise RuntimeError("WorkerHarness: an async app entered with 'async with' takes deliver_async")
         return self.runner.handle(message)
 
-    async def deliver_async(self, topic: str, payload: Payload = b"", qos: int = 0, retain: bool = False,
-                            redelivered: bool = False, *, properties: Properties | None = None) -> Outcome:
+    async def deliver_async(
+        self,
+        topic: str,
+        payload: Payload = b"",
+        qos: int = 0,
+        retain: bool = False,
+        redelivered: bool = False,
+        *,
+        properties: Properties | None = None,
+    ) -> Outcome:
         """``deliver`` on the running event loop (inside ``async with``)."""
         return await self.runner.handle_async(self._message(topic, payload, qos, retain, redelivered, properties))
 
-    def _message(self, topic: str, payload: Payload, qos: int, retain: bool, redelivered: bool,
-                 properties: Properties | None) -> Message:
+    def _message(
+        self, topic: str, payload: Payload, qos: int, retain: bool, redelivered: bool, properties: Properties | None
+    ) -> Message:
         problem = topic_problem(topic)
         if problem:
             raise ValueError(f"deliver: {problem}, got {topic!r}")

@@ -83,6 +83,8 @@ def packet_problem(topic: str, payload_size: int, qos: int, properties_size: int
     if properties_size is not None:
         size += 4 + properties_size  # their length takes at most four bytes
     if size > MAX_REMAINING_LENGTH:
-        return (f"the payload of {payload_size:,} bytes is too large: with the topic and headers the packet "
-                f"takes {size:,} bytes, over MQTT's maximum packet size of {MAX_REMAINING_LENGTH:,}")
+        return (
+            f"the payload of {payload_size:,} bytes is too large: with the topic and headers the packet "
+            f"takes {size:,} bytes, over MQTT's maximum packet size of {MAX_REMAINING_LENGTH:,}"
+        )
     return None

@@ -21,10 +21,19 @@ class Recording(Worker):
         self.delay = float(self.config.app.get("delay", 0))
 
     def record(self, event: str, message: Message, **extra: object) -> None:
-        line = {"event": event, "worker": self.worker_id, "pid": os.getpid(), "topic": message.topic,
-                "time": time.monotonic(),
-                "sha": hashlib.sha1(message.payload).hexdigest(), "size": len(message.payload),
-                "redelivered": message.redelivered, "qos": message.qos, "retain": message.retain, **extra}
+        line = {
+            "event": event,
+            "worker": self.worker_id,
+            "pid": os.getpid(),
+            "topic": message.topic,
+            "time": time.monotonic(),
+            "sha": hashlib.sha1(message.payload).hexdigest(),
+            "size": len(message.payload),
+            "redelivered": message.redelivered,
+            "qos": message.qos,
+            "retain": message.retain,
+            **extra,
+        }
         if len(message.payload) <= 64:
             line["payload"] = message.payload.hex()
         os.write(self.fd, (json.dumps(line) + "\n").encode())

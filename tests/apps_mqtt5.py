@@ -13,10 +13,14 @@ from procmqtt import Message, Properties
 def props_json(p: Properties | None) -> dict[str, Any] | None:
     if p is None:
         return None
-    return {"user_properties": [list(pair) for pair in p.user_properties], "content_type": p.content_type,
-            "response_topic": p.response_topic,
-            "correlation_data": None if p.correlation_data is None else p.correlation_data.hex(),
-            "message_expiry": p.message_expiry, "payload_format_indicator": p.payload_format_indicator}
+    return {
+        "user_properties": [list(pair) for pair in p.user_properties],
+        "content_type": p.content_type,
+        "response_topic": p.response_topic,
+        "correlation_data": None if p.correlation_data is None else p.correlation_data.hex(),
+        "message_expiry": p.message_expiry,
+        "payload_format_indicator": p.payload_format_indicator,
+    }
 
 
 class Props(Recording):
@@ -26,10 +30,17 @@ class Props(Recording):
     def on_message(self, message: Message) -> None:
         self.record("received", message, properties=props_json(message.properties))
         if message.topic.startswith("echo5/"):
-            handle = self.publish("echoed5/" + message.topic[6:], message.payload, qos=1,
-                                  properties=Properties(user_properties=(("from", "procmqtt"), ("worker", "w"))),
-                                  content_type="application/json", correlation_data=b"\x00\x01corr",
-                                  response_topic="answers/here", message_expiry=600, payload_format_indicator=1)
+            handle = self.publish(
+                "echoed5/" + message.topic[6:],
+                message.payload,
+                qos=1,
+                properties=Properties(user_properties=(("from", "procmqtt"), ("worker", "w"))),
+                content_type="application/json",
+                correlation_data=b"\x00\x01corr",
+                response_topic="answers/here",
+                message_expiry=600,
+                payload_format_indicator=1,
+            )
             if not handle.wait(10):
                 raise RuntimeError("the echo was not confirmed")
         elif message.topic.startswith("ask/"):
@@ -38,8 +49,12 @@ class Props(Recording):
             delay = float(self.config.app.get("service_delay", 0))
             if delay:
                 time.sleep(delay)
-            self.reply(message, {"answer": message.text, "by": self.worker_id}, content_type="application/json",
-                       user_properties=[("answered-by", str(self.worker_id))]).wait(10)
+            self.reply(
+                message,
+                {"answer": message.text, "by": self.worker_id},
+                content_type="application/json",
+                user_properties=[("answered-by", str(self.worker_id))],
+            ).wait(10)
         self.record("done", message)
 
     def ask(self, message: Message) -> None:
@@ -50,8 +65,9 @@ class Props(Recording):
         except TimeoutError as exc:
             self.record("timeout", message, error=str(exc), elapsed=time.monotonic() - began)
             return
-        self.record("reply", message, reply_topic=reply.topic, reply=reply.json(),
-                    properties=props_json(reply.properties))
+        self.record(
+            "reply", message, reply_topic=reply.topic, reply=reply.json(), properties=props_json(reply.properties)
+        )
 
 
 class AsyncAsker(Props):
@@ -62,11 +78,13 @@ class AsyncAsker(Props):
         timeout = float(self.config.app.get("request_timeout", 10))
         began = time.monotonic()
         try:
-            reply = await self.request_async(self.config.app.get("service", "service/echo"), message.payload,
-                                             timeout=timeout)
+            reply = await self.request_async(
+                self.config.app.get("service", "service/echo"), message.payload, timeout=timeout
+            )
         except TimeoutError as exc:
             self.record("timeout", message, error=str(exc), elapsed=time.monotonic() - began)
         else:
-            self.record("reply", message, reply_topic=reply.topic, reply=reply.json(),
-                        properties=props_json(reply.properties))
+            self.record(
+                "reply", message, reply_topic=reply.topic, reply=reply.json(), properties=props_json(reply.properties)
+            )
         self.record("done", message)

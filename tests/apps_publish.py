@@ -10,6 +10,7 @@ from procmqtt import Message, PublishBufferFull, Worker
 
 if os.environ.get("TEST_PAHO_WINDOW"):  # imported before the fork: the agent's outbox uses it
     from procmqtt.agent import outbox
+
     outbox.PAHO_WINDOW = int(os.environ["TEST_PAHO_WINDOW"])
 
 

@@ -21,8 +21,7 @@ class Forker(Recording):
     def on_message(self, message: Message) -> None:
         self.record("received", message)
         last_slot = self.worker_id == self.config.workers.count - 1
-        if message.topic == "fork/return" or (message.topic == "fork/block" and last_slot
-                                               and not message.redelivered):
+        if message.topic == "fork/return" or (message.topic == "fork/block" and last_slot and not message.redelivered):
             self._fork_sleeper()
             if message.topic == "fork/block":
                 threading.Event().wait()

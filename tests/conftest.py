@@ -41,6 +41,7 @@ def _unit_tests_start_no_process(request: pytest.FixtureRequest, monkeypatch: py
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a test marked unit must not start a process; drop the mark or the process")
+
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
     monkeypatch.setattr(os, "fork", refuse)
 

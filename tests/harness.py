@@ -69,10 +69,19 @@ def free_port() -> int:
 class Mosquitto:
     """A private broker from a generated config, so tests can stop, kill and restart it."""
 
-    def __init__(self, directory: Path, *, persistence: bool = False,
-                 users: dict[str, str] | None = None, tls: Any = None, require_certificate: bool = False,
-                 websockets: bool = False, deny: list[dict[str, Any]] | None = None, debug: bool = False,
-                 extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        persistence: bool = False,
+        users: dict[str, str] | None = None,
+        tls: Any = None,
+        require_certificate: bool = False,
+        websockets: bool = False,
+        deny: list[dict[str, Any]] | None = None,
+        debug: bool = False,
+        extra: tuple[str, ...] = (),
+    ) -> None:
         """``persistence``: saved after every change, so a SIGKILL loses nothing it acknowledged.
         ``tls`` (tests/certs.py ``Certs``) adds a TLS listener on ``tls_port``; ``websockets`` a
         websockets listener on ``ws_port``. The plain listener on ``port`` is always there.
@@ -97,9 +106,13 @@ class Mosquitto:
     def _write_config(self) -> Path:
         lines = ["per_listener_settings false", f"listener {self.port} 127.0.0.1"]
         if self.tls:
-            lines += [f"listener {self.tls_port} 127.0.0.1", f"cafile {self.tls.ca}",
-                      f"certfile {self.tls.server_cert}", f"keyfile {self.tls.server_key}",
-                      f"require_certificate {'true' if self.require_certificate else 'false'}"]
+            lines += [
+                f"listener {self.tls_port} 127.0.0.1",
+                f"cafile {self.tls.ca}",
+                f"certfile {self.tls.server_cert}",
+                f"keyfile {self.tls.server_key}",
+                f"require_certificate {'true' if self.require_certificate else 'false'}",
+            ]
         if self.ws_port:
             lines += [f"listener {self.ws_port} 127.0.0.1", "protocol websockets"]
         lines += [
@@ -109,7 +122,10 @@ class Mosquitto:
             "autosave_on_changes true",
             "max_queued_messages 100000",
             f"log_dest file {self.log_path}",
-            "log_type error", "log_type warning", "log_type notice", "log_type information",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
             "log_type subscribe",
         ]
         if self.debug:
@@ -121,8 +137,7 @@ class Mosquitto:
             pwfile = self.dir / "passwd"
             pwfile.write_text("")
             for user, password in self.users.items():
-                subprocess.run(["mosquitto_passwd", "-b", str(pwfile), user, password], check=True,
-                               capture_output=True)
+                subprocess.run(["mosquitto_passwd", "-b", str(pwfile), user, password], check=True, capture_output=True)
             lines += ["allow_anonymous false", f"password_file {pwfile}"]
         else:
             lines.append("allow_anonymous true")
@@ -135,24 +150,42 @@ class Mosquitto:
     def _dynamic_security(self) -> list[str]:
         """Mosquitto's dynamic-security plugin: the one way it refuses a subscription (its ACL file
         grants every subscription and filters at delivery)."""
-        plugin = next((p for p in ("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
-                                   "/usr/lib/mosquitto_dynamic_security.so",
-                                   "/usr/local/lib/mosquitto_dynamic_security.so") if os.path.exists(p)), None)
+        plugin = next(
+            (
+                p
+                for p in (
+                    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+                    "/usr/lib/mosquitto_dynamic_security.so",
+                    "/usr/local/lib/mosquitto_dynamic_security.so",
+                )
+                if os.path.exists(p)
+            ),
+            None,
+        )
         if plugin is None:
             pytest.skip("mosquitto_dynamic_security.so is not installed")
         acls = [{"priority": 0, **entry, "allow": False} for entry in self.deny or ()]
-        config = {"defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True, "subscribe": True,
-                                       "unsubscribe": True},
-                  "clients": [], "groups": [{"groupname": "anonymous", "roles": [{"rolename": "denied"}]}],
-                  "roles": [{"rolename": "denied", "acls": acls}], "anonymousGroup": "anonymous"}
+        config = {
+            "defaultACLAccess": {
+                "publishClientSend": True,
+                "publishClientReceive": True,
+                "subscribe": True,
+                "unsubscribe": True,
+            },
+            "clients": [],
+            "groups": [{"groupname": "anonymous", "roles": [{"rolename": "denied"}]}],
+            "roles": [{"rolename": "denied", "acls": acls}],
+            "anonymousGroup": "anonymous",
+        }
         path = self.dir / "dynamic-security.json"
         path.write_text(json.dumps(config))
         return [f"plugin {plugin}", f"plugin_opt_config_file {path}"]
 
     def start(self) -> None:
         config = self._write_config()
-        self.proc = subprocess.Popen([require_mosquitto(), "-c", str(config)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [require_mosquitto(), "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         wait_until(self._accepts, 10, f"mosquitto on port {self.port}")
 
     def _accepts(self) -> bool:
@@ -194,8 +227,9 @@ class Subscriber:
     def __init__(self, broker: Mosquitto, topic_filter: str, qos: int = 1, persistent: bool = False) -> None:
         self.messages: list[mqtt.MQTTMessage] = []
         self.lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-sub-{os.getpid()}-{id(self)}",
-                                  clean_session=not persistent)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"test-sub-{os.getpid()}-{id(self)}", clean_session=not persistent
+        )
         self.client.reconnect_delay_set(0.1, 1)
         subscribed = threading.Event()
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, qos)
@@ -239,16 +273,23 @@ def publish_all(client: mqtt.Client, items: list[tuple[str, bytes]], qos: int = 
 class Procmqtt:
     """``procmqtt run`` as a real process tree, with its log on a file."""
 
-    def __init__(self, directory: Path, app: str, config: str | None, *args: str,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, directory: Path, app: str, config: str | None, *args: str, env: dict[str, str] | None = None
+    ) -> None:
         self.log_path = directory / f"procmqtt-{time.monotonic_ns()}.log"
         cmd = [sys.executable, "-m", "procmqtt", "run", app, *args]
         if config is not None:
             cmd += ["-c", config]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the process, closed in cleanup
         # its own session, so a test can signal the whole process group as a terminal would
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:
@@ -264,6 +305,7 @@ class Procmqtt:
             if self.proc.poll() is not None and len(regex.findall(self.log())) < count:
                 raise AssertionError(f"procmqtt exited ({self.proc.returncode}) before {pattern!r}:\n{self.log()}")
             return len(regex.findall(self.log())) >= count
+
         wait_until(seen, timeout, f"log line {pattern!r} x{count}")
 
     def ready(self, timeout: float = 15) -> None:
@@ -325,12 +367,27 @@ def _kill(pid: int) -> None:
         pass
 
 
-def write_config(path: Path, broker: Mosquitto, *, topics: dict[str, int], workers: int = 2,
-                 app: dict[str, Any] | None = None, mqtt: str = "", workers_toml: str = "",
-                 port: int | None = None) -> str:
+def write_config(
+    path: Path,
+    broker: Mosquitto,
+    *,
+    topics: dict[str, int],
+    workers: int = 2,
+    app: dict[str, Any] | None = None,
+    mqtt: str = "",
+    workers_toml: str = "",
+    port: int | None = None,
+) -> str:
     """A procmqtt TOML file for ``broker`` (its plain listener unless ``port`` names another)."""
-    lines = ["[mqtt]", 'host = "127.0.0.1"', f"port = {port or broker.port}",
-             f'client_id = "test-{path.parent.name}-{os.getpid()}"', mqtt, "", "[mqtt.topics]"]
+    lines = [
+        "[mqtt]",
+        'host = "127.0.0.1"',
+        f"port = {port or broker.port}",
+        f'client_id = "test-{path.parent.name}-{os.getpid()}"',
+        mqtt,
+        "",
+        "[mqtt.topics]",
+    ]
     lines += [f'"{f}" = {{ qos = {q} }}' for f, q in topics.items()]
     lines += ["", "[workers]", f"count = {workers}", "graceful_timeout = 10", workers_toml, "", "[app]"]
     for key, value in (app or {}).items():
@@ -351,16 +408,33 @@ def records(directory: Path, event: str = "done") -> list[dict[str, Any]]:
     return sorted(out, key=lambda rec: rec["time"])
 
 
-def start(runs: list[Procmqtt], tmp_path: Path, broker: Mosquitto, *, topics: dict[str, int],
-          workers: int = 2, app: dict | None = None, args: tuple[str, ...] = (),
-          mqtt: str = "", workers_toml: str = "", wait_ready: bool = True,
-          port: int | None = None) -> tuple[Procmqtt, Path]:
+def start(
+    runs: list[Procmqtt],
+    tmp_path: Path,
+    broker: Mosquitto,
+    *,
+    topics: dict[str, int],
+    workers: int = 2,
+    app: dict | None = None,
+    args: tuple[str, ...] = (),
+    mqtt: str = "",
+    workers_toml: str = "",
+    wait_ready: bool = True,
+    port: int | None = None,
+) -> tuple[Procmqtt, Path]:
     """Run tests/apps.py:Recorder; returns the run and the directory it records into."""
     record_dir = tmp_path / "records"
     record_dir.mkdir(exist_ok=True)
-    cfg = write_config(tmp_path / "procmqtt.toml", broker, topics=topics, workers=workers,
-                       app={"record_dir": str(record_dir), **(app or {})}, mqtt=mqtt, workers_toml=workers_toml,
-                       port=port)
+    cfg = write_config(
+        tmp_path / "procmqtt.toml",
+        broker,
+        topics=topics,
+        workers=workers,
+        app={"record_dir": str(record_dir), **(app or {})},
+        mqtt=mqtt,
+        workers_toml=workers_toml,
+        port=port,
+    )
     run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg, *args)
     runs.append(run)
     if wait_ready:

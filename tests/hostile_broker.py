@@ -52,8 +52,13 @@ class HostileBroker:
     its first SUBACK is sent: the test's packets go there. ``received`` holds (connection index,
     packet type, packet id or None) for each packet the client sent."""
 
-    def __init__(self, *, v5: bool, after_subscribe: Callable[[Connection], None],
-                 after_connack: Callable[[Connection], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        v5: bool,
+        after_subscribe: Callable[[Connection], None],
+        after_connack: Callable[[Connection], None] | None = None,
+    ) -> None:
         self.v5 = v5
         self.after_subscribe = after_subscribe
         self.after_connack = after_connack
@@ -108,8 +113,11 @@ class HostileBroker:
                             break
                     body = self._read(conn.sock, length)
                     kind = first >> 4
-                    mid = struct.unpack("!H", body[:2])[0] if kind in (PUBACK, PUBREC, PUBCOMP, SUBSCRIBE,
-                                                                      UNSUBSCRIBE) else None
+                    mid = (
+                        struct.unpack("!H", body[:2])[0]
+                        if kind in (PUBACK, PUBREC, PUBCOMP, SUBSCRIBE, UNSUBSCRIBE)
+                        else None
+                    )
                     with self.lock:
                         self.received.append((conn.index, kind, mid))
                     if kind == CONNECT:
@@ -119,11 +127,11 @@ class HostileBroker:
                     elif kind == SUBSCRIBE:
                         filters = body[2:]
                         if self.v5:  # skip the property block
-                            filters = filters[1 + filters[0]:] if filters[0] < 0x80 else filters
+                            filters = filters[1 + filters[0] :] if filters[0] < 0x80 else filters
                         count = 0
                         while filters:
                             n = struct.unpack("!H", filters[:2])[0]
-                            filters = filters[3 + n:]
+                            filters = filters[3 + n :]
                             count += 1
                         conn.send(packet(SUBACK << 4, body[:2] + props + b"\x01" * count))
                         if not subscribed:

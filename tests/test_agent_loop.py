@@ -26,8 +26,13 @@ class FdHogProcmqtt(Procmqtt):
     def __init__(self, directory: Path, app: str, config: str) -> None:
         self.log_path = directory / f"procmqtt-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the process, as in Procmqtt
-        self.proc = subprocess.Popen([sys.executable, "tests/fdhog.py", "run", app, "-c", config],
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "tests/fdhog.py", "run", app, "-c", config],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -86,8 +86,9 @@ def _step(record_dir: Path, name: str) -> dict | None:
 def _wait_across_agent_restart(tmp_path: Path, broker: Mosquitto, runs: list[Procmqtt], app: str) -> None:
     record_dir = tmp_path / "records"
     record_dir.mkdir()
-    config = write_config(tmp_path / "procmqtt.toml", broker, topics={"go": 0}, workers=1,
-                          app={"record_dir": str(record_dir)})
+    config = write_config(
+        tmp_path / "procmqtt.toml", broker, topics={"go": 0}, workers=1, app={"record_dir": str(record_dir)}
+    )
     run = Procmqtt(tmp_path, f"tests/apps_agent_restart.py:{app}", config)
     runs.append(run)
     run.ready()

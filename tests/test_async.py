@@ -64,6 +64,7 @@ def test_prefetch_follows_concurrency_unless_set():
 
 # --- which apps run an event loop ----------------------------------------------------------------
 
+
 class SyncApp(Worker):
     def on_message(self, message: Message) -> None: ...
 
@@ -88,12 +89,14 @@ def test_a_coroutine_reaching_the_sync_path_fails_loudly(caplog):
     class Sneaky(Worker):
         def on_message(self, message: Message) -> object:
             return asyncio.sleep(0)  # not declared async: the worker runs no event loop
+
     with WorkerHarness(Sneaky) as h:
         assert h.deliver("x") is Outcome.FAILED
     assert "returned a coroutine, but this worker runs no event loop" in caplog.text
 
 
 # --- the event-loop worker, with this test playing the agent ---------------------------------------
+
 
 class Sleepy(Worker):
     """Awaits the seconds in the payload; on 'pub/...' publishes, awaits the confirmation and
@@ -180,6 +183,7 @@ def forked():
     def start(concurrency: int) -> FakeAgent:
         started.append(FakeAgent(Sleepy, from_mapping({"workers": {"concurrency": concurrency}})))
         return started[-1]
+
     yield start
     for agent in started:
         try:
@@ -284,12 +288,27 @@ def test_stop_record_comes_after_everything_received(forked):
 
 # --- end to end ----------------------------------------------------------------------------------
 
-def _run(tmp_path: Path, broker, runs, app: str, topics: dict[str, int], workers_toml: str = "",
-         delay: float = 0.0, args: tuple[str, ...] = ()) -> tuple[Procmqtt, Path]:
+
+def _run(
+    tmp_path: Path,
+    broker,
+    runs,
+    app: str,
+    topics: dict[str, int],
+    workers_toml: str = "",
+    delay: float = 0.0,
+    args: tuple[str, ...] = (),
+) -> tuple[Procmqtt, Path]:
     record_dir = tmp_path / "records"
     record_dir.mkdir(exist_ok=True)
-    cfg = write_config(tmp_path / "async.toml", broker, topics=topics, workers=1,
-                       app={"record_dir": str(record_dir), "delay": delay}, workers_toml=workers_toml)
+    cfg = write_config(
+        tmp_path / "async.toml",
+        broker,
+        topics=topics,
+        workers=1,
+        app={"record_dir": str(record_dir), "delay": delay},
+        workers_toml=workers_toml,
+    )
     run = Procmqtt(tmp_path, f"tests/apps_routes.py:{app}", cfg, *args)
     runs.append(run)
     run.ready()
@@ -327,7 +346,8 @@ def test_await_publish_from_an_async_handler(tmp_path, broker, runs):
     publish_all(publisher(broker), [(f"echo/{i}", f"hello {i}".encode()) for i in range(6)])
     wait_until(lambda: len(sub.payloads()) >= 6, 20, "6 echoes")
     assert sorted((m.topic, m.payload) for m in sub.messages) == [
-        (f"echoed/{i}", f"hello {i}".encode()) for i in range(6)]
+        (f"echoed/{i}", f"hello {i}".encode()) for i in range(6)
+    ]
     wait_until(lambda: len(records(rec)) >= 6, 10, "6 records")
     assert all(r["confirmed"] is True for r in records(rec))
     sub.close()

@@ -13,9 +13,24 @@ from harness import ROOT
 @pytest.mark.timeout(120)
 def test_benchmark_harness_runs_and_reports(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--scale", "0.01", "--reps", "1",
-         "--peers", "A,C $share N=2,procmqtt -w 2", "--workloads", "W2,W4", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=110)
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--scale",
+            "0.01",
+            "--reps",
+            "1",
+            "--peers",
+            "A,C $share N=2,procmqtt -w 2",
+            "--workloads",
+            "W2,W4",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads((tmp_path / "latest.json").read_text())
     assert set(report["table"]) == {"W2", "W4"}

@@ -56,25 +56,37 @@ def test_tls_with_our_ca(tmp_path, tls_broker, certificates, runs):
 
 @pytest.mark.timeout(60)
 def test_mutual_tls_with_a_client_certificate(tmp_path, mtls_broker, certificates, runs):
-    toml = (f'[mqtt.tls]\nca_certs = "{certificates.ca}"\ncertfile = "{certificates.client_cert}"\n'
-            f'keyfile = "{certificates.client_key}"')
+    toml = (
+        f'[mqtt.tls]\nca_certs = "{certificates.ca}"\ncertfile = "{certificates.client_cert}"\n'
+        f'keyfile = "{certificates.client_key}"'
+    )
     _handled_over(tmp_path, mtls_broker, runs, toml, mtls_broker.tls_port)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("case", ["plain client, TLS port", "no client certificate", "TLS client, plain port",
-                                  "unknown CA"])
+@pytest.mark.parametrize(
+    "case", ["plain client, TLS port", "no client certificate", "TLS client, plain port", "unknown CA"]
+)
 def test_tls_mistakes_give_a_clear_error_not_silence(tmp_path, mtls_broker, certificates, runs, case):
     """paho gives neither CONNACK nor exception for some of these; procmqtt says what to check."""
     b = mtls_broker
     toml, port, expected = {
         "plain client, TLS port": ("connect_timeout = 1", b.tls_port, "before CONNACK (no TLS)"),
-        "no client certificate": (f'connect_timeout = 1\n[mqtt.tls]\nca_certs = "{certificates.ca}"', b.tls_port,
-                                  "(TLS on): is this an MQTT port"),
-        "TLS client, plain port": (f'connect_timeout = 1\n[mqtt.tls]\nca_certs = "{certificates.ca}"', b.port,
-                                   "(TLS on): is this an MQTT port"),
-        "unknown CA": ("connect_timeout = 1\n[mqtt.tls]", b.tls_port,  # the system's CAs only
-                       "TLS handshake failed: CERTIFICATE_VERIFY_FAILED"),
+        "no client certificate": (
+            f'connect_timeout = 1\n[mqtt.tls]\nca_certs = "{certificates.ca}"',
+            b.tls_port,
+            "(TLS on): is this an MQTT port",
+        ),
+        "TLS client, plain port": (
+            f'connect_timeout = 1\n[mqtt.tls]\nca_certs = "{certificates.ca}"',
+            b.port,
+            "(TLS on): is this an MQTT port",
+        ),
+        "unknown CA": (
+            "connect_timeout = 1\n[mqtt.tls]",
+            b.tls_port,  # the system's CAs only
+            "TLS handshake failed: CERTIFICATE_VERIFY_FAILED",
+        ),
     }[case]
     run, _ = start(runs, tmp_path, b, topics={"x": 1}, mqtt=toml, port=port, wait_ready=False)
     run.wait_for_log(r"\[agent\] WARNING broker 127\.0\.0\.1:\d+: .*retrying in", timeout=15)
@@ -86,10 +98,16 @@ def test_tls_mistakes_give_a_clear_error_not_silence(tmp_path, mtls_broker, cert
 
 @pytest.mark.timeout(30)
 def test_unreadable_ca_file_is_a_config_error(tmp_path, broker):
-    cfg = write_config(tmp_path / "procmqtt.toml", broker, topics={"x": 1},
-                       mqtt='[mqtt.tls]\nca_certs = "/nonexistent/ca.pem"')
-    proc = subprocess.run([sys.executable, "-m", "procmqtt", "run", "tests/apps.py:Recorder", "-c", cfg],
-                          capture_output=True, text=True, timeout=20, check=False)
+    cfg = write_config(
+        tmp_path / "procmqtt.toml", broker, topics={"x": 1}, mqtt='[mqtt.tls]\nca_certs = "/nonexistent/ca.pem"'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "procmqtt", "run", "tests/apps.py:Recorder", "-c", cfg],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"procmqtt: error: {cfg}: [mqtt.tls] ca_certs: cannot read /nonexistent/ca.pem"
 
@@ -97,8 +115,10 @@ def test_unreadable_ca_file_is_a_config_error(tmp_path, broker):
 @pytest.mark.timeout(60)
 def test_birth_on_connect_will_on_death_and_offline_on_graceful_stop(tmp_path, broker, runs):
     presence = Subscriber(broker, "presence/#")
-    toml = ('[mqtt.birth]\ntopic = "presence/app"\npayload = "online"\nqos = 1\nretain = true\n'
-            '[mqtt.will]\ntopic = "presence/app"\npayload = "offline"\nqos = 1\nretain = true')
+    toml = (
+        '[mqtt.birth]\ntopic = "presence/app"\npayload = "online"\nqos = 1\nretain = true\n'
+        '[mqtt.will]\ntopic = "presence/app"\npayload = "offline"\nqos = 1\nretain = true'
+    )
     run, _ = start(runs, tmp_path, broker, topics={"x": 1}, mqtt=toml)
     wait_until(lambda: presence.payloads()[-1:] == [b"online"], 10, "birth message")
     # The agent dies without a DISCONNECT: the broker sends the will; the new agent announces again.
@@ -119,19 +139,27 @@ def test_a_port_that_never_answers_times_out_with_the_hint(tmp_path, broker, run
     """Silence (no CONNACK, no close): the case paho itself never reports."""
     import socket
     import threading
+
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()
     held: list[socket.socket] = []
     threading.Thread(target=lambda: held.append(server.accept()[0]), daemon=True).start()
-    run, _ = start(runs, tmp_path, broker, topics={"x": 1}, mqtt="connect_timeout = 1",
-                   port=server.getsockname()[1], wait_ready=False)
+    run, _ = start(
+        runs,
+        tmp_path,
+        broker,
+        topics={"x": 1},
+        mqtt="connect_timeout = 1",
+        port=server.getsockname()[1],
+        wait_ready=False,
+    )
     run.wait_for_log(r"no CONNACK within 1s \(no TLS\): is this an MQTT port", timeout=15)
     assert run.stop() == 0
     server.close()
 
 
-def _instance(tmp_path, name, broker, runs, share_toml="share_group = \"orders\""):
+def _instance(tmp_path, name, broker, runs, share_toml='share_group = "orders"'):
     (tmp_path / name).mkdir(exist_ok=True)
     return start(runs, tmp_path / name, broker, topics={"orders/#": 1}, mqtt=share_toml)
 
@@ -162,8 +190,10 @@ def test_two_instances_share_one_stream_through_share_group(tmp_path, broker, ru
     b_before = len(records(rec_b))
     b2, _ = _instance(tmp_path, "b", broker, runs)
     wait_until(lambda: len(set(handled())) >= 5000, 60, "all 5000 handled")
-    print(f"while B was away A handled {len(records(rec_a)) - a_before} of 2000; "
-          f"B drained {len(records(rec_b)) - b_before} on its return")
+    print(
+        f"while B was away A handled {len(records(rec_a)) - a_before} of 2000; "
+        f"B drained {len(records(rec_b)) - b_before} on its return"
+    )
     done = handled()
     assert set(done) == {str(i) for i in range(5000)}
     print(f"total handled {len(done)}, duplicates {len(done) - len(set(done))}")
@@ -176,8 +206,9 @@ def test_websockets_transport(tmp_path, runs):
     b = Mosquitto(tmp_path / "ws-broker", websockets=True)
     b.start()
     try:
-        run, rec = start(runs, tmp_path, b, topics={"ws/#": 1, "echo/#": 1}, mqtt='transport = "websockets"',
-                         port=b.ws_port)  # the websockets listener: plain MQTT there gets nowhere
+        run, rec = start(
+            runs, tmp_path, b, topics={"ws/#": 1, "echo/#": 1}, mqtt='transport = "websockets"', port=b.ws_port
+        )  # the websockets listener: plain MQTT there gets nowhere
         sub = Subscriber(b, "echoed/#")
         publish_all(publisher(b), [("ws/1", b"over websockets"), ("echo/x", b"back")])
         wait_until(lambda: len(records(rec)) >= 2, 20, "messages in over websockets")

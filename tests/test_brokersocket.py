@@ -32,8 +32,15 @@ def _length(n: int) -> bytes:
             return bytes(out)
 
 
-def publish_packet(topic: bytes | str, payload: bytes, qos: int = 0, mid: int = 0, retain: bool = False,
-                   dup: bool = False, v5_properties: bytes | None = None) -> bytes:
+def publish_packet(
+    topic: bytes | str,
+    payload: bytes,
+    qos: int = 0,
+    mid: int = 0,
+    retain: bool = False,
+    dup: bool = False,
+    v5_properties: bytes | None = None,
+) -> bytes:
     """A PUBLISH packet; ``v5_properties`` (MQTT 5) is the property block, b"" for none."""
     topic = topic.encode() if isinstance(topic, str) else topic
     props = b"" if v5_properties is None else _length(len(v5_properties)) + v5_properties
@@ -149,7 +156,7 @@ def test_any_split_of_the_stream_gives_every_packet_once_in_order(size):
         cuts = sorted(rng.sample(range(1, len(stream)), 40))
         chunks = [stream[i:j] for i, j in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
     else:
-        chunks = [stream[i:i + size] for i in range(0, len(stream), size)]
+        chunks = [stream[i : i + size] for i in range(0, len(stream), size)]
     out = _stream_through(chunks)
     kinds = [o[0] for o in out]
     assert kinds == ["publish", "publish", "paho", "paho", "paho", "publish", "publish", "paho", "paho", "publish"]
@@ -166,7 +173,7 @@ def test_any_split_of_the_stream_gives_every_packet_once_in_order(size):
 @pytest.mark.unit
 def test_without_decoding_paho_gets_the_whole_stream_packet_by_packet():
     """MQTT 5 connections decode nothing here: paho reads every packet, none of them split."""
-    out = _stream_through([b"".join(MIXED)[i:i + 7] for i in range(0, len(b"".join(MIXED)), 7)], fast=False)
+    out = _stream_through([b"".join(MIXED)[i : i + 7] for i in range(0, len(b"".join(MIXED)), 7)], fast=False)
     assert out == [("paho", p) for p in MIXED]
 
 
@@ -179,15 +186,16 @@ def test_decoded_packets_match_paho_own_decoder():
         qos = rng.choice([0, 1])
         topic = "/".join(rng.choice(["a", "ü", "x" * rng.randint(1, 300), "+x"]) for _ in range(rng.randint(1, 4)))
         payload = os.urandom(rng.choice([0, 1, 127, 128, 16_383, 16_384, 2_097_152 // 8]))
-        packet = publish_packet(topic, payload, qos, rng.randint(1, 65535) if qos else 0, rng.random() < .5,
-                                rng.random() < .5)
+        packet = publish_packet(
+            topic, payload, qos, rng.randint(1, 65535) if qos else 0, rng.random() < 0.5, rng.random() < 0.5
+        )
         sock = _Arrivals([packet[:3], packet[3:]])
         buf = BrokerSocket(sock)
         sock.arrive()
         sock.arrive()
         buf.fill(1)  # smaller than the packet: fill still reads all of it
         (got,) = buf.publishes(10)
-        ref = paho_packet.decode_publish(packet[0], packet[len(packet) - _body_length(packet):], mqtt.MQTTv311)
+        ref = paho_packet.decode_publish(packet[0], packet[len(packet) - _body_length(packet) :], mqtt.MQTTv311)
         assert got == (ref.topic.decode(), ref.payload, ref.qos, ref.mid, ref.retain, ref.dup)
 
 
@@ -410,8 +418,12 @@ def test_retained_message_keeps_its_flag(tmp_path, broker, runs):
 def test_tls_sockets_are_read_until_they_would_block():
     """A TLS socket returns one record per recv; fill keeps reading (the plain-socket shortcut is off).
     TLS end to end: tests/test_broker_features.py."""
-    with socket.socket() as plain, ssl.create_default_context().wrap_socket(
-            socket.socket(), do_handshake_on_connect=False, server_hostname="localhost") as tls:
+    with (
+        socket.socket() as plain,
+        ssl.create_default_context().wrap_socket(
+            socket.socket(), do_handshake_on_connect=False, server_hostname="localhost"
+        ) as tls,
+    ):
         assert BrokerSocket(plain).plain
         assert not BrokerSocket(tls).plain
 

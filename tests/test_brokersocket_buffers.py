@@ -103,8 +103,9 @@ def test_qos0_is_answered_only_once_the_kernel_has_its_bytes(pair):
     ``flush`` to hand its last byte to the kernel."""
     a, buf = pair
     answers: list[tuple[str, int]] = []
-    outbox = Outbox(lambda entry, error: answers.append((entry.topic, error)), logging.getLogger("test"),
-                    v5=False, inflight=10)
+    outbox = Outbox(
+        lambda entry, error: answers.append((entry.topic, error)), logging.getLogger("test"), v5=False, inflight=10
+    )
     size = 700 * 1024
     buf.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)  # the kernel takes < size at once
     for mid, topic in ((1, "first"), (2, "second")):
@@ -171,7 +172,7 @@ def _drive(stream: bytes, cuts: list[int], *, v5: bool = False) -> list[tuple[st
                     break
                 data += part
             assert data or ended, "released, yet paho could read nothing"
-            assert bytes(data) == stream[start:consumed()]
+            assert bytes(data) == stream[start : consumed()]
             events.append(("end" if ended else "paho", bytes(data)))
             if ended:
                 assert consumed() == len(stream)
@@ -189,22 +190,34 @@ def test_random_bytes_never_break_the_framing(data, cuts, v5):
     _drive(data, cuts, v5=v5)
 
 
-_topics = st.one_of(st.text(min_size=1, max_size=40).filter(lambda t: "\x00" not in t),
-                    st.binary(min_size=0, max_size=6))  # raw bytes: empty or invalid UTF-8 topics
+_topics = st.one_of(
+    st.text(min_size=1, max_size=40).filter(lambda t: "\x00" not in t), st.binary(min_size=0, max_size=6)
+)  # raw bytes: empty or invalid UTF-8 topics
 _publish = st.builds(
     lambda topic, payload, qos, mid, retain, dup: publish_packet(topic, payload, qos, mid, retain, dup),
-    _topics, st.binary(max_size=300), st.integers(0, 2), st.integers(1, 65535), st.booleans(), st.booleans())
-_malformed = st.sampled_from([
-    bytes([0x30, 1, 0]),  # too short to hold a topic length
-    bytes([0x32, 4, 0, 9, 0x61, 0x62]),  # topic length past the end of the packet
-    bytes([0x36, 5, 0, 1, 0x61, 0, 1]),  # QoS 3
-    bytes([0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]),  # a fifth length byte
-])
+    _topics,
+    st.binary(max_size=300),
+    st.integers(0, 2),
+    st.integers(1, 65535),
+    st.booleans(),
+    st.booleans(),
+)
+_malformed = st.sampled_from(
+    [
+        bytes([0x30, 1, 0]),  # too short to hold a topic length
+        bytes([0x32, 4, 0, 9, 0x61, 0x62]),  # topic length past the end of the packet
+        bytes([0x36, 5, 0, 1, 0x61, 0, 1]),  # QoS 3
+        bytes([0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]),  # a fifth length byte
+    ]
+)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(packets=st.lists(st.one_of(_publish, st.sampled_from([SUBACK, PUBACK, PINGRESP])), max_size=12),
-       tail=st.one_of(st.just(b""), _malformed), cuts=st.lists(st.integers(0, 100_000), max_size=10))
+@given(
+    packets=st.lists(st.one_of(_publish, st.sampled_from([SUBACK, PUBACK, PINGRESP])), max_size=12),
+    tail=st.one_of(st.just(b""), _malformed),
+    cuts=st.lists(st.integers(0, 100_000), max_size=10),
+)
 @pytest.mark.unit
 def test_packets_split_anywhere_agree_with_paho(packets, tail, cuts):
     """Valid packets in any split: every one exactly once and in order, decoded as paho decodes
@@ -222,7 +235,7 @@ def test_packets_split_anywhere_agree_with_paho(packets, tail, cuts):
         if kind == "paho":  # one whole packet the agent does not decode itself
             assert value == packet and (packet is tail or not _decodable(packet))
         else:
-            ref = paho_packet.decode_publish(packet[0], packet[len(packet) - _body_length(packet):], mqtt.MQTTv311)
+            ref = paho_packet.decode_publish(packet[0], packet[len(packet) - _body_length(packet) :], mqtt.MQTTv311)
             assert value == (ref.topic.decode(), ref.payload, ref.qos, ref.mid, ref.retain, ref.dup)
     raise AssertionError("no end of stream")
 
@@ -231,8 +244,8 @@ def _decodable(packet: bytes) -> bool:
     """A QoS 0/1 PUBLISH the agent decodes itself: a topic that is there and valid UTF-8."""
     if packet[0] & 0xF0 != 0x30 or packet[0] & 0x06 == 0x04:
         return False
-    body = packet[len(packet) - _body_length(packet):]
-    topic = body[2:2 + (body[0] << 8 | body[1])]
+    body = packet[len(packet) - _body_length(packet) :]
+    topic = body[2 : 2 + (body[0] << 8 | body[1])]
     try:
         topic.decode()
     except UnicodeDecodeError:

@@ -16,9 +16,14 @@ import pytest
 from procmqtt.ipc import channel
 from procmqtt.message import EMPTY, Outcome, Properties
 
-FULL = Properties(user_properties=(("a", "1"), ("ü", "ß"), ("a", "2"), ("", "")), content_type="application/json",
-                  response_topic="procmqtt/reply/x/3", correlation_data=b"\x00\xffcorr", message_expiry=0,
-                  payload_format_indicator=0)
+FULL = Properties(
+    user_properties=(("a", "1"), ("ü", "ß"), ("a", "2"), ("", "")),
+    content_type="application/json",
+    response_topic="procmqtt/reply/x/3",
+    correlation_data=b"\x00\xffcorr",
+    message_expiry=0,
+    payload_format_indicator=0,
+)
 
 
 def roundtrip(record: channel.Record) -> channel.Record:
@@ -31,36 +36,39 @@ def roundtrip(record: channel.Record) -> channel.Record:
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize("record", [
-    channel.Deliver(2**60, "a/b/ü", b"\x00\xff" * 10, 1, True, False),
-    channel.Deliver(1, "t", b"", 0, False, True),
-    channel.Published(7, 0),
-    channel.Done(123456789),
-    channel.Done(5, Outcome.FAILED, 0.25),
-    channel.Retire(3, 17),
-    channel.WorkerExited(1023, 2**32 - 1),
-    channel.Ready(1023, 2**31),
-    channel.Publish(3, 99, 42, "out/x", b"payload", 2, True),
-    channel.Deliver(9, "v5/none", b"p", 1, False, False, EMPTY),
-    channel.Deliver(9, "v5/full", b"\x00p", 2, True, True, FULL),
-    channel.Deliver(9, "v5/some", b"", 1, False, False, Properties(content_type="", message_expiry=2**32 - 1)),
-    channel.Deliver(9, "v5/corr", b"x", 1, False, False, Properties(correlation_data=b"")),
-    channel.Publish(3, 99, 42, "out/x", b"payload", 1, False, Properties(user_properties=(("k", "v"),))),
-    channel.Publish(3, 99, 42, "ask/x", b"?", 1, False, Properties(correlation_data=b"c", message_expiry=5), True),
-    channel.Reply("procmqtt/reply/c/1", b"answer", 1, False, Properties(correlation_data=b"c")),
-    channel.Reply("procmqtt/reply/c/1", b"", 0, True, EMPTY),
-    channel.Subscribe("$share/g/a/+/#", 1),
-    channel.Unsubscribe("a/#"),
-    channel.Stop(),
-    channel.StopAgent(),
-    channel.Restarts("SIGKILL", 3),
-    channel.Restarts("exit_1", 2**40),
-    channel.AgentStarted(),
-    channel.Sync(1023, 2**31, 2**63 - 1),
-    channel.SyncAck(0),
-    channel.SyncAck(42, (1, 7, 41)),
-    channel.SyncAck(2**40, tuple(range(1, 60_001))),  # a whole publish_buffer: through the memory file
-])
+@pytest.mark.parametrize(
+    "record",
+    [
+        channel.Deliver(2**60, "a/b/ü", b"\x00\xff" * 10, 1, True, False),
+        channel.Deliver(1, "t", b"", 0, False, True),
+        channel.Published(7, 0),
+        channel.Done(123456789),
+        channel.Done(5, Outcome.FAILED, 0.25),
+        channel.Retire(3, 17),
+        channel.WorkerExited(1023, 2**32 - 1),
+        channel.Ready(1023, 2**31),
+        channel.Publish(3, 99, 42, "out/x", b"payload", 2, True),
+        channel.Deliver(9, "v5/none", b"p", 1, False, False, EMPTY),
+        channel.Deliver(9, "v5/full", b"\x00p", 2, True, True, FULL),
+        channel.Deliver(9, "v5/some", b"", 1, False, False, Properties(content_type="", message_expiry=2**32 - 1)),
+        channel.Deliver(9, "v5/corr", b"x", 1, False, False, Properties(correlation_data=b"")),
+        channel.Publish(3, 99, 42, "out/x", b"payload", 1, False, Properties(user_properties=(("k", "v"),))),
+        channel.Publish(3, 99, 42, "ask/x", b"?", 1, False, Properties(correlation_data=b"c", message_expiry=5), True),
+        channel.Reply("procmqtt/reply/c/1", b"answer", 1, False, Properties(correlation_data=b"c")),
+        channel.Reply("procmqtt/reply/c/1", b"", 0, True, EMPTY),
+        channel.Subscribe("$share/g/a/+/#", 1),
+        channel.Unsubscribe("a/#"),
+        channel.Stop(),
+        channel.StopAgent(),
+        channel.Restarts("SIGKILL", 3),
+        channel.Restarts("exit_1", 2**40),
+        channel.AgentStarted(),
+        channel.Sync(1023, 2**31, 2**63 - 1),
+        channel.SyncAck(0),
+        channel.SyncAck(42, (1, 7, 41)),
+        channel.SyncAck(2**40, tuple(range(1, 60_001))),  # a whole publish_buffer: through the memory file
+    ],
+)
 @pytest.mark.unit
 def test_records_round_trip(record):
     assert roundtrip(record) == record

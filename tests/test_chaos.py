@@ -30,8 +30,7 @@ from harness import (
 
 def tally(sent: list[str], record_dir: Path, label: str = "") -> tuple[int, int]:
     """Print the figures; returns (lost, duplicates)."""
-    done = Counter(bytes.fromhex(r["payload"]).decode() for r in records(record_dir)
-                   if r["topic"].startswith("load/"))
+    done = Counter(bytes.fromhex(r["payload"]).decode() for r in records(record_dir) if r["topic"].startswith("load/"))
     lost = len(set(sent) - set(done))
     duplicates = sum(done.values()) - len(done)
     print(f"{label}sent={len(sent)} processed={len(done)} lost={lost} duplicates={duplicates}")
@@ -40,8 +39,9 @@ def tally(sent: list[str], record_dir: Path, label: str = "") -> tuple[int, int]
 
 def handled_all(sent: list[str], record_dir: Path):
     want = set(sent)
-    return lambda: want <= {bytes.fromhex(r["payload"]).decode() for r in records(record_dir)
-                            if r["topic"].startswith("load/")}
+    return lambda: (
+        want <= {bytes.fromhex(r["payload"]).decode() for r in records(record_dir) if r["topic"].startswith("load/")}
+    )
 
 
 @pytest.mark.timeout(120)
@@ -59,11 +59,12 @@ def test_1_random_worker_sigkilled_every_200ms(tmp_path, broker, runs):
                 victim = random.choice(pids)
                 os.kill(victim, signal.SIGKILL)
                 kills.append(victim)
+
     thread = threading.Thread(target=killer)
     thread.start()
     try:
         for start_at in range(0, len(sent), 400):  # a steady stream over about 5 s
-            batch = sent[start_at:start_at + 400]
+            batch = sent[start_at : start_at + 400]
             publish_all(pub, [(f"load/{int(i) % 10}", i.encode()) for i in batch], timeout=60)
             time.sleep(0.2)
         wait_until(handled_all(sent, rec), 60, "all 10,000 handled")
@@ -120,15 +121,20 @@ def test_3_broker_sigkilled_and_restarted_while_workers_publish(tmp_path, persis
 
     def handled() -> set[str]:
         return {r["topic"][5:] for r in records(rec) if r["topic"].startswith("echo/")}
+
     wait_until(lambda: set(sent) <= handled(), 60, "every message handled")
     wait_until(lambda: set(sent) <= {m.topic[7:] for m in echoes.messages}, 60, "every echo delivered")
     got = Counter(r["topic"][5:] for r in records(rec) if r["topic"].startswith("echo/"))
     echoed = Counter(m.topic[7:] for m in echoes.messages)
     print(f"messages not yet handled by procmqtt when the broker was killed: {in_flight}")
-    print(f"in: sent={len(sent)} processed={len(got)} lost={len(set(sent) - set(got))} "
-          f"duplicates={sum(got.values()) - len(got)}")
-    print(f"out: sent={len(got)} processed={len(echoed)} lost={len(set(got) - set(echoed))} "
-          f"duplicates={sum(echoed.values()) - len(echoed)}")
+    print(
+        f"in: sent={len(sent)} processed={len(got)} lost={len(set(sent) - set(got))} "
+        f"duplicates={sum(got.values()) - len(got)}"
+    )
+    print(
+        f"out: sent={len(got)} processed={len(echoed)} lost={len(set(got) - set(echoed))} "
+        f"duplicates={sum(echoed.values()) - len(echoed)}"
+    )
     assert set(got) == set(sent) and set(echoed) == set(sent)
     assert in_flight > 0, "the broker was not killed mid-stream"
     assert "connection lost" in run.log()
@@ -155,8 +161,14 @@ def test_4_sigterm_mid_stream_then_a_new_run(tmp_path, broker, runs):
 @pytest.mark.timeout(120)
 def test_5_poison_message_is_dead_lettered_after_max_attempts(tmp_path, broker, runs):
     dlq = Subscriber(broker, "dlq/#")
-    run, rec = start(runs, tmp_path, broker, topics={"load/#": 1, "poison": 1}, workers=3,
-                     workers_toml='max_attempts = 3\ndead_letter_topic = "dlq"')
+    run, rec = start(
+        runs,
+        tmp_path,
+        broker,
+        topics={"load/#": 1, "poison": 1},
+        workers=3,
+        workers_toml='max_attempts = 3\ndead_letter_topic = "dlq"',
+    )
     sent = [str(i) for i in range(300)]
     pub = publisher(broker)
     items = [(f"load/{i}", i.encode()) for i in sent]
@@ -176,8 +188,9 @@ def test_5_poison_message_is_dead_lettered_after_max_attempts(tmp_path, broker, 
 
 @pytest.mark.timeout(120)
 def test_6_hung_handler_is_killed_with_its_stack_logged(tmp_path, broker, runs):
-    run, rec = start(runs, tmp_path, broker, topics={"load/#": 1, "hang": 1}, workers=2,
-                     workers_toml="timeout = 2\nmax_attempts = 1")
+    run, rec = start(
+        runs, tmp_path, broker, topics={"load/#": 1, "hang": 1}, workers=2, workers_toml="timeout = 2\nmax_attempts = 1"
+    )
     pub = publisher(broker)
     publish_all(pub, [("hang", b"forever")])
     hung = wait_until(lambda: [r for r in records(rec, "received") if r["topic"] == "hang"], 10, "hang started")[0]
@@ -190,7 +203,7 @@ def test_6_hung_handler_is_killed_with_its_stack_logged(tmp_path, broker, runs):
     lost, _ = tally(sent, rec, f"hung_worker_killed_after={killed_after:.1f}s ")
     assert lost == 0 and killed_after <= 2 + 1.0 + 0.5 + 1.0  # timeout + check interval + dump grace + slack
     assert "has spent" in log and "timeout 2s" in log
-    assert "tests/apps.py\", line" in log and " in on_message" in log, "no stack dump in the log"
+    assert 'tests/apps.py", line' in log and " in on_message" in log, "no stack dump in the log"
     assert "dropping the message on 'hang'" in log  # max_attempts = 1 and no dead-letter topic
     assert run.stop() == 0
 

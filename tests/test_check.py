@@ -44,8 +44,15 @@ api_token = "token-hunter2"
 
 
 def procmqtt(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "procmqtt", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=20, env={**CLEAN_ENV, **(env or {})}, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "procmqtt", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=20,
+        env={**CLEAN_ENV, **(env or {})},
+        check=False,
+    )
 
 
 @pytest.fixture
@@ -57,17 +64,21 @@ def config_file(tmp_path: Path) -> str:
 
 def test_check_lists_subscriptions_and_prints_the_configuration(config_file):
     # port 1: nothing listens there, and check must not try
-    result = procmqtt("check", "tests/apps.py:Recorder", "-c", config_file, "-w", "3",
-                      env={"PROCMQTT_MQTT_HOST": "broker.invalid"})
+    result = procmqtt(
+        "check", "tests/apps.py:Recorder", "-c", config_file, "-w", "3", env={"PROCMQTT_MQTT_HOST": "broker.invalid"}
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "app: tests/apps.py:Recorder (class apps.Recorder)" in out
     assert "broker: broker.invalid:1 (not contacted by check)" in out
     assert "from the environment and command line: --workers, PROCMQTT_MQTT_HOST" in out
     rows = [line.split() for line in out.split("subscriptions (2):\n")[1].split("\n\n")[0].splitlines()]
-    assert rows == [["FILTER", "QOS", "REACHES"], ["sensors/+/temperature", "1", "on_message"],
-                    ["commands/#", "0", "on_message"]]
-    printed = tomllib.loads(out[out.index("# effective configuration"):])
+    assert rows == [
+        ["FILTER", "QOS", "REACHES"],
+        ["sensors/+/temperature", "1", "on_message"],
+        ["commands/#", "0", "on_message"],
+    ]
+    printed = tomllib.loads(out[out.index("# effective configuration") :])
     assert printed["workers"]["count"] == 3 and printed["mqtt"]["host"] == "broker.invalid"
     assert printed["mqtt"]["topics"] == {"sensors/+/temperature": {"qos": 1}, "commands/#": {"qos": 0}}
     assert 'host = "broker.invalid"  # PROCMQTT_MQTT_HOST' in out and "count = 3  # --workers" in out
@@ -77,29 +88,34 @@ def test_check_masks_secrets_from_the_file_and_the_environment(config_file, tmp_
     result = procmqtt("check", "tests/apps.py:Recorder", "-c", config_file)
     assert result.returncode == 0, result.stderr
     assert "hunter2" not in result.stdout + result.stderr
-    printed = tomllib.loads(result.stdout[result.stdout.index("# effective configuration"):])
+    printed = tomllib.loads(result.stdout[result.stdout.index("# effective configuration") :])
     assert printed["mqtt"]["password"] == "********"
     assert printed["app"]["db"] == {"url": "postgres://db/x", "password": "********"}
     assert printed["app"]["api_token"] == "********" and printed["app"]["alert_above"] == 30.0
 
     env = {"PROCMQTT_MQTT_PASSWORD": "env-pw-s3cret"}
-    for command in (("check", "tests/apps.py:Recorder", "-c", config_file),
-                    ("run", "tests/apps.py:Recorder", "-c", config_file, "--print-config")):
+    for command in (
+        ("check", "tests/apps.py:Recorder", "-c", config_file),
+        ("run", "tests/apps.py:Recorder", "-c", config_file, "--print-config"),
+    ):
         result = procmqtt(*command, env=env)
         assert result.returncode == 0, result.stderr
         assert "s3cret" not in result.stdout + result.stderr and "hunter2" not in result.stdout
         assert 'password = "********"  # PROCMQTT_MQTT_PASSWORD' in result.stdout
 
 
-@pytest.mark.parametrize("app, config_text, env, code", [
-    ("tests/apps.py:Missing", "", {}, 3),
-    ("tests/apps.py:NotAWorker", "", {}, 3),
-    ("no_such_module:App", "", {}, 3),
-    ("tests/apps.py:Recorder", "[mqtt]\nhots = 'x'\n", {}, 2),
-    ("tests/apps.py:Recorder", "[workers]\ncount = 0\n", {}, 2),
-    ("tests/apps.py:Recorder", "", {"PROCMQTT_WORKERS_COUNT": "many"}, 2),
-    ("tests/apps.py:Recorder", "", {"PROCMQTT_LOG_FORMAT": "xml"}, 2),
-])
+@pytest.mark.parametrize(
+    "app, config_text, env, code",
+    [
+        ("tests/apps.py:Missing", "", {}, 3),
+        ("tests/apps.py:NotAWorker", "", {}, 3),
+        ("no_such_module:App", "", {}, 3),
+        ("tests/apps.py:Recorder", "[mqtt]\nhots = 'x'\n", {}, 2),
+        ("tests/apps.py:Recorder", "[workers]\ncount = 0\n", {}, 2),
+        ("tests/apps.py:Recorder", "", {"PROCMQTT_WORKERS_COUNT": "many"}, 2),
+        ("tests/apps.py:Recorder", "", {"PROCMQTT_LOG_FORMAT": "xml"}, 2),
+    ],
+)
 def test_check_fails_like_run(tmp_path, app, config_text, env, code):
     path = tmp_path / "c.toml"
     path.write_text(config_text)
@@ -117,15 +133,18 @@ def test_check_help():
 
 # --- routes: unit tests with routes_of stood in for (it returns () until the routes work lands) -----
 
-ROUTES = (Route("sensors/{device}/temperature", "sensors/+/temperature", 1, "temperature", ("device",)),
-          Route("logs/#", "logs/#", 0, "logs", ()),
-          Route("commands/#", "commands/#", 1, "command", ()))
+ROUTES = (
+    Route("sensors/{device}/temperature", "sensors/+/temperature", 1, "temperature", ("device",)),
+    Route("logs/#", "logs/#", 0, "logs", ()),
+    Route("commands/#", "commands/#", 1, "command", ()),
+)
 
 
 @pytest.mark.unit
 def test_subscriptions_show_what_each_filter_reaches():
-    cfg = config.from_mapping({"mqtt": {"topics": {"sensors/+/temperature": {"qos": 1},
-                                                   "commands/#": {"qos": 0}, "other": {}}}})
+    cfg = config.from_mapping(
+        {"mqtt": {"topics": {"sensors/+/temperature": {"qos": 1}, "commands/#": {"qos": 0}, "other": {}}}}
+    )
     rows = {r.topic_filter: (r.qos, r.reaches) for r in check.subscriptions(cfg, ROUTES)}
     assert rows == {
         "sensors/+/temperature": (1, ("on_message", "temperature (sensors/{device}/temperature)")),
@@ -161,6 +180,7 @@ def test_a_bad_route_stops_check_with_its_code(monkeypatch, capsys):
 
     def routes_of(app):
         raise BadRoute("Recorder.temperature: route 'a/#/b': '#' must be the last level")
+
     monkeypatch.setattr(logs, "setup", lambda *a, **k: None)
     monkeypatch.setattr(routes, "routes_of", routes_of)
     assert cli.main(["check", "tests/apps.py:Recorder", "-c", "/dev/null"]) == 2
@@ -174,10 +194,19 @@ def test_no_subscriptions_is_said_plainly():
     assert "none" in check.render_subscriptions([])
 
 
-@pytest.mark.parametrize("value, text", [
-    ("a\"b\\c\n", '"a\\"b\\\\c\\n"'), (True, "true"), (3, "3"), (2.5, "2.5"), ([1, "x"], '[1, "x"]'),
-    ({}, "{}"), ({"a b": 1}, '{ "a b" = 1 }'), (config.Secret("pw"), '"********"'),
-])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        ('a"b\\c\n', '"a\\"b\\\\c\\n"'),
+        (True, "true"),
+        (3, "3"),
+        (2.5, "2.5"),
+        ([1, "x"], '[1, "x"]'),
+        ({}, "{}"),
+        ({"a b": 1}, '{ "a b" = 1 }'),
+        (config.Secret("pw"), '"********"'),
+    ],
+)
 @pytest.mark.unit
 def test_values_render_as_toml(value, text):
     assert check._toml(value) == text
@@ -186,8 +215,9 @@ def test_values_render_as_toml(value, text):
 
 @pytest.mark.unit
 def test_app_secrets_are_masked_at_any_depth():
-    cfg = config.from_mapping({"app": {"secrets": {"db": "p1", "list": ["p2"]}, "clientSecret": "p3",
-                                       "password_hint": 4, "plain": "visible"}})
+    cfg = config.from_mapping(
+        {"app": {"secrets": {"db": "p1", "list": ["p2"]}, "clientSecret": "p3", "password_hint": 4, "plain": "visible"}}
+    )
     text = check.render_config(cfg)
     assert not [p for p in ("p1", "p2", "p3", "= 4") if p in text] and '"visible"' in text
     assert tomllib.loads(text)["app"]["secrets"] == {"db": "********", "list": ["********"]}
@@ -195,9 +225,11 @@ def test_app_secrets_are_masked_at_any_depth():
 
 def test_check_prints_broker_feature_tables_and_the_shared_filters(tmp_path: Path):
     path = tmp_path / "features.toml"
-    path.write_text('[mqtt]\npassword = "pw-hunter2"\nusername = "svc"\nshare_group = "g"\n'
-                    '[mqtt.tls]\ninsecure = true\n[mqtt.will]\ntopic = "presence/x"\npayload = "offline"\n'
-                    '[mqtt.topics]\n"a/#" = { qos = 1 }\n')
+    path.write_text(
+        '[mqtt]\npassword = "pw-hunter2"\nusername = "svc"\nshare_group = "g"\n'
+        '[mqtt.tls]\ninsecure = true\n[mqtt.will]\ntopic = "presence/x"\npayload = "offline"\n'
+        '[mqtt.topics]\n"a/#" = { qos = 1 }\n'
+    )
     result = procmqtt("check", "tests/apps.py:Recorder", "-c", str(path))
     assert result.returncode == 0, result.stderr
     out = result.stdout

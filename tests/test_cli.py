@@ -31,8 +31,15 @@ pytestmark = pytest.mark.timeout(30)
 def procmqtt(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROCMQTT_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))  # this checkout, from any cwd
-    return subprocess.run([sys.executable, "-m", "procmqtt", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=20, env=env, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "procmqtt", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=20,
+        env=env,
+        check=False,
+    )
 
 
 def test_version():
@@ -48,6 +55,7 @@ def test_run_help():
 
 def test_subcommands_are_one_dict():
     from procmqtt.cli import main as cli
+
     assert {"run", "check"} <= set(cli.COMMANDS)
     result = procmqtt()
     assert "run" in result.stderr and "check" in result.stderr
@@ -57,14 +65,17 @@ def test_no_command_is_a_usage_error():
     assert procmqtt().returncode == 2
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["-c", "/nonexistent.toml"], "/nonexistent.toml: no such configuration file"),
-    (["-w", "0"], "--workers: expected an integer from 1 to 1024, got 0"),
-    (["-w", "-3"], "--workers: expected an integer from 1 to 1024, got -3"),
-    (["-w", "5000"], "--workers: expected an integer from 1 to 1024, got 5000"),
-    (["--broker", "mqtt://u:pw123@h"], "--broker: do not put a password in the URL"),
-    (["--broker", "ftp://h"], "--broker: expected mqtt://, mqtts://, ws:// or wss://"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["-c", "/nonexistent.toml"], "/nonexistent.toml: no such configuration file"),
+        (["-w", "0"], "--workers: expected an integer from 1 to 1024, got 0"),
+        (["-w", "-3"], "--workers: expected an integer from 1 to 1024, got -3"),
+        (["-w", "5000"], "--workers: expected an integer from 1 to 1024, got 5000"),
+        (["--broker", "mqtt://u:pw123@h"], "--broker: do not put a password in the URL"),
+        (["--broker", "ftp://h"], "--broker: expected mqtt://, mqtts://, ws:// or wss://"),
+    ],
+)
 def test_usage_errors_exit_2_with_one_line(args, expected):
     result = procmqtt("run", "tests/apps.py:Recorder", *args)
     assert result.returncode == 2
@@ -78,20 +89,33 @@ def test_bad_config_file_exits_2(tmp_path):
     result = procmqtt("run", "tests/apps.py:Recorder", "-c", str(tmp_path / "bad.toml"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        (f'procmqtt: error: {tmp_path / "bad.toml"}: [mqtt.topics] "a/#/b": expected a valid MQTT topic '
-         "filter ('#' must be a whole level and the last one)")]
+        (
+            f'procmqtt: error: {tmp_path / "bad.toml"}: [mqtt.topics] "a/#/b": expected a valid MQTT topic '
+            "filter ('#' must be a whole level and the last one)"
+        )
+    ]
 
 
-@pytest.mark.parametrize("content, expected", [
-    (b"\x7fELF\x02\x01\x01\x00\xff\xfe", "not a TOML file: byte 8 is not UTF-8 text"),
-    (b"[mqtt]\nconnect_timeout = inf\n",
-     "[mqtt] connect_timeout: expected a number of seconds from 0.1 to 1000000, got inf"),
-    (b"[workers]\ntimeout = nan\n", "[workers] timeout: expected a number of seconds from 0 to 1000000, got nan"),
-    (b'[mqtt]\nclient_id = "' + b"c" * 65_536 + b'"\n', "[mqtt] client_id: expected at most 65,535 UTF-8 bytes"),
-    (b"[mqtt]\nusername = 'u'\npassword = 73217321\n",
-     "[mqtt] password: expected a non-empty string, got an integer (value not shown)"),
-    (b"[mqtt.tls]\nca_certs = 'README.md'\n", "[mqtt.tls] ca_certs: README.md: expected PEM certificates of the CAs"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"\x7fELF\x02\x01\x01\x00\xff\xfe", "not a TOML file: byte 8 is not UTF-8 text"),
+        (
+            b"[mqtt]\nconnect_timeout = inf\n",
+            "[mqtt] connect_timeout: expected a number of seconds from 0.1 to 1000000, got inf",
+        ),
+        (b"[workers]\ntimeout = nan\n", "[workers] timeout: expected a number of seconds from 0 to 1000000, got nan"),
+        (b'[mqtt]\nclient_id = "' + b"c" * 65_536 + b'"\n', "[mqtt] client_id: expected at most 65,535 UTF-8 bytes"),
+        (
+            b"[mqtt]\nusername = 'u'\npassword = 73217321\n",
+            "[mqtt] password: expected a non-empty string, got an integer (value not shown)",
+        ),
+        (
+            b"[mqtt.tls]\nca_certs = 'README.md'\n",
+            "[mqtt.tls] ca_certs: README.md: expected PEM certificates of the CAs",
+        ),
+    ],
+)
 def test_config_mistakes_that_used_to_escape_exit_2(tmp_path, content, expected):
     """Each was a traceback (exit 1) or an agent crash loop: now one line, exit 2, from run and check."""
     (tmp_path / "bad.toml").write_bytes(content)
@@ -110,12 +134,15 @@ def test_default_config_file_in_cwd_is_read(tmp_path):
     assert result.returncode == 2 and "procmqtt.toml: [workers] count" in result.stderr
 
 
-@pytest.mark.parametrize("app, expected", [
-    ("no_such_module:App", "cannot import no_such_module"),
-    ("tests/apps.py:Missing", "has no attribute 'Missing'"),
-    ("tests/apps.py:NotAWorker", "NotAWorker is not a subclass of procmqtt.Worker"),
-    ("tests/nothere.py:App", "no such file tests/nothere.py"),
-])
+@pytest.mark.parametrize(
+    "app, expected",
+    [
+        ("no_such_module:App", "cannot import no_such_module"),
+        ("tests/apps.py:Missing", "has no attribute 'Missing'"),
+        ("tests/apps.py:NotAWorker", "NotAWorker is not a subclass of procmqtt.Worker"),
+        ("tests/nothere.py:App", "no such file tests/nothere.py"),
+    ],
+)
 def test_app_errors_exit_3(app, expected):
     result = procmqtt("run", app)
     assert result.returncode == 3, result.stderr
@@ -123,13 +150,16 @@ def test_app_errors_exit_3(app, expected):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("app, expected", [
-    ("justamodule", "APP 'justamodule': expected package.module:Class or path/to/file.py:Class"),
-    (":App", "APP ':App': expected package.module:Class"),
-    ("tests/apps.py:", "APP 'tests/apps.py:': expected package.module:Class"),
-    ("my-app:App", "APP 'my-app:App': 'my-app' is not a module name (a file name ends in .py); expected"),
-    ("tests/apps.py:1Recorder", "APP 'tests/apps.py:1Recorder': '1Recorder' is not a class name; expected"),
-])
+@pytest.mark.parametrize(
+    "app, expected",
+    [
+        ("justamodule", "APP 'justamodule': expected package.module:Class or path/to/file.py:Class"),
+        (":App", "APP ':App': expected package.module:Class"),
+        ("tests/apps.py:", "APP 'tests/apps.py:': expected package.module:Class"),
+        ("my-app:App", "APP 'my-app:App': 'my-app' is not a module name (a file name ends in .py); expected"),
+        ("tests/apps.py:1Recorder", "APP 'tests/apps.py:1Recorder': '1Recorder' is not a class name; expected"),
+    ],
+)
 def test_malformed_app_is_a_usage_error_exit_2(app, expected):
     """A command-line mistake, like a bad -w: exit 2 (README), not 3 (an app that does not import)."""
     for args in (["run", app], ["check", app], ["run", app, "--print-config"]):
@@ -148,8 +178,10 @@ def test_app_import_error_shows_where_in_the_app(tmp_path):
         assert result.returncode == 3, result.stderr
         lines = [line for line in result.stderr.splitlines() if line.strip("^ ")]  # carets vary by Python version
         assert lines == [
-            (f"procmqtt: error: APP '{app}': importing {app.split(':')[0]} raised NameError: "
-             "name 'connect_somewhere' is not defined"),
+            (
+                f"procmqtt: error: APP '{app}': importing {app.split(':')[0]} raised NameError: "
+                "name 'connect_somewhere' is not defined"
+            ),
             f'  File "{tmp_path}/myapp.py", line 4, in <module>',
             "    DB = helpers.connect()",
             f'  File "{tmp_path}/helpers.py", line 2, in connect',
@@ -162,8 +194,9 @@ def test_app_syntax_error_shows_the_line(tmp_path):
     result = procmqtt("check", f"{tmp_path}/bad.py:App")
     assert result.returncode == 3, result.stderr
     lines = result.stderr.splitlines()
-    assert lines[0].startswith(f"procmqtt: error: APP '{tmp_path}/bad.py:App': importing {tmp_path}/bad.py raised "
-                               "SyntaxError: ")
+    assert lines[0].startswith(
+        f"procmqtt: error: APP '{tmp_path}/bad.py:App': importing {tmp_path}/bad.py raised SyntaxError: "
+    )
     assert f'  File "{tmp_path}/bad.py", line 2' in lines and "    class App(Worker:" in lines
     assert "Traceback" not in result.stderr and "procmqtt/" not in result.stderr
 
@@ -182,12 +215,16 @@ def test_pid_option_never_deletes_a_file_that_is_not_a_pid_file(tmp_path):
     result = procmqtt("run", "tests/apps.py:Recorder", "--pid", str(notes))
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        (f"procmqtt: error: --pid {notes}: exists and is not a pid file (it holds more than a process id); "
-         "not replaced: check the path, or delete the file")]
+        (
+            f"procmqtt: error: --pid {notes}: exists and is not a pid file (it holds more than a process id); "
+            "not replaced: check the path, or delete the file"
+        )
+    ]
     assert notes.read_text() == "my notes\n"
 
 
 # --- log formats ---------------------------------------------------------------------------------
+
 
 def _record(exc: bool = False) -> logging.LogRecord:
     exc_info = None
@@ -218,8 +255,9 @@ def test_json_format_has_every_field(monkeypatch):
 def test_text_format_carries_time_pid_role_level(monkeypatch):
     monkeypatch.setattr(logs, "_role", "agent")
     line = logging.Formatter(logs.FORMAT).format(_record())
-    assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}} \[{os.getpid()}\] \[agent\] ERROR failed on a/b",
-                        line)
+    assert re.fullmatch(
+        rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}} \[{os.getpid()}\] \[agent\] ERROR failed on a/b", line
+    )
 
 
 @pytest.mark.timeout(90)
@@ -227,8 +265,9 @@ def test_json_logs_from_a_real_run(runs, tmp_path, broker):
     """Every line every process writes parses as one JSON object with the required fields."""
     record_dir = tmp_path / "records"
     record_dir.mkdir()
-    cfg = write_config(tmp_path / "procmqtt.toml", broker, topics={"boom": 1, "t/#": 1}, workers=2,
-                       app={"record_dir": str(record_dir)})
+    cfg = write_config(
+        tmp_path / "procmqtt.toml", broker, topics={"boom": 1, "t/#": 1}, workers=2, app={"record_dir": str(record_dir)}
+    )
     run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg, "--log-format", "json", "--log-level", "DEBUG")
     runs.append(run)
     run.wait_for_log(r'"message": "subscribed to ')
@@ -250,8 +289,11 @@ def test_json_logs_from_a_real_run(runs, tmp_path, broker):
     roles = {obj["role"]: obj["pid"] for obj in objects}
     assert {"supervisor", "agent", "worker-0", "worker-1"} <= roles.keys()
     assert roles["supervisor"] == run.pid
-    started = {m["message"].split(" (pid")[0][len("started "):]: int(m["message"].split("pid ")[1].rstrip(")"))
-               for m in objects if m["message"].startswith("started ")}
+    started = {
+        m["message"].split(" (pid")[0][len("started ") :]: int(m["message"].split("pid ")[1].rstrip(")"))
+        for m in objects
+        if m["message"].startswith("started ")
+    }
     assert started["agent"] == roles["agent"] and started["worker 1"] == roles["worker-1"]
     failed = [obj for obj in objects if obj["message"].startswith("on_message failed")]
     assert failed and failed[0]["role"].startswith("worker-") and failed[0]["logger"] == "procmqtt.app.Recorder"
@@ -260,9 +302,15 @@ def test_json_logs_from_a_real_run(runs, tmp_path, broker):
 
 def test_log_format_from_the_environment(tmp_path):
     (tmp_path / "bad.toml").write_text("[workers]\ncount = 2\n")
-    result = subprocess.run([sys.executable, "-m", "procmqtt", "check", "tests/apps.py:Recorder", "-c",
-                             str(tmp_path / "bad.toml")], capture_output=True, text=True, cwd=ROOT, timeout=20,
-                            env={**os.environ, "PROCMQTT_LOG_FORMAT": "json", "PROCMQTT_MQTT_HOTS": "x"}, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "procmqtt", "check", "tests/apps.py:Recorder", "-c", str(tmp_path / "bad.toml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=20,
+        env={**os.environ, "PROCMQTT_LOG_FORMAT": "json", "PROCMQTT_MQTT_HOTS": "x"},
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     warning = json.loads(result.stderr)
     assert warning["level"] == "WARNING" and warning["role"] == "supervisor"
@@ -270,6 +318,7 @@ def test_log_format_from_the_environment(tmp_path):
 
 
 # --- process titles ------------------------------------------------------------------------------
+
 
 def _cmdline(pid: int) -> str:
     try:
@@ -283,27 +332,39 @@ def _cmdline(pid: int) -> str:
 def test_process_titles(runs, tmp_path, broker):
     pytest.importorskip("setproctitle")
     app = "tests/apps.py:Recorder"
-    run, _ = start(runs, tmp_path, broker, topics={"t/#": 1}, workers=2,
-                   args=("--broker", f"mqtt://title-user@127.0.0.1:{broker.port}"))
+    run, _ = start(
+        runs,
+        tmp_path,
+        broker,
+        topics={"t/#": 1},
+        workers=2,
+        args=("--broker", f"mqtt://title-user@127.0.0.1:{broker.port}"),
+    )
     titles = {run.pid: f"procmqtt: supervisor [{app}]"}
     titles.update({pid: f"procmqtt: agent [{app}]" for pid in run.pids("agent").values()})
     titles.update({pid: f"procmqtt: worker {slot} [{app}]" for slot, pid in run.pids("worker").items()})
     assert len(titles) == 4
-    wait_until(lambda: all(_cmdline(pid) == title for pid, title in titles.items()), 10,
-               f"process titles {titles}, seen {[_cmdline(pid) for pid in titles]}")
+    wait_until(
+        lambda: all(_cmdline(pid) == title for pid, title in titles.items()),
+        10,
+        f"process titles {titles}, seen {[_cmdline(pid) for pid in titles]}",
+    )
     assert not [pid for pid in titles if "title-user" in _cmdline(pid) or "mqtt://" in _cmdline(pid)]
     assert run.stop() == 0
 
 
 def test_no_setproctitle_changes_nothing():
-    code = ("import sys; sys.modules['setproctitle'] = None\n"
-            "from procmqtt.supervisor import proctitle\n"
-            "before = open('/proc/self/cmdline', 'rb').read()\n"
-            "proctitle.set_title('worker 1', 'app:A')\n"
-            "assert open('/proc/self/cmdline', 'rb').read() == before\n"
-            "print(proctitle.setproctitle)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=20,
-                            check=False)
+    code = (
+        "import sys; sys.modules['setproctitle'] = None\n"
+        "from procmqtt.supervisor import proctitle\n"
+        "before = open('/proc/self/cmdline', 'rb').read()\n"
+        "proctitle.set_title('worker 1', 'app:A')\n"
+        "assert open('/proc/self/cmdline', 'rb').read() == before\n"
+        "print(proctitle.setproctitle)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=20, check=False
+    )
     assert result.returncode == 0 and result.stdout == "None\n", result.stderr
 
 

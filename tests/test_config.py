@@ -32,7 +32,9 @@ def error_of(tmp_path: Path, text: str) -> str:
 @pytest.mark.unit
 def test_full_file(tmp_path, monkeypatch):
     monkeypatch.setenv("MQ_PW", "s3cret")
-    cfg = load_text(tmp_path, """
+    cfg = load_text(
+        tmp_path,
+        """
 [mqtt]
 host = "broker.example"
 port = 8883
@@ -50,11 +52,15 @@ count = 4
 dispatch = "round_robin"
 [app]
 anything = { goes = [1, 2] }
-""")
+""",
+    )
     assert cfg.mqtt.host == "broker.example" and cfg.mqtt.port == 8883 and cfg.mqtt.protocol == "5"
     assert cfg.mqtt.password is not None and cfg.mqtt.password.value == "s3cret"
     assert [(s.topic_filter, s.qos) for s in cfg.mqtt.topics] == [
-        ("sensors/+/temperature", 1), ("commands/#", 0), ("$share/g/jobs/#", 0)]
+        ("sensors/+/temperature", 1),
+        ("commands/#", 0),
+        ("$share/g/jobs/#", 0),
+    ]
     assert cfg.workers.count == 4 and cfg.workers.dispatch == "round_robin"
     assert cfg.app["anything"] == {"goes": [1, 2]}
     assert "s3cret" not in repr(cfg) and "s3cret" not in str(cfg.mqtt)
@@ -82,31 +88,39 @@ def test_password_file(tmp_path):
     assert cfg.mqtt.password is not None and cfg.mqtt.password.value == "from-file"
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("[mqtt]\nhots = 'x'\n", "[mqtt] unknown key 'hots' (did you mean 'host'?)"),
-    ("[mqt]\nhost = 'x'\n", "unknown key 'mqt' (did you mean 'mqtt'?)"),
-    ("[workers]\ncuont = 2\n", "[workers] unknown key 'cuont' (did you mean 'count'?)"),
-    ("[mqtt]\nport = 'x'\n", "[mqtt] port: expected an integer from 1 to 65535, got 'x'"),
-    ("[mqtt]\nport = 70000\n", "[mqtt] port: expected an integer from 1 to 65535, got 70000"),
-    ("[mqtt]\nprotocol = '4'\n", '[mqtt] protocol: expected one of "3.1.1", "5"'),
-    ("[mqtt]\nclean_session = 1\n", "[mqtt] clean_session: expected true or false"),
-    ("[mqtt.topics]\n'a/b' = { qos = 7 }\n", '[mqtt.topics] "a/b" qos: expected an integer from 0 to 2, got 7'),
-    ("[mqtt.topics]\n'a/b' = { qso = 1 }\n", "unknown key 'qso' (did you mean 'qos'?)"),
-    ("[mqtt.topics]\n'a/b' = 1\n", 'expected a table like { qos = 1 }'),
-    ("[mqtt.topics]\n'a/#/b' = {}\n", "'#' must be a whole level and the last one"),
-    ("[mqtt.topics]\n'a/b+' = {}\n", "'+' must be a whole level"),
-    ("[mqtt.topics]\n'$share/g' = {}\n", "$share/<group>/<filter>"),
-    ("[workers]\ncount = -1\n", "[workers] count: expected an integer from 1 to 1024, got -1"),
-    ("[workers]\ncount = true\n", "[workers] count: expected an integer"),
-    ("[workers]\ndispatch = 'fastest'\n", '[workers] dispatch: expected one of "random", "round_robin"'),
-    ("[workers]\ngraceful_timeout = -2\n",
-     "[workers] graceful_timeout: expected a number of seconds from 0 to 1000000, got -2"),
-    ("mqtt = 3\n", "[mqtt] must be a table"),
-    ("[mqtt\n", "not valid TOML"),
-    ("[mqtt]\npassword = 'a'\npassword_env = 'B'\n", "set only one of password, password_env, password_file"),
-    ("[mqtt]\npassword_env = 'PROCMQTT_TEST_UNSET_VAR'\n", "environment variable PROCMQTT_TEST_UNSET_VAR is not set"),
-    ("[mqtt]\npassword_file = '/nonexistent/pw'\n", "password_file: cannot read /nonexistent/pw"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[mqtt]\nhots = 'x'\n", "[mqtt] unknown key 'hots' (did you mean 'host'?)"),
+        ("[mqt]\nhost = 'x'\n", "unknown key 'mqt' (did you mean 'mqtt'?)"),
+        ("[workers]\ncuont = 2\n", "[workers] unknown key 'cuont' (did you mean 'count'?)"),
+        ("[mqtt]\nport = 'x'\n", "[mqtt] port: expected an integer from 1 to 65535, got 'x'"),
+        ("[mqtt]\nport = 70000\n", "[mqtt] port: expected an integer from 1 to 65535, got 70000"),
+        ("[mqtt]\nprotocol = '4'\n", '[mqtt] protocol: expected one of "3.1.1", "5"'),
+        ("[mqtt]\nclean_session = 1\n", "[mqtt] clean_session: expected true or false"),
+        ("[mqtt.topics]\n'a/b' = { qos = 7 }\n", '[mqtt.topics] "a/b" qos: expected an integer from 0 to 2, got 7'),
+        ("[mqtt.topics]\n'a/b' = { qso = 1 }\n", "unknown key 'qso' (did you mean 'qos'?)"),
+        ("[mqtt.topics]\n'a/b' = 1\n", "expected a table like { qos = 1 }"),
+        ("[mqtt.topics]\n'a/#/b' = {}\n", "'#' must be a whole level and the last one"),
+        ("[mqtt.topics]\n'a/b+' = {}\n", "'+' must be a whole level"),
+        ("[mqtt.topics]\n'$share/g' = {}\n", "$share/<group>/<filter>"),
+        ("[workers]\ncount = -1\n", "[workers] count: expected an integer from 1 to 1024, got -1"),
+        ("[workers]\ncount = true\n", "[workers] count: expected an integer"),
+        ("[workers]\ndispatch = 'fastest'\n", '[workers] dispatch: expected one of "random", "round_robin"'),
+        (
+            "[workers]\ngraceful_timeout = -2\n",
+            "[workers] graceful_timeout: expected a number of seconds from 0 to 1000000, got -2",
+        ),
+        ("mqtt = 3\n", "[mqtt] must be a table"),
+        ("[mqtt\n", "not valid TOML"),
+        ("[mqtt]\npassword = 'a'\npassword_env = 'B'\n", "set only one of password, password_env, password_file"),
+        (
+            "[mqtt]\npassword_env = 'PROCMQTT_TEST_UNSET_VAR'\n",
+            "environment variable PROCMQTT_TEST_UNSET_VAR is not set",
+        ),
+        ("[mqtt]\npassword_file = '/nonexistent/pw'\n", "password_file: cannot read /nonexistent/pw"),
+    ],
+)
 @pytest.mark.unit
 def test_mistakes_name_file_key_and_expectation(tmp_path, text, expected):
     assert expected in error_of(tmp_path, text)
@@ -124,25 +138,31 @@ def test_password_never_in_errors(tmp_path):
     assert "hunter2" not in message
 
 
-@pytest.mark.parametrize("url, host, port, user", [
-    ("mqtt://broker:1884", "broker", 1884, None),
-    ("mqtt://svc@10.0.0.1", "10.0.0.1", 1883, "svc"),
-    ("tcp://[::1]:1999", "::1", 1999, None),
-    ("mqtts://broker", "broker", 8883, None),
-    ("wss://svc@broker/ws", "broker", 443, "svc"),
-])
+@pytest.mark.parametrize(
+    "url, host, port, user",
+    [
+        ("mqtt://broker:1884", "broker", 1884, None),
+        ("mqtt://svc@10.0.0.1", "10.0.0.1", 1883, "svc"),
+        ("tcp://[::1]:1999", "::1", 1999, None),
+        ("mqtts://broker", "broker", 8883, None),
+        ("wss://svc@broker/ws", "broker", 443, "svc"),
+    ],
+)
 @pytest.mark.unit
 def test_broker_override(url, host, port, user):
     cfg = config.with_overrides(config.Config(), broker=url, workers=3)
     assert (cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.username, cfg.workers.count) == (host, port, user, 3)
 
 
-@pytest.mark.parametrize("url, expected", [
-    ("mqtt://u:hunter2@host", "do not put a password in the URL"),
-    ("http://host", "expected mqtt://, mqtts://, ws:// or wss:// followed by [user@]host[:port]"),
-    ("mqtt://host:notaport", "expected mqtt://, mqtts://, ws:// or wss:// followed by [user@]host[:port]"),
-    ("host:1883", "expected mqtt://, mqtts://, ws:// or wss:// followed by [user@]host[:port]"),
-])
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("mqtt://u:hunter2@host", "do not put a password in the URL"),
+        ("http://host", "expected mqtt://, mqtts://, ws:// or wss:// followed by [user@]host[:port]"),
+        ("mqtt://host:notaport", "expected mqtt://, mqtts://, ws:// or wss:// followed by [user@]host[:port]"),
+        ("host:1883", "expected mqtt://, mqtts://, ws:// or wss:// followed by [user@]host[:port]"),
+    ],
+)
 @pytest.mark.unit
 def test_bad_broker_url(url, expected):
     with pytest.raises(ConfigError) as info:
@@ -165,6 +185,7 @@ def test_default_client_id_is_stable_and_app_specific():
 @pytest.mark.unit
 def test_dispatchers():
     from procmqtt.agent.dispatch import RandomDispatcher, RoundRobinDispatcher
+
     rr = RoundRobinDispatcher()
     assert [rr.choose([0, 1, 2]) for _ in range(5)] == [0, 1, 2, 0, 1]
     assert rr.choose([0, 2]) == 2 and rr.choose([0, 2]) == 0
@@ -182,12 +203,15 @@ def test_workers_are_not_capped_by_the_publish_buffer():
         config.with_overrides(cfg, workers=1025)
 
 
-@pytest.mark.parametrize("url, tls, transport, ws_path", [
-    ("mqtt://b", False, "tcp", "/mqtt"),
-    ("mqtts://b", True, "tcp", "/mqtt"),
-    ("ws://b:9001", False, "websockets", "/mqtt"),
-    ("wss://b/custom", True, "websockets", "/custom"),
-])
+@pytest.mark.parametrize(
+    "url, tls, transport, ws_path",
+    [
+        ("mqtt://b", False, "tcp", "/mqtt"),
+        ("mqtts://b", True, "tcp", "/mqtt"),
+        ("ws://b:9001", False, "websockets", "/mqtt"),
+        ("wss://b/custom", True, "websockets", "/custom"),
+    ],
+)
 @pytest.mark.unit
 def test_broker_url_scheme_sets_tls_and_transport(url, tls, transport, ws_path):
     m = config.with_overrides(config.Config(), broker=url).mqtt
@@ -202,10 +226,16 @@ def certificates(tmp_path_factory):
 @pytest.mark.unit
 def test_tls_will_birth_and_share_group_tables(certificates):
     ca = certificates.ca
-    cfg = config.from_mapping({"mqtt": {
-        "share_group": "orders", "tls": {"ca_certs": str(ca)},
-        "will": {"topic": "p/app", "payload": "offline", "qos": 1, "retain": True},
-        "birth": {"topic": "p/app", "payload": "online"}}})
+    cfg = config.from_mapping(
+        {
+            "mqtt": {
+                "share_group": "orders",
+                "tls": {"ca_certs": str(ca)},
+                "will": {"topic": "p/app", "payload": "offline", "qos": 1, "retain": True},
+                "birth": {"topic": "p/app", "payload": "online"},
+            }
+        }
+    )
     m = cfg.mqtt
     assert m.port == 8883 and m.tls.ca_certs == str(ca) and not m.tls.insecure
     assert (m.will.topic, m.will.payload, m.will.qos, m.will.retain) == ("p/app", "offline", 1, True)
@@ -214,15 +244,18 @@ def test_tls_will_birth_and_share_group_tables(certificates):
     assert m.wire_filter("$share/other/a") == "$share/other/a"
 
 
-@pytest.mark.parametrize("toml, expected", [
-    ("[mqtt]\nshare_group = 'a/b'\n", "[mqtt] share_group: expected a non-empty name without '/', '+' or '#'"),
-    ("[mqtt.will]\npayload = 'x'\n", "[mqtt.will] topic: required"),
-    ("[mqtt.birth]\ntopic = 'a/+'\n", "[mqtt.birth] topic: expected a topic name to publish to"),
-    ("[mqtt.tls]\nkeyfile = '/etc/hostname'\n", "[mqtt.tls] keyfile needs certfile"),
-    ("[mqtt.tls]\ninsecure = 'yes'\n", "[mqtt.tls] insecure: expected true or false"),
-    ("[mqtt.tls]\ncafile = 'x'\n", "[mqtt.tls] unknown key 'cafile'"),
-    ("[mqtt]\ntransport = 'udp'\n", "[mqtt] transport: expected one of \"tcp\", \"websockets\""),
-])
+@pytest.mark.parametrize(
+    "toml, expected",
+    [
+        ("[mqtt]\nshare_group = 'a/b'\n", "[mqtt] share_group: expected a non-empty name without '/', '+' or '#'"),
+        ("[mqtt.will]\npayload = 'x'\n", "[mqtt.will] topic: required"),
+        ("[mqtt.birth]\ntopic = 'a/+'\n", "[mqtt.birth] topic: expected a topic name to publish to"),
+        ("[mqtt.tls]\nkeyfile = '/etc/hostname'\n", "[mqtt.tls] keyfile needs certfile"),
+        ("[mqtt.tls]\ninsecure = 'yes'\n", "[mqtt.tls] insecure: expected true or false"),
+        ("[mqtt.tls]\ncafile = 'x'\n", "[mqtt.tls] unknown key 'cafile'"),
+        ("[mqtt]\ntransport = 'udp'\n", '[mqtt] transport: expected one of "tcp", "websockets"'),
+    ],
+)
 @pytest.mark.unit
 def test_broker_feature_mistakes(tmp_path, toml, expected):
     assert expected in error_of(tmp_path, toml)
@@ -232,6 +265,7 @@ def test_broker_feature_mistakes(tmp_path, toml, expected):
 @pytest.mark.unit
 def test_max_inflight_defaults_by_protocol_and_paho_leaves_it_to_the_agent():
     from procmqtt.agent.connection import make_client
+
     assert config.from_mapping({"mqtt": {}}).mqtt.inflight() == 1000
     assert config.from_mapping({"mqtt": {"protocol": "5"}}).mqtt.inflight() == 20
     mqtt = config.from_mapping({"mqtt": {"protocol": "5", "max_inflight": 7}}).mqtt
@@ -242,6 +276,7 @@ def test_max_inflight_defaults_by_protocol_and_paho_leaves_it_to_the_agent():
 
 
 # --- what used to escape as a traceback or an agent crash loop (issue 11, point 16) ----------------
+
 
 @pytest.mark.unit
 def test_binary_file_is_one_line_error(tmp_path):
@@ -279,14 +314,17 @@ def test_durations_at_the_bound_are_accepted(tmp_path):
     assert cfg.mqtt.connect_timeout == 1_000_000 and cfg.workers.timeout == 0
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("client_id", "a" * 65_536, "[mqtt] client_id: expected at most 65,535 UTF-8 bytes (the MQTT limit)"),
-    ("client_id", "é" * 40_000, "[mqtt] client_id: expected at most 65,535 UTF-8 bytes"),  # 80,000 bytes
-    ("username", "u" * 70_000, "[mqtt] username: expected at most 65,535 UTF-8 bytes"),
-    ("client_id", "a\x00b", "[mqtt] client_id: expected a string without NUL characters"),
-    ("client_id", "a\udcffb", "[mqtt] client_id: expected valid UTF-8 text"),  # from the environment
-    ("host", "h\x00", "[mqtt] host: expected a string without NUL characters"),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("client_id", "a" * 65_536, "[mqtt] client_id: expected at most 65,535 UTF-8 bytes (the MQTT limit)"),
+        ("client_id", "é" * 40_000, "[mqtt] client_id: expected at most 65,535 UTF-8 bytes"),  # 80,000 bytes
+        ("username", "u" * 70_000, "[mqtt] username: expected at most 65,535 UTF-8 bytes"),
+        ("client_id", "a\x00b", "[mqtt] client_id: expected a string without NUL characters"),
+        ("client_id", "a\udcffb", "[mqtt] client_id: expected valid UTF-8 text"),  # from the environment
+        ("host", "h\x00", "[mqtt] host: expected a string without NUL characters"),
+    ],
+)
 @pytest.mark.unit
 def test_strings_that_go_on_the_wire_are_checked(key, value, expected):
     with pytest.raises(ConfigError) as info:
@@ -299,18 +337,30 @@ def test_client_id_of_exactly_65535_bytes_is_accepted():
     assert len(config.from_mapping({"mqtt": {"client_id": "é" * 32_767 + "a"}}).mqtt.client_id) == 32_768
 
 
-@pytest.mark.parametrize("table, expected", [
-    ({"will": {"topic": "t" * 65_536}},
-     "[mqtt.will] topic: expected a topic name to publish to (a topic must be at most"),
-    ({"will": {"topic": "w", "payload": "p" * 65_536}}, "[mqtt.will] payload: expected at most 65,535 UTF-8 bytes"),
-    ({"birth": {"topic": "b" * 65_536}}, "[mqtt.birth] topic: expected a topic name to publish to"),
-    ({"birth": {"topic": "b\udcff"}}, "[mqtt.birth] topic: expected a topic name to publish to (valid UTF-8 text"),
-    ({"share_group": "g" * 65_530, "topics": {"a/b": {}}},
-     '[mqtt.topics] "a/b": expected a valid MQTT topic filter (a topic filter must be at most 65535 bytes)'),
-    ({"topics": {"a\udcff": {}}}, '[mqtt.topics] "a\udcff": expected a valid MQTT topic filter (valid UTF-8 text'),
-    ({"topics": {"x" * 70_000: {}}}, (f'[mqtt.topics] "{"x" * 57}...": expected a valid MQTT topic filter (a topic '
-                                      "filter must be at most 65535 bytes)")),
-])
+@pytest.mark.parametrize(
+    "table, expected",
+    [
+        (
+            {"will": {"topic": "t" * 65_536}},
+            "[mqtt.will] topic: expected a topic name to publish to (a topic must be at most",
+        ),
+        ({"will": {"topic": "w", "payload": "p" * 65_536}}, "[mqtt.will] payload: expected at most 65,535 UTF-8 bytes"),
+        ({"birth": {"topic": "b" * 65_536}}, "[mqtt.birth] topic: expected a topic name to publish to"),
+        ({"birth": {"topic": "b\udcff"}}, "[mqtt.birth] topic: expected a topic name to publish to (valid UTF-8 text"),
+        (
+            {"share_group": "g" * 65_530, "topics": {"a/b": {}}},
+            '[mqtt.topics] "a/b": expected a valid MQTT topic filter (a topic filter must be at most 65535 bytes)',
+        ),
+        ({"topics": {"a\udcff": {}}}, '[mqtt.topics] "a\udcff": expected a valid MQTT topic filter (valid UTF-8 text'),
+        (
+            {"topics": {"x" * 70_000: {}}},
+            (
+                f'[mqtt.topics] "{"x" * 57}...": expected a valid MQTT topic filter (a topic '
+                "filter must be at most 65535 bytes)"
+            ),
+        ),
+    ],
+)
 @pytest.mark.unit
 def test_will_birth_and_filters_fit_the_wire(table, expected):
     with pytest.raises(ConfigError) as info:
@@ -324,8 +374,9 @@ def test_birth_payload_is_a_publish_not_a_connect_field():
     assert birth is not None and len(birth.payload) == 100_000
 
 
-@pytest.mark.parametrize("value", [73217321, 7321.7321, True, ["hunter2"], {"x": "hunter2"}, "hunter2" * 10_000,
-                                   "hunter2\udcff"])
+@pytest.mark.parametrize(
+    "value", [73217321, 7321.7321, True, ["hunter2"], {"x": "hunter2"}, "hunter2" * 10_000, "hunter2\udcff"]
+)
 @pytest.mark.unit
 def test_password_of_any_wrong_kind_is_never_shown(value):
     with pytest.raises(ConfigError) as info:
@@ -369,25 +420,47 @@ def test_tls_files_must_be_certificates(tmp_path, certificates):
     (tmp_path / "notes.txt").write_text("not a certificate\n")
     assert _tls_error(tmp_path, ca_certs=tmp_path / "notes.txt").endswith(
         f"[mqtt.tls] ca_certs: {tmp_path / 'notes.txt'}: expected PEM certificates of the CAs to trust "
-        "(NO_CERTIFICATE_OR_CRL_FOUND)")
+        "(NO_CERTIFICATE_OR_CRL_FOUND)"
+    )
     assert "[mqtt.tls] ca_certs: " in _tls_error(tmp_path, ca_certs=tmp_path)  # a directory
     assert _tls_error(tmp_path, certfile=certificates.client_cert).endswith(  # no key anywhere
         f"[mqtt.tls] certfile: {certificates.client_cert}: expected a PEM client certificate with its private key "
-        "(there, or in keyfile) (no PEM certificate and key found)")
-    assert "(KEY_VALUES_MISMATCH)" in _tls_error(tmp_path, certfile=certificates.client_cert,
-                                                 keyfile=certificates.server_key)
-    cfg = load_text(tmp_path, f'[mqtt.tls]\nca_certs = "{certificates.ca}"\ncertfile = "{certificates.client_cert}"\n'
-                              f'keyfile = "{certificates.client_key}"\n')
+        "(there, or in keyfile) (no PEM certificate and key found)"
+    )
+    assert "(KEY_VALUES_MISMATCH)" in _tls_error(
+        tmp_path, certfile=certificates.client_cert, keyfile=certificates.server_key
+    )
+    cfg = load_text(
+        tmp_path,
+        f'[mqtt.tls]\nca_certs = "{certificates.ca}"\ncertfile = "{certificates.client_cert}"\n'
+        f'keyfile = "{certificates.client_key}"\n',
+    )
     assert cfg.mqtt.tls is not None and cfg.mqtt.tls.keyfile == str(certificates.client_key)
 
 
 def test_encrypted_tls_key_is_refused_without_a_prompt(tmp_path, certificates):
     encrypted = tmp_path / "client-enc.key"
-    subprocess.run(["openssl", "pkey", "-in", str(certificates.client_key), "-aes256", "-passout", "pass:x",
-                    "-out", str(encrypted)], check=True, capture_output=True, timeout=20)
+    subprocess.run(
+        [
+            "openssl",
+            "pkey",
+            "-in",
+            str(certificates.client_key),
+            "-aes256",
+            "-passout",
+            "pass:x",
+            "-out",
+            str(encrypted),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=20,
+    )
     message = _tls_error(tmp_path, certfile=certificates.client_cert, keyfile=encrypted)
-    assert message.endswith(f"[mqtt.tls] keyfile: {encrypted}: the private key is encrypted; procmqtt needs it "
-                            "unencrypted (readable by its user only)")
+    assert message.endswith(
+        f"[mqtt.tls] keyfile: {encrypted}: the private key is encrypted; procmqtt needs it "
+        "unencrypted (readable by its user only)"
+    )
 
 
 @pytest.mark.unit

@@ -40,23 +40,74 @@ def _huge(s: str, n: int) -> str:
 strings = st.one_of(
     st.text(max_size=20),
     st.text(st.characters(codec=None, exclude_categories=()), max_size=8),  # lone surrogates included
-    st.sampled_from(["", "a/#", "+", "$share/g/x", "/mqtt", "3.1.1", "5", "tcp", "websockets", "random",
-                     "ack", "retry", "\x00", "\udcff", "/etc/hostname", "/dev/null", "/nonexistent", ".",
-                     str(Path(__file__).parent.parent / "README.md")]),
+    st.sampled_from(
+        [
+            "",
+            "a/#",
+            "+",
+            "$share/g/x",
+            "/mqtt",
+            "3.1.1",
+            "5",
+            "tcp",
+            "websockets",
+            "random",
+            "ack",
+            "retry",
+            "\x00",
+            "\udcff",
+            "/etc/hostname",
+            "/dev/null",
+            "/nonexistent",
+            ".",
+            str(Path(__file__).parent.parent / "README.md"),
+        ]
+    ),
     st.builds(_huge, st.sampled_from(["a", "é", "/", "\x00"]), st.sampled_from([65_535, 65_536, 70_000])),
 )
 scalars = st.one_of(
-    st.integers(), st.integers(-3, 70_000), st.sampled_from([0, 1, 2, 65_535, 65_536, 2**32, 2**63, -(2**63)]),
-    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([float("inf"), float("nan"), 1e300, 0.1]),
-    st.booleans(), strings,
+    st.integers(),
+    st.integers(-3, 70_000),
+    st.sampled_from([0, 1, 2, 65_535, 65_536, 2**32, 2**63, -(2**63)]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([float("inf"), float("nan"), 1e300, 0.1]),
+    st.booleans(),
+    strings,
 )
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(strings, inner, max_size=3),
-                      max_leaves=6)
+values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(strings, inner, max_size=3), max_leaves=6
+)
 
 
-POOL = [0, 1, 2, 4, 30, 1883, 65_535, 0.5, 10.0, True, False, "x", "localhost", "a/b", "3.1.1", "5", "tcp",
-        "websockets", "/mqtt", "random", "round_robin", "ack", "retry", "g", "127.0.0.1", "/dev/null",
-        "/etc/hostname"]
+POOL = [
+    0,
+    1,
+    2,
+    4,
+    30,
+    1883,
+    65_535,
+    0.5,
+    10.0,
+    True,
+    False,
+    "x",
+    "localhost",
+    "a/b",
+    "3.1.1",
+    "5",
+    "tcp",
+    "websockets",
+    "/mqtt",
+    "random",
+    "round_robin",
+    "ack",
+    "retry",
+    "g",
+    "127.0.0.1",
+    "/dev/null",
+    "/etc/hostname",
+]
 
 
 def field(check: config.Check) -> st.SearchStrategy[Any]:
@@ -65,8 +116,9 @@ def field(check: config.Check) -> st.SearchStrategy[Any]:
     return st.one_of(*[st.sampled_from(good)] * 3, values) if good else values
 
 
-def table(keys: dict[str, config.Check], special: dict[str, st.SearchStrategy[Any]] | None = None
-          ) -> st.SearchStrategy[Any]:
+def table(
+    keys: dict[str, config.Check], special: dict[str, st.SearchStrategy[Any]] | None = None
+) -> st.SearchStrategy[Any]:
     """A table of this schema's keys, now and then with unknown ones, or now and then not a table."""
     special = special or {}
     fields = {key: special[key] if key in special else field(check) for key, check in keys.items()}
@@ -77,19 +129,36 @@ def table(keys: dict[str, config.Check], special: dict[str, st.SearchStrategy[An
 
 passwords = st.one_of(
     st.builds(lambda a, b: a + MARKER + b, strings, strings),
-    st.just(MARKER_NUMBER), st.just(float(MARKER_NUMBER)), st.just([MARKER]), st.just({"x": MARKER}),
-    st.just(MARKER + "\udcff"), st.just(MARKER * 10_000), st.just(MARKER + "\x00"),
+    st.just(MARKER_NUMBER),
+    st.just(float(MARKER_NUMBER)),
+    st.just([MARKER]),
+    st.just({"x": MARKER}),
+    st.just(MARKER + "\udcff"),
+    st.just(MARKER * 10_000),
+    st.just(MARKER + "\x00"),
 )
 topics = st.dictionaries(strings, table(config._TOPIC_KEYS), max_size=3)
-mqtt = table(config._MQTT_KEYS, {
-    "password": passwords, "password_env": st.just("PW"),
-    "topics": topics | values, "tls": table(config._TLS_KEYS), "will": table(config._WILL_KEYS),
-    "birth": table(config._ANNOUNCEMENT_KEYS),
-})
-mappings = st.fixed_dictionaries({}, optional={
-    "mqtt": mqtt, "workers": table(config._WORKERS_KEYS), "metrics": table(config._METRICS_KEYS),
-    "app": values, "other": values,
-})
+mqtt = table(
+    config._MQTT_KEYS,
+    {
+        "password": passwords,
+        "password_env": st.just("PW"),
+        "topics": topics | values,
+        "tls": table(config._TLS_KEYS),
+        "will": table(config._WILL_KEYS),
+        "birth": table(config._ANNOUNCEMENT_KEYS),
+    },
+)
+mappings = st.fixed_dictionaries(
+    {},
+    optional={
+        "mqtt": mqtt,
+        "workers": table(config._WORKERS_KEYS),
+        "metrics": table(config._METRICS_KEYS),
+        "app": values,
+        "other": values,
+    },
+)
 environs = st.fixed_dictionaries({}, optional={"PW": passwords.filter(lambda p: isinstance(p, str))})
 
 
@@ -130,12 +199,30 @@ def test_from_mapping_returns_a_config_or_one_config_error(data, environ):
         _assert_clean(str(exc), MARKERS)
 
 
-toml_pieces = st.sampled_from([
-    b"[mqtt]\n", b"[workers]\n", b"[mqtt.topics]\n", b"[mqtt.tls]\n", b"[app]\n", b"host = 'h'\n",
-    b"port = 1883\n", b"connect_timeout = inf\n", b"timeout = nan\n", b"count = 4\n", b"'a/#' = { qos = 1 }\n",
-    b"password = 739173917391\n", b"password = 'PW-7f3a9c'\n", b"x = [[[[1]]]]\n", b"a = {b = {c = 1}}\n",
-    b"\xff\xfe", b"\x00", b"\n", b"= = =\n", b"client_id = '" + b"c" * 70_000 + b"'\n",
-])
+toml_pieces = st.sampled_from(
+    [
+        b"[mqtt]\n",
+        b"[workers]\n",
+        b"[mqtt.topics]\n",
+        b"[mqtt.tls]\n",
+        b"[app]\n",
+        b"host = 'h'\n",
+        b"port = 1883\n",
+        b"connect_timeout = inf\n",
+        b"timeout = nan\n",
+        b"count = 4\n",
+        b"'a/#' = { qos = 1 }\n",
+        b"password = 739173917391\n",
+        b"password = 'PW-7f3a9c'\n",
+        b"x = [[[[1]]]]\n",
+        b"a = {b = {c = 1}}\n",
+        b"\xff\xfe",
+        b"\x00",
+        b"\n",
+        b"= = =\n",
+        b"client_id = '" + b"c" * 70_000 + b"'\n",
+    ]
+)
 files = st.one_of(st.binary(max_size=200), st.lists(toml_pieces | st.binary(max_size=8), max_size=12).map(b"".join))
 
 

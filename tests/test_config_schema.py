@@ -24,9 +24,15 @@ from procmqtt.config.schema import KEYS, REQUIRED, Reload
 
 pytestmark = pytest.mark.timeout(30)
 
-SECTION_CLASSES = {"mqtt": config.MqttConfig, "workers": config.WorkersConfig, "metrics": config.MetricsConfig,
-                   "mqtt.tls": config.TlsConfig, "mqtt.will": config.Announcement,
-                   "mqtt.birth": config.Announcement, "mqtt.topics": config.Subscription}
+SECTION_CLASSES = {
+    "mqtt": config.MqttConfig,
+    "workers": config.WorkersConfig,
+    "metrics": config.MetricsConfig,
+    "mqtt.tls": config.TlsConfig,
+    "mqtt.will": config.Announcement,
+    "mqtt.birth": config.Announcement,
+    "mqtt.topics": config.Subscription,
+}
 
 
 def test_readme_holds_exactly_the_rendered_reference_table():
@@ -41,18 +47,23 @@ def test_readme_holds_exactly_the_rendered_reference_table():
 def test_the_table_has_one_row_per_key_with_its_variable_default_and_reload():
     table = reference.render()
     assert len(table.splitlines()) == 2 + len(KEYS) + 1  # header, rule, keys, [app]
-    assert ("| `[mqtt] port` | an integer from 1 to 65535 | 1883, 8883 with [mqtt.tls] | `PROCMQTT_MQTT_PORT` "
-            "| agent restarts |") in table
+    assert (
+        "| `[mqtt] port` | an integer from 1 to 65535 | 1883, 8883 with [mqtt.tls] | `PROCMQTT_MQTT_PORT` "
+        "| agent restarts |"
+    ) in table
     assert "| `[workers] count` | an integer from 1 to 1024 | `1` | `PROCMQTT_WORKERS_COUNT` | new workers |" in table
     assert "| `[mqtt.tls] insecure` | true or false | `false` | file only | agent restarts |" in table
-    assert ("| `[metrics] port` | an integer from 1 to 65535 | unset | `PROCMQTT_METRICS_PORT` | procmqtt restart |"
-            in table)
+    assert (
+        "| `[metrics] port` | an integer from 1 to 65535 | unset | `PROCMQTT_METRICS_PORT` | procmqtt restart |"
+        in table
+    )
 
 
 @pytest.mark.parametrize("section", list(SECTION_CLASSES))
 def test_every_dataclass_field_is_a_declared_key_with_its_default(section):
-    fields = {f.name: f.default for f in dataclasses.fields(SECTION_CLASSES[section])
-              if f.name != "topic_filter"}  # a [mqtt.topics] entry's name, not a key
+    fields = {
+        f.name: f.default for f in dataclasses.fields(SECTION_CLASSES[section]) if f.name != "topic_filter"
+    }  # a [mqtt.topics] entry's name, not a key
     declared = {k.name: k.default for k in schema.keys(section) if k.field}
     assert list(fields) == list(declared)  # same keys, same order (check prints them in this order)
     assert fields == {name: dataclasses.MISSING if d is REQUIRED else d for name, d in declared.items()}
@@ -72,8 +83,14 @@ def test_each_key_has_its_variable_and_only_those():
 def test_reload_classification_is_as_before():
     """The sets reload.py had written out, now derived from each key's ``reload``."""
     assert {"topics", "publish_buffer", "publish_timeout"} == reload.LIVE_MQTT_KEYS
-    assert reload.AGENT_WORKERS_KEYS == ("dispatch", "prefetch", "graceful_timeout", "max_attempts", "on_error",
-                                         "dead_letter_topic")
+    assert reload.AGENT_WORKERS_KEYS == (
+        "dispatch",
+        "prefetch",
+        "graceful_timeout",
+        "max_attempts",
+        "on_error",
+        "dead_letter_topic",
+    )
     assert {"mqtt", "workers", "app", "source"} == reload.RELOADED_SECTIONS
     assert {k.reload for k in KEYS if k.section == "metrics"} == {Reload.RESTART}
 
@@ -86,6 +103,7 @@ def test_secrets_are_declared():
 def test_runtime_modules_use_the_names_config_declares():
     from procmqtt.agent.dispatch import DISPATCHERS
     from procmqtt.ipc.shared import MAX_SLOTS
+
     assert set(DISPATCHERS) == set(config.DISPATCH_MODES)
     assert MAX_SLOTS == config.MAX_SLOTS and config.SECTIONS["workers"]["count"](MAX_SLOTS + 1)
 
@@ -109,8 +127,9 @@ def test_importing_config_loads_no_runtime_module():
         runtime = ("procmqtt.agent", "procmqtt.worker", "procmqtt.supervisor", "procmqtt.ipc")
         print(sorted(m for m in sys.modules if m.startswith(runtime)))
     """)
-    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT,
-                            timeout=20)
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT, timeout=20
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
@@ -118,7 +137,7 @@ def test_importing_config_loads_no_runtime_module():
 def test_readme_configuration_example_loads():
     """The example above the table sets only declared keys, with values they accept."""
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("\n## Configuration\n"):readme.index(reference.BEGIN)]
+    section = readme[readme.index("\n## Configuration\n") : readme.index(reference.BEGIN)]
     example = tomllib.loads(section.split("```toml\n")[1].split("```")[0])
     del example["mqtt"]["tls"]  # its files do not exist here; [mqtt.tls] keys are checked by the loader
     cfg = config.from_mapping(example, "README.md", environ={"MQTT_PASSWORD": "pw"})

@@ -37,17 +37,23 @@ class Demo:
     def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.out_path = tmp_path / "demo.out"
         self._out = open(self.out_path, "wb")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen([sys.executable, "-m", "procmqtt", "demo", *args], cwd=ROOT,
-                                     stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "procmqtt", "demo", *args],
+            cwd=ROOT,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
 
     def output(self) -> str:
         return self.out_path.read_text(errors="replace")
 
     def pids(self) -> tuple[int, int]:
         """The private broker's pid and the app's (its supervisor, leader of its process group)."""
-        m = wait_until(lambda: re.search(r"mosquitto \(pid (\d+)\).*\(pid (\d+)\)", self.output()), 30,
-                       "the demo's first line")
+        m = wait_until(
+            lambda: re.search(r"mosquitto \(pid (\d+)\).*\(pid (\d+)\)", self.output()), 30, "the demo's first line"
+        )
         return int(m.group(1)), int(m.group(2))
 
     def wait(self, timeout: float) -> int:
@@ -122,8 +128,10 @@ def test_run_with_embedded_broker(tmp_path, runs):
     record_dir = tmp_path / "records"
     record_dir.mkdir()
     cfg = tmp_path / "embedded.toml"
-    cfg.write_text(f'[mqtt]\nclient_id = "test-embedded-{os.getpid()}"\n\n[mqtt.topics]\n"t/#" = {{ qos = 1 }}\n\n'
-                   f'[workers]\ncount = 2\ngraceful_timeout = 10\n\n[app]\nrecord_dir = "{record_dir}"\n')
+    cfg.write_text(
+        f'[mqtt]\nclient_id = "test-embedded-{os.getpid()}"\n\n[mqtt.topics]\n"t/#" = {{ qos = 1 }}\n\n'
+        f'[workers]\ncount = 2\ngraceful_timeout = 10\n\n[app]\nrecord_dir = "{record_dir}"\n'
+    )
     run = Procmqtt(tmp_path, "tests/apps.py:Recorder", str(cfg), "--broker", "embedded")
     runs.append(run)
     run.wait_for_log(r"embedded broker: mosquitto \(pid \d+\) on 127\.0\.0\.1:\d+; try: mosquitto_pub -p \d+")
@@ -132,8 +140,10 @@ def test_run_with_embedded_broker(tmp_path, runs):
     run.ready()
 
     def pub(payload: str) -> None:
-        subprocess.run(["mosquitto_pub", "-p", str(port), "-q", "1", "-t", "t/x", "-m", payload], check=True,
-                       timeout=10)
+        subprocess.run(
+            ["mosquitto_pub", "-p", str(port), "-q", "1", "-t", "t/x", "-m", payload], check=True, timeout=10
+        )
+
     pub("hello")
     wait_until(lambda: any(r.get("payload") == b"hello".hex() for r in records(record_dir)), 15, "hello handled")
 
@@ -156,10 +166,18 @@ def test_no_mosquitto_binary_is_one_line_and_exit_2(tmp_path, args):
     empty = tmp_path / "bin"
     empty.mkdir()
     # No mosquitto on PATH nor in the sbin directories (patched: this machine has /usr/sbin/mosquitto).
-    code = ("import sys, procmqtt.dev.embedded as e, procmqtt.cli.main as c; e.SBIN_DIRS = (); "
-            f"sys.exit(c.main({args!r}))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False,
-                            env={**os.environ, "PATH": str(empty)}, timeout=20)
+    code = (
+        f"import sys, procmqtt.dev.embedded as e, procmqtt.cli.main as c; e.SBIN_DIRS = (); sys.exit(c.main({args!r}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PATH": str(empty)},
+        timeout=20,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"procmqtt: error: {INSTALL_HINT}"]
     assert "apt-get install mosquitto" in INSTALL_HINT and "brew install mosquitto" in INSTALL_HINT
@@ -170,24 +188,40 @@ def test_no_mosquitto_binary_is_one_line_and_exit_2(tmp_path, args):
 def test_embedded_broker_found_in_usr_sbin_off_path():
     """A normal user's PATH lacks /usr/sbin, where Debian installs mosquitto."""
     env = {**os.environ, "PATH": "/usr/local/bin:/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", "import shutil; print(shutil.which('mosquitto'))"],
-                            env=env, capture_output=True, text=True, timeout=10, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", "import shutil; print(shutil.which('mosquitto'))"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
     assert result.stdout.strip() == "None"  # the premise: not on this PATH
     code = "import procmqtt.dev.embedded as e; print(e.EmbeddedBroker().binary)"
-    result = subprocess.run([sys.executable, "-c", code],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=10, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=10, check=True
+    )
     assert result.stdout.strip() == "/usr/sbin/mosquitto"
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("args, expected", [
-    (["-w", "0"], "--workers: expected an integer from 1 to 32, got 0"),
-    (["--seconds", "0"], "--seconds: expected a number > 0, got 0"),
-    (["--rate", "-5"], "--rate: expected messages per second"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["-w", "0"], "--workers: expected an integer from 1 to 32, got 0"),
+        (["--seconds", "0"], "--seconds: expected a number > 0, got 0"),
+        (["--rate", "-5"], "--rate: expected messages per second"),
+    ],
+)
 def test_demo_usage_errors(args, expected):
-    result = subprocess.run([sys.executable, "-m", "procmqtt", "demo", *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=20, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "procmqtt", "demo", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"procmqtt: error: {expected}")
@@ -212,10 +246,17 @@ def test_embedded_broker_that_will_not_start_is_one_line(tmp_path):
     fake.parent.mkdir()
     fake.write_text("#!/bin/sh\nexit 3\n")
     fake.chmod(0o755)
-    result = subprocess.run([sys.executable, "-m", "procmqtt", "run", "tests/apps.py:Recorder", "--broker", "embedded"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=20, check=False,
-                            env={**os.environ, "PATH": str(fake.parent)})
+    result = subprocess.run(
+        [sys.executable, "-m", "procmqtt", "run", "tests/apps.py:Recorder", "--broker", "embedded"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+        env={**os.environ, "PATH": str(fake.parent)},
+    )
     assert result.returncode == 1
     port = re.search(r"127\.0\.0\.1:(\d+)", result.stderr).group(1)
     assert result.stderr.strip().splitlines() == [
-        f"procmqtt: error: the embedded broker (mosquitto on 127.0.0.1:{port}) exited with code 3"]
+        f"procmqtt: error: the embedded broker (mosquitto on 127.0.0.1:{port}) exited with code 3"
+    ]

@@ -21,6 +21,7 @@ DEPLOY = ROOT / "examples" / "deploy"
 
 # --- systemd -------------------------------------------------------------------------------------
 
+
 def unit_sections(text: str) -> dict[str, dict[str, list[str]]]:
     """A systemd unit as section -> key -> values (a key may repeat), after systemd's own rules."""
     sections: dict[str, dict[str, list[str]]] = {}
@@ -65,13 +66,15 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
     text = re.sub(r"^ExecStart=\S+", f"ExecStart={shutil.which('true')}", text, flags=re.MULTILINE)
     unit = tmp_path / "procmqtt.service"
     unit.write_text(text)
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=50,
-                            check=False)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=50, check=False
+    )
     problems = [line for line in result.stderr.splitlines() if "procmqtt.service" in line]
     assert result.returncode == 0 and not problems, result.stderr
 
 
 # --- container -----------------------------------------------------------------------------------
+
 
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) in order, with continuation lines joined and comments dropped."""
@@ -97,8 +100,21 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
 def test_dockerfile_runs_procmqtt_in_exec_form_with_sigterm():
     instructions = dockerfile_instructions((DEPLOY / "Dockerfile").read_text())
     names = [name for name, _ in instructions]
-    known = {"FROM", "ENV", "RUN", "WORKDIR", "COPY", "USER", "STOPSIGNAL", "HEALTHCHECK", "ENTRYPOINT", "CMD",
-             "ARG", "LABEL", "EXPOSE"}
+    known = {
+        "FROM",
+        "ENV",
+        "RUN",
+        "WORKDIR",
+        "COPY",
+        "USER",
+        "STOPSIGNAL",
+        "HEALTHCHECK",
+        "ENTRYPOINT",
+        "CMD",
+        "ARG",
+        "LABEL",
+        "EXPOSE",
+    }
     assert names[0] == "FROM" and set(names) <= known, names
     args = dict(instructions)  # the last of each kind is the one that counts
     entrypoint, cmd = json.loads(args["ENTRYPOINT"]), json.loads(args["CMD"])  # exec form: JSON arrays
@@ -120,6 +136,7 @@ def test_dockerfile_runs_procmqtt_in_exec_form_with_sigterm():
 
 # --- logrotate -----------------------------------------------------------------------------------
 
+
 @pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate is not installed")
 @pytest.mark.timeout(60)
 def test_logrotate_snippet_rotates_a_running_procmqtt(tmp_path, broker, runs):
@@ -131,17 +148,34 @@ def test_logrotate_snippet_rotates_a_running_procmqtt(tmp_path, broker, runs):
     conf = tmp_path / "logrotate.conf"
     conf.write_text(re.sub(r"^\s*su .*\n", "", text, flags=re.MULTILINE))
     log_file, pid_file = logs_dir / "procmqtt.log", logs_dir / "procmqtt.pid"
-    run, _ = start(runs, tmp_path, broker, topics={"boom": 1},
-                   args=("--log-file", str(log_file), "--pid", str(pid_file)), wait_ready=False)
-    wait_until(lambda: log_file.exists() and "[agent] INFO subscribed to" in log_file.read_text(), 15,
-               "procmqtt logging to its file")
-    subprocess.run(["logrotate", "--force", "--state", str(tmp_path / "state"), str(conf)], check=True,
-                   capture_output=True, timeout=30)
-    wait_until(lambda: log_file.exists() and "SIGUSR1: log file reopened" in log_file.read_text(), 10,
-               "the supervisor to reopen after postrotate")
+    run, _ = start(
+        runs,
+        tmp_path,
+        broker,
+        topics={"boom": 1},
+        args=("--log-file", str(log_file), "--pid", str(pid_file)),
+        wait_ready=False,
+    )
+    wait_until(
+        lambda: log_file.exists() and "[agent] INFO subscribed to" in log_file.read_text(),
+        15,
+        "procmqtt logging to its file",
+    )
+    subprocess.run(
+        ["logrotate", "--force", "--state", str(tmp_path / "state"), str(conf)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    wait_until(
+        lambda: log_file.exists() and "SIGUSR1: log file reopened" in log_file.read_text(),
+        10,
+        "the supervisor to reopen after postrotate",
+    )
     publish_all(publisher(broker), [("boom", b"x")])
-    wait_until(lambda: "on_message failed for topic 'boom'" in log_file.read_text(), 10,
-               "a worker line in the new file")
+    wait_until(
+        lambda: "on_message failed for topic 'boom'" in log_file.read_text(), 10, "a worker line in the new file"
+    )
     assert "on_message failed" not in (logs_dir / "procmqtt.log.1").read_text()
     run.signal(signal.SIGTERM)
     assert run.wait(30) == 0

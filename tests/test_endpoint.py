@@ -49,6 +49,7 @@ def hello(request: endpoint.Request) -> endpoint.Response:
 
 # --- in-process -----------------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(10)
 @pytest.mark.unit
 def test_routes_and_errors(listener):
@@ -75,8 +76,10 @@ def test_routes_and_errors(listener):
 
 @pytest.mark.timeout(30)
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=300) | st.builds(lambda a, b: a + b"\r\n\r\n" + b, st.binary(max_size=200),
-                                           st.binary(max_size=20)))
+@given(
+    st.binary(max_size=300)
+    | st.builds(lambda a, b: a + b"\r\n\r\n" + b, st.binary(max_size=200), st.binary(max_size=20))
+)
 @pytest.mark.unit
 def test_parse_never_raises(data):
     """Whatever a client sends, parse() answers: a request, an error to send, or 'not whole yet'."""
@@ -93,6 +96,7 @@ def test_a_failing_handler_is_a_500_and_the_server_goes_on(listener, caplog):
 
     def broken(request: endpoint.Request) -> endpoint.Response:
         raise RuntimeError("bug")
+
     server = served(listener, {"/broken": broken, "/hello": hello})
     try:
         assert ask(port, b"GET /broken HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 500 Internal Server Error\r\n")
@@ -108,8 +112,10 @@ def test_an_idle_or_slow_client_is_closed_at_the_deadline(listener):
     port = listener.getsockname()[1]
     server = served(listener, {"/hello": hello}, deadline=0.5)
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as idle, \
-                socket.create_connection(("127.0.0.1", port), timeout=5) as slow:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as idle,
+            socket.create_connection(("127.0.0.1", port), timeout=5) as slow,
+        ):
             began = time.monotonic()
             slow.sendall(b"GET /hello HTTP/1.0\r\n")  # never finishes its head
             assert idle.recv(100) == b"" and slow.recv(100) == b""  # closed, no answer
@@ -152,6 +158,7 @@ def test_handlers_get_a_bounded_share_of_the_time(listener):
     def slow(request: endpoint.Request) -> endpoint.Response:
         time.sleep(0.05)
         return endpoint.Response(200)
+
     server = served(listener, {"/slow": slow})
     try:
         began = time.monotonic()
@@ -219,6 +226,7 @@ def test_idle_connections_cannot_stall_the_agent(tmp_path, broker, runs):
 
         def sample() -> None:
             peak[0], peak[1] = max(peak[0], threads(agent)), max(peak[1], fds(agent))
+
         began = time.monotonic()
         for batch in range(10):  # a steady stream: 200 messages over about 2 s
             publish_all(pub, [(f"load/{batch}/{i}", b"x") for i in range(20)])
@@ -226,8 +234,10 @@ def test_idle_connections_cannot_stall_the_agent(tmp_path, broker, runs):
             time.sleep(0.2)
         wait_until(lambda: sample() or len(records(rec)) >= 200, 10, "the stream handled during the attack")
         handled_in = time.monotonic() - began
-        print(f"\n{IDLE} idle connections: 200 messages handled in {handled_in:.2f} s; agent threads "
-              f"{base_threads} -> peak {peak[0]}, fds {base_fds} -> peak {peak[1]}")
+        print(
+            f"\n{IDLE} idle connections: 200 messages handled in {handled_in:.2f} s; agent threads "
+            f"{base_threads} -> peak {peak[0]}, fds {base_fds} -> peak {peak[1]}"
+        )
         assert peak[0] <= base_threads + 1, "the agent's threads grow with the clients"
         assert peak[1] <= base_fds + endpoint.MAX_CONNECTIONS + 4, "the agent's descriptors grow with the clients"
         assert handled_in < 6

@@ -67,7 +67,10 @@ def toml_file(tmp_path: Path, text: str) -> str:
 @pytest.mark.unit
 def test_every_scalar_key_has_a_variable():
     expected = {variable(k) for k in SAMPLES} | {
-        "PROCMQTT_MQTT_PASSWORD", "PROCMQTT_MQTT_PASSWORD_ENV", "PROCMQTT_MQTT_PASSWORD_FILE"}
+        "PROCMQTT_MQTT_PASSWORD",
+        "PROCMQTT_MQTT_PASSWORD_ENV",
+        "PROCMQTT_MQTT_PASSWORD_FILE",
+    }
     assert expected <= set(config.env_variables())
     assert "PROCMQTT_MQTT_TOPICS" not in config.env_variables()  # a table: TOML only
     assert not [v for v in config.env_variables() if v.startswith("PROCMQTT_APP_")]
@@ -78,8 +81,9 @@ def test_a_key_added_to_the_schema_gets_a_variable(monkeypatch):
     """Another section ([metrics]) or key ([workers] concurrency) needs no code here."""
     monkeypatch.setitem(config._SECTIONS, "metrics", {"port": config._integer(1, 65535), "host": config._text})
     monkeypatch.setitem(config._WORKERS_KEYS, "concurrency", config._integer(1, 1000))
-    values, origins = config.from_environ({"PROCMQTT_METRICS_PORT": "9464", "PROCMQTT_METRICS_HOST": "0.0.0.0",
-                                           "PROCMQTT_WORKERS_CONCURRENCY": "8"})
+    values, origins = config.from_environ(
+        {"PROCMQTT_METRICS_PORT": "9464", "PROCMQTT_METRICS_HOST": "0.0.0.0", "PROCMQTT_WORKERS_CONCURRENCY": "8"}
+    )
     assert values == {"metrics": {"host": "0.0.0.0", "port": 9464}, "workers": {"concurrency": 8}}
     assert origins["metrics.port"] == "PROCMQTT_METRICS_PORT"
     with pytest.raises(ConfigError, match=r"^PROCMQTT_METRICS_PORT: expected an integer from 1 to 65535, got '0'$"):
@@ -125,9 +129,15 @@ def test_command_line_precedence_through_the_real_command(tmp_path):
     path = toml_file(tmp_path, "[workers]\ncount = 2\nprefetch = 5\n")
 
     def printed(*args: str, env: dict[str, str]) -> dict:
-        result = subprocess.run([sys.executable, "-m", "procmqtt", "run", "tests/apps.py:Recorder", "-c", path,
-                                 "--print-config", *args], capture_output=True, text=True, cwd=ROOT, timeout=20,
-                                env={**CLEAN_ENV, **env}, check=False)
+        result = subprocess.run(
+            [sys.executable, "-m", "procmqtt", "run", "tests/apps.py:Recorder", "-c", path, "--print-config", *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=20,
+            env={**CLEAN_ENV, **env},
+            check=False,
+        )
         assert result.returncode == 0, result.stderr
         return tomllib.loads(result.stdout)
 
@@ -151,21 +161,33 @@ def test_password_from_environment_replaces_any_form_in_the_file(tmp_path, monke
     assert cfg.origins["mqtt.password"] == "PROCMQTT_MQTT_PASSWORD_ENV (password_env)"
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({"PROCMQTT_WORKERS_COUNT": "x"}, "PROCMQTT_WORKERS_COUNT: expected an integer from 1 to 1024, got 'x'"),
-    ({"PROCMQTT_WORKERS_COUNT": "0"}, "PROCMQTT_WORKERS_COUNT: expected an integer from 1 to 1024, got '0'"),
-    ({"PROCMQTT_WORKERS_COUNT": "2.5"}, "PROCMQTT_WORKERS_COUNT: expected an integer from 1 to 1024, got '2.5'"),
-    ({"PROCMQTT_MQTT_PORT": "70000"}, "PROCMQTT_MQTT_PORT: expected an integer from 1 to 65535, got '70000'"),
-    ({"PROCMQTT_MQTT_CLEAN_SESSION": "yes"}, "PROCMQTT_MQTT_CLEAN_SESSION: expected true or false, got 'yes'"),
-    ({"PROCMQTT_WORKERS_DISPATCH": "fastest"}, 'PROCMQTT_WORKERS_DISPATCH: expected one of "random", "round_robin"'),
-    ({"PROCMQTT_WORKERS_GRACEFUL_TIMEOUT": "-1"},
-     "PROCMQTT_WORKERS_GRACEFUL_TIMEOUT: expected a number of seconds from 0 to 1000000"),
-    ({"PROCMQTT_WORKERS_DEAD_LETTER_TOPIC": "dead/#"}, "PROCMQTT_WORKERS_DEAD_LETTER_TOPIC: expected a topic name"),
-    ({"PROCMQTT_MQTT_PASSWORD_ENV": "NOT_SET_ANYWHERE"},
-     "PROCMQTT_MQTT_PASSWORD_ENV: environment variable NOT_SET_ANYWHERE is not set"),
-    ({"PROCMQTT_MQTT_PASSWORD": "a", "PROCMQTT_MQTT_PASSWORD_FILE": "/f"},
-     "set only one of PROCMQTT_MQTT_PASSWORD, PROCMQTT_MQTT_PASSWORD_FILE"),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"PROCMQTT_WORKERS_COUNT": "x"}, "PROCMQTT_WORKERS_COUNT: expected an integer from 1 to 1024, got 'x'"),
+        ({"PROCMQTT_WORKERS_COUNT": "0"}, "PROCMQTT_WORKERS_COUNT: expected an integer from 1 to 1024, got '0'"),
+        ({"PROCMQTT_WORKERS_COUNT": "2.5"}, "PROCMQTT_WORKERS_COUNT: expected an integer from 1 to 1024, got '2.5'"),
+        ({"PROCMQTT_MQTT_PORT": "70000"}, "PROCMQTT_MQTT_PORT: expected an integer from 1 to 65535, got '70000'"),
+        ({"PROCMQTT_MQTT_CLEAN_SESSION": "yes"}, "PROCMQTT_MQTT_CLEAN_SESSION: expected true or false, got 'yes'"),
+        (
+            {"PROCMQTT_WORKERS_DISPATCH": "fastest"},
+            'PROCMQTT_WORKERS_DISPATCH: expected one of "random", "round_robin"',
+        ),
+        (
+            {"PROCMQTT_WORKERS_GRACEFUL_TIMEOUT": "-1"},
+            "PROCMQTT_WORKERS_GRACEFUL_TIMEOUT: expected a number of seconds from 0 to 1000000",
+        ),
+        ({"PROCMQTT_WORKERS_DEAD_LETTER_TOPIC": "dead/#"}, "PROCMQTT_WORKERS_DEAD_LETTER_TOPIC: expected a topic name"),
+        (
+            {"PROCMQTT_MQTT_PASSWORD_ENV": "NOT_SET_ANYWHERE"},
+            "PROCMQTT_MQTT_PASSWORD_ENV: environment variable NOT_SET_ANYWHERE is not set",
+        ),
+        (
+            {"PROCMQTT_MQTT_PASSWORD": "a", "PROCMQTT_MQTT_PASSWORD_FILE": "/f"},
+            "set only one of PROCMQTT_MQTT_PASSWORD, PROCMQTT_MQTT_PASSWORD_FILE",
+        ),
+    ],
+)
 @pytest.mark.unit
 def test_bad_values_name_the_variable(env, expected):
     with pytest.raises(ConfigError) as info:
@@ -186,12 +208,18 @@ def test_booleans(text, value):
     assert config.resolve(None, environ={"PROCMQTT_MQTT_CLEAN_SESSION": text}).mqtt.clean_session is value
 
 
-@pytest.mark.parametrize("name, message", [
-    ("PROCMQTT_MQTT_HOTS", "PROCMQTT_MQTT_HOTS: not a procmqtt setting, ignored (did you mean PROCMQTT_MQTT_HOST?)"),
-    ("PROCMQTT_WORKERS_CUONT", "(did you mean PROCMQTT_WORKERS_COUNT?)"),
-    ("PROCMQTT_MQTT_TOPICS", "PROCMQTT_MQTT_TOPICS: ignored; [mqtt.topics] is set in the configuration file only"),
-    ("PROCMQTT_APP_ALERT_ABOVE", "PROCMQTT_APP_ALERT_ABOVE: ignored; [app] is set in the configuration file only"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        (
+            "PROCMQTT_MQTT_HOTS",
+            "PROCMQTT_MQTT_HOTS: not a procmqtt setting, ignored (did you mean PROCMQTT_MQTT_HOST?)",
+        ),
+        ("PROCMQTT_WORKERS_CUONT", "(did you mean PROCMQTT_WORKERS_COUNT?)"),
+        ("PROCMQTT_MQTT_TOPICS", "PROCMQTT_MQTT_TOPICS: ignored; [mqtt.topics] is set in the configuration file only"),
+        ("PROCMQTT_APP_ALERT_ABOVE", "PROCMQTT_APP_ALERT_ABOVE: ignored; [app] is set in the configuration file only"),
+    ],
+)
 @pytest.mark.unit
 def test_unknown_variables_warn_with_the_nearest_name(caplog, name, message):
     with caplog.at_level(logging.WARNING, logger="procmqtt.config"):
@@ -233,10 +261,16 @@ def test_a_mistake_in_the_file_still_names_the_file(tmp_path):
 
 
 def test_run_reports_a_bad_variable_like_a_bad_file():
-    result = subprocess.run([sys.executable, "-m", "procmqtt", "run", "tests/apps.py:Recorder"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=20, check=False,
-                            env={**CLEAN_ENV, "PROCMQTT_WORKERS_COUNT": "x",
-                                 "PROCMQTT_MQTT_PASSWORD": "hunter2"})
+    result = subprocess.run(
+        [sys.executable, "-m", "procmqtt", "run", "tests/apps.py:Recorder"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=20,
+        check=False,
+        env={**CLEAN_ENV, "PROCMQTT_WORKERS_COUNT": "x", "PROCMQTT_MQTT_PASSWORD": "hunter2"},
+    )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "procmqtt: error: PROCMQTT_WORKERS_COUNT: expected an integer from 1 to 1024, got 'x'"]
+        "procmqtt: error: PROCMQTT_WORKERS_COUNT: expected an integer from 1 to 1024, got 'x'"
+    ]

@@ -52,7 +52,10 @@ def test_sensor_routes(WorkerHarness):
 
     app = example("sensor_routes.py:SensorRoutes")
     assert {(r.topic_filter, r.qos) for r in routes_of(app)} == {
-        ("sensors/+/temperature", 1), ("sensors/+/humidity", 1), ("sensors/#", 0)}
+        ("sensors/+/temperature", 1),
+        ("sensors/+/humidity", 1),
+        ("sensors/#", 0),
+    }
     with WorkerHarness(app, config={"app": {"max_celsius": 30.0, "max_humidity": 90.0}}) as h:
         h.deliver("sensors/d1/temperature", b'{"celsius": 31.5}')
         h.deliver("sensors/d1/temperature", b'{"celsius": 20}')
@@ -93,10 +96,18 @@ def test_transform(WorkerHarness):
         h.deliver("jobs/7", b'{"text": "hello"}')
         h.deliver("jobs/8", b'{"text": "hello", "rounds": 3}')
         assert h.published == [
-            ("transformed/7", json.dumps({"id": "7", "digest": transform("hello", 100), "worker": 0},
-                                         separators=(",", ":")).encode(), 1, False),
-            ("transformed/8", json.dumps({"id": "8", "digest": transform("hello", 3), "worker": 0},
-                                         separators=(",", ":")).encode(), 1, False),
+            (
+                "transformed/7",
+                json.dumps({"id": "7", "digest": transform("hello", 100), "worker": 0}, separators=(",", ":")).encode(),
+                1,
+                False,
+            ),
+            (
+                "transformed/8",
+                json.dumps({"id": "8", "digest": transform("hello", 3), "worker": 0}, separators=(",", ":")).encode(),
+                1,
+                False,
+            ),
         ]
 
 

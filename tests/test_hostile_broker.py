@@ -16,8 +16,14 @@ BAD_TOPIC_WARNING = r"WARNING a message whose topic is not valid UTF-8"
 def _run(tmp_path, runs, port: int, v5: bool) -> tuple[Procmqtt, object]:
     rec = tmp_path / "records"
     rec.mkdir()
-    cfg = write_config(tmp_path / "procmqtt.toml", None, topics={"t/#": 1}, app={"record_dir": str(rec)},  # type: ignore[arg-type]
-                       mqtt='protocol = "5"' if v5 else "", port=port)
+    cfg = write_config(
+        tmp_path / "procmqtt.toml",
+        None,
+        topics={"t/#": 1},
+        app={"record_dir": str(rec)},  # type: ignore[arg-type]
+        mqtt='protocol = "5"' if v5 else "",
+        port=port,
+    )
     run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg)
     runs.append(run)
     return run, rec
@@ -28,12 +34,17 @@ def _topics(rec) -> list[str]:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("v5, qos, properties", [
-    (False, 0, b""), (False, 1, b""),  # procmqtt's decoder stops at the topic; paho reads the packet
-    (False, 2, b""),  # QoS 2: paho's, on PUBREL
-    (True, 1, b""),  # MQTT 5 without properties: procmqtt's decoder
-    (True, 1, b"\x03\x00\x04text"),  # with a content type: paho's
-], ids=["3.1.1-qos0", "3.1.1-qos1", "3.1.1-qos2", "5-qos1", "5-qos1-properties"])
+@pytest.mark.parametrize(
+    "v5, qos, properties",
+    [
+        (False, 0, b""),
+        (False, 1, b""),  # procmqtt's decoder stops at the topic; paho reads the packet
+        (False, 2, b""),  # QoS 2: paho's, on PUBREL
+        (True, 1, b""),  # MQTT 5 without properties: procmqtt's decoder
+        (True, 1, b"\x03\x00\x04text"),  # with a content type: paho's
+    ],
+    ids=["3.1.1-qos0", "3.1.1-qos1", "3.1.1-qos2", "5-qos1", "5-qos1-properties"],
+)
 def test_a_topic_that_is_not_utf8_is_acknowledged_and_dropped(tmp_path, runs, v5, qos, properties):
     def after_subscribe(conn: Connection) -> None:
         conn.send(publish(b"t/\xff\xfe", b"bad", qos, 10, v5, properties))
@@ -61,6 +72,7 @@ def test_a_topic_that_is_not_utf8_is_acknowledged_and_dropped(tmp_path, runs, v5
 @pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5"])
 def test_a_second_connack_drops_the_connection_and_the_agent_reconnects(tmp_path, runs, v5):
     """paho hands a second CONNACK to on_connect; the agent raised IllegalTransition and crashed."""
+
     def after_subscribe(conn: Connection) -> None:
         if conn.index == 0:
             conn.send(packet(0x20, b"\x00\x00\x00" if v5 else b"\x00\x00"))

@@ -41,8 +41,7 @@ def test_sigkilled_publishing_workers_never_corrupt_or_wedge_the_publish_channel
     wait_until(lambda: b"final" in done.payloads(), 30, "the final burst to complete")
     corrupt = sum(hashlib.sha1(p[20:]).digest() != p[:20] for p in out.payloads())
     sizes = [len(p) - 20 for p in out.payloads()]
-    print(f"kills={kills} published_during_kills={during} total={len(sizes)} "
-          f"largest={max(sizes)} corrupt={corrupt}")
+    print(f"kills={kills} published_during_kills={during} total={len(sizes)} largest={max(sizes)} corrupt={corrupt}")
     assert kills >= 12  # restarts back off (0, 0.5, 1, 2 s...), which caps the rate
     assert corrupt == 0
     assert during > 0 and max(sizes) >= 2_000_000

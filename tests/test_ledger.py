@@ -32,18 +32,28 @@ class Recorder:
     requeued: list[int] = field(default_factory=list)  # delivery ids
 
     def effects(self) -> Effects:
-        return Effects(lambda slot, d: self.delivered.append((slot, d.delivery_id)),
-                       lambda mid, qos: self.acks.append((mid, qos)),
-                       lambda d, reason: self.dead_letters.append((d, reason)),
-                       lambda d, reason: self.drops.append((d, reason)),
-                       lambda d: self.requeued.append(d.delivery_id))
+        return Effects(
+            lambda slot, d: self.delivered.append((slot, d.delivery_id)),
+            lambda mid, qos: self.acks.append((mid, qos)),
+            lambda d, reason: self.dead_letters.append((d, reason)),
+            lambda d, reason: self.drops.append((d, reason)),
+            lambda d: self.requeued.append(d.delivery_id),
+        )
 
 
-def make(prefetch: int = 2, workers: int = 2, max_attempts: int = 2, retry_failed: bool = True,
-         dead_letters: bool = True) -> tuple[DeliveryLedger, Recorder]:
+def make(
+    prefetch: int = 2, workers: int = 2, max_attempts: int = 2, retry_failed: bool = True, dead_letters: bool = True
+) -> tuple[DeliveryLedger, Recorder]:
     rec = Recorder()
-    ledger = DeliveryLedger(rec.effects(), RoundRobinDispatcher(), prefetch=prefetch, workers=workers,
-                            max_attempts=max_attempts, retry_failed=retry_failed, dead_letters=dead_letters)
+    ledger = DeliveryLedger(
+        rec.effects(),
+        RoundRobinDispatcher(),
+        prefetch=prefetch,
+        workers=workers,
+        max_attempts=max_attempts,
+        retry_failed=retry_failed,
+        dead_letters=dead_letters,
+    )
     return ledger, rec
 
 
@@ -57,15 +67,24 @@ def msg(mid: int, qos: int = 1, topic: str = "t") -> Inbound:
 class LedgerMachine(RuleBasedStateMachine):
     """Every message carries a unique payload: its identity across redeliveries."""
 
-    @initialize(prefetch=st.integers(1, 3), max_attempts=st.integers(1, 3), retry_failed=st.booleans(),
-                dead_letters=st.booleans())
+    @initialize(
+        prefetch=st.integers(1, 3),
+        max_attempts=st.integers(1, 3),
+        retry_failed=st.booleans(),
+        dead_letters=st.booleans(),
+    )
     def setup(self, prefetch: int, max_attempts: int, retry_failed: bool, dead_letters: bool) -> None:
         self.rec = Recorder()
         effects = self.rec.effects()
         self.ledger = DeliveryLedger(
             Effects(self._deliver, self._acknowledge, effects.dead_letter, self._drop, effects.requeued),
-            RoundRobinDispatcher(), prefetch=prefetch, workers=2, max_attempts=max_attempts,
-            retry_failed=retry_failed, dead_letters=dead_letters)
+            RoundRobinDispatcher(),
+            prefetch=prefetch,
+            workers=2,
+            max_attempts=max_attempts,
+            retry_failed=retry_failed,
+            dead_letters=dead_letters,
+        )
         self.next_mid = 1
         self.generations: dict[int, int] = {0: 1, 1: 1}  # slot -> the newest generation started there
         self.arrived: dict[bytes, tuple[int, int, int]] = {}  # payload -> (qos, mid, epoch)
@@ -238,23 +257,29 @@ class LedgerMachine(RuleBasedStateMachine):
     @invariant()
     def dispatched_while_anyone_can_take(self) -> None:
         if self.ledger.pending and not self.ledger.stopping:
-            assert not any(s.ready and not s.retiring and len(s.outstanding) < self.ledger.prefetch
-                           for s in self.ledger.seats.values()), "a message waits while a worker is free"
+            assert not any(
+                s.ready and not s.retiring and len(s.outstanding) < self.ledger.prefetch
+                for s in self.ledger.seats.values()
+            ), "a message waits while a worker is free"
 
 
-LedgerMachine.TestCase.settings = settings(max_examples=400, stateful_step_count=40, deadline=None,
-                                           suppress_health_check=[HealthCheck.too_slow])
+LedgerMachine.TestCase.settings = settings(
+    max_examples=400, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 test_ledger_properties = LedgerMachine.TestCase
 
 
 # --- one small table per path --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("qos", "acks", "pending"), [
-    (0, [], 1),
-    (1, [], 1),
-    (2, [(1, 2)], 1),  # PUBCOMP on arrival
-])
+@pytest.mark.parametrize(
+    ("qos", "acks", "pending"),
+    [
+        (0, [], 1),
+        (1, [], 1),
+        (2, [(1, 2)], 1),  # PUBCOMP on arrival
+    ],
+)
 def test_arrival(qos: int, acks: list[tuple[int, int]], pending: int) -> None:
     ledger, rec = make()
     ledger.connected()
@@ -262,11 +287,14 @@ def test_arrival(qos: int, acks: list[tuple[int, int]], pending: int) -> None:
     assert (rec.acks, len(ledger.pending), ledger.room()) == (acks, pending, 4 - pending)
 
 
-@pytest.mark.parametrize(("ready", "retiring", "delivered"), [
-    (True, False, [0, 1, 0, 1]),  # round robin, two each (prefetch 2), the fifth waits
-    (False, False, []),
-    (True, True, []),
-])
+@pytest.mark.parametrize(
+    ("ready", "retiring", "delivered"),
+    [
+        (True, False, [0, 1, 0, 1]),  # round robin, two each (prefetch 2), the fifth waits
+        (False, False, []),
+        (True, True, []),
+    ],
+)
 def test_dispatch(ready: bool, retiring: bool, delivered: list[int]) -> None:
     ledger, rec = make()
     ledger.connected()
@@ -280,18 +308,21 @@ def test_dispatch(ready: bool, retiring: bool, delivered: list[int]) -> None:
     assert len(ledger.pending) == 5 - len(delivered)
 
 
-@pytest.mark.parametrize(("failed", "retry", "epoch_changed", "acks", "requeued"), [
-    (False, True, False, [(1, 1)], 0),
-    (True, False, False, [(1, 1)], 0),  # on_error = "ack"
-    (True, True, False, [(1, 1)], 1),  # retried at the back, handed out again, then done
-    (False, True, True, [], 0),  # arrived on an earlier connection: no ack on this one
-])
+@pytest.mark.parametrize(
+    ("failed", "retry", "epoch_changed", "acks", "requeued"),
+    [
+        (False, True, False, [(1, 1)], 0),
+        (True, False, False, [(1, 1)], 0),  # on_error = "ack"
+        (True, True, False, [(1, 1)], 1),  # retried at the back, handed out again, then done
+        (False, True, True, [], 0),  # arrived on an earlier connection: no ack on this one
+    ],
+)
 def test_done(failed: bool, retry: bool, epoch_changed: bool, acks: list[tuple[int, int]], requeued: int) -> None:
     ledger, rec = make(max_attempts=3, retry_failed=retry)
     ledger.connected()
     ledger.worker_up(0, 1, ready=True)
     ledger.arrived([msg(1)], None)
-    (_, delivery_id), = rec.delivered
+    ((_, delivery_id),) = rec.delivered
     if epoch_changed:
         ledger.offline(lost=True)
         ledger.connected()
@@ -300,10 +331,13 @@ def test_done(failed: bool, retry: bool, epoch_changed: bool, acks: list[tuple[i
     assert (rec.acks, len(rec.requeued)) == (acks, requeued)
 
 
-@pytest.mark.parametrize(("dead_letters", "dead", "drops", "acks_before_settle"), [
-    (True, 1, 0, []),
-    (False, 0, 1, [(1, 1)]),
-])
+@pytest.mark.parametrize(
+    ("dead_letters", "dead", "drops", "acks_before_settle"),
+    [
+        (True, 1, 0, []),
+        (False, 0, 1, [(1, 1)]),
+    ],
+)
 def test_attempts_used_up(dead_letters: bool, dead: int, drops: int, acks_before_settle: list[tuple[int, int]]) -> None:
     ledger, rec = make(max_attempts=1, dead_letters=dead_letters)
     ledger.connected()
@@ -317,11 +351,14 @@ def test_attempts_used_up(dead_letters: bool, dead: int, drops: int, acks_before
         assert rec.acks == [(1, 1)]
 
 
-@pytest.mark.parametrize(("stopping", "current", "pending", "attempts"), [
-    (False, "first", 2, [1, 0]),  # the one it died on counts an attempt; both at the front
-    (False, None, 2, [0, 0]),
-    (True, "first", 0, []),  # stays at the broker
-])
+@pytest.mark.parametrize(
+    ("stopping", "current", "pending", "attempts"),
+    [
+        (False, "first", 2, [1, 0]),  # the one it died on counts an attempt; both at the front
+        (False, None, 2, [0, 0]),
+        (True, "first", 0, []),  # stays at the broker
+    ],
+)
 def test_worker_gone(stopping: bool, current: str | None, pending: int, attempts: list[int]) -> None:
     ledger, rec = make(max_attempts=3)
     ledger.connected()

@@ -41,8 +41,13 @@ def busy_counters() -> metrics.Counters:
     c = metrics.Counters(3)
     c.received = 10
     c.dispatched[:] = [4, 3, 3]
-    for slot, outcome, seconds in [(0, Outcome.OK, 0.0001), (0, Outcome.FAILED, 0.00011), (1, Outcome.OK, 0.2),
-                                   (1, Outcome.UNROUTED, 0.0), (2, Outcome.OK, 100.0)]:
+    for slot, outcome, seconds in [
+        (0, Outcome.OK, 0.0001),
+        (0, Outcome.FAILED, 0.00011),
+        (1, Outcome.OK, 0.2),
+        (1, Outcome.UNROUTED, 0.0),
+        (2, Outcome.OK, 100.0),
+    ]:
         c.done(slot, outcome, seconds)
     c.redelivered, c.dead_lettered, c.dropped, c.reconnects = 2, 1, 1, 3
     c.published(0)
@@ -55,6 +60,7 @@ def busy_counters() -> metrics.Counters:
 
 
 # --- in-process: counters, exposition, parsing, rendering ----------------------------------------
+
 
 @pytest.mark.timeout(10)
 @pytest.mark.unit
@@ -142,8 +148,11 @@ def test_port_in_use_is_one_line_config_error():
         taken.listen()
         port = taken.getsockname()[1]
         cfg = config.from_mapping({"metrics": {"port": port}}, "m.toml")
-        with pytest.raises(ConfigError, match=rf"^m.toml: \[metrics\] cannot listen on 127.0.0.1:{port}: "
-                                              r"Address already in use"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"^m.toml: \[metrics\] cannot listen on 127.0.0.1:{port}: "
+            r"Address already in use",
+        ):
             metrics.listen(cfg)
 
 
@@ -154,8 +163,9 @@ def test_missing_prometheus_client_names_the_extra(monkeypatch):
     cfg = config.from_mapping({"metrics": {"port": free_port()}}, "m.toml")
     with pytest.raises(ConfigError) as info:
         metrics.listen(cfg)
-    assert str(info.value) == ("m.toml: [metrics] port is set, but prometheus_client is not installed: "
-                               "pip install 'procmqtt[metrics]'")
+    assert str(info.value) == (
+        "m.toml: [metrics] port is set, but prometheus_client is not installed: pip install 'procmqtt[metrics]'"
+    )
     assert metrics.listen(config.Config()) is None  # metrics off: no need for it
 
 
@@ -169,6 +179,7 @@ def test_nothing_listening_is_unreachable():
 
 # --- configuration -----------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(10)
 @pytest.mark.unit
 def test_metrics_config_defaults_and_values():
@@ -178,13 +189,16 @@ def test_metrics_config_defaults_and_values():
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize("table, expected", [
-    ({"port": 0}, "[metrics] port: expected an integer from 1 to 65535, got 0"),
-    ({"port": 70000}, "[metrics] port: expected an integer from 1 to 65535, got 70000"),
-    ({"port": "9464"}, "[metrics] port: expected an integer from 1 to 65535, got '9464'"),
-    ({"host": ""}, "[metrics] host: expected a non-empty string, got ''"),
-    ({"prot": 1}, "[metrics] unknown key 'prot' (did you mean 'port'?)"),
-])
+@pytest.mark.parametrize(
+    "table, expected",
+    [
+        ({"port": 0}, "[metrics] port: expected an integer from 1 to 65535, got 0"),
+        ({"port": 70000}, "[metrics] port: expected an integer from 1 to 65535, got 70000"),
+        ({"port": "9464"}, "[metrics] port: expected an integer from 1 to 65535, got '9464'"),
+        ({"host": ""}, "[metrics] host: expected a non-empty string, got ''"),
+        ({"prot": 1}, "[metrics] unknown key 'prot' (did you mean 'port'?)"),
+    ],
+)
 @pytest.mark.unit
 def test_metrics_config_errors(table, expected):
     with pytest.raises(ConfigError) as info:
@@ -194,9 +208,11 @@ def test_metrics_config_errors(table, expected):
 
 # --- the command line, without a broker ----------------------------------------------------------
 
+
 def procmqtt(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "procmqtt", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=20, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "procmqtt", *args], capture_output=True, text=True, cwd=ROOT, timeout=20, check=False
+    )
 
 
 @pytest.mark.timeout(30)
@@ -206,8 +222,11 @@ def test_status_without_metrics_is_a_config_error(tmp_path):
     result = procmqtt("status", "-c", str(path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        (f"procmqtt: error: {path}: [metrics] port is not set, so procmqtt serves no metrics; set it "
-         "(e.g. port = 9464) and restart procmqtt")]
+        (
+            f"procmqtt: error: {path}: [metrics] port is not set, so procmqtt serves no metrics; set it "
+            "(e.g. port = 9464) and restart procmqtt"
+        )
+    ]
 
 
 @pytest.mark.timeout(30)
@@ -232,11 +251,15 @@ def test_run_with_metrics_port_in_use_exits_2(tmp_path):
         result = procmqtt("run", "tests/apps.py:Recorder", "-c", str(path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        (f"procmqtt: error: {path}: [metrics] cannot listen on 127.0.0.1:{port}: Address already in use "
-         "(another process uses that port; pick another [metrics] port)")]
+        (
+            f"procmqtt: error: {path}: [metrics] cannot listen on 127.0.0.1:{port}: Address already in use "
+            "(another process uses that port; pick another [metrics] port)"
+        )
+    ]
 
 
 # --- a real run ----------------------------------------------------------------------------------
+
 
 def with_metrics(port: int, workers_toml: str = "") -> str:
     """``start()`` has no parameter for other sections: a [metrics] table after the [workers] keys."""
@@ -257,16 +280,25 @@ def snap(port: int) -> metrics.Snapshot:
 def test_counts_messages_publishes_and_reconnects(tmp_path, broker, runs):
     port = free_port()
     n, echoes = 300, 20
-    run, rec = start(runs, tmp_path, broker, topics={"load/#": 1, "echo/#": 1}, workers=2,
-                     mqtt='username = "svc"\npassword = "s3cret-pw-xyz"', workers_toml=with_metrics(port))
+    run, rec = start(
+        runs,
+        tmp_path,
+        broker,
+        topics={"load/#": 1, "echo/#": 1},
+        workers=2,
+        mqtt='username = "svc"\npassword = "s3cret-pw-xyz"',
+        workers_toml=with_metrics(port),
+    )
     pub = publisher(broker)
     publish_all(pub, [(f"load/{i % 5}", str(i).encode()) for i in range(n)])
     publish_all(pub, [(f"echo/{i}", b"e") for i in range(echoes)])
     wait_until(lambda: len(records(rec)) >= n + echoes, 30, "all messages handled")
     # gauges are sampled once a second: wait for a sample taken after the work
-    s = wait_until(lambda: (x := snap(port)).processed == n + echoes and x.in_flight == 0 and x.window == 2 * 16 and x,
-                   10,
-                   "the agent's counts to catch up")
+    s = wait_until(
+        lambda: (x := snap(port)).processed == n + echoes and x.in_flight == 0 and x.window == 2 * 16 and x,
+        10,
+        "the agent's counts to catch up",
+    )
     assert s.received == n + echoes
     assert set(s.workers) == {0, 1} and all(w.processed > 0 for w in s.workers.values())
     assert sum(w.dispatched for w in s.workers.values()) == n + echoes
@@ -286,8 +318,15 @@ def test_counts_messages_publishes_and_reconnects(tmp_path, broker, runs):
 @pytest.mark.timeout(90)
 def test_worker_restarts_by_cause_and_redeliveries(tmp_path, broker, runs):
     port = free_port()
-    run, rec = start(runs, tmp_path, broker, topics={"load/#": 1, "hang": 1}, workers=2, app={"delay": 0.1},
-                     workers_toml=with_metrics(port, "timeout = 1\nmax_attempts = 1"))
+    run, rec = start(
+        runs,
+        tmp_path,
+        broker,
+        topics={"load/#": 1, "hang": 1},
+        workers=2,
+        app={"delay": 0.1},
+        workers_toml=with_metrics(port, "timeout = 1\nmax_attempts = 1"),
+    )
     pub = publisher(broker)
     publish_all(pub, [(f"load/{i}", str(i).encode()) for i in range(40)])
     first = wait_until(lambda: records(rec, "received"), 10, "a message in progress")[0]
@@ -305,8 +344,11 @@ def test_worker_restarts_by_cause_and_redeliveries(tmp_path, broker, runs):
     os.kill(run.pids("agent")[-1], signal.SIGKILL)
     run.wait_for_log(r"started agent", count=2)
     run.wait_for_log(r"\[agent\] INFO subscribed to", count=2)
-    s = wait_until(lambda: (x := snap(port)).restarts == {"SIGKILL": 1, "hung": 1} and x, 10,
-                   "restart totals after an agent restart")
+    s = wait_until(
+        lambda: (x := snap(port)).restarts == {"SIGKILL": 1, "hung": 1} and x,
+        10,
+        "restart totals after an agent restart",
+    )
     assert s.received == 0 and s.processed == 0
     assert run.stop() == 0
 
@@ -314,8 +356,14 @@ def test_worker_restarts_by_cause_and_redeliveries(tmp_path, broker, runs):
 @pytest.mark.timeout(90)
 def test_recycled_workers_are_counted(tmp_path, broker, runs):
     port = free_port()
-    run, _ = start(runs, tmp_path, broker, topics={"load/#": 1}, workers=1,
-                     workers_toml=with_metrics(port, "max_messages = 5\nprefetch = 1"))
+    run, _ = start(
+        runs,
+        tmp_path,
+        broker,
+        topics={"load/#": 1},
+        workers=1,
+        workers_toml=with_metrics(port, "max_messages = 5\nprefetch = 1"),
+    )
     publish_all(publisher(broker), [(f"load/{i}", b"x") for i in range(12)])
     wait_until(lambda: snap(port).restarts.get("recycled", 0) >= 2, 20, "two recycles")
     assert run.stop() == 0
@@ -334,15 +382,22 @@ def test_status_command_prints_the_table(tmp_path, broker, runs):
     assert rows[0] == ["worker", "processed", "msg/s", "in-flight", "failed"]
     assert [r[0] for r in rows[1:4]] == ["0", "1", "total"]
     assert int(rows[1][1]) + int(rows[2][1]) == 50 and rows[3][1] == "50"
-    watch = subprocess.Popen([sys.executable, "-m", "procmqtt", "status", "-c", cfg, "--watch", "0.2"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "procmqtt", "status", "-c", cfg, "--watch", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         seen: list[str] = []
-        wait_until(lambda: seen.append(watch.stdout.readline()) or sum("total" in x for x in seen) >= 2, 10,
-                   "two tables from --watch")
+        wait_until(
+            lambda: seen.append(watch.stdout.readline()) or sum("total" in x for x in seen) >= 2,
+            10,
+            "two tables from --watch",
+        )
         watch.send_signal(signal.SIGINT)
         assert watch.wait(10) == 0
     finally:
         watch.kill()
     assert run.stop() == 0
-

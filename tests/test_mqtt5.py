@@ -20,8 +20,9 @@ V5 = 'protocol = "5"'
 
 
 def v5_client(broker: Mosquitto, name: str) -> mqtt.Client:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{name}-{os.getpid()}-{time.monotonic_ns()}",
-                         protocol=mqtt.MQTTv5)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"test-{name}-{os.getpid()}-{time.monotonic_ns()}", protocol=mqtt.MQTTv5
+    )
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
     return client
@@ -50,15 +51,32 @@ def publish_v5(client: mqtt.Client, topic: str, payload: bytes, props: PahoPrope
     assert info.is_published()
 
 
-def run_app(runs: list[Procmqtt], directory: Path, broker: Mosquitto, app: str, *, topics: dict[str, int],
-            workers: int = 2, settings: dict | None = None, mqtt_toml: str = V5, workers_toml: str = "",
-            ready: bool = True) -> tuple[Procmqtt, Path]:
+def run_app(
+    runs: list[Procmqtt],
+    directory: Path,
+    broker: Mosquitto,
+    app: str,
+    *,
+    topics: dict[str, int],
+    workers: int = 2,
+    settings: dict | None = None,
+    mqtt_toml: str = V5,
+    workers_toml: str = "",
+    ready: bool = True,
+) -> tuple[Procmqtt, Path]:
     """One procmqtt instance in its own directory (its own client id and records)."""
     directory.mkdir()
     rec = directory / "records"
     rec.mkdir()
-    cfg = write_config(directory / "procmqtt.toml", broker, topics=topics, workers=workers,
-                       app={"record_dir": str(rec), **(settings or {})}, mqtt=mqtt_toml, workers_toml=workers_toml)
+    cfg = write_config(
+        directory / "procmqtt.toml",
+        broker,
+        topics=topics,
+        workers=workers,
+        app={"record_dir": str(rec), **(settings or {})},
+        mqtt=mqtt_toml,
+        workers_toml=workers_toml,
+    )
     run = Procmqtt(directory, app, cfg)
     runs.append(run)
     if ready:
@@ -87,8 +105,14 @@ def test_properties_from_a_v5_publisher_reach_message_properties(tmp_path, broke
     assert full["content_type"] == "application/json" and full["response_topic"] == "back/to/me"
     assert full["correlation_data"] == b"\x00\xffid-42".hex() and full["payload_format_indicator"] == 1
     assert 3590 <= full["message_expiry"] <= 3600  # what was left when the broker delivered it
-    assert got["props/none"] == {"user_properties": [], "content_type": None, "response_topic": None,
-                                 "correlation_data": None, "message_expiry": None, "payload_format_indicator": None}
+    assert got["props/none"] == {
+        "user_properties": [],
+        "content_type": None,
+        "response_topic": None,
+        "correlation_data": None,
+        "message_expiry": None,
+        "payload_format_indicator": None,
+    }
     pub.loop_stop()
     assert run.stop() == 0
 
@@ -97,10 +121,10 @@ def test_properties_from_a_v5_publisher_reach_message_properties(tmp_path, broke
 def test_worker_publishes_with_properties_seen_by_a_v5_subscriber(tmp_path, broker, runs):
     run, _ = run_app(runs, tmp_path / "app", broker, "tests/apps_mqtt5.py:Props", topics={"echo5/#": 1})
     sub = V5Subscriber(broker, "echoed5/#")
-    publish_v5(v5_client(broker, "pub5"), "echo5/1", "{\"ü\": 1}".encode())
+    publish_v5(v5_client(broker, "pub5"), "echo5/1", '{"ü": 1}'.encode())
     wait_until(lambda: sub.messages, 15, "the echo")
     msg = sub.messages[0]
-    assert msg.topic == "echoed5/1" and msg.payload == "{\"ü\": 1}".encode()
+    assert msg.topic == "echoed5/1" and msg.payload == '{"ü": 1}'.encode()
     p = msg.properties
     assert p.UserProperty == [("from", "procmqtt"), ("worker", "w")]
     assert p.ContentType == "application/json" and p.ResponseTopic == "answers/here"
@@ -115,12 +139,17 @@ def test_worker_publishes_with_properties_seen_by_a_v5_subscriber(tmp_path, brok
 def test_request_reply_between_two_instances_reaches_the_asking_worker(tmp_path, broker, runs, asker):
     """App A (2 workers) asks; app B (2 workers) answers with self.reply. Every reply must reach the
     worker that asked: one routed elsewhere would leave its request to time out."""
-    _, served = run_app(runs, tmp_path / "responder", broker, "tests/apps_mqtt5.py:Props",
-                        topics={"service/#": 1})
+    _, served = run_app(runs, tmp_path / "responder", broker, "tests/apps_mqtt5.py:Props", topics={"service/#": 1})
     workers_toml = "concurrency = 4" if asker == "AsyncAsker" else ""
-    run, rec = run_app(runs, tmp_path / "asker", broker, f"tests/apps_mqtt5.py:{asker}",
-                       topics={"ask/#": 1, "procmqtt/#": 0},
-                       settings={"service": "service/echo"}, workers_toml=workers_toml)
+    run, rec = run_app(
+        runs,
+        tmp_path / "asker",
+        broker,
+        f"tests/apps_mqtt5.py:{asker}",
+        topics={"ask/#": 1, "procmqtt/#": 0},
+        settings={"service": "service/echo"},
+        workers_toml=workers_toml,
+    )
     pub = v5_client(broker, "pub5")
     for i in range(40):
         publish_v5(pub, f"ask/{i}", f"question {i}".encode())
@@ -135,16 +164,22 @@ def test_request_reply_between_two_instances_reaches_the_asking_worker(tmp_path,
     assert set(Counter(r["worker"] for r in replies)) == {0, 1}, "both asking workers made requests"
     # 'procmqtt/#' subscribes the asker to its replies a second time: they still never reach on_message
     assert not [r for r in records(rec, "received") if r["topic"].startswith("procmqtt/")]
-    assert all(r["properties"]["response_topic"].startswith("procmqtt/reply/")
-               for r in records(served, "received"))
+    assert all(r["properties"]["response_topic"].startswith("procmqtt/reply/") for r in records(served, "received"))
     assert len({r["properties"]["correlation_data"] for r in records(served, "received")}) == 40
     assert run.stop() == 0
 
 
 @pytest.mark.timeout(60)
 def test_request_without_an_answer_raises_timeout_error(tmp_path, broker, runs):
-    run, rec = run_app(runs, tmp_path / "app", broker, "tests/apps_mqtt5.py:Props", topics={"ask/#": 1},
-                       workers=1, settings={"service": "nobody/listens", "request_timeout": 0.5})
+    run, rec = run_app(
+        runs,
+        tmp_path / "app",
+        broker,
+        "tests/apps_mqtt5.py:Props",
+        topics={"ask/#": 1},
+        workers=1,
+        settings={"service": "nobody/listens", "request_timeout": 0.5},
+    )
     publish_v5(v5_client(broker, "pub5"), "ask/1", b"hello?")
     wait_until(lambda: records(rec, "timeout"), 15, "the request to time out")
     (timeout,) = records(rec, "timeout")
@@ -158,15 +193,23 @@ def test_v5_wrong_credentials_exit_4_with_the_reason_code(tmp_path, runs):
     broker = Mosquitto(tmp_path / "auth-broker", users={"svc": "right-password"})
     broker.start()
     try:
-        cfg = write_config(tmp_path / "auth.toml", broker, topics={"x/#": 1}, app={"record_dir": str(tmp_path)},
-                           mqtt=f'{V5}\nusername = "svc"\npassword_env = "PMQ_PW"')
+        cfg = write_config(
+            tmp_path / "auth.toml",
+            broker,
+            topics={"x/#": 1},
+            app={"record_dir": str(tmp_path)},
+            mqtt=f'{V5}\nusername = "svc"\npassword_env = "PMQ_PW"',
+        )
         run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg, env={"PMQ_PW": "Sup3r-Secret-Wrong"})
         runs.append(run)
         assert run.wait(30) == 4
         log = run.log()
         # Mosquitto 2.0 answers an MQTT 5 client's wrong password with "Not authorized"
-        assert re.search(r"refused the credentials of user 'svc': (Not authorized \(CONNACK reason code 135\)|"
-                         r"Bad user name or password \(CONNACK reason code 134\))", log), log
+        assert re.search(
+            r"refused the credentials of user 'svc': (Not authorized \(CONNACK reason code 135\)|"
+            r"Bad user name or password \(CONNACK reason code 134\))",
+            log,
+        ), log
         assert "Sup3r-Secret-Wrong" not in log
     finally:
         broker.stop()
@@ -175,12 +218,23 @@ def test_v5_wrong_credentials_exit_4_with_the_reason_code(tmp_path, runs):
 @pytest.mark.timeout(60)
 def test_v5_reason_strings_for_refused_subscription_and_publish(tmp_path, runs):
     """A broker that refuses a filter and a topic: the log names MQTT 5's reason for each."""
-    broker = Mosquitto(tmp_path / "deny-broker", deny=[{"acltype": "subscribePattern", "topic": "secret/#"},
-                                                       {"acltype": "publishClientSend", "topic": "echoed5/#"}])
+    broker = Mosquitto(
+        tmp_path / "deny-broker",
+        deny=[
+            {"acltype": "subscribePattern", "topic": "secret/#"},
+            {"acltype": "publishClientSend", "topic": "echoed5/#"},
+        ],
+    )
     broker.start()
     try:
-        run, _ = run_app(runs, tmp_path / "app", broker, "tests/apps_mqtt5.py:Props",
-                         topics={"echo5/#": 1, "secret/#": 1}, ready=False)
+        run, _ = run_app(
+            runs,
+            tmp_path / "app",
+            broker,
+            "tests/apps_mqtt5.py:Props",
+            topics={"echo5/#": 1, "secret/#": 1},
+            ready=False,
+        )
         run.wait_for_log(r"refused the subscription to secret/#: Not authorized")
         run.wait_for_log(r"subscribed to echo5/# \(qos 1\)")
         publish_v5(v5_client(broker, "pub5"), "echo5/1", b"{}")  # echoed to echoed5/1: refused
@@ -218,8 +272,16 @@ def test_receive_maximum_is_workers_times_prefetch_at_the_broker(tmp_path, runs,
     broker.start()
     try:
         settings = {"delay": 0.02}
-        run, rec = run_app(runs, tmp_path / "app", broker, "tests/apps.py:Recorder", topics={"slow/#": 1},
-                           settings=settings, mqtt_toml=f'protocol = "{protocol}"', workers_toml="prefetch = 2")
+        run, rec = run_app(
+            runs,
+            tmp_path / "app",
+            broker,
+            "tests/apps.py:Recorder",
+            topics={"slow/#": 1},
+            settings=settings,
+            mqtt_toml=f'protocol = "{protocol}"',
+            workers_toml="prefetch = 2",
+        )
         assert run.stop() == 0
         pub = v5_client(broker, "pub5")
         for i in range(30):
@@ -245,8 +307,16 @@ def test_replies_never_wait_behind_the_window_their_requests_hold(tmp_path, brok
     waiting for replies. Replies come at QoS 0, outside that window, so none waits for a slot that
     only its own arrival would free."""
     run_app(runs, tmp_path / "responder", broker, "tests/apps_mqtt5.py:Props", topics={"service/#": 1})
-    run, rec = run_app(runs, tmp_path / "asker", broker, "tests/apps_mqtt5.py:Props", topics={"ask/#": 1},
-                       workers=1, workers_toml="prefetch = 2", settings={"request_timeout": 3})
+    run, rec = run_app(
+        runs,
+        tmp_path / "asker",
+        broker,
+        "tests/apps_mqtt5.py:Props",
+        topics={"ask/#": 1},
+        workers=1,
+        workers_toml="prefetch = 2",
+        settings={"request_timeout": 3},
+    )
     pub = v5_client(broker, "pub5")
     for i in range(10):
         publish_v5(pub, f"ask/{i}", f"question {i}".encode())
@@ -263,11 +333,19 @@ def test_a_broker_receive_maximum_below_max_inflight_is_named(tmp_path, runs):
     small.start()
     try:
         run, _ = run_app(runs, tmp_path / "app", small, "tests/apps_mqtt5.py:Props", topics={"echo5/#": 1})
-        run.wait_for_log(r"WARNING the broker's Receive Maximum is 5, below \[mqtt\] max_inflight \(20\): a broker "
-                         r"that enforces it may disconnect us; set max_inflight = 5")
+        run.wait_for_log(
+            r"WARNING the broker's Receive Maximum is 5, below \[mqtt\] max_inflight \(20\): a broker "
+            r"that enforces it may disconnect us; set max_inflight = 5"
+        )
         assert run.stop() == 0
-        run2, _ = run_app(runs, tmp_path / "app2", small, "tests/apps_mqtt5.py:Props", topics={"echo5/#": 1},
-                          mqtt_toml=V5 + "\nmax_inflight = 5")
+        run2, _ = run_app(
+            runs,
+            tmp_path / "app2",
+            small,
+            "tests/apps_mqtt5.py:Props",
+            topics={"echo5/#": 1},
+            mqtt_toml=V5 + "\nmax_inflight = 5",
+        )
         sub = V5Subscriber(small, "echoed5/#")
         pub = v5_client(small, "pub5")
         for i in range(30):

@@ -23,8 +23,14 @@ def test_hostile_reply_topics_and_a_wildcard_client_id(tmp_path, broker, runs):
     directory.mkdir()
     rec = directory / "records"
     rec.mkdir()
-    cfg = write_config(directory / "procmqtt.toml", broker, topics={"ask/#": 1}, workers=1,
-                       app={"record_dir": str(rec), "service": "service/echo"}, mqtt=V5)
+    cfg = write_config(
+        directory / "procmqtt.toml",
+        broker,
+        topics={"ask/#": 1},
+        workers=1,
+        app={"record_dir": str(rec), "service": "service/echo"},
+        mqtt=V5,
+    )
     text = re.sub(r'client_id = ".*"', f'client_id = "{ODD_ID}"', (directory / "procmqtt.toml").read_text())
     (directory / "procmqtt.toml").write_text(text)
     asker = Procmqtt(directory, "tests/apps_mqtt5.py:Props", cfg)

@@ -56,15 +56,30 @@ def write_app(path: Path, version: str, on_start: str = "pass") -> None:
     path.write_text(APP.format(version=version, on_start=on_start))
 
 
-def start_versioned(runs: list[Procmqtt], tmp_path: Path, broker, *, topics: dict[str, int], workers: int = 2,
-                    app: dict | None = None, mqtt: str = "", args: tuple[str, ...] = ()) -> tuple[Procmqtt, Path, Path]:
+def start_versioned(
+    runs: list[Procmqtt],
+    tmp_path: Path,
+    broker,
+    *,
+    topics: dict[str, int],
+    workers: int = 2,
+    app: dict | None = None,
+    mqtt: str = "",
+    args: tuple[str, ...] = (),
+) -> tuple[Procmqtt, Path, Path]:
     """Run the rewritable app (version "v1"); returns the run, its record directory and its source file."""
     rec = tmp_path / "records"
     rec.mkdir(exist_ok=True)
     source = tmp_path / "versioned_app.py"
     write_app(source, "v1")
-    cfg = write_config(tmp_path / "procmqtt.toml", broker, topics=topics, workers=workers, mqtt=mqtt,
-                       app={"record_dir": str(rec), **(app or {})})
+    cfg = write_config(
+        tmp_path / "procmqtt.toml",
+        broker,
+        topics=topics,
+        workers=workers,
+        mqtt=mqtt,
+        app={"record_dir": str(rec), **(app or {})},
+    )
     run = Procmqtt(tmp_path, f"{source}:App", cfg, *args)
     runs.append(run)
     run.ready()
@@ -72,10 +87,24 @@ def start_versioned(runs: list[Procmqtt], tmp_path: Path, broker, *, topics: dic
     return run, rec, source
 
 
-def rewrite_config(tmp_path: Path, broker, rec: Path, *, topics: dict[str, int], workers: int = 2,
-                   app: dict | None = None, mqtt: str = "") -> None:
-    write_config(tmp_path / "procmqtt.toml", broker, topics=topics, workers=workers, mqtt=mqtt,
-                 app={"record_dir": str(rec), **(app or {})})
+def rewrite_config(
+    tmp_path: Path,
+    broker,
+    rec: Path,
+    *,
+    topics: dict[str, int],
+    workers: int = 2,
+    app: dict | None = None,
+    mqtt: str = "",
+) -> None:
+    write_config(
+        tmp_path / "procmqtt.toml",
+        broker,
+        topics=topics,
+        workers=workers,
+        mqtt=mqtt,
+        app={"record_dir": str(rec), **(app or {})},
+    )
 
 
 class Stream:
@@ -125,6 +154,7 @@ def children_of(pid: int) -> list[int]:
 
 # --- SIGHUP ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(90)
 def test_sighup_applies_subscription_changes_and_replaces_workers(tmp_path, broker, runs):
     run, rec = start(runs, tmp_path, broker, topics={"old/#": 1, "kept/#": 1, "qos/#": 0})
@@ -143,8 +173,11 @@ def test_sighup_applies_subscription_changes_and_replaces_workers(tmp_path, brok
     assert run.pids("agent") == agent, "the agent was restarted for a subscription change"
     pub = publisher(broker)
     publish_all(pub, [("old/1", b"removed"), ("new/1", b"added"), ("kept/1", b"kept"), ("qos/1", b"q")])
-    wait_until(lambda: {"new/1", "kept/1", "qos/1"} <= {r["topic"] for r in records(rec)}, 10,
-               "messages on the new and kept filters")
+    wait_until(
+        lambda: {"new/1", "kept/1", "qos/1"} <= {r["topic"] for r in records(rec)},
+        10,
+        "messages on the new and kept filters",
+    )
     assert "old/1" not in {r["topic"] for r in records(rec)}
     assert not {r["pid"] for r in records(rec) if r["topic"] == "new/1"} & old_workers
     assert "connected to" in run.log() and run.log().count("connected to") == 1  # one connection all along
@@ -172,8 +205,7 @@ def test_filter_removed_while_the_broker_is_down_is_unsubscribed_on_reconnect(tm
 
 @pytest.mark.timeout(120)
 def test_sighup_during_a_qos1_stream_loses_nothing_and_runs_the_new_code(tmp_path, broker, runs):
-    run, rec, source = start_versioned(runs, tmp_path, broker, topics={"stream/#": 1}, workers=3,
-                                       app={"delay": 0.002})
+    run, rec, source = start_versioned(runs, tmp_path, broker, topics={"stream/#": 1}, workers=3, app={"delay": 0.002})
     stream = Stream(broker, "stream/x", 2400, rate=400)
     wait_until(lambda: len(records(rec)) >= 300, 20, "the stream to flow")
     write_app(source, "v2")
@@ -199,8 +231,7 @@ def test_sighup_with_a_connection_change_restarts_the_agent_without_loss(tmp_pat
     run, rec, _ = start_versioned(runs, tmp_path, broker, topics={"stream/#": 1}, app={"delay": 0.002})
     stream = Stream(broker, "stream/x", 1500, rate=300)
     wait_until(lambda: len(records(rec)) >= 200, 20, "the stream to flow")
-    rewrite_config(tmp_path, broker, rec, topics={"stream/#": 1}, mqtt="keepalive = 30",
-                   app={"delay": 0.002})
+    rewrite_config(tmp_path, broker, rec, topics={"stream/#": 1}, mqtt="keepalive = 30", app={"delay": 0.002})
     run.signal(signal.SIGHUP)
     run.wait_for_log(r"reload: \[mqtt\] keepalive changed: the agent reconnects")
     run.wait_for_log(r"started agent", count=2)
@@ -224,8 +255,10 @@ def test_sighup_with_a_broken_config_or_app_keeps_running_the_old_one(tmp_path, 
 
     cfg.write_text(good + "[broken\n")
     run.signal(signal.SIGHUP)
-    run.wait_for_log(r"ERROR reload failed; still running the previous configuration and app: "
-                     r".*procmqtt\.toml: not valid TOML")
+    run.wait_for_log(
+        r"ERROR reload failed; still running the previous configuration and app: "
+        r".*procmqtt\.toml: not valid TOML"
+    )
     still_handles("1")
     cfg.write_text(good.replace("[workers]", "[workers]\ncuont = 3"))
     run.signal(signal.SIGHUP)
@@ -254,8 +287,10 @@ def test_reloaded_app_that_fails_to_boot_goes_back_to_the_previous_one(tmp_path,
     run, rec, source = start_versioned(runs, tmp_path, broker, topics={"a/#": 1})
     write_app(source, "v2", on_start='raise RuntimeError("v2 cannot start (on purpose)")')
     run.signal(signal.SIGHUP)
-    run.wait_for_log(r"worker \d failed to boot; see the traceback above; going back to the app and "
-                     r"configuration from before the reload")
+    run.wait_for_log(
+        r"worker \d failed to boot; see the traceback above; going back to the app and "
+        r"configuration from before the reload"
+    )
     assert "v2 cannot start (on purpose)" in run.log()
     pub = publisher(broker)
     publish_all(pub, [(f"a/{i}", str(i).encode()) for i in range(20)])
@@ -270,13 +305,16 @@ def test_reloaded_credentials_the_broker_refuses_go_back_to_the_previous_ones(tm
     broker = Mosquitto(tmp_path / "auth-broker", users={"svc": "right-password"})
     broker.start()
     try:
-        run, rec = start(runs, tmp_path, broker, topics={"a/#": 1},
-                         mqtt='username = "svc"\npassword = "right-password"')
+        run, rec = start(
+            runs, tmp_path, broker, topics={"a/#": 1}, mqtt='username = "svc"\npassword = "right-password"'
+        )
         rewrite_config(tmp_path, broker, rec, topics={"a/#": 1}, mqtt='username = "svc"\npassword = "Wr0ng-Secret"')
         run.signal(signal.SIGHUP)
         run.wait_for_log(r"reload: \[mqtt\] password changed: the agent reconnects")
-        run.wait_for_log(r"the broker refused the credentials; see the agent's error above; going back to the "
-                         r"app and configuration from before the reload")
+        run.wait_for_log(
+            r"the broker refused the credentials; see the agent's error above; going back to the "
+            r"app and configuration from before the reload"
+        )
         run.wait_for_log(r"started agent", count=3)
         run.wait_for_log(r"connected to", count=2)
         pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-pub-{os.getpid()}")
@@ -295,6 +333,7 @@ def test_reloaded_credentials_the_broker_refuses_go_back_to_the_previous_ones(tm
 
 # --- SIGTTIN / SIGTTOU ------------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(120)
 def test_sigttin_and_sigttou_change_the_live_worker_count(tmp_path, broker, runs):
     run, rec = start(runs, tmp_path, broker, topics={"stream/#": 1}, workers=2, app={"delay": 0.002})
@@ -306,8 +345,11 @@ def test_sigttin_and_sigttou_change_the_live_worker_count(tmp_path, broker, runs
     wait_until(lambda: len(children_of(run.pid)) == 4, 10, "agent + 3 workers in /proc")
     wait_until(lambda: any(r["worker"] == 2 for r in records(rec)), 10, "the new worker handling messages")
     before = run.pids("worker")
-    for expected in (r"SIGTTOU: 2 worker\(s\)", r"SIGTTOU: 1 worker\(s\)",
-                     r"SIGTTOU ignored: procmqtt keeps at least one worker"):
+    for expected in (
+        r"SIGTTOU: 2 worker\(s\)",
+        r"SIGTTOU: 1 worker\(s\)",
+        r"SIGTTOU ignored: procmqtt keeps at least one worker",
+    ):
         run.signal(signal.SIGTTOU)  # one at a time: the kernel merges a signal sent while one is pending
         run.wait_for_log(expected)
     run.wait_for_log(r"worker 2 \(pid \d+\) stopped; \d worker\(s\) now")
@@ -323,9 +365,15 @@ def test_sigttin_and_sigttou_change_the_live_worker_count(tmp_path, broker, runs
 
 # --- --pid ---------------------------------------------------------------------------------------
 
+
 def healthcheck(pidfile: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / "examples/deploy/healthcheck.py"), "--pid", str(pidfile)],
-                          capture_output=True, text=True, timeout=20, check=False)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples/deploy/healthcheck.py"), "--pid", str(pidfile)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
 
 
 @pytest.mark.timeout(90)
@@ -352,12 +400,14 @@ def test_pid_file_lifecycle(tmp_path, broker, runs):
 
 # --- --log-file and SIGUSR1 --------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(90)
 def test_log_file_rotation_with_sigusr1(tmp_path, broker, runs):
     log_file = tmp_path / "logs" / "procmqtt.log"
     log_file.parent.mkdir()
-    run, _ = start(runs, tmp_path, broker, topics={"ctl/#": 1, "boom": 1}, args=("--log-file", str(log_file)),
-                     wait_ready=False)
+    run, _ = start(
+        runs, tmp_path, broker, topics={"ctl/#": 1, "boom": 1}, args=("--log-file", str(log_file)), wait_ready=False
+    )
 
     def wait_in(path: Path, pattern: str) -> None:
         wait_until(lambda: path.exists() and re.search(pattern, path.read_text()), 15, f"{pattern!r} in {path.name}")

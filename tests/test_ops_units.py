@@ -25,13 +25,20 @@ from procmqtt.supervisor.pidfile import PidFile, is_supervisor_command
 from procmqtt.worker.base import Worker
 
 
-def config(topics: dict[str, int] | None = None, mqtt: dict | None = None, workers: dict | None = None,
-           app: dict | None = None) -> Config:
-    return from_mapping({"mqtt": {**(mqtt or {}), "topics": {f: {"qos": q} for f, q in (topics or {}).items()}},
-                         "workers": workers or {}, "app": app or {}})
+def config(
+    topics: dict[str, int] | None = None, mqtt: dict | None = None, workers: dict | None = None, app: dict | None = None
+) -> Config:
+    return from_mapping(
+        {
+            "mqtt": {**(mqtt or {}), "topics": {f: {"qos": q} for f, q in (topics or {}).items()}},
+            "workers": workers or {},
+            "app": app or {},
+        }
+    )
 
 
 # --- what a reload changes ------------------------------------------------------------------------
+
 
 @pytest.mark.unit
 def test_topic_changes_become_subscribe_and_unsubscribe_records():
@@ -39,8 +46,11 @@ def test_topic_changes_become_subscribe_and_unsubscribe_records():
     new = config({"b/#": 1, "c/#": 1, "d/+": 2})
     changes = compare(old, new)
     assert changes.agent == () and changes.needs_restart == ()
-    assert subscription_records(changes) == [channel.Unsubscribe("a/#"), channel.Subscribe("c/#", 1),
-                                             channel.Subscribe("d/+", 2)]
+    assert subscription_records(changes) == [
+        channel.Unsubscribe("a/#"),
+        channel.Subscribe("c/#", 1),
+        channel.Subscribe("d/+", 2),
+    ]
     assert changes.describe() == "subscribe c/# (qos 1), d/+ (qos 2); unsubscribe a/#"
 
 
@@ -51,9 +61,19 @@ def test_same_config_changes_nothing():
     assert changes.describe() == "no subscription or connection change"
 
 
-@pytest.mark.parametrize("key, value", [("host", "elsewhere"), ("port", 1884), ("client_id", "other"),
-                                        ("keepalive", 30), ("protocol", "5"), ("username", "svc"),
-                                        ("password", "new-secret"), ("share_group", "group-xyz")])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("host", "elsewhere"),
+        ("port", 1884),
+        ("client_id", "other"),
+        ("keepalive", 30),
+        ("protocol", "5"),
+        ("username", "svc"),
+        ("password", "new-secret"),
+        ("share_group", "group-xyz"),
+    ],
+)
 @pytest.mark.unit
 def test_connection_settings_restart_the_agent_and_never_show_values(key, value):
     changes = compare(config({"a/#": 1}), config({"a/#": 1}, mqtt={key: value}))
@@ -63,10 +83,8 @@ def test_connection_settings_restart_the_agent_and_never_show_values(key, value)
 
 @pytest.mark.unit
 def test_worker_side_settings_need_no_new_agent():
-    old = config(mqtt={"publish_buffer": 10}, workers={"count": 2, "timeout": 5, "max_messages": 0},
-                 app={"a": 1})
-    new = config(mqtt={"publish_buffer": 20}, workers={"count": 4, "timeout": 9, "max_messages": 100},
-                 app={"a": 2})
+    old = config(mqtt={"publish_buffer": 10}, workers={"count": 2, "timeout": 5, "max_messages": 0}, app={"a": 1})
+    new = config(mqtt={"publish_buffer": 20}, workers={"count": 4, "timeout": 9, "max_messages": 100}, app={"a": 2})
     assert compare(old, new) == Changes()
 
 
@@ -92,13 +110,13 @@ def test_secret_compares_by_value():
 
 # --- the app imported again ----------------------------------------------------------------------
 
-APP = '''
+APP = """
 from procmqtt import Worker
 VERSION = {version!r}
 class App(Worker):
     def on_message(self, message):
         pass
-'''
+"""
 
 
 @pytest.mark.unit
@@ -118,9 +136,11 @@ def test_reload_app_imports_a_package_afresh_and_restores_it_on_error(tmp_path, 
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "helpers.py").write_text("NAME = 'first'\n")
-    (pkg / "app.py").write_text("from procmqtt import Worker\nfrom .helpers import NAME\n"
-                                "class App(Worker):\n    name = NAME\n\n"
-                                "    def on_message(self, message):\n        pass\n")
+    (pkg / "app.py").write_text(
+        "from procmqtt import Worker\nfrom .helpers import NAME\n"
+        "class App(Worker):\n    name = NAME\n\n"
+        "    def on_message(self, message):\n        pass\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
@@ -149,6 +169,7 @@ def test_reload_app_never_drops_procmqtt_itself():
 
 # --- pid file ------------------------------------------------------------------------------------
 
+
 @pytest.mark.unit
 def test_pid_file_written_and_removed(tmp_path):
     path = tmp_path / "p.pid"
@@ -171,8 +192,9 @@ def test_stale_pid_files_are_replaced(tmp_path):
         pidfile.remove()
 
 
-@pytest.mark.parametrize("content", [b"garbage\n", b"12 34\n", b"1234\nmore notes\n", b"x" * 4096,
-                                     b"\x00\x01", b"-5\n"])
+@pytest.mark.parametrize(
+    "content", [b"garbage\n", b"12 34\n", b"1234\nmore notes\n", b"x" * 4096, b"\x00\x01", b"-5\n"]
+)
 @pytest.mark.unit
 def test_a_file_that_is_not_a_pid_file_is_never_deleted(tmp_path, content):
     path = tmp_path / "notes.txt"
@@ -195,27 +217,30 @@ def test_a_pid_path_that_is_not_a_regular_file_is_refused(tmp_path):
     assert (tmp_path / "target").read_text() == "1\n" and link.is_symlink()
 
 
-@pytest.mark.parametrize("argv, supervisor", [
-    (["procmqtt: supervisor [app:A]"], True),  # the title, with setproctitle
-    ([sys.executable, "-m", "procmqtt", "run", "app:A", "-w", "4"], True),
-    (["python3", "-u", "-X", "dev", "-m", "procmqtt", "run", "app:A"], True),
-    (["/usr/bin/python3.11", "-mprocmqtt", "run", "app:A"], True),
-    (["/srv/venv/bin/python3", "/srv/venv/bin/procmqtt", "run", "app:A", "--pid", "/run/p.pid"], True),
-    (["/srv/venv/bin/procmqtt", "run", "app:A"], True),
-    (["tail", "-f", "procmqtt-notes.txt"], False),  # issue 11: this blocked every start
-    (["vim", "procmqtt/cli/main.py"], False),
-    (["procmqtt: agent [app:A]"], False),
-    (["procmqtt: worker 2 [app:A]"], False),
-    ([sys.executable, "-m", "procmqtt", "status"], False),
-    ([sys.executable, "-m", "procmqtt", "check", "app:A"], False),
-    (["/srv/venv/bin/procmqtt", "demo"], False),
-    ([sys.executable, "-c", "import time; time.sleep(30)", "procmqtt", "run"], False),
-    ([sys.executable, "-m", "pytest", "-m", "procmqtt", "run"], False),
-    ([sys.executable, "myscript.py", "-m", "procmqtt", "run"], False),
-    (["bash", "-c", "procmqtt run app:A"], False),
-    ([], False),
-    ([""], False),
-])
+@pytest.mark.parametrize(
+    "argv, supervisor",
+    [
+        (["procmqtt: supervisor [app:A]"], True),  # the title, with setproctitle
+        ([sys.executable, "-m", "procmqtt", "run", "app:A", "-w", "4"], True),
+        (["python3", "-u", "-X", "dev", "-m", "procmqtt", "run", "app:A"], True),
+        (["/usr/bin/python3.11", "-mprocmqtt", "run", "app:A"], True),
+        (["/srv/venv/bin/python3", "/srv/venv/bin/procmqtt", "run", "app:A", "--pid", "/run/p.pid"], True),
+        (["/srv/venv/bin/procmqtt", "run", "app:A"], True),
+        (["tail", "-f", "procmqtt-notes.txt"], False),  # issue 11: this blocked every start
+        (["vim", "procmqtt/cli/main.py"], False),
+        (["procmqtt: agent [app:A]"], False),
+        (["procmqtt: worker 2 [app:A]"], False),
+        ([sys.executable, "-m", "procmqtt", "status"], False),
+        ([sys.executable, "-m", "procmqtt", "check", "app:A"], False),
+        (["/srv/venv/bin/procmqtt", "demo"], False),
+        ([sys.executable, "-c", "import time; time.sleep(30)", "procmqtt", "run"], False),
+        ([sys.executable, "-m", "pytest", "-m", "procmqtt", "run"], False),
+        ([sys.executable, "myscript.py", "-m", "procmqtt", "run"], False),
+        (["bash", "-c", "procmqtt run app:A"], False),
+        ([], False),
+        ([""], False),
+    ],
+)
 @pytest.mark.unit
 def test_supervisor_command_lines(argv, supervisor):
     assert is_supervisor_command([arg.encode() for arg in argv]) is supervisor
@@ -272,6 +297,7 @@ def test_pid_file_in_a_missing_directory_is_a_clear_error(tmp_path):
 
 # --- log file ------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def restore_logging():
     root = logging.getLogger()
@@ -313,16 +339,29 @@ def test_unwritable_log_file_is_a_clear_error(tmp_path, restore_logging):
 
 
 def test_run_refuses_a_bad_log_file_before_starting(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "procmqtt", "run", "tests/apps.py:Recorder",
-                             "--log-file", str(tmp_path / "nope" / "x.log")],
-                            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=30,
-                            check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "procmqtt",
+            "run",
+            "tests/apps.py:Recorder",
+            "--log-file",
+            str(tmp_path / "nope" / "x.log"),
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().endswith("cannot open: No such file or directory")
     assert "Traceback" not in result.stderr
 
 
 # --- the supervisor's decisions, one call at a time (no processes) -------------------------------
+
 
 class _App(Worker):
     def on_message(self, message: object) -> None:
@@ -365,8 +404,12 @@ def test_adopt_sends_subscription_changes_then_retires_workers_and_keeps_the_age
     sup = supervisor(count=2)
     sup.adopt(_NewApp, config({"b/#": 1}, workers={"count": 2}), 1)
     assert sup.app is _NewApp and sup.revision == 1
-    assert list(sup.control) == [channel.Unsubscribe("a/#"), channel.Subscribe("b/#", 1),
-                                 channel.Retire(0, 11), channel.Retire(1, 12)]
+    assert list(sup.control) == [
+        channel.Unsubscribe("a/#"),
+        channel.Subscribe("b/#", 1),
+        channel.Retire(0, 11),
+        channel.Retire(1, 12),
+    ]
 
 
 @pytest.mark.unit
@@ -396,6 +439,7 @@ def test_a_reload_that_cannot_load_changes_nothing():
 
     def broken() -> tuple[type[Worker], Config]:
         raise ConfigError("procmqtt.toml: not valid TOML")
+
     sup.loader = broken
     sup.reload()
     assert sup.app is _App and sup.revision == 0 and not sup.control and sup.previous is None

@@ -21,8 +21,14 @@ from harness import (
 
 @pytest.mark.timeout(60)
 def test_recycling_after_max_messages_loses_and_repeats_nothing(tmp_path, broker, runs):
-    run, rec = start(runs, tmp_path, broker, topics={"load/#": 1}, workers=2,
-                     workers_toml="max_messages = 40\nmax_messages_jitter = 10")
+    run, rec = start(
+        runs,
+        tmp_path,
+        broker,
+        topics={"load/#": 1},
+        workers=2,
+        workers_toml="max_messages = 40\nmax_messages_jitter = 10",
+    )
     pub = publisher(broker)
     publish_all(pub, [(f"load/{i}", str(i).encode()) for i in range(400)])
     wait_until(lambda: len({r["payload"] for r in records(rec)}) >= 400, 30, "all 400 handled")
@@ -49,8 +55,14 @@ def test_recycling_above_max_memory(tmp_path, broker, runs):
 @pytest.mark.timeout(60)
 def test_on_error_retry_then_dead_letter(tmp_path, broker, runs):
     dlq = Subscriber(broker, "dead/#")
-    run, rec = start(runs, tmp_path, broker, topics={"boom": 1, "load/#": 1}, workers=2,
-                     workers_toml='on_error = "retry"\nmax_attempts = 3\ndead_letter_topic = "dead"')
+    run, rec = start(
+        runs,
+        tmp_path,
+        broker,
+        topics={"boom": 1, "load/#": 1},
+        workers=2,
+        workers_toml='on_error = "retry"\nmax_attempts = 3\ndead_letter_topic = "dead"',
+    )
     pub = publisher(broker)
     publish_all(pub, [("boom", b"bad"), ("load/1", b"good")])
     wait_until(lambda: dlq.payloads() == [b"bad"], 20, "the failing message dead-lettered")
@@ -77,8 +89,9 @@ def test_on_error_ack_is_the_default(tmp_path, broker, runs):
 
 @pytest.mark.timeout(60)
 def test_sigterm_to_a_worker_hands_its_queue_on_without_counting_attempts(tmp_path, broker, runs):
-    run, rec = start(runs, tmp_path, broker, topics={"load/#": 1}, workers=2, app={"delay": 0.05},
-                     workers_toml="max_attempts = 1")
+    run, rec = start(
+        runs, tmp_path, broker, topics={"load/#": 1}, workers=2, app={"delay": 0.05}, workers_toml="max_attempts = 1"
+    )
     pub = publisher(broker)
     publish_all(pub, [(f"load/{i}", str(i).encode()) for i in range(40)])
     wait_until(lambda: len(records(rec)) >= 2, 10, "work started")
@@ -93,9 +106,14 @@ def test_sigterm_to_a_worker_hands_its_queue_on_without_counting_attempts(tmp_pa
 def test_publish_buffer_full_blocks_then_raises_and_keeps_what_it_holds(tmp_path, persistent_broker, runs):
     broker = persistent_broker
     out = Subscriber(broker, "buf/#", qos=1, persistent=True)
-    cfg = write_config(tmp_path / "p.toml", broker, topics={"pub/#": 0}, workers=1,
-                       mqtt="publish_buffer = 5\npublish_timeout = 1",
-                       app={"record_dir": str(tmp_path), "pub_delay": 1.0})
+    cfg = write_config(
+        tmp_path / "p.toml",
+        broker,
+        topics={"pub/#": 0},
+        workers=1,
+        mqtt="publish_buffer = 5\npublish_timeout = 1",
+        app={"record_dir": str(tmp_path), "pub_delay": 1.0},
+    )
     run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg)
     runs.append(run)
     run.ready()
@@ -116,7 +134,8 @@ def test_crash_loop_stops_with_exit_3(tmp_path, broker, runs):
         "import os\nfrom procmqtt import Worker\n"
         "class Crashy(Worker):\n"
         "    def on_start(self):\n        os._exit(9)  # dies at boot without raising\n"
-        "    def on_message(self, message):\n        pass\n")
+        "    def on_message(self, message):\n        pass\n"
+    )
     cfg = write_config(tmp_path / "c.toml", broker, topics={"x/#": 1}, workers=1)
     run = Procmqtt(tmp_path, f"{tmp_path}/crashy.py:Crashy", cfg)
     runs.append(run)
@@ -128,8 +147,9 @@ def test_crash_loop_stops_with_exit_3(tmp_path, broker, runs):
 def test_slow_workers_hold_back_the_broker_instead_of_dropping(tmp_path, broker, runs):
     """Backpressure: the agent reads ahead at most count x prefetch messages; a QoS 0 flood waits
     at the broker and in TCP, and nothing is dropped on the way."""
-    run, rec = start(runs, tmp_path, broker, topics={"fast/#": 0}, workers=1, app={"delay": 0.005},
-                     workers_toml="prefetch = 4")
+    run, rec = start(
+        runs, tmp_path, broker, topics={"fast/#": 0}, workers=1, app={"delay": 0.005}, workers_toml="prefetch = 4"
+    )
     pub = publisher(broker)
     publish_all(pub, [(f"fast/{i}", str(i).encode()) for i in range(600)], qos=0)
     wait_until(lambda: len(records(rec)) >= 600, 30, "all 600 QoS 0 messages handled")

@@ -23,6 +23,7 @@ V5 = {"mqtt": {"protocol": "5"}}
 
 # --- the value object ------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(10)
 def test_properties_normalise_and_keep_user_property_order():
     p = Properties(user_properties=[["b", "1"], ("a", "2"), ("b", "3")], correlation_data="id-1")
@@ -34,18 +35,21 @@ def test_properties_normalise_and_keep_user_property_order():
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize("fields, error", [
-    ({"user_properties": [("a", 1)]}, "user_properties must be (name, value) pairs of strings"),
-    ({"user_properties": ["abc"]}, "user_properties must be (name, value) pairs of strings"),
-    ({"content_type": b"json"}, "content_type must be a string"),
-    ({"content_type": "x" * 70000}, "content_type must be at most 65535 bytes"),
-    ({"response_topic": "replies/#"}, "response_topic: a topic to publish to must not contain wildcards"),
-    ({"correlation_data": 42}, "correlation_data must be bytes or str"),
-    ({"message_expiry": -1}, "message_expiry must be whole seconds from 0 to 4294967295"),
-    ({"message_expiry": 1.5}, "message_expiry must be whole seconds"),
-    ({"message_expiry": True}, "message_expiry must be whole seconds"),
-    ({"payload_format_indicator": 2}, "payload_format_indicator must be 0 (bytes) or 1 (UTF-8)"),
-])
+@pytest.mark.parametrize(
+    "fields, error",
+    [
+        ({"user_properties": [("a", 1)]}, "user_properties must be (name, value) pairs of strings"),
+        ({"user_properties": ["abc"]}, "user_properties must be (name, value) pairs of strings"),
+        ({"content_type": b"json"}, "content_type must be a string"),
+        ({"content_type": "x" * 70000}, "content_type must be at most 65535 bytes"),
+        ({"response_topic": "replies/#"}, "response_topic: a topic to publish to must not contain wildcards"),
+        ({"correlation_data": 42}, "correlation_data must be bytes or str"),
+        ({"message_expiry": -1}, "message_expiry must be whole seconds from 0 to 4294967295"),
+        ({"message_expiry": 1.5}, "message_expiry must be whole seconds"),
+        ({"message_expiry": True}, "message_expiry must be whole seconds"),
+        ({"payload_format_indicator": 2}, "payload_format_indicator must be 0 (bytes) or 1 (UTF-8)"),
+    ],
+)
 def test_bad_properties_are_refused_with_one_clear_line(fields, error):
     with pytest.raises(ValueError) as info:
         Properties(**fields)
@@ -54,12 +58,18 @@ def test_bad_properties_are_refused_with_one_clear_line(fields, error):
 
 # --- WorkerHarness: properties, request, reply -----------------------------------------------
 
+
 class Service(Worker):
     @route("props/#")
     def show(self, message: Message) -> None:
         p = message.properties
-        self.publish("seen", {"type": p.content_type, "user": p.user_properties, "corr": p.correlation_data.hex()},
-                     qos=1, properties=Properties(content_type="application/json"), user_properties=[("k", "v")])
+        self.publish(
+            "seen",
+            {"type": p.content_type, "user": p.user_properties, "corr": p.correlation_data.hex()},
+            qos=1,
+            properties=Properties(content_type="application/json"),
+            user_properties=[("k", "v")],
+        )
 
     @route("svc/{name}")
     def answer(self, message: Message, name: str) -> None:
@@ -132,8 +142,11 @@ def test_harness_request_async():
 def test_mqtt311_misuse_gives_clear_errors():
     with WorkerHarness(Service) as h:  # the default protocol, 3.1.1
         w = h.worker
-        with pytest.raises(ValueError, match=r'publish: message properties need MQTT 5; set \[mqtt\] protocol = "5" '
-                                             r"\(this app uses 3.1.1\)"):
+        with pytest.raises(
+            ValueError,
+            match=r'publish: message properties need MQTT 5; set \[mqtt\] protocol = "5" '
+            r"\(this app uses 3.1.1\)",
+        ):
             w.publish("t", b"", content_type="text/plain")
         with pytest.raises(ValueError, match=r"request: request/reply needs MQTT 5"):
             w.request("svc/x", b"")
@@ -169,6 +182,7 @@ def test_v5_misuse_gives_clear_errors():
 
 
 # --- the worker's side of request/reply over real channels -----------------------------------
+
 
 class _Agent:
     """Plays the agent for one worker: answers its requests as told, over real socket pairs."""
@@ -211,8 +225,9 @@ def _confirm_and_reply(agent: _Agent, record: channel.Publish, correlation: byte
     agent.send(channel.Published(record.request_id, 0))
     if record.request:
         corr = record.properties.correlation_data if correlation is None else correlation
-        agent.send(channel.Reply("procmqtt/reply/c/0", b"re: " + record.payload, 1, False,
-                                 Properties(correlation_data=corr)))
+        agent.send(
+            channel.Reply("procmqtt/reply/c/0", b"re: " + record.payload, 1, False, Properties(correlation_data=corr))
+        )
 
 
 @pytest.mark.timeout(10)
@@ -267,8 +282,9 @@ def test_request_async_reads_the_reply_on_the_event_loop():
         loop = asyncio.get_running_loop()
         agent.link.loop_thread = threading.get_ident()
         loop.add_reader(agent.link.inbound, agent.link.read_available)
-        replies = await asyncio.gather(*(agent.worker.request_async("svc/x", f"q{i}".encode(), timeout=5)
-                                         for i in range(5)))
+        replies = await asyncio.gather(
+            *(agent.worker.request_async("svc/x", f"q{i}".encode(), timeout=5) for i in range(5))
+        )
         loop.remove_reader(agent.link.inbound)
         return [r.payload for r in replies]
 

@@ -52,8 +52,7 @@ def _in_order(sub: Subscriber) -> dict[str, list[int]]:
 def test_64_workers_start_and_deliver_with_the_default_config(tmp_path, broker, runs):
     """-w 64 was refused: publish_buffer (1,000) x 64 is over the 60,000 paho message ids."""
     out = Subscriber(broker, "echoed/#")
-    run, rec = start(runs, tmp_path, broker, topics={"echo/#": 1}, workers=1, args=("-w", "64"),
-                     wait_ready=False)
+    run, rec = start(runs, tmp_path, broker, topics={"echo/#": 1}, workers=1, args=("-w", "64"), wait_ready=False)
     run.ready(60)
     run.wait_for_log(r"started worker 63 ", 60)
     publish_all(publisher(broker), [(f"echo/{i}", str(i).encode()) for i in range(200)])
@@ -68,8 +67,15 @@ def test_64_workers_start_and_deliver_with_the_default_config(tmp_path, broker, 
 def test_publishes_past_what_paho_holds_wait_in_the_agent_and_go_out_in_order(tmp_path, broker, runs):
     """paho gets 3 at a time here (TEST_PAHO_WINDOW): 2 x 600 publishes queue in the agent."""
     out = Subscriber(broker, "out/#")
-    run = _run(runs, tmp_path, broker, env={"TEST_PAHO_WINDOW": "3"}, topics={"flood/#": 0}, workers=2,
-               workers_toml='dispatch = "round_robin"')
+    run = _run(
+        runs,
+        tmp_path,
+        broker,
+        env={"TEST_PAHO_WINDOW": "3"},
+        topics={"flood/#": 0},
+        workers=2,
+        workers_toml='dispatch = "round_robin"',
+    )
     publish_all(publisher(broker), [("flood/600", b""), ("flood/600", b"")], qos=0)
     run.wait_for_log(r"flood: 600 of 600 confirmed", 40, count=2)
     wait_until(lambda: len(out.messages) >= 1200, 20, "the 1,200 publishes")
@@ -82,8 +88,16 @@ def test_publishes_past_what_paho_holds_wait_in_the_agent_and_go_out_in_order(tm
 def test_more_publishes_outstanding_than_paho_has_message_ids(tmp_path, broker, runs):
     """70,000 QoS 1 publishes unconfirmed at once (the broker is frozen), then all delivered in order."""
     out = Subscriber(broker, "out/#")
-    run = _run(runs, tmp_path, broker, topics={"flood/#": 0}, workers=2, app={"delay": 1.0},
-               mqtt="publish_buffer = 35000", workers_toml='dispatch = "round_robin"')
+    run = _run(
+        runs,
+        tmp_path,
+        broker,
+        topics={"flood/#": 0},
+        workers=2,
+        app={"delay": 1.0},
+        mqtt="publish_buffer = 35000",
+        workers_toml='dispatch = "round_robin"',
+    )
     publish_all(publisher(broker), [("flood/35000", b""), ("flood/35000", b"")], qos=0)
     run.wait_for_log(r"handling flood/35000", 10, count=2)
     with frozen(broker):  # within the handlers' 1 s delay: nothing they publish is confirmed before...
@@ -139,8 +153,15 @@ def test_qos0_publishes_to_a_frozen_broker_hit_the_publish_buffer_and_memory_sta
     """Before: every QoS 0 publish was confirmed once appended to the agent's unbounded buffer; the
     worker never blocked and the agent grew by every byte (here 1,000 x 64 KiB)."""
     size = 64 * 1024
-    run = _run(runs, tmp_path, broker, topics={"qos0/#": 0}, workers=1, app={"delay": 1.0, "most": 1000},
-               mqtt="publish_buffer = 100\npublish_timeout = 1")
+    run = _run(
+        runs,
+        tmp_path,
+        broker,
+        topics={"qos0/#": 0},
+        workers=1,
+        app={"delay": 1.0, "most": 1000},
+        mqtt="publish_buffer = 100\npublish_timeout = 1",
+    )
     agent = _agent_pid(run)
     before = vm_rss_kb(agent)
     publish_all(publisher(broker), [(f"qos0/{size}", b"")], qos=0)
@@ -184,13 +205,22 @@ def test_a_dead_letter_that_cannot_be_published_is_dropped_and_max_attempts_hold
     """dead_letter_topic + '/' + the topic is over 65,535 bytes. Before: the agent crashed at every
     dead-lettering, the message came back, attempts were never counted (a crash loop)."""
     dead = "d" * (topics.MAX_TOPIC_BYTES - 2)
-    run, rec = start(runs, tmp_path, broker, topics={"boom": 1, "load/#": 1}, workers=1,
-                     workers_toml=f'on_error = "retry"\nmax_attempts = 2\ndead_letter_topic = "{dead}"')
+    run, rec = start(
+        runs,
+        tmp_path,
+        broker,
+        topics={"boom": 1, "load/#": 1},
+        workers=1,
+        workers_toml=f'on_error = "retry"\nmax_attempts = 2\ndead_letter_topic = "{dead}"',
+    )
     agent = run.pids("agent")
     pub = publisher(broker)
     publish_all(pub, [("boom", b"bad")])
-    run.wait_for_log(r"dropping the message on 'boom': on_message raised \(2 attempts\); its dead letter "
-                     r"cannot be published \(a topic must be at most 65535 bytes\)", 20)
+    run.wait_for_log(
+        r"dropping the message on 'boom': on_message raised \(2 attempts\); its dead letter "
+        r"cannot be published \(a topic must be at most 65535 bytes\)",
+        20,
+    )
     publish_all(pub, [("load/1", b"after")])  # handled after the drop: nothing of boom comes back
     wait_until(lambda: any(r["topic"] == "load/1" for r in records(rec)), 10, "the next message")
     assert [r["topic"] for r in records(rec, "received")] == ["boom", "boom", "load/1"]
@@ -216,8 +246,11 @@ def test_packet_problem_names_the_limit():
 def test_worker_publish_refuses_a_payload_over_the_packet_size(monkeypatch):
     monkeypatch.setattr(topics, "MAX_REMAINING_LENGTH", 1000)  # not 256 MiB of test memory
     with WorkerHarness(_Publishes) as h:
-        with pytest.raises(ValueError, match=r"^publish to 'out': the payload of 997 bytes is too large: .* "
-                                             r"takes 1,004 bytes, over MQTT's maximum packet size of 1,000$"):
+        with pytest.raises(
+            ValueError,
+            match=r"^publish to 'out': the payload of 997 bytes is too large: .* "
+            r"takes 1,004 bytes, over MQTT's maximum packet size of 1,000$",
+        ):
             h.worker.publish("out", b"x" * 997, qos=1)
         h.worker.publish("out", b"x" * 993, qos=1)  # 2 + 3 + 2 + 993: exactly the maximum
         assert len(h.published) == 1
@@ -244,8 +277,9 @@ class _FakePaho:
 @pytest.mark.unit
 def test_the_outbox_hands_paho_max_inflight_qos1_publishes_in_order_and_the_rest_as_they_are_confirmed():
     answers: list[tuple[str, int]] = []
-    box = Outbox(lambda e, error: answers.append((e.topic, error)), logging.getLogger("test"), v5=False,
-                 inflight=2, window=3)
+    box = Outbox(
+        lambda e, error: answers.append((e.topic, error)), logging.getLogger("test"), v5=False, inflight=2, window=3
+    )
     paho = _FakePaho()
     for topic, qos in [("a", 1), ("b", 1), ("c", 1), ("d", 0), ("e", 1)]:
         box.add(Outgoing(topic, b"", qos, False, slot=0, generation=1, request_id=ord(topic)))

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(60)
 def opening() -> dict[str, str]:
     """The code blocks and the stated outcome of the README's first example (before the first ##)."""
     text = (ROOT / "README.md").read_text()
-    intro = text[:text.index("\n## ")]
+    intro = text[: text.index("\n## ")]
     blocks = re.findall(r"```(\w+)\n(.*?)```", intro, re.DOTALL)
     python = [code for lang, code in blocks if lang == "python"]
     toml = [code for lang, code in blocks if lang == "toml"]
@@ -34,8 +34,14 @@ def opening() -> dict[str, str]:
     log_line = re.search(r"logs `(\[worker-\d+\] INFO [^`]*)`", intro)
     printed = re.search(r"`mosquitto_sub` prints as `([^`]*)`", intro)
     assert log_line and printed, "the README states what the example does"
-    return {"app.py": python[0], "procmqtt.toml": toml[0], "run": shell[0], "clients": shell[1],
-            "log": log_line.group(1), "printed": printed.group(1)}
+    return {
+        "app.py": python[0],
+        "procmqtt.toml": toml[0],
+        "run": shell[0],
+        "clients": shell[1],
+        "log": log_line.group(1),
+        "printed": printed.group(1),
+    }
 
 
 def command(block: str, program: str) -> list[str]:
@@ -52,8 +58,9 @@ class ReadmeRun(Procmqtt):
         self.log_path = directory / "procmqtt.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the process, as in Procmqtt
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("PROCMQTT_")}, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=directory, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=directory, env=env, start_new_session=True
+        )
 
 
 def test_readme_opening_example_runs_as_printed(tmp_path, broker: Mosquitto, runs):
@@ -71,20 +78,41 @@ def test_readme_opening_example_runs_as_printed(tmp_path, broker: Mosquitto, run
     run.wait_for_log(r"\[supervisor\] INFO started worker \d", count=workers)
 
     address = ["-h", "127.0.0.1", "-p", str(broker.port)]
-    sub = subprocess.Popen(["stdbuf", "-oL", *command(example["clients"], "mosquitto_sub"), *address, "-d",
-                            "-C", "1", "-W", "30"],  # stdbuf: a line at a time into the pipe
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sub = subprocess.Popen(
+        [
+            "stdbuf",
+            "-oL",
+            *command(example["clients"], "mosquitto_sub"),
+            *address,
+            "-d",
+            "-C",
+            "1",
+            "-W",
+            "30",
+        ],  # stdbuf: a line at a time into the pipe
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     printed: list[str] = []
     reader = threading.Thread(target=lambda: printed.extend(sub.stdout or ()), daemon=True)  # line by line
     reader.start()
     try:
         # -d traces the protocol: publish only once the subscription is in place
         wait_until(lambda: any("received SUBACK" in line for line in printed), 10, "mosquitto_sub subscribed")
-        pub = subprocess.run([*command(example["clients"], "mosquitto_pub"), *address], capture_output=True,
-                             text=True, timeout=20, check=False)
+        pub = subprocess.run(
+            [*command(example["clients"], "mosquitto_pub"), *address],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
         assert pub.returncode == 0, pub.stderr
-        wait_until(lambda: f"{example['printed']}\n" in printed, 20,
-                   f"mosquitto_sub printing {example['printed']!r}, seen {printed}")
+        wait_until(
+            lambda: f"{example['printed']}\n" in printed,
+            20,
+            f"mosquitto_sub printing {example['printed']!r}, seen {printed}",
+        )
     finally:
         sub.kill()
         sub.wait()

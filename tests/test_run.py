@@ -58,12 +58,16 @@ def test_binary_payloads_are_byte_exact_both_ways(tmp_path, broker, runs):
 def test_publish_from_worker_seen_by_mosquitto_sub(tmp_path, broker, runs):
     """Interop with Mosquitto's own clients, in both directions."""
     run, _ = start(runs, tmp_path, broker, topics={"echo/#": 1})
-    sub = subprocess.Popen(["mosquitto_sub", "-p", str(broker.port), "-t", "echoed/#", "-v", "-C", "3",
-                            "-W", "20"], stdout=subprocess.PIPE)
+    sub = subprocess.Popen(
+        ["mosquitto_sub", "-p", str(broker.port), "-t", "echoed/#", "-v", "-C", "3", "-W", "20"], stdout=subprocess.PIPE
+    )
     wait_until(lambda: " echoed/#" in broker.log_path.read_text(), 10, "mosquitto_sub subscribed")
     for i in range(3):
-        subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-t", f"echo/{i}", "-m", f"hello {i}"],
-                       check=True, timeout=10)
+        subprocess.run(
+            ["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-t", f"echo/{i}", "-m", f"hello {i}"],
+            check=True,
+            timeout=10,
+        )
     out, _ = sub.communicate(timeout=25)
     assert sorted(out.decode().splitlines()) == [f"echoed/{i} hello {i}" for i in range(3)]
     assert run.stop() == 0
@@ -178,8 +182,9 @@ def test_wrong_credentials_exit_4_without_leaking_the_password(tmp_path, runs, m
         assert run.wait(30) == 4
         log = run.log()
         assert "refused the credentials" in log and "Sup3r-Secret-Wrong" not in log
-        assert re.search(r"refused the credentials of user 'svc': Not authorized \(CONNACK reason code 5\)", log) or \
-            re.search(r"Bad user name or password \(CONNACK reason code 4\)", log), log
+        assert re.search(
+            r"refused the credentials of user 'svc': Not authorized \(CONNACK reason code 5\)", log
+        ) or re.search(r"Bad user name or password \(CONNACK reason code 4\)", log), log
         # and the right password works
         run = Procmqtt(tmp_path, "tests/apps.py:Recorder", cfg, env={"PMQ_PW": "right-password"})
         runs.append(run)
@@ -222,8 +227,11 @@ def test_mqtt5_with_qos2_subscription(tmp_path, broker, runs):
     pub = publisher(broker)
     publish_all(pub, [(f"q2/{i}", str(i).encode()) for i in range(50)], qos=2)
     publish_all(pub, [("echo/v5", b"five")])
-    wait_until(lambda: len({r["payload"] for r in records(rec) if r["topic"].startswith("q2/")}) >= 50, 20,
-               "50 QoS 2 messages handled")
+    wait_until(
+        lambda: len({r["payload"] for r in records(rec) if r["topic"].startswith("q2/")}) >= 50,
+        20,
+        "50 QoS 2 messages handled",
+    )
     wait_until(lambda: b"five" in sub.payloads(), 10, "the echo over MQTT 5")
     assert {r["topic"]: r for r in records(rec)}["q2/0"]["size"] == 1
     sub.close()
@@ -237,8 +245,11 @@ def test_supervisor_sigkilled_leaves_no_orphans(tmp_path, broker, runs):
     assert len(children) == 3
     run.proc.kill()
     run.wait(10)
-    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), 15,
-               "the agent and workers to exit after the supervisor died")
+    wait_until(
+        lambda: not any(Path(f"/proc/{pid}").exists() for pid in children),
+        15,
+        "the agent and workers to exit after the supervisor died",
+    )
 
 
 @pytest.mark.timeout(60)

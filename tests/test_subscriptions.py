@@ -20,8 +20,13 @@ TOO_LONG_SHARED = "a" * 65533
 def _start(tmp_path, broker, runs, app: str) -> tuple[Procmqtt, object]:
     rec = tmp_path / "records"
     rec.mkdir()
-    cfg = write_config(tmp_path / "procmqtt.toml", broker, topics={"ctl/#": 1, "extra/#": 1},
-                       app={"record_dir": str(rec)}, mqtt='share_group = "g"')
+    cfg = write_config(
+        tmp_path / "procmqtt.toml",
+        broker,
+        topics={"ctl/#": 1, "extra/#": 1},
+        app={"record_dir": str(rec)},
+        mqtt='share_group = "g"',
+    )
     run = Procmqtt(tmp_path, app, cfg)
     runs.append(run)
     run.ready()
@@ -46,8 +51,10 @@ def test_worker_subscribe_checks_the_filter_inside_share_group(tmp_path, broker,
     run, rec = _start(tmp_path, broker, runs, "tests/apps.py:Recorder")
     pub = publisher(broker)
     publish_all(pub, [("ctl/subscribe", TOO_LONG_SHARED.encode()), ("ctl/subscribe", b"later/#")])
-    run.wait_for_log(r"ValueError: subscribe: a topic filter must be at most 65535 bytes as subscribed, "
-                     r"inside \$share/g/ \(\[mqtt\] share_group\), got 'aaa")
+    run.wait_for_log(
+        r"ValueError: subscribe: a topic filter must be at most 65535 bytes as subscribed, "
+        r"inside \$share/g/ \(\[mqtt\] share_group\), got 'aaa"
+    )
     _agent_survives_a_restart(run, pub, rec)
     assert run.stop() == 0
 
@@ -56,10 +63,18 @@ def test_worker_subscribe_checks_the_filter_inside_share_group(tmp_path, broker,
 def test_agent_drops_a_bad_runtime_subscription_instead_of_saving_it(tmp_path, broker, runs):
     run, rec = _start(tmp_path, broker, runs, "tests/apps_hostile.py:RawSubscriber")
     pub = publisher(broker)
-    publish_all(pub, [("ctl/raw-subscribe", TOO_LONG_SHARED.encode()), ("ctl/raw-subscribe", b"bad/#/x"),
-                      ("ctl/subscribe", b"later/#")])
-    run.wait_for_log(r"ERROR runtime subscription to 'aaa.*dropped, not saved: a topic filter must be at most "
-                     r"65535 bytes as subscribed")
+    publish_all(
+        pub,
+        [
+            ("ctl/raw-subscribe", TOO_LONG_SHARED.encode()),
+            ("ctl/raw-subscribe", b"bad/#/x"),
+            ("ctl/subscribe", b"later/#"),
+        ],
+    )
+    run.wait_for_log(
+        r"ERROR runtime subscription to 'aaa.*dropped, not saved: a topic filter must be at most "
+        r"65535 bytes as subscribed"
+    )
     run.wait_for_log(r"ERROR runtime subscription to 'bad/#/x' dropped, not saved: '#' must be a whole level")
     _agent_survives_a_restart(run, pub, rec)
     assert run.stop() == 0
@@ -68,10 +83,12 @@ def test_agent_drops_a_bad_runtime_subscription_instead_of_saving_it(tmp_path, b
 @pytest.mark.unit
 def test_load_drops_invalid_saved_entries_with_a_log_line(tmp_path, caplog):
     from procmqtt.agent import subscriptions  # here, so the integration tests above run on a tree without it
+
     m = MqttConfig(share_group="g", topics=(Subscription("conf/#", 1),))
     path = tmp_path / "subscriptions.json"
-    path.write_text(json.dumps({"ok/#": 1, TOO_LONG_SHARED: 1, "x/#/y": 0, "q/+": 7, "b/+": True, "s": "1",
-                                "\ud800": 1}))
+    path.write_text(
+        json.dumps({"ok/#": 1, TOO_LONG_SHARED: 1, "x/#/y": 0, "q/+": 7, "b/+": True, "s": "1", "\ud800": 1})
+    )
     log = logging.getLogger("test-subscriptions")
     with caplog.at_level(logging.ERROR):
         assert subscriptions.load(str(path), m, log) == {"ok/#": 1}

@@ -71,8 +71,11 @@ def test_exceptions_as_in_production_when_asked(caplog):
 
 
 def test_config_is_checked_like_the_file():
-    with pytest.raises(ConfigError, match=r"WorkerHarness config: \[workers\] concurrency: expected an integer "
-                                          r"from 1 to 1000, got 0"):
+    with pytest.raises(
+        ConfigError,
+        match=r"WorkerHarness config: \[workers\] concurrency: expected an integer "
+        r"from 1 to 1000, got 0",
+    ):
         WorkerHarness(Alerts, config={"workers": {"concurrency": 0}})
     with WorkerHarness(Alerts, config=Config()) as h:
         assert h.worker.config.workers.concurrency == 1
@@ -82,6 +85,7 @@ def test_bad_routes_fail_at_construction():
     class Bad(Worker):
         @route("a/{x}")
         def handler(self, message: Message) -> None: ...
+
     with pytest.raises(RouteError, match=r"handler: @route\('a/\{x\}'\): the method must accept"):
         WorkerHarness(Bad)
 
@@ -103,6 +107,7 @@ def test_on_start_failure_propagates_and_on_stop_is_not_called():
 
         def on_stop(self) -> None:
             stopped.append(True)  # pragma: no cover - must not run
+
     harness = WorkerHarness(Broken)
     with pytest.raises(ConnectionError), harness:
         pass  # pragma: no cover
@@ -151,6 +156,7 @@ def test_async_app_on_the_tests_own_loop():
                 h.deliver("jobs/c")
             worker = h.worker
         return worker.events
+
     assert asyncio.run(scenario()) == ["start", "b:True:True", "stop"]
 
 
@@ -159,6 +165,7 @@ def test_async_exceptions_are_reraised_or_counted():
         async def on_message(self, message: Message) -> None:
             await asyncio.sleep(0)
             raise KeyError(message.topic)
+
     with WorkerHarness(Failing) as h, pytest.raises(KeyError, match="t/1"):
         h.deliver("t/1")
     with WorkerHarness(Failing, raise_exceptions=False) as h:
@@ -180,6 +187,7 @@ def test_background_tasks_are_cancelled_on_exit():
                 raise
 
         async def on_message(self, message: Message) -> None: ...
+
     with WorkerHarness(Background) as h:
         h.deliver("x")
     assert cancelled == [True]

@@ -44,7 +44,6 @@ packet that crossed it, taken whole: paho copies the rest of a packet at every p
 PUBLISH = 0x30
 
 
-
 class BrokerSocket:
     """Stands in for paho's socket: ``recv`` from the read buffer, ``send`` into the write buffer,
     everything else passed through.
@@ -82,7 +81,7 @@ class BrokerSocket:
     def recv(self, size: int) -> bytes:
         if self.pos < self.limit:
             end = min(self.limit, self.pos + size)
-            with memoryview(self.buf) as view, view[self.pos:end] as part:
+            with memoryview(self.buf) as view, view[self.pos : end] as part:
                 data = bytes(part)
             self.pos = end
             if end == self.limit:
@@ -145,7 +144,7 @@ class BrokerSocket:
             if len(self.buf) - self.end < READ_SIZE:
                 self._make_room()
             try:
-                with memoryview(self.buf) as view, view[self.end:] as space:  # released before any resize
+                with memoryview(self.buf) as view, view[self.end :] as space:  # released before any resize
                     count = self.sock.recv_into(space) if self.plain else self._recv_into(space)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
@@ -161,7 +160,7 @@ class BrokerSocket:
 
     def _recv_into(self, space: memoryview) -> int:
         data = self.sock.recv(len(space))  # paho's websocket wrapper has no recv_into
-        space[:len(data)] = data
+        space[: len(data)] = data
         return len(data)
 
     def _make_room(self) -> None:
@@ -182,11 +181,11 @@ class BrokerSocket:
         buffer's untouched pages take no memory, so growing never copies or zeroes more."""
         unread = self.end - self.pos
         if size == len(self.buf):
-            self.buf[:unread] = self.buf[self.pos:self.end]
+            self.buf[:unread] = self.buf[self.pos : self.end]
         else:
             buf = bytearray(size)
             with memoryview(self.buf) as view:
-                buf[:unread] = view[self.pos:self.end]
+                buf[:unread] = view[self.pos : self.end]
             self.buf = buf
         self.limit = max(0, self.limit - self.pos)
         self.pos, self.end = 0, unread
@@ -260,7 +259,7 @@ class BrokerSocket:
                     start += 1
                 mid = buf[topic_end] << 8 | buf[topic_end + 1] if qos else 0
                 try:
-                    topic = buf[i + 2:topic_end].decode()
+                    topic = buf[i + 2 : topic_end].decode()
                 except UnicodeDecodeError:
                     break  # paho's way with invalid UTF-8
                 out.append(new(Inbound, (topic, bytes(view[start:end]), qos, mid, bool(header & 1), bool(header & 8))))

@@ -62,8 +62,9 @@ def make_client(m: MqttConfig, client_id: str, receive_maximum: int) -> mqtt.Cli
     client.max_inflight_messages_set(0)
     client.connect_timeout = m.connect_timeout  # TCP connect and TLS handshake (paho blocks in them)
     if m.tls is not None:
-        client.tls_set(ca_certs=m.tls.ca_certs, certfile=m.tls.certfile, keyfile=m.tls.keyfile,
-                       cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_set(
+            ca_certs=m.tls.ca_certs, certfile=m.tls.certfile, keyfile=m.tls.keyfile, cert_reqs=ssl.CERT_REQUIRED
+        )
         client.tls_insecure_set(m.tls.insecure)
     if m.will is not None:
         client.will_set(m.will.topic, m.will.payload, m.will.qos, m.will.retain)

@@ -78,7 +78,7 @@ def parse(data: bytes) -> Request | Response | None:
     end = _HEAD_END.search(data, 0, MAX_REQUEST + 4)
     if end is None:
         return _error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE) if len(data) > MAX_REQUEST else None
-    first, *lines = data[:end.start()].decode("latin-1").splitlines() or [""]
+    first, *lines = data[: end.start()].decode("latin-1").splitlines() or [""]
     parts = first.split()
     if len(parts) != 3 or not parts[2].startswith("HTTP/"):
         return _error(HTTPStatus.BAD_REQUEST)
@@ -102,8 +102,14 @@ def _error(status: HTTPStatus, headers: tuple[tuple[str, str], ...] = ()) -> Res
 
 def _encode(response: Response) -> bytes:
     status = HTTPStatus(response.status)
-    lines = [f"HTTP/1.0 {status.value} {status.phrase}", *(f"{k}: {v}" for k, v in response.headers),
-             f"Content-Length: {len(response.body)}", "Connection: close", "", ""]
+    lines = [
+        f"HTTP/1.0 {status.value} {status.phrase}",
+        *(f"{k}: {v}" for k, v in response.headers),
+        f"Content-Length: {len(response.body)}",
+        "Connection: close",
+        "",
+        "",
+    ]
     return "\r\n".join(lines).encode("latin-1") + response.body
 
 
@@ -123,8 +129,15 @@ class Endpoint:
     The listening socket is not closed here: in procmqtt it belongs to the supervisor.
     """
 
-    def __init__(self, listener: socket.socket, routes: Mapping[str, Handler], *, name: str,
-                 max_connections: int = MAX_CONNECTIONS, deadline: float = DEADLINE) -> None:
+    def __init__(
+        self,
+        listener: socket.socket,
+        routes: Mapping[str, Handler],
+        *,
+        name: str,
+        max_connections: int = MAX_CONNECTIONS,
+        deadline: float = DEADLINE,
+    ) -> None:
         self.listener = listener
         self.routes = dict(routes)
         self.max_connections = max_connections
@@ -153,8 +166,7 @@ class Endpoint:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._listen(len(self.connections) < self.max_connections
-                             and time.monotonic() >= self.accept_again)
+                self._listen(len(self.connections) < self.max_connections and time.monotonic() >= self.accept_again)
                 self._step(self.selector.select(self._timeout()))
         except Exception:  # a bug here must not take the agent down: log it, answer no more
             log.exception("the %s endpoint stopped answering until the agent restarts", self.thread.name)
@@ -209,8 +221,12 @@ class Endpoint:
             except ConnectionAbortedError:
                 continue
             except OSError as exc:
-                log.warning("%s: cannot accept a connection (%s); trying again in %.0f s",
-                            self.thread.name, exc.strerror or exc, ACCEPT_PAUSE)
+                log.warning(
+                    "%s: cannot accept a connection (%s); trying again in %.0f s",
+                    self.thread.name,
+                    exc.strerror or exc,
+                    ACCEPT_PAUSE,
+                )
                 self.accept_again = time.monotonic() + ACCEPT_PAUSE
                 self._listen(False)
                 return
@@ -305,7 +321,13 @@ class Endpoint:
         conn.sock.close()
 
 
-def serve(listener: socket.socket, routes: Mapping[str, Handler], *, name: str,
-          max_connections: int = MAX_CONNECTIONS, deadline: float = DEADLINE) -> Endpoint:
+def serve(
+    listener: socket.socket,
+    routes: Mapping[str, Handler],
+    *,
+    name: str,
+    max_connections: int = MAX_CONNECTIONS,
+    deadline: float = DEADLINE,
+) -> Endpoint:
     """Answer ``routes`` on ``listener`` (bound and listening) from a new daemon thread."""
     return Endpoint(listener, routes, name=name, max_connections=max_connections, deadline=deadline).start()

@@ -94,8 +94,17 @@ class Effects:
 class DeliveryLedger:
     """Pending and dispatched messages, the workers' windows, attempts and epochs."""
 
-    def __init__(self, effects: Effects, dispatcher: Dispatcher, *, prefetch: int, workers: int,
-                 max_attempts: int, retry_failed: bool, dead_letters: bool) -> None:
+    def __init__(
+        self,
+        effects: Effects,
+        dispatcher: Dispatcher,
+        *,
+        prefetch: int,
+        workers: int,
+        max_attempts: int,
+        retry_failed: bool,
+        dead_letters: bool,
+    ) -> None:
         """``workers``: the configured count, for the read-ahead; ``retry_failed``: ``on_error =
         "retry"``; ``dead_letters``: a dead letter topic is set."""
         self.effects = effects

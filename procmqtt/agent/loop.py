@@ -25,16 +25,15 @@ import time
 from collections import Counter
 from typing import Any
 
-from paho.mqtt.enums import MQTTErrorCode
-
-from procmqtt import logs, mqtt5
+from procmqtt import logs
 from procmqtt.agent import metrics
 from procmqtt.agent.connection import ConnState
 from procmqtt.agent.dispatch import DISPATCHERS
 from procmqtt.agent.ledger import Delivery, DeliveryLedger, Effects, Inbound
-from procmqtt.agent.outbox import Outbox, Outgoing, dead_letter_entry, sync_ack
+from procmqtt.agent.outbox import Outbox, dead_letter_entry
 from procmqtt.agent.replies import Replies
 from procmqtt.agent.session import BrokerSession
+from procmqtt.agent.upstream import Upstream
 from procmqtt.agent.workers import WorkerChannel, WorkerChannels
 from procmqtt.config import Config
 from procmqtt.errors import ExitCode
@@ -42,7 +41,6 @@ from procmqtt.ipc import channel, poller
 from procmqtt.ipc.shared import SharedState
 from procmqtt.ipc.signals import SignalQueue
 from procmqtt.message import EMPTY, Properties
-from procmqtt.worker.link import describe_error
 
 TICK = 1.0
 """Longest sleep of the loop: paho's keepalive and the orphan check run at least this often."""
@@ -52,12 +50,20 @@ CLOSED_PASSES_LIMIT = 100
 """Loop passes in a row that may find a closed socket in the wait list before the agent gives up."""
 
 
-class Agent:
+class Agent(Upstream):
     """Holds the broker connection; dispatches to workers and publishes for them."""
 
-    def __init__(self, config: Config, client_id: str, upstream: socket.socket,
-                 workers: dict[int, tuple[int, socket.socket]], state_dir: str, supervisor_pid: int,
-                 shared: SharedState, metrics_listener: socket.socket | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        client_id: str,
+        upstream: socket.socket,
+        workers: dict[int, tuple[int, socket.socket]],
+        state_dir: str,
+        supervisor_pid: int,
+        shared: SharedState,
+        metrics_listener: socket.socket | None = None,
+    ) -> None:
         """Runs in the agent process; ``workers`` maps slot to (generation, socket) at fork time.
 
         ``metrics_listener``: the ``[metrics]`` socket the supervisor opened, or None.
@@ -75,18 +81,30 @@ class Agent:
         self._write = self.channels.write
         self.metrics = metrics.Counters(max(config.workers.count, max(self.workers, default=-1) + 1))
         w = config.workers
-        self.ledger = DeliveryLedger(Effects(self._deliver, self._acknowledge, self._dead_letter, self._drop,
-                                             self._requeued),
-                                     DISPATCHERS[w.dispatch](), prefetch=w.prefetch, workers=w.count,
-                                     max_attempts=w.max_attempts, retry_failed=w.on_error == "retry",
-                                     dead_letters=w.dead_letter_topic is not None)
+        self.ledger = DeliveryLedger(
+            Effects(self._deliver, self._acknowledge, self._dead_letter, self._drop, self._requeued),
+            DISPATCHERS[w.dispatch](),
+            prefetch=w.prefetch,
+            workers=w.count,
+            max_attempts=w.max_attempts,
+            retry_failed=w.on_error == "retry",
+            dead_letters=w.dead_letter_topic is not None,
+        )
         for slot, (generation, _) in workers.items():
             self.ledger.worker_up(slot, generation, ready=True)
         self.v5 = config.mqtt.protocol == "5"
         self.publishes = Outbox(self._published, self.log, v5=self.v5, inflight=config.mqtt.inflight())
         self.replies = Replies(client_id)
-        self.session = BrokerSession(config, client_id, state_dir, self.log, ledger=self.ledger,
-                                     counters=self.metrics, publishes=self.publishes, replies=self.replies)
+        self.session = BrokerSession(
+            config,
+            client_id,
+            state_dir,
+            self.log,
+            ledger=self.ledger,
+            counters=self.metrics,
+            publishes=self.publishes,
+            replies=self.replies,
+        )
         self.oddities: Counter[str] = Counter()  # hostile or broken input handled, by kind (``_odd``)
         self.closed_passes = 0  # passes in a row whose wait list held a closed socket
         self.stopping = False
@@ -102,8 +120,13 @@ class Agent:
         self.session.start(self._intake, self._odd)
         if self.metrics_listener is not None:
             metrics.serve(self.metrics_listener, self.metrics)
-        self.log.info("agent started; broker %s:%d, client id %s, %d subscription(s)", self.config.mqtt.host,
-                      self.config.mqtt.port, self.client_id, len(self.session.subs))
+        self.log.info(
+            "agent started; broker %s:%d, client id %s, %d subscription(s)",
+            self.config.mqtt.host,
+            self.config.mqtt.port,
+            self.client_id,
+            len(self.session.subs),
+        )
         for worker in self.workers.values():  # inherited: a dead agent may have taken their publishes
             self._write(worker, channel.AgentStarted())
         last_misc = 0.0
@@ -131,8 +154,11 @@ class Agent:
         if self.publishes and not late:
             return False  # workers' publishes still unconfirmed (reconnecting for them if need be)
         if late and (self.workers or self.publishes):
-            self.log.warning("graceful timeout: %d worker(s) still running, %d publish(es) unconfirmed",
-                             len(self.workers), len(self.publishes))
+            self.log.warning(
+                "graceful timeout: %d worker(s) still running, %d publish(es) unconfirmed",
+                len(self.workers),
+                len(self.publishes),
+            )
         self.session.disconnect()
         return True
 
@@ -143,8 +169,13 @@ class Agent:
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.config.workers.graceful_timeout
         held = self.ledger.stop()
-        self.log.info("stopping (%s): %d worker(s) finish what they hold; %d undispatched message(s) "
-                      "stay unacknowledged at the broker", reason, len(self.workers), held)
+        self.log.info(
+            "stopping (%s): %d worker(s) finish what they hold; %d undispatched message(s) "
+            "stay unacknowledged at the broker",
+            reason,
+            len(self.workers),
+            held,
+        )
         for worker in self.workers.values():
             self._write(worker, channel.Stop())
 
@@ -187,8 +218,11 @@ class Agent:
             session.last_read = time.monotonic()
         if self.upstream in readable:
             self._read_upstream(UPSTREAM_BATCH)
-        gone = [w for s in readable
-                if (w := by_sock.get(s)) is not None and self.workers.get(w.slot) is w and self.channels.at_eof(s)]
+        gone = [
+            w
+            for s in readable
+            if (w := by_sock.get(s)) is not None and self.workers.get(w.slot) is w and self.channels.at_eof(s)
+        ]
         if gone:
             # A dead worker's completions were queued on the publish channel before it died:
             # read them all first, so nothing it finished is handed out again.
@@ -218,8 +252,7 @@ class Agent:
         self.closed_passes += 1
         self.log.debug("a socket was closed under the loop (%s); rebuilding the wait list", exc)
         if self.closed_passes >= CLOSED_PASSES_LIMIT:
-            self.log.error("%d passes in a row found a closed socket (%s); the agent exits",
-                           self.closed_passes, exc)
+            self.log.error("%d passes in a row found a closed socket (%s); the agent exits", self.closed_passes, exc)
             self.session.exit_code = ExitCode.FORCED
 
     def _tick(self, now: float) -> None:
@@ -249,8 +282,11 @@ class Agent:
             self.session.client.ack(m.mid, m.qos)
         slot = self.replies.slot(m.topic)
         if slot is None:
-            self._odd("reply topic", "a message on %r, under this instance's reply topics, names no worker "
-                      "slot; acknowledged and dropped", m.topic[:200])
+            self._odd(
+                "reply topic",
+                "a message on %r, under this instance's reply topics, names no worker slot; acknowledged and dropped",
+                m.topic[:200],
+            )
             return
         worker = self.workers.get(slot)
         if worker is None:
@@ -262,8 +298,10 @@ class Agent:
 
     def _deliver(self, slot: int, d: Delivery) -> None:
         self.metrics.dispatched[slot] += 1
-        self._write(self.workers[slot], channel.Deliver(d.delivery_id, d.topic, d.payload, d.qos, d.retain,
-                                                        d.redelivered, d.properties))
+        self._write(
+            self.workers[slot],
+            channel.Deliver(d.delivery_id, d.topic, d.payload, d.qos, d.retain, d.redelivered, d.properties),
+        )
 
     def _acknowledge(self, mid: int, qos: int) -> None:
         self.session.client.ack(mid, qos)
@@ -273,132 +311,23 @@ class Agent:
 
     def _drop(self, d: Delivery, reason: str) -> None:
         self.metrics.dropped += 1
-        self.log.error("dropping the message on %r: %s; set [workers] dead_letter_topic to keep such "
-                       "messages", d.topic, reason)
+        self.log.error(
+            "dropping the message on %r: %s; set [workers] dead_letter_topic to keep such messages", d.topic, reason
+        )
 
     def _dead_letter(self, d: Delivery, reason: str) -> None:
         entry = dead_letter_entry(self.config.workers.dead_letter_topic or "", d, reason, v5=self.v5)
         problem = self.publishes.problem(entry)
         if problem:  # a topic too long with the original appended, say: drop it, and say so
             self.metrics.dropped += 1
-            self.log.error("dropping the message on %r: %s; its dead letter cannot be published (%s)",
-                           d.topic[:200], reason, problem)
+            self.log.error(
+                "dropping the message on %r: %s; its dead letter cannot be published (%s)",
+                d.topic[:200],
+                reason,
+                problem,
+            )
             self.ledger.settle(d)
             return
         self.metrics.dead_lettered += 1
         self.log.error("dead-lettering the message on %r to %r: %s", d.topic, entry.topic, reason)
         self.publishes.add(entry)  # the original is acknowledged once the broker has the dead letter
-
-    # --- workers -------------------------------------------------------------------------------
-
-    def _worker_record(self, record: channel.Ready | channel.Retire) -> None:
-        if isinstance(record, channel.Ready):
-            self.ledger.ready(record.slot, record.generation)
-        elif self.ledger.retiring(record.slot, record.generation):
-            self._write(self.workers[record.slot], channel.Stop())
-
-    def _add_worker(self, record: channel.WorkerUp) -> None:
-        current = self.workers.get(record.slot)
-        if current is not None and current.generation >= record.generation:
-            record.sock.close()  # already known (inherited at fork), or stale
-            return
-        if current is not None:
-            self._forget_worker(current)
-        worker = self.channels.add(record.slot, record.generation, record.sock)
-        self.metrics.ensure_slots(record.slot + 1)  # SIGTTIN adds slots
-        if self.stopping:
-            self._write(worker, channel.Stop())
-        self.ledger.worker_up(record.slot, record.generation)
-
-    def _forget_worker(self, worker: WorkerChannel) -> None:
-        """A worker is gone: the ledger takes back what it held (``DeliveryLedger.gone``)."""
-        self.channels.remove(worker)
-        current = self.shared.current(worker.slot, worker.generation)
-        held = self.ledger.gone(worker.slot, worker.generation, current)
-        if held and self.stopping:
-            self.log.warning("worker %d stopped holding %d message(s); QoS 1 ones stay at the broker",
-                             worker.slot, held)
-        elif held:
-            self.log.warning("worker %d is gone holding %d unfinished message(s); they go to other workers",
-                             worker.slot, held)
-
-    def _read_upstream(self, limit: int | None) -> None:
-        count = 0
-        while limit is None or count < limit:
-            try:
-                records = channel.receive(self.upstream)
-            except BlockingIOError:
-                return
-            if records is None:
-                return
-            count += 1
-            for record in records:
-                self._handle_upstream(record)
-
-    def _handle_upstream(self, record: channel.Record) -> None:
-        if isinstance(record, channel.Done):
-            self._done(record)
-        elif isinstance(record, channel.Publish):
-            self._publish(record)
-        elif isinstance(record, channel.Subscribe):
-            self.session.runtime_subscribe(record)
-        elif isinstance(record, channel.Unsubscribe):
-            self.session.runtime_unsubscribe(record)
-        elif isinstance(record, (channel.Ready, channel.Retire)):
-            self._worker_record(record)
-        elif isinstance(record, channel.WorkerUp):
-            self._add_worker(record)
-        elif isinstance(record, channel.WorkerExited):  # no end of file while a child of it holds the channel
-            worker = self.channels.current(record.slot, record.generation)
-            if worker is not None:
-                self._forget_worker(worker)
-        elif isinstance(record, channel.StopAgent):
-            self.begin_stop("requested by the supervisor")
-        elif isinstance(record, channel.Restarts):
-            self.metrics.set_restarts(record.cause, record.total)
-        elif isinstance(record, channel.Sync):
-            self._sync_worker(record)
-
-    def _publish(self, record: channel.Publish) -> None:
-        """Queue a worker's publish; the end of the pass hands it to paho (``outbox``)."""
-        entry = Outgoing(record.topic, record.payload, record.qos, record.retain, None, record.slot,
-                         record.generation, record.request_id)
-        if record.properties is not None:
-            try:
-                response_topic = self.session.expect_reply(record) if record.request else None
-                entry.properties = mqtt5.to_paho(record.properties, response_topic)
-            except Exception as exc:  # noqa: BLE001 - a record paho cannot take fails its publish, never the agent
-                self.log.warning("publish to %r failed: its properties: %s", record.topic[:200], exc)
-                self._answer(record.slot, record.generation, record.request_id, MQTTErrorCode.MQTT_ERR_INVAL)
-                return
-        self.publishes.add(entry)
-
-    def _done(self, record: channel.Done) -> None:
-        slot = self.ledger.done(record.delivery_id, failed=record.failed)
-        if slot >= 0:
-            self.metrics.done(slot, record.outcome, record.seconds)
-
-    def _published(self, entry: Outgoing, error: int) -> None:
-        """A publish is answered (``outbox``): the worker hears, or a dead letter's original is acknowledged."""
-        d = entry.dead_letter
-        described = describe_error(error) if error else ""  # the one use of the worker's error names
-        if d is not None:
-            if error:
-                self.metrics.dropped += 1
-                self.log.error("the dead letter of the message on %r could not be published to %r (%s); "
-                               "dropping the message", d.topic, entry.topic[:200], described)
-            self.ledger.settle(d)
-            return
-        if error >= 128:
-            self.log.warning("the broker refused the publish to %r: %s", entry.topic, described)
-        self._answer(entry.slot, entry.generation, entry.request_id, error)
-
-    def _answer(self, slot: int, generation: int, request_id: int, error: int) -> None:
-        """Tell a worker how its publish went (``channel.Published``)."""
-        self.metrics.published(error)  # every worker publish ends here once
-        self.channels.answer(slot, generation, channel.Published(request_id, int(error)))
-
-    def _sync_worker(self, record: channel.Sync) -> None:
-        worker = self.channels.current(record.slot, record.generation)
-        if worker is not None:
-            self._write(worker, sync_ack(self.publishes, record))

@@ -51,8 +51,26 @@ if TYPE_CHECKING:
     from procmqtt.config import Config
 
 EXTRA_HINT = "pip install 'procmqtt[metrics]'"
-BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-           1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 """Upper bounds (seconds) of ``procmqtt_processing_seconds``: 0.1 ms to 60 s, then +Inf."""
 
 _OK, _FAILED = Outcome.OK, Outcome.FAILED  # an enum attribute lookup costs more than a whole increment
@@ -158,9 +176,11 @@ class Counters:
 
     def summary(self) -> str:
         """For the agent's closing log line."""
-        return (f"{self.received} received, {sum(self.processed)} processed ({sum(self.unrouted)} unrouted), "
-                f"{sum(self.failed)} failed, "
-                f"{self.redelivered} redelivered, {self.dead_lettered} dead-lettered, {self.dropped} dropped")
+        return (
+            f"{self.received} received, {sum(self.processed)} processed ({sum(self.unrouted)} unrouted), "
+            f"{sum(self.failed)} failed, "
+            f"{self.redelivered} redelivered, {self.dead_lettered} dead-lettered, {self.dropped} dropped"
+        )
 
     def snapshot(self, taken: float = 0.0) -> Snapshot:
         """Safe from any thread (one writer, copies taken under the GIL)."""
@@ -171,25 +191,34 @@ class Counters:
             cumulative += int(n)
             buckets.append((bound, cumulative))
         return Snapshot(
-            received=self.received, redelivered=self.redelivered, dead_lettered=self.dead_lettered,
-            dropped=self.dropped, publishes_sent=self.publishes_sent, publishes_failed=self.publishes_failed,
-            reconnects=self.reconnects, window=self.window,
+            received=self.received,
+            redelivered=self.redelivered,
+            dead_lettered=self.dead_lettered,
+            dropped=self.dropped,
+            publishes_sent=self.publishes_sent,
+            publishes_failed=self.publishes_failed,
+            reconnects=self.reconnects,
+            window=self.window,
             workers={slot: WorkerStats(*values) for slot, values in enumerate(zip(*lists, strict=True))},
-            restarts=self.restarts, buckets=tuple(buckets), seconds_sum=float(h[-1]), taken=taken)
+            restarts=self.restarts,
+            buckets=tuple(buckets),
+            seconds_sum=float(h[-1]),
+            taken=taken,
+        )
 
 
 # --- Prometheus exposition ----------------------------------------------------------------------
 
 _COUNTERS = (  # name without _total, help, Snapshot attribute
     ("procmqtt_messages_received", "Messages received from the broker.", "received"),
-    ("procmqtt_messages_redelivered", "Messages handed to a worker again (a worker died, or retry).",
-     "redelivered"),
-    ("procmqtt_messages_dead_lettered", "Messages published to the dead-letter topic after max_attempts.",
-     "dead_lettered"),
-    ("procmqtt_messages_dropped", "Messages given up after max_attempts without a dead-letter topic.",
-     "dropped"),
-    ("procmqtt_publishes_sent", "Worker publishes the broker acknowledged (QoS 0: written to it).",
-     "publishes_sent"),
+    ("procmqtt_messages_redelivered", "Messages handed to a worker again (a worker died, or retry).", "redelivered"),
+    (
+        "procmqtt_messages_dead_lettered",
+        "Messages published to the dead-letter topic after max_attempts.",
+        "dead_lettered",
+    ),
+    ("procmqtt_messages_dropped", "Messages given up after max_attempts without a dead-letter topic.", "dropped"),
+    ("procmqtt_publishes_sent", "Worker publishes the broker acknowledged (QoS 0: written to it).", "publishes_sent"),
     ("procmqtt_publishes_failed", "Worker publishes that failed.", "publishes_failed"),
     ("procmqtt_reconnects", "Connections to the broker made again after the first one.", "reconnects"),
 )
@@ -224,16 +253,25 @@ class Collector:
             for slot, stats in sorted(snap.workers.items()):
                 family.add_metric([str(slot)], getattr(stats, attr))
             yield family
-        yield core.GaugeMetricFamily("procmqtt_window", "Unfinished messages the workers that take messages "
-                                "may hold in all (prefetch x such workers).", value=snap.window)
-        restarts = core.CounterMetricFamily("procmqtt_worker_restarts", "Worker processes replaced, by cause: "
-                                       "exit_<code>, a signal name, recycled, hung.", labels=["cause"])
+        yield core.GaugeMetricFamily(
+            "procmqtt_window",
+            "Unfinished messages the workers that take messages may hold in all (prefetch x such workers).",
+            value=snap.window,
+        )
+        restarts = core.CounterMetricFamily(
+            "procmqtt_worker_restarts",
+            "Worker processes replaced, by cause: exit_<code>, a signal name, recycled, hung.",
+            labels=["cause"],
+        )
         for cause, total in sorted(snap.restarts.items()):
             restarts.add_metric([cause], total)
         yield restarts
         yield core.HistogramMetricFamily(
-            "procmqtt_processing_seconds", "Seconds a worker's handler spent on one message.",
-            buckets=[(_le(bound), count) for bound, count in snap.buckets], sum_value=snap.seconds_sum)
+            "procmqtt_processing_seconds",
+            "Seconds a worker's handler spent on one message.",
+            buckets=[(_le(bound), count) for bound, count in snap.buckets],
+            sum_value=snap.seconds_sum,
+        )
 
 
 def _le(bound: float) -> str:
@@ -254,6 +292,7 @@ def exposition(snapshot: Snapshot) -> bytes:
 
 # --- serving ------------------------------------------------------------------------------------
 
+
 def require_client(why: str) -> None:
     """Fail with one line (exit 2) naming the extra when prometheus_client is missing."""
     try:
@@ -273,8 +312,9 @@ def listen(config: Config) -> socket.socket | None:
     require_client(f"{config.source}: [metrics] port is set")
     where = f"{config.source}: [metrics] cannot listen on {m.host}:{m.port}"
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(m.host, m.port, type=socket.SOCK_STREAM,
-                                                              flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(
+            m.host, m.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
     except socket.gaierror as exc:
         raise ConfigError(f"{where}: {exc.strerror}") from None
     sock = socket.socket(family, kind, proto)

@@ -70,8 +70,15 @@ class Outbox:
     code. ``len()`` counts every publish not yet answered.
     """
 
-    def __init__(self, done: Callable[[Outgoing, int], None], log: logging.Logger, *, v5: bool,
-                 inflight: int, window: int | None = None) -> None:
+    def __init__(
+        self,
+        done: Callable[[Outgoing, int], None],
+        log: logging.Logger,
+        *,
+        v5: bool,
+        inflight: int,
+        window: int | None = None,
+    ) -> None:
         self.done = done
         self.v5 = v5
         self.log = log
@@ -113,8 +120,9 @@ class Outbox:
                     break
         except Exception as exc:  # noqa: BLE001 - what paho cannot encode fails this publish, not the agent
             self.log.warning("publish to %r failed: %s", entry.topic[:200], exc)
-            self.done(entry, MQTTErrorCode.MQTT_ERR_PAYLOAD_SIZE if "too large" in str(exc)
-                      else MQTTErrorCode.MQTT_ERR_INVAL)
+            self.done(
+                entry, MQTTErrorCode.MQTT_ERR_PAYLOAD_SIZE if "too large" in str(exc) else MQTTErrorCode.MQTT_ERR_INVAL
+            )
             return
         ok = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
         # Without a connection paho keeps QoS 1/2 messages and sends them after the reconnect.
@@ -167,9 +175,14 @@ class Outbox:
 
     def in_flight(self, slot: int, generation: int, last_request_id: int) -> tuple[int, ...]:
         """Request ids of a worker's publishes up to ``last_request_id`` not yet answered."""
-        return tuple(e.request_id for e in (*self.queued, *self.paho.values(), *self.unsent)
-                     if e.slot == slot and e.generation == generation and e.dead_letter is None
-                     and e.request_id <= last_request_id)
+        return tuple(
+            e.request_id
+            for e in (*self.queued, *self.paho.values(), *self.unsent)
+            if e.slot == slot
+            and e.generation == generation
+            and e.dead_letter is None
+            and e.request_id <= last_request_id
+        )
 
 
 class EarlyAnswers:
@@ -204,8 +217,9 @@ class EarlyAnswers:
 def sync_ack(outbox: Outbox, record: channel.Sync) -> channel.SyncAck:
     """Tell a worker which of its publishes up to the Sync are still in flight here; the answers
     to the others are already queued before this one, or were lost with a dead agent."""
-    return channel.SyncAck(record.last_request_id,
-                           outbox.in_flight(record.slot, record.generation, record.last_request_id))
+    return channel.SyncAck(
+        record.last_request_id, outbox.in_flight(record.slot, record.generation, record.last_request_id)
+    )
 
 
 def dead_letter_entry(prefix: str, d: Delivery, reason: str, *, v5: bool) -> Outgoing:

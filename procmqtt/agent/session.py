@@ -54,8 +54,18 @@ Intake = Callable[[list[Inbound], "Properties | None"], None]
 class BrokerSession:
     """One broker connection after another, and what must survive between them."""
 
-    def __init__(self, config: Config, client_id: str, state_dir: str, log: logging.Logger, *,
-                 ledger: DeliveryLedger, counters: metrics.Counters, publishes: Outbox, replies: Replies) -> None:
+    def __init__(
+        self,
+        config: Config,
+        client_id: str,
+        state_dir: str,
+        log: logging.Logger,
+        *,
+        ledger: DeliveryLedger,
+        counters: metrics.Counters,
+        publishes: Outbox,
+        replies: Replies,
+    ) -> None:
         self.config = config
         self.client_id = client_id
         self.log = log
@@ -87,8 +97,9 @@ class BrokerSession:
         ``intake``; ``odd(kind, message, *args)`` counts and logs what a broken broker sent."""
         self.intake = intake
         self.odd = odd
-        client = connection.make_client(self.config.mqtt, self.client_id,
-                                        self.config.workers.count * self.config.workers.prefetch)
+        client = connection.make_client(
+            self.config.mqtt, self.client_id, self.config.workers.count * self.config.workers.prefetch
+        )
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -139,8 +150,9 @@ class BrokerSession:
     def _connect_hint(self) -> str:
         """paho reports TLS mix-ups as silence or a bare disconnect; say what to check."""
         tls = "TLS on" if self.config.mqtt.tls else "no TLS"
-        return (f"({tls}): is this an MQTT port, does it expect TLS ([mqtt.tls]), and does it require "
-                f"a client certificate?")
+        return (
+            f"({tls}): is this an MQTT port, does it expect TLS ([mqtt.tls]), and does it require a client certificate?"
+        )
 
     def _schedule_reconnect(self, reason: str) -> None:
         delay = self.backoff.next()
@@ -157,8 +169,14 @@ class BrokerSession:
         if reason.is_failure:
             if reason.value in _AUTH_REFUSED:
                 code = reason.value if self.v5 else {134: 4, 135: 5}[reason.value]
-                self.log.error("broker %s:%d refused the credentials of user %r: %s (CONNACK reason code %d)",
-                               m.host, m.port, m.username, reason, code)
+                self.log.error(
+                    "broker %s:%d refused the credentials of user %r: %s (CONNACK reason code %d)",
+                    m.host,
+                    m.port,
+                    m.username,
+                    reason,
+                    code,
+                )
                 self.exit_code = ExitCode.AUTH
                 return
             self._set_state(ConnState.DISCONNECTED)
@@ -171,8 +189,13 @@ class BrokerSession:
         self.log.info("connected to %s:%d (session present: %s)", m.host, m.port, bool(flags.session_present))
         window = getattr(properties, "ReceiveMaximum", None) if self.v5 else None
         if window is not None and window < m.inflight():  # paho cannot apply it on a live connection
-            self.log.warning("the broker's Receive Maximum is %d, below [mqtt] max_inflight (%d): a broker that "
-                             "enforces it may disconnect us; set max_inflight = %d", window, m.inflight(), window)
+            self.log.warning(
+                "the broker's Receive Maximum is %d, below [mqtt] max_inflight (%d): a broker that "
+                "enforces it may disconnect us; set max_inflight = %d",
+                window,
+                m.inflight(),
+                window,
+            )
         self.subs.connected(self.client)
         if self.replies.wanted:
             self.subscribe_replies()
@@ -223,24 +246,30 @@ class BrokerSession:
         taken_over = getattr(reason, "value", None) == _SESSION_TAKEN_OVER and self.v5
         if (taken_over or self.short_lived >= SHORT_LIVED_WARN) and not self.warned_takeover:
             self.warned_takeover = True
-            self.log.warning("the broker keeps closing the connection right after accepting it: another "
-                             "client is %susing the client id %r (two instances of this app?); give each "
-                             "instance its own [mqtt] client_id", "" if taken_over else "probably ",
-                             self.client_id)
+            self.log.warning(
+                "the broker keeps closing the connection right after accepting it: another "
+                "client is %susing the client id %r (two instances of this app?); give each "
+                "instance its own [mqtt] client_id",
+                "" if taken_over else "probably ",
+                self.client_id,
+            )
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """paho's PUBLISH (an MQTT 5 one with properties, or QoS 2): into the one intake path."""
         try:
             topic = msg.topic
         except UnicodeDecodeError:  # from a broker that does not check; raising would crash-loop on its resend
-            self.odd("topic", "a message whose topic is not valid UTF-8 (%r, QoS %d); acknowledged and dropped",
-                     getattr(msg, "_topic", b"?")[:200], msg.qos)
+            self.odd(
+                "topic",
+                "a message whose topic is not valid UTF-8 (%r, QoS %d); acknowledged and dropped",
+                getattr(msg, "_topic", b"?")[:200],
+                msg.qos,
+            )
             if msg.qos:
                 client.ack(msg.mid, msg.qos)
             return
         properties = mqtt5.from_paho(getattr(msg, "properties", None)) if self.v5 else None
-        self.intake([Inbound(topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain), bool(msg.dup))],
-                    properties)
+        self.intake([Inbound(topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain), bool(msg.dup))], properties)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         self.publishes.confirmed(mid, reason.value if reason.is_failure else 0, self.stream)
@@ -288,10 +317,12 @@ class BrokerSession:
         the broker (and TCP), not in the agent. Read anyway while acknowledgements are awaited
         (handlers may be waiting on them; ``read`` then takes one packet per pass) and now
         and then for PINGRESP."""
-        return (self.ledger.room() > 0
-                or bool(self.publishes or self.subs.requests)
-                or now < self.replies.until  # a handler waits for a reply, maybe behind the flood
-                or now - self.last_read > self.config.mqtt.keepalive / 4)
+        return (
+            self.ledger.room() > 0
+            or bool(self.publishes or self.subs.requests)
+            or now < self.replies.until  # a handler waits for a reply, maybe behind the flood
+            or now - self.last_read > self.config.mqtt.keepalive / 4
+        )
 
     def write(self) -> None:
         """Queued publishes to paho (``outbox``), paho's queued packets, then one ``send`` for all of

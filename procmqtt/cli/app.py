@@ -27,8 +27,7 @@ def split_spec(spec: str) -> tuple[str, str]:
     if not all(part.isidentifier() for part in attr.split(".")):
         raise ConfigError(f"APP {spec!r}: {attr!r} is not a class name; {_EXPECTED}")
     if not _is_file(module_part) and not all(part.isidentifier() for part in module_part.split(".")):
-        raise ConfigError(f"APP {spec!r}: {module_part!r} is not a module name (a file name ends in .py); "
-                          f"{_EXPECTED}")
+        raise ConfigError(f"APP {spec!r}: {module_part!r} is not a module name (a file name ends in .py); {_EXPECTED}")
     return module_part, attr
 
 
@@ -56,8 +55,9 @@ def load_app(spec: str) -> type[Worker]:
     except ModuleNotFoundError as exc:
         raise AppError(f"APP {spec!r}: cannot import {module_part}: {exc}{_user_frames(exc)}") from None
     except Exception as exc:
-        raise AppError(f"APP {spec!r}: importing {module_part} raised "
-                       f"{type(exc).__name__}: {exc}{_user_frames(exc)}") from exc
+        raise AppError(
+            f"APP {spec!r}: importing {module_part} raised {type(exc).__name__}: {exc}{_user_frames(exc)}"
+        ) from exc
     obj = module
     for part in attr.split("."):
         try:
@@ -79,8 +79,11 @@ def _user_frames(exc: BaseException) -> str:
 
     Empty when no frame is the app's (a module that does not exist), so that error stays one line.
     """
-    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
-              if not frame.filename.startswith((_PROCMQTT_DIR, _IMPORTLIB_DIR, "<frozen "))]
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if not frame.filename.startswith((_PROCMQTT_DIR, _IMPORTLIB_DIR, "<frozen "))
+    ]
     lines = traceback.format_list(frames[-SHOWN_FRAMES:])
     if isinstance(exc, SyntaxError) and exc.filename:  # the bad line is not a frame: Python's own layout
         lines += traceback.format_exception_only(type(exc), exc)[:-1]

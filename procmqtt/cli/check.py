@@ -81,8 +81,13 @@ def render_check(app_spec: str, app: type, config: Config, routes: Iterable[Rout
         f"client id: {mqtt.client_id or default_client_id(app_spec)}",
         f"workers: {config.workers.count}",
     ]
-    return ("\n".join(head) + "\n\n" + render_subscriptions(subscriptions(config, routes)) + "\n"
-            + render_config(config, app_spec))
+    return (
+        "\n".join(head)
+        + "\n\n"
+        + render_subscriptions(subscriptions(config, routes))
+        + "\n"
+        + render_config(config, app_spec)
+    )
 
 
 def _section(name: str, section: Any, origins: Mapping[str, str], app_spec: str | None) -> list[str]:

@@ -31,58 +31,80 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="procmqtt",
         description="Run MQTT consumers on many CPU cores: one agent holds the connection, "
-                    "N worker processes handle the messages.",
+        "N worker processes handle the messages.",
     )
     parser.add_argument("--version", action="version", version=f"procmqtt {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = commands.add_parser("run", help="run an app", description="Run APP with N worker processes.")
     _app_arguments(run)
-    run.add_argument("--print-config", action="store_true",
-                     help="print the effective configuration (secrets masked) and exit")
+    run.add_argument(
+        "--print-config", action="store_true", help="print the effective configuration (secrets masked) and exit"
+    )
     run.add_argument("--pid", metavar="FILE", help="write the supervisor's pid to FILE; removed at exit")
-    run.add_argument("--log-file", metavar="FILE",
-                     help="log to FILE instead of stderr; SIGUSR1 to the supervisor reopens it (logrotate)")
+    run.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="log to FILE instead of stderr; SIGUSR1 to the supervisor reopens it (logrotate)",
+    )
 
     check = commands.add_parser(
-        "check", help="check an app and its configuration without running it",
+        "check",
+        help="check an app and its configuration without running it",
         description="Resolve the configuration as run would, import APP, list the subscriptions and "
-                    "what each reaches, and print the effective configuration (secrets masked). "
-                    "Never connects to the broker. Exit 0, or the error and exit code run would give.")
+        "what each reaches, and print the effective configuration (secrets masked). "
+        "Never connects to the broker. Exit 0, or the error and exit code run would give.",
+    )
     _app_arguments(check)
 
-    status = commands.add_parser("status", help="show a running app's numbers",
-                                 description="Read the [metrics] endpoint of a running procmqtt and print "
-                                             "per-worker counts, msg/s, in-flight, failures and publishes.")
-    status.add_argument("-c", "--config", metavar="FILE",
-                        help=f"TOML configuration (default: ${config_mod.CONFIG_ENV}, else "
-                             f"./{config_mod.DEFAULT_PATH} when it exists)")
+    status = commands.add_parser(
+        "status",
+        help="show a running app's numbers",
+        description="Read the [metrics] endpoint of a running procmqtt and print "
+        "per-worker counts, msg/s, in-flight, failures and publishes.",
+    )
+    status.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help=f"TOML configuration (default: ${config_mod.CONFIG_ENV}, else ./{config_mod.DEFAULT_PATH} when it exists)",
+    )
     status.add_argument("--watch", type=float, metavar="SECONDS", help="print again every SECONDS until Ctrl-C")
 
-    demo = commands.add_parser("demo", help="see procmqtt work: a private broker, an app, a stream, a live view",
-                               description="Start a private mosquitto, run the demo app on N workers, publish "
-                                           "a steady stream to it and show a live view, then a summary.")
+    demo = commands.add_parser(
+        "demo",
+        help="see procmqtt work: a private broker, an app, a stream, a live view",
+        description="Start a private mosquitto, run the demo app on N workers, publish "
+        "a steady stream to it and show a live view, then a summary.",
+    )
     demo.add_argument("-w", "--workers", type=int, default=4, metavar="N", help="worker processes (default 4)")
-    demo.add_argument("--seconds", type=float, default=10.0, metavar="S",
-                      help="how long to stream (default 10; Ctrl-C stops earlier)")
-    demo.add_argument("--rate", type=float, default=200.0, metavar="MSGS",
-                      help="messages per second (default 200)")
+    demo.add_argument(
+        "--seconds", type=float, default=10.0, metavar="S", help="how long to stream (default 10; Ctrl-C stops earlier)"
+    )
+    demo.add_argument("--rate", type=float, default=200.0, metavar="MSGS", help="messages per second (default 200)")
     return parser
 
 
 def _app_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of every subcommand that loads an app: APP and what overrides the configuration."""
     parser.add_argument("app", metavar="APP", help="package.module:Class or path/to/file.py:Class")
-    parser.add_argument("-c", "--config", metavar="FILE",
-                        help=f"TOML configuration (default: ${config_mod.CONFIG_ENV}, else "
-                             f"./{config_mod.DEFAULT_PATH} when it exists)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help=f"TOML configuration (default: ${config_mod.CONFIG_ENV}, else ./{config_mod.DEFAULT_PATH} when it exists)",
+    )
     parser.add_argument("-w", "--workers", type=int, metavar="N", help="number of worker processes")
-    parser.add_argument("--broker", metavar="URL",
-                        help="mqtt://[user@]host[:port], overrides [mqtt]; or 'embedded': a private mosquitto "
-                             "on a free loopback port, started and stopped with the app (local development)")
+    parser.add_argument(
+        "--broker",
+        metavar="URL",
+        help="mqtt://[user@]host[:port], overrides [mqtt]; or 'embedded': a private mosquitto "
+        "on a free loopback port, started and stopped with the app (local development)",
+    )
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
-    parser.add_argument("--log-format", choices=logs.FORMATS,
-                        help=f"text (default) or json, one object per line (env {LOG_FORMAT_ENV})")
+    parser.add_argument(
+        "--log-format", choices=logs.FORMATS, help=f"text (default) or json, one object per line (env {LOG_FORMAT_ENV})"
+    )
 
 
 def _setup_logs(args: argparse.Namespace) -> None:
@@ -144,8 +166,9 @@ def run(args: argparse.Namespace) -> int:
         if broker is not None:
             broker.start()
         if not config.mqtt.topics and not routes:
-            logs.get().warning("no [mqtt.topics] configured and no routes; the app receives only what it "
-                               "subscribes to at runtime")
+            logs.get().warning(
+                "no [mqtt.topics] configured and no routes; the app receives only what it subscribes to at runtime"
+            )
         return Supervisor(app, args.app, config, metrics_listener, sidecar=broker, loader=_reloader(args)).run()
     finally:
         if broker is not None:
@@ -156,11 +179,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _reloader(args: argparse.Namespace) -> Callable[[], tuple[type[Worker], config_mod.Config]]:
     """What SIGHUP runs in the supervisor: the configuration resolved as at start, the app imported afresh."""
+
     def load() -> tuple[type[Worker], config_mod.Config]:
         from procmqtt.cli.app import reload_app
 
         config = _resolve(args)
         return reload_app(args.app), config
+
     return load
 
 

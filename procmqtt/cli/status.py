@@ -45,8 +45,9 @@ def fetch(host: str, port: int, timeout: float = 2.0) -> Snapshot:
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         reason = getattr(reason, "strerror", None) or reason
-        raise Unreachable(f"nothing answers on {url} ({reason}); is procmqtt running with "
-                          f"[metrics] port = {port}?") from None
+        raise Unreachable(
+            f"nothing answers on {url} ({reason}); is procmqtt running with [metrics] port = {port}?"
+        ) from None
     return parse(text, taken=time.monotonic())
 
 
@@ -78,8 +79,14 @@ def parse(text: str, taken: float = 0.0) -> Snapshot:
                 buckets.append((float(sample.labels["le"]), int(sample.value)))
             elif sample.name == "procmqtt_processing_seconds_sum":
                 seconds_sum = sample.value
-    return Snapshot(**totals, workers={slot: WorkerStats(**w) for slot, w in sorted(workers.items())},
-                    restarts=restarts, buckets=tuple(sorted(buckets)), seconds_sum=seconds_sum, taken=taken)
+    return Snapshot(
+        **totals,
+        workers={slot: WorkerStats(**w) for slot, w in sorted(workers.items())},
+        restarts=restarts,
+        buckets=tuple(sorted(buckets)),
+        seconds_sum=seconds_sum,
+        taken=taken,
+    )
 
 
 def render(snapshot: Snapshot, previous: Snapshot | None) -> str:
@@ -94,21 +101,40 @@ def render(snapshot: Snapshot, previous: Snapshot | None) -> str:
     rows = [("worker", "processed", "msg/s", "in-flight", "failed")]
     for slot, w in snapshot.workers.items():
         before = previous.workers.get(slot) if previous is not None else None
-        rows.append((str(slot), str(w.processed), rate(w.processed, before.processed if before else None),
-                     str(w.in_flight), str(w.failed)))
-    rows.append(("total", str(snapshot.processed),
-                 rate(snapshot.processed, previous.processed if previous is not None else None),
-                 str(snapshot.in_flight), str(snapshot.failed)))
+        rows.append(
+            (
+                str(slot),
+                str(w.processed),
+                rate(w.processed, before.processed if before else None),
+                str(w.in_flight),
+                str(w.failed),
+            )
+        )
+    rows.append(
+        (
+            "total",
+            str(snapshot.processed),
+            rate(snapshot.processed, previous.processed if previous is not None else None),
+            str(snapshot.in_flight),
+            str(snapshot.failed),
+        )
+    )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+        for row in rows
+    ]
     s = snapshot
     restarts = ", ".join(f"{cause} {n}" for cause, n in sorted(s.restarts.items()))
     mean = f"{1000 * s.seconds_sum / s.processing_count:.2f} ms" if s.processing_count else "-"
-    lines.append(f"received {s.received}, redelivered {s.redelivered}, dead-lettered {s.dead_lettered}, "
-                 f"dropped {s.dropped}; window {s.window}; handler time mean {mean}")
-    lines.append(f"publishes {s.publishes_sent} sent, {s.publishes_failed} failed; reconnects {s.reconnects}; "
-                 f"restarts {sum(s.restarts.values())}" + (f" ({restarts})" if restarts else ""))
+    lines.append(
+        f"received {s.received}, redelivered {s.redelivered}, dead-lettered {s.dead_lettered}, "
+        f"dropped {s.dropped}; window {s.window}; handler time mean {mean}"
+    )
+    lines.append(
+        f"publishes {s.publishes_sent} sent, {s.publishes_failed} failed; reconnects {s.reconnects}; "
+        f"restarts {sum(s.restarts.values())}" + (f" ({restarts})" if restarts else "")
+    )
     return "\n".join(lines)
 
 
@@ -116,8 +142,10 @@ def main(config: Config, watch: float | None) -> int:
     """``procmqtt status``: one table (two reads a second apart, for msg/s), or one every ``watch`` s."""
     m = config.metrics
     if m.port is None:
-        raise ConfigError(f"{config.source}: [metrics] port is not set, so procmqtt serves no metrics; "
-                          "set it (e.g. port = 9464) and restart procmqtt")
+        raise ConfigError(
+            f"{config.source}: [metrics] port is not set, so procmqtt serves no metrics; "
+            "set it (e.g. port = 9464) and restart procmqtt"
+        )
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(m.host, m.host)  # listening on all
     if watch is None:
         first = fetch(host, m.port)
@@ -141,4 +169,3 @@ def main(config: Config, watch: float | None) -> int:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-

@@ -24,14 +24,17 @@ def integer(lo: int, hi: int | None = None) -> Check:
     def check(v: Any) -> str | None:
         ok = isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
         return None if ok else expected
+
     return check
 
 
 def seconds(lo: float) -> Check:
     """A duration: a bounded range also refuses inf and nan (which compare false with both ends)."""
+
     def check(v: Any) -> str | None:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= MAX_SECONDS
         return None if ok else f"a number of seconds from {lo:g} to {MAX_SECONDS}"
+
     return check
 
 
@@ -66,6 +69,7 @@ def password_text(v: Any) -> str | None:
 def payload(max_bytes: int | None) -> Check:
     def check(v: Any) -> str | None:
         return string_problem(v, max_bytes, nul=True) if isinstance(v, str) else "a string"
+
     return check
 
 
@@ -87,6 +91,7 @@ def share_group(v: Any) -> str | None:
 def one_of(*options: str) -> Check:
     def check(v: Any) -> str | None:
         return None if v in options else "one of " + ", ".join(f'"{o}"' for o in options)
+
     return check
 
 

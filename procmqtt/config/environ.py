@@ -31,8 +31,12 @@ def env_variables() -> dict[str, tuple[str, str]]:
     Derived from the schema tables, so a key or a section added there gets its variable for free;
     sub-tables (``[mqtt.topics]``) and the free-form ``[app]`` have none.
     """
-    return {f"{ENV_PREFIX}{section}_{key}".upper(): (section, key)
-            for section, keys in SECTIONS.items() for key, check in keys.items() if check is not subtable}
+    return {
+        f"{ENV_PREFIX}{section}_{key}".upper(): (section, key)
+        for section, keys in SECTIONS.items()
+        for key, check in keys.items()
+        if check is not subtable
+    }
 
 
 def _from_text(text: str, check: Check) -> Any:
@@ -84,11 +88,11 @@ def from_environ(environ: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]],
 
 
 def _warn_unknown(name: str, known: Mapping[str, tuple[str, str]]) -> None:
-    rest = name[len(ENV_PREFIX):].lower() if name.startswith(ENV_PREFIX) else ""
+    rest = name[len(ENV_PREFIX) :].lower() if name.startswith(ENV_PREFIX) else ""
     section = next((s for s in sorted(SECTIONS, key=len, reverse=True) if rest.startswith(s + "_")), None)
     if section is None:
         return  # PROCMQTT_CONFIG, PROCMQTT_LOG_FORMAT, or not ours
-    key = rest[len(section) + 1:]
+    key = rest[len(section) + 1 :]
     tables = [k for k, check in SECTIONS[section].items() if check is subtable]
     if not SECTIONS[section] or any(key == t or key.startswith(t + "_") for t in tables):
         where = next((f"{section}.{t}" for t in tables if key.startswith(t)), section)
@@ -99,8 +103,13 @@ def _warn_unknown(name: str, known: Mapping[str, tuple[str, str]]) -> None:
     _log.warning("%s: not a procmqtt setting, ignored%s", name, hint)
 
 
-def resolve(path: str | None = None, *, environ: Mapping[str, str] | None = None,
-            workers: int | None = None, broker: str | None = None) -> Config:
+def resolve(
+    path: str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    workers: int | None = None,
+    broker: str | None = None,
+) -> Config:
     """The effective configuration: defaults < TOML file < environment < command line.
 
     ``path`` is ``-c``; without it ``PROCMQTT_CONFIG``, then ``./procmqtt.toml``. Runs in the
@@ -116,8 +125,7 @@ def resolve(path: str | None = None, *, environ: Mapping[str, str] | None = None
         data, source = _read(path)
     env, env_origins = from_environ(environ)
     merged = {name: dict(table) if isinstance(table, dict) else table for name, table in data.items()}
-    origins = {f"{name}.{key}": source for name, table in merged.items() if isinstance(table, dict)
-               for key in table}
+    origins = {f"{name}.{key}": source for name, table in merged.items() if isinstance(table, dict) for key in table}
     for section, values in env.items():
         table = merged.setdefault(section, {})
         if not isinstance(table, dict):
@@ -133,4 +141,3 @@ def resolve(path: str | None = None, *, environ: Mapping[str, str] | None = None
             origins["mqtt.password"] = f"{origins.pop(f'mqtt.{k}')} ({k})"
     config = replace(from_mapping(merged, source, environ), origins=types.MappingProxyType(origins))
     return with_overrides(config, workers=workers, broker=broker)
-

@@ -58,8 +58,12 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 MAX_FILE_BYTES = 16 * 2**20  # a configuration file; -c /dev/zero is a mistake, not a wait
-_AS_GIVEN = {s: tuple(k.name for k in KEYS if k.section == s and k.field and k.check is not subtable
-                      and k.name not in PASSWORD_KEYS) for s in SECTIONS}
+_AS_GIVEN = {
+    s: tuple(
+        k.name for k in KEYS if k.section == s and k.field and k.check is not subtable and k.name not in PASSWORD_KEYS
+    )
+    for s in SECTIONS
+}
 """The keys of each table that go into its dataclass as they are (not a password form, not a table)."""
 
 
@@ -85,8 +89,9 @@ def _unknown(source: str, where: str, key: str, known: Mapping[str, Any]) -> Con
     return ConfigError(f"{source}: {where}unknown key '{key}'{hint}")
 
 
-def _checked(source: str, where: str, table: Any, keys: Mapping[str, Check],
-             not_a_table: str = "must be a table") -> dict[str, Any]:
+def _checked(
+    source: str, where: str, table: Any, keys: Mapping[str, Check], not_a_table: str = "must be a table"
+) -> dict[str, Any]:
     """The table's values, each checked against ``keys``; ``where`` names the table in errors."""
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: {where} {not_a_table}, got {_show(table)}")
@@ -103,8 +108,9 @@ def _checked(source: str, where: str, table: Any, keys: Mapping[str, Check],
 def _password(source: str, mqtt: dict[str, Any], environ: Mapping[str, str]) -> Secret | None:
     given = [k for k in PASSWORD_KEYS if k in mqtt]
     if len(given) > 1:
-        raise ConfigError(f"{source}: [mqtt] set only one of password, password_env, password_file "
-                          f"(found {', '.join(given)})")
+        raise ConfigError(
+            f"{source}: [mqtt] set only one of password, password_env, password_file (found {', '.join(given)})"
+        )
     if "password" in mqtt:
         return Secret(mqtt["password"])
     if "password_env" in mqtt:
@@ -178,20 +184,25 @@ def _load_certificates(source: str, tls: dict[str, Any]) -> None:
         if ca is not None:
             context.load_verify_locations(cafile=ca)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        raise ConfigError(f"{source}: [mqtt.tls] ca_certs: {ca}: expected PEM certificates of the CAs "
-                          f"to trust ({_ssl_reason(exc)})") from None
+        raise ConfigError(
+            f"{source}: [mqtt.tls] ca_certs: {ca}: expected PEM certificates of the CAs to trust ({_ssl_reason(exc)})"
+        ) from None
     if cert is None:
         return
     try:
         context.load_cert_chain(cert, key, password=_no_passphrase)
     except _EncryptedKey:
-        raise ConfigError(f"{source}: [mqtt.tls] {'keyfile' if key else 'certfile'}: {key or cert}: the "
-                          "private key is encrypted; procmqtt needs it unencrypted (readable by its user "
-                          "only)") from None
+        raise ConfigError(
+            f"{source}: [mqtt.tls] {'keyfile' if key else 'certfile'}: {key or cert}: the "
+            "private key is encrypted; procmqtt needs it unencrypted (readable by its user "
+            "only)"
+        ) from None
     except (OSError, ValueError) as exc:
         keyfile = f"keyfile {key}" if key else "keyfile"
-        raise ConfigError(f"{source}: [mqtt.tls] certfile: {cert}: expected a PEM client certificate with its "
-                          f"private key (there, or in {keyfile}) ({_ssl_reason(exc)})") from None
+        raise ConfigError(
+            f"{source}: [mqtt.tls] certfile: {cert}: expected a PEM client certificate with its "
+            f"private key (there, or in {keyfile}) ({_ssl_reason(exc)})"
+        ) from None
 
 
 def _ssl_reason(exc: Exception) -> str:
@@ -211,13 +222,14 @@ def _announcement(source: str, name: str, table: Any) -> Announcement | None:
         raise ConfigError(f"{source}: {where} topic: required (the topic the message goes to)")
     size = 4 + len(checked["topic"].encode()) + len(checked.get("payload", "").encode())
     if size > MAX_MQTT_PACKET:  # a PUBLISH: topic, its length and a packet id, then the payload
-        raise ConfigError(f"{source}: {where} payload: expected at most {MAX_MQTT_PACKET:,} bytes with "
-                          f"the topic (the MQTT limit), got {size:,}")
+        raise ConfigError(
+            f"{source}: {where} payload: expected at most {MAX_MQTT_PACKET:,} bytes with "
+            f"the topic (the MQTT limit), got {size:,}"
+        )
     return Announcement(**checked)
 
 
-def from_mapping(data: Mapping[str, Any], source: str = "<config>",
-                 environ: Mapping[str, str] | None = None) -> Config:
+def from_mapping(data: Mapping[str, Any], source: str = "<config>", environ: Mapping[str, str] | None = None) -> Config:
     """Build a checked ``Config`` from parsed TOML (or any mapping of the same shape).
 
     ``environ`` (default ``os.environ``) is where ``password_env`` is looked up.
@@ -237,11 +249,14 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>",
     if tls is not None and "port" not in plain:
         plain["port"] = DEFAULT_TLS_PORT
     return Config(
-        mqtt=MqttConfig(**plain, password=_password(source, mqtt, os.environ if environ is None else environ),
-                        topics=_subscriptions(source, mqtt.get("topics", {}), mqtt.get("share_group")),
-                        tls=tls,
-                        will=_announcement(source, "will", mqtt.get("will")),
-                        birth=_announcement(source, "birth", mqtt.get("birth"))),
+        mqtt=MqttConfig(
+            **plain,
+            password=_password(source, mqtt, os.environ if environ is None else environ),
+            topics=_subscriptions(source, mqtt.get("topics", {}), mqtt.get("share_group")),
+            tls=tls,
+            will=_announcement(source, "will", mqtt.get("will")),
+            birth=_announcement(source, "birth", mqtt.get("birth")),
+        ),
         workers=WorkersConfig(**workers),
         metrics=MetricsConfig(**metrics),
         app=types.MappingProxyType(app),
@@ -256,8 +271,10 @@ def _prefetch_for_concurrency(source: str, workers: dict[str, Any]) -> None:
     if "prefetch" not in workers:
         workers["prefetch"] = max(DEFAULT_PREFETCH, concurrency)
     elif workers["prefetch"] < concurrency:
-        raise ConfigError(f"{source}: [workers] prefetch ({workers['prefetch']}) must be at least "
-                          f"concurrency ({concurrency}): a worker can only run the messages it holds")
+        raise ConfigError(
+            f"{source}: [workers] prefetch ({workers['prefetch']}) must be at least "
+            f"concurrency ({concurrency}): a worker can only run the messages it holds"
+        )
 
 
 def _read(path: str | None) -> tuple[dict[str, Any], str]:
@@ -306,17 +323,24 @@ def with_overrides(config: Config, *, workers: int | None = None, broker: str | 
         origins["workers.count"] = "--workers"
     if broker is not None:
         mqtt = _broker_url(config.mqtt, broker)
-        origins.update({f"mqtt.{key}": "--broker" for key in ("host", "port", "username")
-                        if getattr(mqtt, key) != getattr(config.mqtt, key)})
+        origins.update(
+            {
+                f"mqtt.{key}": "--broker"
+                for key in ("host", "port", "username")
+                if getattr(mqtt, key) != getattr(config.mqtt, key)
+            }
+        )
         config = replace(config, mqtt=mqtt)
     return replace(config, origins=types.MappingProxyType(origins))
 
 
-
 _SCHEMES = {  # scheme -> (TLS, transport, default port)
-    "mqtt": (False, "tcp", DEFAULT_PORT), "tcp": (False, "tcp", DEFAULT_PORT),
-    "mqtts": (True, "tcp", DEFAULT_TLS_PORT), "ssl": (True, "tcp", DEFAULT_TLS_PORT),
-    "ws": (False, "websockets", 80), "wss": (True, "websockets", 443),
+    "mqtt": (False, "tcp", DEFAULT_PORT),
+    "tcp": (False, "tcp", DEFAULT_PORT),
+    "mqtts": (True, "tcp", DEFAULT_TLS_PORT),
+    "ssl": (True, "tcp", DEFAULT_TLS_PORT),
+    "ws": (False, "websockets", 80),
+    "wss": (True, "websockets", 443),
 }
 
 
@@ -329,15 +353,22 @@ def _broker_url(mqtt: MqttConfig, url: str) -> MqttConfig:
     except ValueError:
         raise ConfigError(f"--broker: {expected}") from None
     if parts.password is not None:
-        raise ConfigError("--broker: do not put a password in the URL (command lines are visible "
-                          "in ps); use [mqtt] password_env or password_file")
+        raise ConfigError(
+            "--broker: do not put a password in the URL (command lines are visible "
+            "in ps); use [mqtt] password_env or password_file"
+        )
     scheme = _SCHEMES.get(parts.scheme)
     websockets = scheme is not None and scheme[1] == "websockets"
     if scheme is None or not parts.hostname or (parts.path not in ("", "/") and not websockets):
         raise ConfigError(f"--broker: {expected}, got {_show(url)}")
     secure, transport, default_port = scheme
     tls = (mqtt.tls or TlsConfig()) if secure else None  # TlsConfig(): the system's CAs
-    return replace(mqtt, host=parts.hostname, port=port or default_port, tls=tls, transport=transport,
-                   ws_path=parts.path or DEFAULT_WS_PATH if websockets else mqtt.ws_path,
-                   username=urllib.parse.unquote(parts.username) if parts.username else mqtt.username)
-
+    return replace(
+        mqtt,
+        host=parts.hostname,
+        port=port or default_port,
+        tls=tls,
+        transport=transport,
+        ws_path=parts.path or DEFAULT_WS_PATH if websockets else mqtt.ws_path,
+        username=urllib.parse.unquote(parts.username) if parts.username else mqtt.username,
+    )

@@ -50,11 +50,12 @@ def render() -> str:
     for key in KEYS:
         doc = key.doc + ("; never shown" if key.secret else "")
         env = f"`{key.env}`" if key.env else "file only"
-        cells = (f"`[{key.section}] {key.name}`", _cell(key.accepts), _default(key), env, key.reload.value,
-                 _cell(doc))
+        cells = (f"`[{key.section}] {key.name}`", _cell(key.accepts), _default(key), env, key.reload.value, _cell(doc))
         rows.append(f"| {' | '.join(cells)} |")
-    rows.append(f"| `[{APP_SECTION}]` | a table | empty | file only | {Reload.WORKERS.value} "
-                "| free-form; workers read it as `self.config.app` |")
+    rows.append(
+        f"| `[{APP_SECTION}]` | a table | empty | file only | {Reload.WORKERS.value} "
+        "| free-form; workers read it as `self.config.app` |"
+    )
     return "\n".join(rows) + "\n"
 
 
@@ -71,8 +72,7 @@ def replaced(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m procmqtt.config.reference", description=__doc__)
-    parser.add_argument("--write", metavar="README",
-                        help="replace the table between the markers in this file")
+    parser.add_argument("--write", metavar="README", help="replace the table between the markers in this file")
     args = parser.parse_args(argv)
     if args.write is None:
         sys.stdout.write(render())

@@ -25,15 +25,16 @@ from procmqtt.config.values import Config, Subscription
 
 AGENT_KEYS: dict[str, tuple[str, ...]] = {
     section: tuple(k.name for k in KEYS if k.section == section and k.field and k.reload is Reload.AGENT)
-    for section in SECTIONS}
+    for section in SECTIONS
+}
 """Per section, the fields the agent reads when it starts: a change needs a new agent (connection)."""
-LIVE_MQTT_KEYS = frozenset(k.name for k in KEYS
-                           if k.section == "mqtt" and k.field and k.reload is not Reload.AGENT)
+LIVE_MQTT_KEYS = frozenset(k.name for k in KEYS if k.section == "mqtt" and k.field and k.reload is not Reload.AGENT)
 """[mqtt] keys applied without a new connection: subscriptions live, the others by new workers."""
 AGENT_WORKERS_KEYS = AGENT_KEYS["workers"]
 """[workers] keys the agent reads when it starts (the rest are read by the workers or the supervisor)."""
-RELOADED_SECTIONS = frozenset({APP_SECTION, "source", *(k.section for k in KEYS
-                                                         if "." not in k.section and k.reload is not Reload.RESTART)})
+RELOADED_SECTIONS = frozenset(
+    {APP_SECTION, "source", *(k.section for k in KEYS if "." not in k.section and k.reload is not Reload.RESTART)}
+)
 """Config fields a reload applies; any other section needs a restart of procmqtt."""
 
 
@@ -63,8 +64,13 @@ def compare(old: Config, new: Config) -> Changes:
     """What a reload from ``old`` to ``new`` does beyond replacing the workers. Names keys, never values."""
     old_topics = {s.topic_filter: s.qos for s in old.mqtt.topics}
     new_topics = {s.topic_filter: s.qos for s in new.mqtt.topics}
-    agent = [f"[{section}] {name}" for section, names in AGENT_KEYS.items() if section in RELOADED_SECTIONS
-             for name in names if getattr(getattr(old, section), name) != getattr(getattr(new, section), name)]
+    agent = [
+        f"[{section}] {name}"
+        for section, names in AGENT_KEYS.items()
+        if section in RELOADED_SECTIONS
+        for name in names
+        if getattr(getattr(old, section), name) != getattr(getattr(new, section), name)
+    ]
     return Changes(
         subscribe=tuple(Subscription(f, q) for f, q in new_topics.items() if old_topics.get(f) != q),
         unsubscribe=tuple(f for f in old_topics if f not in new_topics),

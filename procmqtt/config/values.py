@@ -142,8 +142,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     app: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
     source: str = "<defaults>"
-    origins: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}),
-                                       repr=False, compare=False)
+    origins: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}), repr=False, compare=False)
     """Where each value that is not a default came from: "mqtt.host" -> "PROCMQTT_MQTT_HOST", say."""
 
 

@@ -38,8 +38,12 @@ try:  # the live per-worker view reads the app's [metrics] (needs procmqtt.statu
 
     from procmqtt.cli import status
     from procmqtt.config import Config as _Config
-    if (importlib.util.find_spec("prometheus_client") is None or "metrics" not in _Config.__dataclass_fields__
-            or Path(status.__file__).parent.parent != Path(__file__).parent.parent):  # a stale install's status.py
+
+    if (
+        importlib.util.find_spec("prometheus_client") is None
+        or "metrics" not in _Config.__dataclass_fields__
+        or Path(status.__file__).parent.parent != Path(__file__).parent.parent
+    ):  # a stale install's status.py
         status = None  # type: ignore[assignment]
 except ImportError:
     status = None  # type: ignore[assignment]
@@ -94,13 +98,19 @@ class Demo:
             self.broker.start()
             self.start_app()
             self.connect()
-            self.say(f"procmqtt demo: a private mosquitto (pid {self.broker.pid}) on 127.0.0.1:{self.broker.port}; "
-                     f"{APP} (pid {self.app_pid}) on {self.workers} workers")
-            self.say(f"  streaming {self.rate:g} readings/s for {self.seconds:g}s (Ctrl-C stops earlier); "
-                     f"watch the alerts: mosquitto_sub -p {self.broker.port} -t 'demo/alerts/#' -v")
+            self.say(
+                f"procmqtt demo: a private mosquitto (pid {self.broker.pid}) on 127.0.0.1:{self.broker.port}; "
+                f"{APP} (pid {self.app_pid}) on {self.workers} workers"
+            )
+            self.say(
+                f"  streaming {self.rate:g} readings/s for {self.seconds:g}s (Ctrl-C stops earlier); "
+                f"watch the alerts: mosquitto_sub -p {self.broker.port} -t 'demo/alerts/#' -v"
+            )
             if status is None:
-                self.say("  (live per-worker numbers need procmqtt.status and prometheus_client: "
-                         "pip install 'procmqtt[demo]'; showing the stream's own counts)")
+                self.say(
+                    "  (live per-worker numbers need procmqtt.status and prometheus_client: "
+                    "pip install 'procmqtt[demo]'; showing the stream's own counts)"
+                )
             ready = self.wait_ready()
             started = time.monotonic()
             if ready:
@@ -143,17 +153,44 @@ class Demo:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
         with open(self.app_log, "wb") as log:
             self.app = subprocess.Popen(
-                [sys.executable, "-m", "procmqtt", "run", APP, "-c", str(config), "-w", str(self.workers),
-                 "--broker", self.broker.url],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, env=env,
-                start_new_session=True, preexec_fn=_pdeathsig)  # noqa: PLW1509 - no thread runs yet
+                [
+                    sys.executable,
+                    "-m",
+                    "procmqtt",
+                    "run",
+                    APP,
+                    "-c",
+                    str(config),
+                    "-w",
+                    str(self.workers),
+                    "--broker",
+                    self.broker.url,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_pdeathsig,  # noqa: PLW1509 - no thread runs yet
+            )
 
     def config_text(self) -> str:
         lines = [
-            "[mqtt]", f'client_id = "procmqtt-demo-{os.getpid()}"', "",
-            "[mqtt.topics]", '"demo/sensors/+" = { qos = 1 }', f'"{demo_app.PING}" = {{ qos = 1 }}', "",
-            "[workers]", f"count = {self.workers}", f"graceful_timeout = {GRACEFUL_TIMEOUT:g}", "",
-            "[app]", "alert_above = 30.0", "work_ms = 1.0",
+            "[mqtt]",
+            f'client_id = "procmqtt-demo-{os.getpid()}"',
+            "",
+            "[mqtt.topics]",
+            '"demo/sensors/+" = { qos = 1 }',
+            f'"{demo_app.PING}" = {{ qos = 1 }}',
+            "",
+            "[workers]",
+            f"count = {self.workers}",
+            f"graceful_timeout = {GRACEFUL_TIMEOUT:g}",
+            "",
+            "[app]",
+            "alert_above = 30.0",
+            "work_ms = 1.0",
         ]
         if self.metrics_port is not None:
             lines += ["", "[metrics]", f"port = {self.metrics_port}"]
@@ -167,7 +204,8 @@ class Demo:
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(0.1, 1)  # type: ignore[arg-type]  # paho's hint says int; it sleeps float
         client.on_connect = lambda c, u, f, rc, p: c.subscribe(
-            [(demo_app.PONG, 1), ("demo/alerts/#", 1), ("demo/workers/+", 1)])
+            [(demo_app.PONG, 1), ("demo/alerts/#", 1), ("demo/workers/+", 1)]
+        )
         client.on_subscribe = lambda *_: self.subscribed.set()
         client.on_message = self._on_message
         client.connect("127.0.0.1", self.broker.port)
@@ -230,8 +268,10 @@ class Demo:
         """The broker is restarted on the same port if it dies; the app dying ends the demo."""
         assert self.broker is not None and self.app is not None
         if self.broker.proc is not None and self.broker.proc.poll() is not None:
-            self.say(f"the private broker exited with code {self.broker.proc.returncode}"
-                     f"{self.broker.last_words()}; restarting it on port {self.broker.port}")
+            self.say(
+                f"the private broker exited with code {self.broker.proc.returncode}"
+                f"{self.broker.last_words()}; restarting it on port {self.broker.port}"
+            )
             self.broker.start()
         if self.app.poll() is not None:
             raise ProcmqttError(f"the demo app exited with code {self.app.returncode}{self.app_tail()}")
@@ -267,24 +307,30 @@ class Demo:
         lost = self.sent - handled
         how = "interrupted (Ctrl-C) after" if self.interrupts else "streamed for"
         self.say("")
-        self.say(f"summary: {how} {duration:.1f}s: sent {self.sent}, handled {handled}, lost {lost}; "
-                 f"{self.alerts} alert(s) published by the workers")
+        self.say(
+            f"summary: {how} {duration:.1f}s: sent {self.sent}, handled {handled}, lost {lost}; "
+            f"{self.alerts} alert(s) published by the workers"
+        )
         for slot in range(self.workers):
             report = self.reports.get(slot)
             if report is None:
                 self.say(f"  worker {slot}: no report (it did not stop gracefully)")
             else:
                 share = 100 * report["readings"] / handled if handled else 0
-                self.say(f"  worker {slot}: {report['readings']:6d} readings ({share:4.1f}%), "
-                         f"{report['alerts']} alert(s)")
+                self.say(
+                    f"  worker {slot}: {report['readings']:6d} readings ({share:4.1f}%), {report['alerts']} alert(s)"
+                )
         if status is not None:
             self.say(f"  (the live view's totals also count the {self.pong_count} ping(s) the app answered)")
         if app_code != 0:
             self.say(f"the app exited with code {app_code}{self.app_tail()}")
         reported = len(self.reports) == self.workers or self.sent == 0  # Ctrl-C before the stream began
         ok = app_code == 0 and lost == 0 and drained and reported
-        self.say("stopped gracefully: the app and the private broker are gone" if ok else
-                 "the demo did not end cleanly (see above)")
+        self.say(
+            "stopped gracefully: the app and the private broker are gone"
+            if ok
+            else "the demo did not end cleanly (see above)"
+        )
         return ExitCode.OK if ok else ExitCode.FORCED
 
     # --- the live view -------------------------------------------------------------------------
@@ -294,8 +340,10 @@ class Demo:
         now = time.monotonic()
         was, sent_before, snapshot_before = self.last_frame
         per_second = (self.sent - sent_before) / (now - was) if now > was else 0.0
-        header = (f"{elapsed:5.1f}s  sent {self.sent} readings ({per_second:.0f}/s), "
-                  f"alerts published by the workers {self.alerts}")
+        header = (
+            f"{elapsed:5.1f}s  sent {self.sent} readings ({per_second:.0f}/s), "
+            f"alerts published by the workers {self.alerts}"
+        )
         lines = [header]
         snapshot = None
         if status is not None and self.metrics_port is not None:

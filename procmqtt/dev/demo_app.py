@@ -49,8 +49,9 @@ class DemoSensors(Worker):
         self.readings += 1
         if celsius > self.alert_above:
             self.alerts += 1
-            self.publish(f"demo/alerts/{device}",
-                         {"device": device, "celsius": celsius, "average": round(average, 2)}, qos=1)
+            self.publish(
+                f"demo/alerts/{device}", {"device": device, "celsius": celsius, "average": round(average, 2)}, qos=1
+            )
 
     def on_stop(self) -> None:
         report = {"worker": self.worker_id, "readings": self.readings, "alerts": self.alerts}

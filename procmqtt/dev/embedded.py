@@ -42,8 +42,10 @@ MAX_QUEUED = 100_000
 """QoS 1/2 messages the broker queues per client (Mosquitto's default, 1000, drops a short backlog)."""
 RESERVED_PORT = 1883
 
-INSTALL_HINT = ("the embedded broker needs the mosquitto binary (on PATH or in /usr/sbin); install the "
-                "'mosquitto' package (apt-get install mosquitto, or brew install mosquitto)")
+INSTALL_HINT = (
+    "the embedded broker needs the mosquitto binary (on PATH or in /usr/sbin); install the "
+    "'mosquitto' package (apt-get install mosquitto, or brew install mosquitto)"
+)
 
 
 def find_mosquitto() -> str | None:
@@ -121,7 +123,8 @@ class EmbeddedBroker:
             "persistence false",
             f"max_queued_messages {MAX_QUEUED}",
             f"log_dest file {self.log_path}",
-            "log_type error", "log_type warning",
+            "log_type error",
+            "log_type warning",
         ]
         if os.geteuid() == 0:
             lines.append("user root")  # otherwise it drops to 'mosquitto', who cannot write our temp dir
@@ -133,10 +136,14 @@ class EmbeddedBroker:
             self.dir = Path(tempfile.mkdtemp(prefix="procmqtt-broker-"))
         config = self.dir / "mosquitto.conf"
         config.write_text(self.config_text())
-        self.proc = subprocess.Popen([self.binary, "-c", str(config)], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True,
-                                     preexec_fn=_pdeathsig)  # noqa: PLW1509 - one C call, no lock taken
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_pdeathsig,  # noqa: PLW1509 - one C call, no lock taken
+        )
         return self.proc.pid
 
     def start(self) -> None:
@@ -152,8 +159,13 @@ class EmbeddedBroker:
                 self.stop()
                 raise BrokerFailed(f"the embedded broker (mosquitto on {HOST}:{self.port}) {why}")
             time.sleep(0.02)
-        self.log.info("embedded broker: mosquitto (pid %d) on %s:%d; try: mosquitto_pub -p %d -t TOPIC -m hello",
-                      self.pid, HOST, self.port, self.port)
+        self.log.info(
+            "embedded broker: mosquitto (pid %d) on %s:%d; try: mosquitto_pub -p %d -t TOPIC -m hello",
+            self.pid,
+            HOST,
+            self.port,
+            self.port,
+        )
 
     def _accepts(self) -> bool:
         try:

@@ -11,7 +11,7 @@ whose descriptor rides in the datagram (``SCM_RIGHTS``). The datagram with its d
 atomic unit, so large payloads need no chunking and no reassembly state that a dead writer could
 leave half-filled. The same descriptor passing carries a new worker's socket to the agent.
 
-This module is the transport; the records and their byte layouts live in ``procmqtt.ipc.records``
+This module is the transport; the records live in ``procmqtt.ipc.records``, their byte layouts in ``procmqtt.ipc.codec``
 and are re-exported here, so users write ``channel.Deliver``, ``channel.send`` alike. Sockets are
 made in the supervisor before fork (``pair``); sending and receiving run in every process.
 """
@@ -26,6 +26,7 @@ import tempfile
 import threading
 from collections import deque
 
+from procmqtt.ipc.codec import ChannelError, decode, encode, encode_worker_up
 from procmqtt.ipc.records import (  # re-exported: channel.<Record> is how the package names them
     AGENT_STARTED,
     DELIVER,
@@ -45,7 +46,6 @@ from procmqtt.ipc.records import (  # re-exported: channel.<Record> is how the p
     WORKER_EXITED,
     WORKER_UP,
     AgentStarted,
-    ChannelError,
     Deliver,
     Done,
     Publish,
@@ -63,9 +63,6 @@ from procmqtt.ipc.records import (  # re-exported: channel.<Record> is how the p
     Unsubscribe,
     WorkerExited,
     WorkerUp,
-    decode,
-    encode,
-    encode_worker_up,
 )
 
 INLINE_MAX = 128 * 1024
@@ -82,12 +79,53 @@ BLOB = 255
 """The kind byte of a datagram whose records are in the attached memory file."""
 
 __all__ = [
-    "AGENT_STARTED", "BLOB", "DELIVER", "DONE", "INLINE_MAX", "PUBLISH", "PUBLISHED", "READY", "REPLY", "RESTARTS",
-    "RETIRE", "SOCKET_BUFFER", "STOP", "STOP_AGENT", "SUBSCRIBE", "SYNC", "SYNC_ACK", "UNSUBSCRIBE",
-    "WORKER_EXITED", "WORKER_UP", "AgentStarted", "ChannelError", "Deliver", "Done", "Publish", "Published",
-    "Ready", "Record", "Reply", "Restarts", "Retire", "Stop", "StopAgent", "Subscribe", "Sync", "SyncAck",
-    "Unsubscribe", "WorkerExited", "WorkerUp", "decode", "encode", "encode_worker_up", "is_gone", "pair",
-    "receive", "send", "send_many",
+    "AGENT_STARTED",
+    "BLOB",
+    "DELIVER",
+    "DONE",
+    "INLINE_MAX",
+    "PUBLISH",
+    "PUBLISHED",
+    "READY",
+    "REPLY",
+    "RESTARTS",
+    "RETIRE",
+    "SOCKET_BUFFER",
+    "STOP",
+    "STOP_AGENT",
+    "SUBSCRIBE",
+    "SYNC",
+    "SYNC_ACK",
+    "UNSUBSCRIBE",
+    "WORKER_EXITED",
+    "WORKER_UP",
+    "AgentStarted",
+    "ChannelError",
+    "Deliver",
+    "Done",
+    "Publish",
+    "Published",
+    "Ready",
+    "Record",
+    "Reply",
+    "Restarts",
+    "Retire",
+    "Stop",
+    "StopAgent",
+    "Subscribe",
+    "Sync",
+    "SyncAck",
+    "Unsubscribe",
+    "WorkerExited",
+    "WorkerUp",
+    "decode",
+    "encode",
+    "encode_worker_up",
+    "is_gone",
+    "pair",
+    "receive",
+    "send",
+    "send_many",
 ]
 
 
@@ -110,7 +148,7 @@ def _memory_file(data: bytes) -> int:
             fd = os.dup(f.fileno())
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
     return fd
 
 
@@ -217,7 +255,7 @@ def receive(sock: socket.socket) -> list[Record] | None:
     while pos < len(body):
         (length,) = _FRAME.unpack_from(body, pos)
         pos += _FRAME.size
-        records.append(decode(body[pos:pos + length], fds))
+        records.append(decode(body[pos : pos + length], fds))
         pos += length
     return records
 

@@ -1,20 +1,15 @@
-"""The records that travel on the channels, and their byte layouts (``procmqtt.ipc.channel`` carries them).
+"""The records that travel on the channels: their kinds and fields (``procmqtt.ipc.channel``
+carries them, ``procmqtt.ipc.codec`` lays them out in bytes).
 
-Record layouts are ``struct`` formats, not pickles; the first byte is the kind. MQTT 5 properties
-ride in deliveries, replies and publishes as an optional block after the topic, announced by one byte,
-so an MQTT 3.1.1 record carries one zero byte more and nothing else.
-
-Pure functions of bytes: encoding and decoding run in whichever process sends or receives (the
-supervisor, the agent, a worker), on either side of the fork alike.
+Plain frozen values, the same on either side of the fork.
 """
 
 from __future__ import annotations
 
 import socket
-import struct
 from dataclasses import dataclass
 
-from procmqtt.message import EMPTY, Outcome, Properties
+from procmqtt.message import Outcome, Properties
 
 # Kinds: downstream (agent -> worker)
 DELIVER = 1
@@ -35,27 +30,6 @@ WORKER_UP = 20
 STOP_AGENT = 21
 RESTARTS = 22
 WORKER_EXITED = 23
-
-_DELIVER = struct.Struct("!BQBBBHB")  # kind, delivery id, qos, retain, redelivered, topic length, properties
-_REPLY = struct.Struct("!BBBHB")  # kind, qos, retain, topic length, properties
-_PUBLISHED = struct.Struct("!BQB")  # kind, request id, error code (0 = ok)
-_DONE = struct.Struct("!BQBf")  # kind, delivery id, outcome, seconds spent in the handler
-_PUBLISH = struct.Struct("!BHIQBBHB")  # kind, slot, generation, request id, qos, retain, topic length, flags
-_SUBSCRIBE = struct.Struct("!BB")  # kind, qos; the filter follows
-_SLOT = struct.Struct("!BHI")  # kind, slot, generation (worker-up: the worker's socket is attached)
-_RESTARTS = struct.Struct("!BQ")  # kind, running total; the cause follows
-_SYNC = struct.Struct("!BHIQ")  # kind, slot, generation, last request id
-_SYNC_ACK = struct.Struct("!BQ")  # kind, last request id; the request ids still in flight follow
-_REQUEST_ID = struct.Struct("!Q")
-# The properties byte: none (MQTT 3.1.1), a block after the topic, or MQTT 5 with none set.
-_NO_PROPERTIES, _PROPERTIES, _EMPTY_PROPERTIES = 0, 1, 2
-_REQUEST = 4  # in a publish's flags: the agent sets the response topic to the worker's reply topic
-# The block: which fields are set, payload format, expiry, lengths of content type, response topic
-# and correlation data, number of user properties; then those bytes, then each user property as
-# (name length, value length, name, value).
-_PROPS = struct.Struct("!BBIHHHI")
-_PAIR = struct.Struct("!HH")
-_HAS_FORMAT, _HAS_EXPIRY, _HAS_TYPE, _HAS_RESPONSE, _HAS_CORRELATION = 1, 2, 4, 8, 16
 
 
 @dataclass(slots=True)
@@ -204,180 +178,22 @@ class Restarts:
     total: int
 
 
-Record = (Deliver | Reply | Published | AgentStarted | SyncAck | Stop | Done | Publish | Sync | Subscribe
-          | Unsubscribe | Ready | Retire | WorkerUp | WorkerExited | StopAgent | Restarts)
-
-
-class ChannelError(Exception):
-    """A record that cannot be decoded: a bug, never a dead peer."""
-
-
-def encode(record: Record) -> bytes:
-    """Serialize a record (all kinds but ``WorkerUp``, whose payload is a descriptor)."""
-    if isinstance(record, Deliver):
-        topic = record.topic.encode()
-        if record.properties is None:  # MQTT 3.1.1: the hot path stays as it was
-            return b"".join((_DELIVER.pack(DELIVER, record.delivery_id, record.qos, record.retain,
-                                           record.redelivered, len(topic), _NO_PROPERTIES), topic, record.payload))
-        flag, block = _encode_properties(record.properties)
-        head = _DELIVER.pack(DELIVER, record.delivery_id, record.qos, record.retain,
-                             record.redelivered, len(topic), flag)
-        return b"".join((head, topic, *block, record.payload))
-    if isinstance(record, Published):
-        return _PUBLISHED.pack(PUBLISHED, record.request_id, record.error)
-    if isinstance(record, Done):
-        return _DONE.pack(DONE, record.delivery_id, record.outcome, record.seconds)
-    if isinstance(record, Publish):
-        topic = record.topic.encode()
-        flag, block = _encode_properties(record.properties)
-        head = _PUBLISH.pack(PUBLISH, record.slot, record.generation, record.request_id,
-                             record.qos, record.retain, len(topic), flag | (_REQUEST if record.request else 0))
-        return b"".join((head, topic, *block, record.payload))
-    if isinstance(record, Reply):
-        topic = record.topic.encode()
-        flag, block = _encode_properties(record.properties)
-        head = _REPLY.pack(REPLY, record.qos, record.retain, len(topic), flag)
-        return b"".join((head, topic, *block, record.payload))
-    if isinstance(record, Subscribe):
-        return _SUBSCRIBE.pack(SUBSCRIBE, record.qos) + record.topic_filter.encode()
-    if isinstance(record, Unsubscribe):
-        return bytes((UNSUBSCRIBE,)) + record.topic_filter.encode()
-    if isinstance(record, Ready):
-        return _SLOT.pack(READY, record.slot, record.generation)
-    if isinstance(record, Retire):
-        return _SLOT.pack(RETIRE, record.slot, record.generation)
-    if isinstance(record, WorkerExited):
-        return _SLOT.pack(WORKER_EXITED, record.slot, record.generation)
-    if isinstance(record, Stop):
-        return bytes((STOP,))
-    if isinstance(record, StopAgent):
-        return bytes((STOP_AGENT,))
-    if isinstance(record, Restarts):
-        return _RESTARTS.pack(RESTARTS, record.total) + record.cause.encode()
-    if isinstance(record, AgentStarted):
-        return bytes((AGENT_STARTED,))
-    if isinstance(record, Sync):
-        return _SYNC.pack(SYNC, record.slot, record.generation, record.last_request_id)
-    if isinstance(record, SyncAck):
-        return b"".join((_SYNC_ACK.pack(SYNC_ACK, record.last_request_id),
-                         *map(_REQUEST_ID.pack, record.in_flight)))
-    raise TypeError(f"cannot encode {record!r}")
-
-
-def encode_worker_up(record: WorkerUp) -> bytes:
-    """A worker-up record's bytes; its socket travels beside them as a descriptor (``channel.send``)."""
-    return _SLOT.pack(WORKER_UP, record.slot, record.generation)
-
-
-def decode(data: bytes | memoryview, fds: list[int]) -> Record:
-    """Turn one received record back into a record object; a worker-up takes a descriptor."""
-    kind = data[0]
-    if kind == DELIVER:
-        _, did, qos, retain, redelivered, tlen, flag = _DELIVER.unpack_from(data)
-        end = _DELIVER.size + tlen
-        topic = str(data[_DELIVER.size:end], "utf-8")
-        properties = None
-        if flag:
-            properties, end = _decode_properties(data, end, flag)
-        return Deliver(did, topic, bytes(data[end:]), qos, bool(retain), bool(redelivered), properties)
-    if kind == PUBLISHED:
-        _, rid, error = _PUBLISHED.unpack(data)
-        return Published(rid, error)
-    if kind == DONE:
-        _, did, outcome, seconds = _DONE.unpack(data)
-        return Done(did, Outcome(outcome), seconds)
-    if kind == PUBLISH:
-        _, slot, gen, rid, qos, retain, tlen, flags = _PUBLISH.unpack_from(data)
-        end = _PUBLISH.size + tlen
-        topic = str(data[_PUBLISH.size:end], "utf-8")
-        properties = None
-        if flags & 3:
-            properties, end = _decode_properties(data, end, flags & 3)
-        return Publish(slot, gen, rid, topic, bytes(data[end:]), qos, bool(retain), properties,
-                       bool(flags & _REQUEST))
-    if kind == REPLY:
-        _, qos, retain, tlen, flag = _REPLY.unpack_from(data)
-        end = _REPLY.size + tlen
-        topic = str(data[_REPLY.size:end], "utf-8")
-        properties, end = _decode_properties(data, end, flag)
-        return Reply(topic, bytes(data[end:]), qos, bool(retain), properties)
-    if kind == SUBSCRIBE:
-        return Subscribe(str(data[_SUBSCRIBE.size:], "utf-8"), data[1])
-    if kind == UNSUBSCRIBE:
-        return Unsubscribe(str(data[1:], "utf-8"))
-    if kind == READY:
-        return Ready(*_SLOT.unpack(data)[1:])
-    if kind == RETIRE:
-        return Retire(*_SLOT.unpack(data)[1:])
-    if kind == WORKER_EXITED:
-        return WorkerExited(*_SLOT.unpack(data)[1:])
-    if kind == WORKER_UP:
-        _, slot, gen = _SLOT.unpack(data)
-        if not fds:
-            raise ChannelError("worker-up record without its socket")
-        sock = socket.socket(fileno=fds.pop(0))
-        sock.setblocking(False)
-        return WorkerUp(slot, gen, sock)
-    if kind == STOP:
-        return Stop()
-    if kind == STOP_AGENT:
-        return StopAgent()
-    if kind == RESTARTS:
-        (_, total) = _RESTARTS.unpack_from(data)
-        return Restarts(str(data[_RESTARTS.size:], "utf-8"), total)
-    if kind == AGENT_STARTED:
-        return AgentStarted()
-    if kind == SYNC:
-        return Sync(*_SYNC.unpack(data)[1:])
-    if kind == SYNC_ACK:
-        (_, last) = _SYNC_ACK.unpack_from(data)
-        return SyncAck(last, tuple(rid for (rid,) in _REQUEST_ID.iter_unpack(data[_SYNC_ACK.size:])))
-    raise ChannelError(f"unknown record kind {kind}")
-
-
-def _encode_properties(properties: Properties | None) -> tuple[int, tuple[bytes, ...]]:
-    """The properties byte and the block that follows the topic."""
-    if properties is None:
-        return _NO_PROPERTIES, ()
-    if properties == EMPTY:
-        return _EMPTY_PROPERTIES, ()
-    p = properties
-    bits = ((p.payload_format_indicator is not None and _HAS_FORMAT) | (p.message_expiry is not None and _HAS_EXPIRY)
-            | (p.content_type is not None and _HAS_TYPE) | (p.response_topic is not None and _HAS_RESPONSE)
-            | (p.correlation_data is not None and _HAS_CORRELATION))
-    content_type = p.content_type.encode() if p.content_type else b""
-    response_topic = p.response_topic.encode() if p.response_topic else b""
-    correlation = p.correlation_data or b""
-    parts = [_PROPS.pack(bits, p.payload_format_indicator or 0, p.message_expiry or 0, len(content_type),
-                         len(response_topic), len(correlation), len(p.user_properties)),
-             content_type, response_topic, correlation]
-    for name, value in p.user_properties:
-        name_bytes, value_bytes = name.encode(), value.encode()
-        parts += (_PAIR.pack(len(name_bytes), len(value_bytes)), name_bytes, value_bytes)
-    return _PROPERTIES, tuple(parts)
-
-
-def _decode_properties(data: bytes | memoryview, pos: int, flag: int) -> tuple[Properties, int]:
-    """The properties announced by ``flag`` at ``pos``, and where the payload starts."""
-    if flag == _EMPTY_PROPERTIES:
-        return EMPTY, pos
-    if flag != _PROPERTIES:
-        raise ChannelError(f"unknown properties flag {flag}")
-    bits, fmt, expiry, type_len, response_len, correlation_len, count = _PROPS.unpack_from(data, pos)
-    pos += _PROPS.size
-    content_type = str(data[pos:pos + type_len], "utf-8") if bits & _HAS_TYPE else None
-    pos += type_len
-    response_topic = str(data[pos:pos + response_len], "utf-8") if bits & _HAS_RESPONSE else None
-    pos += response_len
-    correlation = bytes(data[pos:pos + correlation_len]) if bits & _HAS_CORRELATION else None
-    pos += correlation_len
-    pairs = []
-    for _ in range(count):
-        name_len, value_len = _PAIR.unpack_from(data, pos)
-        pos += _PAIR.size
-        name = str(data[pos:pos + name_len], "utf-8")
-        pos += name_len
-        pairs.append((name, str(data[pos:pos + value_len], "utf-8")))
-        pos += value_len
-    return Properties(tuple(pairs), content_type, response_topic, correlation,
-                      expiry if bits & _HAS_EXPIRY else None, fmt if bits & _HAS_FORMAT else None), pos
+Record = (
+    Deliver
+    | Reply
+    | Published
+    | AgentStarted
+    | SyncAck
+    | Stop
+    | Done
+    | Publish
+    | Sync
+    | Subscribe
+    | Unsubscribe
+    | Ready
+    | Retire
+    | WorkerUp
+    | WorkerExited
+    | StopAgent
+    | Restarts
+)

@@ -5,7 +5,8 @@ pass in order: signals, reaping, then either reconciling the process count or dr
 The supervisor never touches the broker and never blocks on a channel. Operations signals act
 through the same pass: SIGHUP reloads (``reload``), SIGTTIN/SIGTTOU change the worker count
 (``scale``), and ``reconcile`` then starts whatever the new state lacks. Those operations and the
-stop live in ``operations.py``; the record of each child and its last words in ``children.py``.
+stop live in ``operations.py``; forking each child in ``spawning.py``; the record of each child and
+its last words in ``children.py``.
 """
 
 from __future__ import annotations
@@ -16,15 +17,11 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import NoReturn
 
 from procmqtt import logs
-from procmqtt.agent.loop import Agent
 from procmqtt.backoff import Backoff
 from procmqtt.config import Config, default_client_id
 from procmqtt.errors import ExitCode
@@ -43,11 +40,10 @@ from procmqtt.supervisor.children import (
     kill,
     read_last_error,
     restart_cause,
-    write_last_error,
 )
 from procmqtt.supervisor.operations import Loader, Operations
+from procmqtt.supervisor.spawning import Spawning
 from procmqtt.worker.base import Worker, uses_asyncio
-from procmqtt.worker.main import serve
 from procmqtt.worker.routes import with_route_subscriptions
 
 DUMP_GRACE = 0.5
@@ -55,20 +51,25 @@ DUMP_GRACE = 0.5
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _OPERATIONS_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
-_SUPERVISOR_ONLY = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
-"""Children ignore these: sent to the whole process group (a closed terminal), only the supervisor acts."""
 
 
-class Supervisor(Operations):
+class Supervisor(Operations, Spawning):
     """Runs in the process ``procmqtt run`` started; constructing it has no side effects.
 
     Its methods run in the supervisor process, except what ``_fork`` calls in a new child (said
     there). Reload, scale, stop and give-up are in ``Operations`` (``operations.py``).
     """
 
-    def __init__(self, app: type[Worker], app_spec: str, config: Config,
-                 metrics_listener: socket.socket | None = None, *, sidecar: Sidecar | None = None,
-                 loader: Loader | None = None) -> None:
+    def __init__(
+        self,
+        app: type[Worker],
+        app_spec: str,
+        config: Config,
+        metrics_listener: socket.socket | None = None,
+        *,
+        sidecar: Sidecar | None = None,
+        loader: Loader | None = None,
+    ) -> None:
         """``metrics_listener``: the ``[metrics]`` socket (``metrics.listen``), handed to every agent.
         ``sidecar``: a process already started (``--broker embedded``); restarted like a child, stopped last.
         ``loader``: what SIGHUP calls to load the app and the configuration again."""
@@ -129,14 +130,30 @@ class Supervisor(Operations):
         # channel, the supervisor never does (it sends with MSG_DONTWAIT).
         self.signals = SignalQueue([*_STOP_SIGNALS, signal.SIGQUIT, signal.SIGCHLD, *_OPERATIONS_SIGNALS])
         m, w = self.config.mqtt, self.config.workers
-        self.log.info("procmqtt starting %s: %d worker(s), broker %s:%d, client id %s",
-                      self.app_spec, w.count, m.host, m.port, self.client_id)
+        self.log.info(
+            "procmqtt starting %s: %d worker(s), broker %s:%d, client id %s",
+            self.app_spec,
+            w.count,
+            m.host,
+            m.port,
+            self.client_id,
+        )
         if w.concurrency > 1 and not uses_asyncio(self.app):
-            self.log.warning("[workers] concurrency = %d has no effect: %s has no async handlers, so each "
-                             "worker handles one message at a time", w.concurrency, self.app.__name__)
+            self.log.warning(
+                "[workers] concurrency = %d has no effect: %s has no async handlers, so each "
+                "worker handles one message at a time",
+                w.concurrency,
+                self.app.__name__,
+            )
         if self.sidecar is not None and self.sidecar.pid is not None:
-            self.children[self.sidecar.pid] = Child("sidecar", SIDECAR_SLOT, next(self.generations),
-                                                    self.sidecar.pid, time.monotonic(), label=self.sidecar.name)
+            self.children[self.sidecar.pid] = Child(
+                "sidecar",
+                SIDECAR_SLOT,
+                next(self.generations),
+                self.sidecar.pid,
+                time.monotonic(),
+                label=self.sidecar.name,
+            )
 
     def teardown(self) -> None:
         self.signals.close()
@@ -216,19 +233,28 @@ class Supervisor(Operations):
             self.give_up(child, ExitCode.AUTH, "the broker refused the credentials; see the agent's error above")
             return
         if child.role == "agent" and self.crash_looping(child, code):
-            self.give_up(child, ExitCode.APP, f"the agent failed {AGENT_CRASH_LOOP} times in a row within "
-                                              f"{STABLE_AFTER:g}s of starting; the last one {how}")
+            self.give_up(
+                child,
+                ExitCode.APP,
+                f"the agent failed {AGENT_CRASH_LOOP} times in a row within "
+                f"{STABLE_AFTER:g}s of starting; the last one {how}",
+            )
             return
         if child.role == "worker" and code == ExitCode.APP:
             self.give_up(child, ExitCode.APP, f"worker {child.slot} failed to boot; see the traceback above")
             return
         if child.role == "worker" and self.crash_looping(child, code):
-            self.give_up(child, ExitCode.APP, f"worker {child.slot} died {CRASH_LOOP} times in a row within "
-                                              f"{STABLE_AFTER:g}s of starting, before handling any message")
+            self.give_up(
+                child,
+                ExitCode.APP,
+                f"worker {child.slot} died {CRASH_LOOP} times in a row within "
+                f"{STABLE_AFTER:g}s of starting, before handling any message",
+            )
             return
         if child.role == "worker" and child.slot >= self.config.workers.count:
-            self.log.info("worker %d (pid %d) stopped; %d worker(s) now", child.slot, child.pid,
-                          self.config.workers.count)
+            self.log.info(
+                "worker %d (pid %d) stopped; %d worker(s) now", child.slot, child.pid, self.config.workers.count
+            )
             return
         if child.role == "worker":
             self.count_restart(child, code)
@@ -276,8 +302,14 @@ class Supervisor(Operations):
                 continue
             busy = self.shared.busy_since(child.slot)
             if busy and now - busy > timeout:
-                self.log.error("worker %d (pid %d) has spent %.1fs on one message (timeout %gs); its stack "
-                               "follows, then it is killed", child.slot, child.pid, now - busy, timeout)
+                self.log.error(
+                    "worker %d (pid %d) has spent %.1fs on one message (timeout %gs); its stack "
+                    "follows, then it is killed",
+                    child.slot,
+                    child.pid,
+                    now - busy,
+                    timeout,
+                )
                 kill(child.pid, signal.SIGUSR1)  # faulthandler writes every thread's stack to stderr
                 child.kill_at = now + DUMP_GRACE
 
@@ -303,94 +335,6 @@ class Supervisor(Operations):
                 else:
                     self.spawn_worker(slot)
 
-    def spawn_sidecar(self) -> None:
-        """Restart the sidecar (the embedded broker comes back on its port; the agent's reconnect finds it)."""
-        assert self.sidecar is not None
-        pid = self.sidecar.spawn()
-        self.children[pid] = Child("sidecar", SIDECAR_SLOT, next(self.generations), pid, time.monotonic(),
-                                   label=self.sidecar.name)
-        self.log.info("started %s (pid %d)", self.sidecar.name, pid)
-
-    def spawn_agent(self) -> None:
-        """Fork the agent with every live worker's channel; ``main`` runs in the child."""
-        workers = {c.slot: (c.generation, c.agent_end) for c in self.children.values() if c.agent_end}
-        keep = [self.upstream_agent, *(sock for _, sock in workers.values())]
-
-        if self.metrics_listener is not None:
-            keep.append(self.metrics_listener)
-            # a new agent starts from zero; restart totals live here
-            self.control.extend(channel.Restarts(cause, n) for cause, n in self.restarts.items())
-        # the agent that was told to retire these may have died before it told them
-        self.control.extend(channel.Retire(c.slot, c.generation) for c in self.children.values()
-                            if c.role == "worker" and c.retiring)
-        # a new agent inherits only live workers: exits not yet sent mean nothing to it
-        self.control = deque(r for r in self.control if not isinstance(r, channel.WorkerExited))
-
-        def main() -> int:
-            agent = Agent(self.config, self.client_id, self.upstream_agent, workers,
-                          self.state_dir, self.pid, self.shared, self.metrics_listener)
-            return agent.run()
-        self._fork("agent", -1, main, keep)
-
-    def spawn_worker(self, slot: int) -> None:
-        """Fork a worker for ``slot``; ``main`` runs in the child, the supervisor passes the agent's
-        end of the new channel to the agent (``WorkerUp``)."""
-        self.shared.reset_slot(slot)
-        agent_end, worker_end = channel.pair()
-        generation = next(self.generations)
-
-        def main() -> int:
-            return serve(self.app, slot, generation, self.config, worker_end, self.upstream_writers, self.shared)
-        child = self._fork(f"worker-{slot}", slot, main, [worker_end, self.upstream_writers],
-                           generation=generation)
-        worker_end.close()
-        child.agent_end = agent_end
-        self.control.append(channel.WorkerUp(slot, generation, agent_end))
-
-    def _fork(self, role: str, slot: int, main: Callable[[], int], keep: list[socket.socket],
-              generation: int | None = None) -> Child:
-        """Fork a child running ``main``; in the supervisor, record it and return its ``Child``."""
-        generation = generation if generation is not None else next(self.generations)
-        pid = os.fork()
-        if pid == 0:
-            self._run_child(role, main, keep)
-        child = Child(role.split("-")[0], slot, generation, pid, time.monotonic(), revision=self.revision)
-        self.children[pid] = child
-        self.log.info("started %s (pid %d)", role.replace("-", " "), pid)
-        return child
-
-    def _run_child(self, role: str, main: Callable[[], int], keep: list[socket.socket]) -> NoReturn:
-        """In the new child: its own setup, then ``main``; never returns into the supervisor's code."""
-        code: int = ExitCode.FORCED
-        try:
-            logs.set_role(role)
-            proctitle.set_title(role.replace("-", " "), self.app_spec)
-            self.signals.close()
-            for signum in _SUPERVISOR_ONLY:
-                signal.signal(signum, signal.SIG_IGN)
-            self._close_except(keep)
-            code = main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else ExitCode.FORCED
-        except Exception as exc:
-            self.log.exception("%s crashed", role)
-            try:
-                write_last_error(self.state_dir, exc)
-            except OSError as error:
-                self.log.warning("cannot leave the error for the supervisor: %s", error)
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-
-    def _close_except(self, keep: list[socket.socket]) -> None:
-        """In a new child: drop the channel ends that belong to other processes."""
-        owned = [self.upstream_agent, self.upstream_writers, self.metrics_listener,
-                 *(c.agent_end for c in self.children.values() if c.agent_end)]
-        for sock in owned:
-            if sock is not None and sock not in keep:
-                sock.close()
-
     # --- talking to the agent --------------------------------------------------------------------
 
     def flush_control(self) -> None:
@@ -407,6 +351,3 @@ class Supervisor(Operations):
                 self.log.error("cannot reach the agent: %s", exc)
                 return
             self.control.popleft()
-
-
-

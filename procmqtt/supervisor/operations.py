@@ -83,8 +83,11 @@ class Operations:
         gracefully only when a setting it reads at start changed (see ``reload.compare``)."""
         config = with_route_subscriptions(reload.adoptable(self.config, config), app)
         changes = reload.compare(self.config, config)
-        self.log.info("reload: %s; %d worker(s), each replaced once it has finished what it holds",
-                      changes.describe(), config.workers.count)
+        self.log.info(
+            "reload: %s; %d worker(s), each replaced once it has finished what it holds",
+            changes.describe(),
+            config.workers.count,
+        )
         self.app, self.config, self.revision = app, config, revision
         self.client_id = config.mqtt.client_id or default_client_id(self.app_spec)
         self.control.extend(subscription_records(changes))
@@ -105,8 +108,10 @@ class Operations:
             return
         revision, app, config = self.previous
         self.previous = None
-        self.log.error("%s; going back to the app and configuration from before the reload (fix them, "
-                       "then send SIGHUP again)", message)
+        self.log.error(
+            "%s; going back to the app and configuration from before the reload (fix them, then send SIGHUP again)",
+            message,
+        )
         self.quick_deaths.clear()
         self.adopt(app, config, revision)
 
@@ -133,8 +138,9 @@ class Operations:
         what it holds and exits; the agent stops its workers, flushes and disconnects."""
         if not child.retiring:
             child.retiring = True
-            self.control.append(channel.Retire(child.slot, child.generation) if child.role == "worker"
-                                else channel.StopAgent())
+            self.control.append(
+                channel.Retire(child.slot, child.generation) if child.role == "worker" else channel.StopAgent()
+            )
 
     # --- stopping ------------------------------------------------------------------------------
 
@@ -191,5 +197,7 @@ class Operations:
 def subscription_records(changes: Changes) -> list[channel.Record]:
     """What the running agent is sent for a reload's topic changes; it applies them to its
     subscriptions and to the broker, as it does a worker's ``self.subscribe``."""
-    return [*(channel.Unsubscribe(f) for f in changes.unsubscribe),
-            *(channel.Subscribe(s.topic_filter, s.qos) for s in changes.subscribe)]
+    return [
+        *(channel.Unsubscribe(f) for f in changes.unsubscribe),
+        *(channel.Subscribe(s.topic_filter, s.qos) for s in changes.subscribe),
+    ]

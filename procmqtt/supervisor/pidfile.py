@@ -62,11 +62,15 @@ class PidFile:
     def _clear_stale(self) -> None:
         other = _read_pid(self.path)
         if other is None:
-            raise ConfigError(f"--pid {self.path}: exists and is not a pid file (it holds more than a "
-                              "process id); not replaced: check the path, or delete the file")
+            raise ConfigError(
+                f"--pid {self.path}: exists and is not a pid file (it holds more than a "
+                "process id); not replaced: check the path, or delete the file"
+            )
         if other and _is_running_procmqtt(other):
-            raise ConfigError(f"--pid {self.path}: procmqtt is already running with pid {other}; stop it "
-                              f"first (or delete {self.path} if that process is not procmqtt)")
+            raise ConfigError(
+                f"--pid {self.path}: procmqtt is already running with pid {other}; stop it "
+                f"first (or delete {self.path} if that process is not procmqtt)"
+            )
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -148,13 +152,13 @@ def _procmqtt_arguments(args: list[str]) -> list[str] | None:
         if arg in ("-W", "-X", "--check-hash-based-pycs"):  # an option with a separate value
             i += 2
         elif arg == "-m":
-            return args[i + 2:] if args[i + 1:i + 2] == ["procmqtt"] else None
+            return args[i + 2 :] if args[i + 1 : i + 2] == ["procmqtt"] else None
         elif arg.startswith("-m"):
-            return args[i + 1:] if arg == "-mprocmqtt" else None
+            return args[i + 1 :] if arg == "-mprocmqtt" else None
         elif arg.startswith("-c") or arg == "-":
             return None
         elif not arg.startswith("-"):  # the script: the console script when it is named procmqtt
-            return args[i + 1:] if os.path.basename(arg) == "procmqtt" else None
+            return args[i + 1 :] if os.path.basename(arg) == "procmqtt" else None
         else:
             i += 1
     return None

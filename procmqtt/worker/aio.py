@@ -89,11 +89,19 @@ class AsyncLoop(ServeLoop):
                 if isinstance(record, channel.Deliver):
                     self._start(record)
                 elif isinstance(record, channel.Stop):
-                    self.stop("stop requested", logging.DEBUG, "stop requested; finishing %d message(s) in flight",
-                              len(self.running))
+                    self.stop(
+                        "stop requested",
+                        logging.DEBUG,
+                        "stop requested; finishing %d message(s) in flight",
+                        len(self.running),
+                    )
             if self.stop_reason is None and link.closed and not link.has_records():
-                self.stop("the agent's channel closed", logging.WARNING,
-                          "the agent's channel closed; stopping after %d message(s) in flight", len(self.running))
+                self.stop(
+                    "the agent's channel closed",
+                    logging.WARNING,
+                    "the agent's channel closed; stopping after %d message(s) in flight",
+                    len(self.running),
+                )
             if self.stop_reason is not None and not self.running:
                 return
             link.flush()  # completions go out before the loop waits, as in the sync loop

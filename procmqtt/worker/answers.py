@@ -101,8 +101,9 @@ class Link(Protocol):
     closed: bool  # the agent side is gone for good
     loop_thread: int | None  # async apps: the event loop's thread, which reads the channel
 
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool,
-                properties: Properties | None = None) -> PublishHandle: ...
+    def publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool, properties: Properties | None = None
+    ) -> PublishHandle: ...
 
     def request(self, topic: str, payload: bytes, qos: int, properties: Properties) -> _ReplyWaiter: ...
 

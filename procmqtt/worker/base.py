@@ -80,8 +80,16 @@ class Worker:
     def on_stop(self) -> Awaitable[None] | None:
         """Called once when the worker stops gracefully."""
 
-    def publish(self, topic: str, payload: Payload = b"", qos: int = 0, retain: bool = False, *,
-                properties: Properties | None = None, **fields: Any) -> PublishHandle:
+    def publish(
+        self,
+        topic: str,
+        payload: Payload = b"",
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        properties: Properties | None = None,
+        **fields: Any,
+    ) -> PublishHandle:
         """Publish through the agent. ``payload``: bytes, str (UTF-8) or a JSON-serialisable object.
 
         MQTT 5: ``properties`` (a ``Properties``) and/or its fields as keywords (``user_properties``,
@@ -98,8 +106,16 @@ class Worker:
         _check_size("publish", topic, data, qos, props, v5=self.config.mqtt.protocol == "5")
         return self._require_link().publish(topic, data, qos, bool(retain), props)
 
-    def request(self, topic: str, payload: Payload = b"", timeout: float = 10.0, qos: int = 1, *,
-                properties: Properties | None = None, **fields: Any) -> Message:
+    def request(
+        self,
+        topic: str,
+        payload: Payload = b"",
+        timeout: float = 10.0,
+        qos: int = 1,
+        *,
+        properties: Properties | None = None,
+        **fields: Any,
+    ) -> Message:
         """Publish a request and return the reply (MQTT 5), for request/response services.
 
         The request carries a response topic that leads back to this very worker and random
@@ -113,34 +129,59 @@ class Worker:
         waiter.wait(timeout)
         return waiter.result(topic, timeout)
 
-    async def request_async(self, topic: str, payload: Payload = b"", timeout: float = 10.0, qos: int = 1, *,
-                            properties: Properties | None = None, **fields: Any) -> Message:
+    async def request_async(
+        self,
+        topic: str,
+        payload: Payload = b"",
+        timeout: float = 10.0,
+        qos: int = 1,
+        *,
+        properties: Properties | None = None,
+        **fields: Any,
+    ) -> Message:
         """``request`` for async handlers: awaits the reply without blocking the event loop."""
         waiter = self._send_request(topic, payload, timeout, qos, properties, fields)
         await waiter.wait_async(timeout)
         return waiter.result(topic, timeout)
 
-    def reply(self, message: Message, payload: Payload = b"", qos: int = 1, *,
-              properties: Properties | None = None, **fields: Any) -> PublishHandle:
+    def reply(
+        self,
+        message: Message,
+        payload: Payload = b"",
+        qos: int = 1,
+        *,
+        properties: Properties | None = None,
+        **fields: Any,
+    ) -> PublishHandle:
         """Answer a request (MQTT 5): publish to its response topic with its correlation data.
 
         Raises ``ValueError`` when ``message`` has no response topic (it was not a request).
         """
         asked = message.properties
         if asked is None:
-            raise ValueError(f"reply: the message on {message.topic!r} came over MQTT 3.1.1, which has no "
-                             f"response topic; set [mqtt] protocol = \"5\"")
+            raise ValueError(
+                f"reply: the message on {message.topic!r} came over MQTT 3.1.1, which has no "
+                f'response topic; set [mqtt] protocol = "5"'
+            )
         if asked.response_topic is None:
             raise ValueError(f"reply: the message on {message.topic!r} has no response topic (it is not a request)")
-        props = (self._properties("reply", properties, fields) or EMPTY).merged(
-            correlation_data=asked.correlation_data)
+        props = (self._properties("reply", properties, fields) or EMPTY).merged(correlation_data=asked.correlation_data)
         return self.publish(asked.response_topic, payload, qos, properties=props)
 
-    def _send_request(self, topic: str, payload: Payload, timeout: float, qos: int,
-                      properties: Properties | None, fields: dict[str, Any]) -> _ReplyWaiter:
+    def _send_request(
+        self,
+        topic: str,
+        payload: Payload,
+        timeout: float,
+        qos: int,
+        properties: Properties | None,
+        fields: dict[str, Any],
+    ) -> _ReplyWaiter:
         if self.config.mqtt.protocol != "5":
-            raise ValueError(f"request: request/reply needs MQTT 5 (response topic and correlation data); "
-                             f"set [mqtt] protocol = \"5\" (this app uses {self.config.mqtt.protocol})")
+            raise ValueError(
+                f"request: request/reply needs MQTT 5 (response topic and correlation data); "
+                f'set [mqtt] protocol = "5" (this app uses {self.config.mqtt.protocol})'
+            )
         problem = topic_problem(topic)
         if problem:
             raise ValueError(f"request: {problem}, got {topic!r}")
@@ -149,10 +190,10 @@ class Worker:
             raise ValueError(f"request: timeout must be a number of seconds above 0, got {timeout!r}")
         props = self._properties("request", properties, fields) or EMPTY
         if props.response_topic is not None or props.correlation_data is not None:
-            raise ValueError("request: response_topic and correlation_data are set by request itself; "
-                             "use publish to send your own")
-        props = props.merged(correlation_data=os.urandom(16),
-                             message_expiry=props.message_expiry or math.ceil(timeout))
+            raise ValueError(
+                "request: response_topic and correlation_data are set by request itself; use publish to send your own"
+            )
+        props = props.merged(correlation_data=os.urandom(16), message_expiry=props.message_expiry or math.ceil(timeout))
         data = to_bytes(payload)
         _check_format("request", props, data)
         _check_size("request", topic, data, qos, props, v5=True, request=True)
@@ -163,8 +204,10 @@ class Worker:
         if properties is None and not fields:
             return None
         if self.config.mqtt.protocol != "5":
-            raise ValueError(f"{what}: message properties need MQTT 5; set [mqtt] protocol = \"5\" "
-                             f"(this app uses {self.config.mqtt.protocol})")
+            raise ValueError(
+                f'{what}: message properties need MQTT 5; set [mqtt] protocol = "5" '
+                f"(this app uses {self.config.mqtt.protocol})"
+            )
         if properties is not None and not isinstance(properties, Properties):
             raise ValueError(f"{what}: properties must be a procmqtt.Properties, got {properties!r}")
         try:
@@ -192,8 +235,11 @@ class Worker:
             if problem is not None:
                 problem += f" as subscribed, inside $share/{self.config.mqtt.share_group}/ ([mqtt] share_group)"
         if problem:
-            shown = repr(topic_filter) if len(topic_filter) <= 100 else \
-                f"{topic_filter[:100]!r}... ({len(topic_filter)} characters)"
+            shown = (
+                repr(topic_filter)
+                if len(topic_filter) <= 100
+                else f"{topic_filter[:100]!r}... ({len(topic_filter)} characters)"
+            )
             raise ValueError(f"{what}: {problem}, got {shown}")
 
     def _attach(self, worker_id: int, config: Config, link: Link) -> None:
@@ -225,8 +271,9 @@ def check_app(app: type[Worker]) -> None:
     no handler is declared to return what procmqtt cannot honour."""
     routes = routes_of(app)
     if not routes and app.on_message is Worker.on_message:
-        raise AppError(f"{app.__qualname__} has no @route methods and does not override on_message, "
-                       "so it would handle nothing")
+        raise AppError(
+            f"{app.__qualname__} has no @route methods and does not override on_message, so it would handle nothing"
+        )
     handlers = [r.name for r in routes]
     if app.on_message is not Worker.on_message:
         handlers.insert(0, "on_message")
@@ -248,8 +295,10 @@ def _check_return(app: type[Worker], name: str) -> None:
     if annotation is inspect.Parameter.empty or _allowed(annotation):
         return
     shown = written if isinstance(written, str) else inspect.formatannotation(annotation)
-    raise HandlerError(f"{getattr(func, '__qualname__', name)}: declared to return {shown}; a handler returns "
-                       "None or a procmqtt.Outcome (any other value would count as a failure)")
+    raise HandlerError(
+        f"{getattr(func, '__qualname__', name)}: declared to return {shown}; a handler returns "
+        "None or a procmqtt.Outcome (any other value would count as a failure)"
+    )
 
 
 def _allowed(annotation: Any) -> bool:
@@ -278,12 +327,14 @@ def _check_format(what: str, properties: Properties | None, payload: bytes) -> N
         try:
             payload.decode("utf-8")
         except UnicodeDecodeError:
-            raise ValueError(f"{what}: payload_format_indicator=1 declares a UTF-8 payload, but the payload "
-                             "is not valid UTF-8") from None
+            raise ValueError(
+                f"{what}: payload_format_indicator=1 declares a UTF-8 payload, but the payload is not valid UTF-8"
+            ) from None
 
 
-def _check_size(what: str, topic: str, payload: bytes, qos: int, properties: Properties | None, *,
-                v5: bool, request: bool = False) -> None:
+def _check_size(
+    what: str, topic: str, payload: bytes, qos: int, properties: Properties | None, *, v5: bool, request: bool = False
+) -> None:
     """A packet over MQTT's maximum size fails here, in the handler that made it, not in the agent.
     A request's response topic is set by the agent: the most it can take is counted."""
     size = None

@@ -41,8 +41,11 @@ class Runner:
             return self._failed(message)
         if inspect.iscoroutine(result):  # an async handler reached from a sync app: a bug, say so
             result.close()
-            self.worker.log.error("on_message for topic %r returned a coroutine, but this worker runs no "
-                                  "event loop; declare the handler with async def on the class", message.topic)
+            self.worker.log.error(
+                "on_message for topic %r returned a coroutine, but this worker runs no "
+                "event loop; declare the handler with async def on the class",
+                message.topic,
+            )
             return Outcome.FAILED
         return self._outcome(message, result)
 
@@ -67,7 +70,10 @@ class Runner:
             self._told = True
             self.worker.log.error(
                 "on_message for topic %r returned %.100r, which is neither None nor a procmqtt.Outcome; "
-                "counted as FAILED (logged once per worker process)", message.topic, result)
+                "counted as FAILED (logged once per worker process)",
+                message.topic,
+                result,
+            )
         return Outcome.FAILED
 
     def _failed(self, message: Message) -> Outcome:

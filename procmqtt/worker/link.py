@@ -55,8 +55,15 @@ def to_bytes(payload: Payload) -> bytes:
 class _AgentLink:
     """The worker's ends of the channels: its inbound socket and the shared publish channel."""
 
-    def __init__(self, slot: int, generation: int, inbound: socket.socket, upstream: socket.socket,
-                 config: Config, wakeup: int | None = None) -> None:
+    def __init__(
+        self,
+        slot: int,
+        generation: int,
+        inbound: socket.socket,
+        upstream: socket.socket,
+        config: Config,
+        wakeup: int | None = None,
+    ) -> None:
         self.slot = slot
         self.generation = generation
         self.inbound = inbound
@@ -98,8 +105,16 @@ class _AgentLink:
             if self._outbox:
                 channel.send_many(self.upstream, self._outbox)
 
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool, properties: Properties | None = None,
-                *, request: _ReplyWaiter | None = None) -> PublishHandle:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        properties: Properties | None = None,
+        *,
+        request: _ReplyWaiter | None = None,
+    ) -> PublishHandle:
         if len(self._handles) >= self.publish_buffer:
             self._wait_for_room(topic)
         with self._send_lock:  # an id and its publish go out together, so a Sync never counts one unsent
@@ -108,8 +123,19 @@ class _AgentLink:
             if request is not None:
                 self._request_of[handle.request_id] = request
             self._last_request = handle.request_id
-            self._send_locked(channel.Publish(self.slot, self.generation, handle.request_id, topic, payload, qos,
-                                              retain, properties, request is not None))
+            self._send_locked(
+                channel.Publish(
+                    self.slot,
+                    self.generation,
+                    handle.request_id,
+                    topic,
+                    payload,
+                    qos,
+                    retain,
+                    properties,
+                    request is not None,
+                )
+            )
         return handle
 
     def request(self, topic: str, payload: bytes, qos: int, properties: Properties) -> _ReplyWaiter:
@@ -132,7 +158,8 @@ class _AgentLink:
             if remaining <= 0:
                 raise PublishBufferFull(
                     f"publish to {topic!r}: this worker already has {self.publish_buffer} unconfirmed "
-                    f"publishes (is the broker reachable?); gave up after {self.publish_timeout:g}s")
+                    f"publishes (is the broker reachable?); gave up after {self.publish_timeout:g}s"
+                )
             if self._loop_reads():
                 time.sleep(min(remaining, 0.01))  # the event loop reads the confirmations
                 continue
@@ -178,8 +205,9 @@ class _AgentLink:
                 elif isinstance(record, channel.Reply):
                     waiter = self._replies.pop(record.properties.correlation_data or b"", None)
                     if waiter is not None:  # else a late or duplicate reply
-                        waiter._answer(Message(record.topic, record.payload, record.qos, record.retain,
-                                               False, record.properties))
+                        waiter._answer(
+                            Message(record.topic, record.payload, record.qos, record.retain, False, record.properties)
+                        )
                 elif isinstance(record, channel.AgentStarted):
                     if self._handles:  # some may have died with the old agent: ask the new one which
                         with self._send_lock:
@@ -245,5 +273,3 @@ class _AgentLink:
     def _loop_reads(self) -> bool:
         """True in a thread other than a running event loop's, which reads the channel itself."""
         return self.loop_thread is not None and threading.get_ident() != self.loop_thread
-
-

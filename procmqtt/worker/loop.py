@@ -51,8 +51,16 @@ class ServeLoop:
     worker: Worker
     runner: Runner
 
-    def __init__(self, app: type[Worker], slot: int, generation: int, config: Config, inbound: socket.socket,
-                 upstream: socket.socket, shared: SharedState) -> None:
+    def __init__(
+        self,
+        app: type[Worker],
+        slot: int,
+        generation: int,
+        config: Config,
+        inbound: socket.socket,
+        upstream: socket.socket,
+        shared: SharedState,
+    ) -> None:
         self.app = app
         self.slot = slot
         self.generation = generation
@@ -74,8 +82,9 @@ class ServeLoop:
                 worker._attach(self.slot, self.config, self.link)
                 self.call(worker.on_start)
             except Exception:
-                self.log.exception("worker %d failed to boot (%s.__init__ or on_start raised)", self.slot,
-                                   self.app.__name__)
+                self.log.exception(
+                    "worker %d failed to boot (%s.__init__ or on_start raised)", self.slot, self.app.__name__
+                )
                 return ExitCode.APP
             self.worker, self.runner = worker, Runner(worker)
             self.link.send(channel.Ready(self.slot, self.generation))
@@ -97,8 +106,9 @@ class ServeLoop:
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # the supervisor's hang report
         self.signals = SignalQueue([signal.SIGTERM])
         self.inbound.setblocking(False)
-        self.link = _AgentLink(self.slot, self.generation, self.inbound, self.upstream, self.config,
-                               wakeup=self.signals.fileno())
+        self.link = _AgentLink(
+            self.slot, self.generation, self.inbound, self.upstream, self.config, wakeup=self.signals.fileno()
+        )
         self.recycle = _Recycler(self.config)
 
     def ready_note(self) -> str:
@@ -141,8 +151,7 @@ class ServeLoop:
             self.shared.set_current(self.slot, self.generation, record.delivery_id)
             self.shared.set_busy_since(self.slot, began)
         self.running[record.delivery_id] = began
-        return Message(record.topic, record.payload, record.qos, record.retain, record.redelivered,
-                       record.properties)
+        return Message(record.topic, record.payload, record.qos, record.retain, record.redelivered, record.properties)
 
     def done(self, delivery_id: int, outcome: Outcome) -> None:
         """A message is finished: move the hang watch on, queue its ``Done``, ``Retire`` when due.
@@ -201,4 +210,3 @@ def _rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
-

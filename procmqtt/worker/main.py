@@ -15,8 +15,15 @@ from procmqtt.worker.base import Worker, uses_asyncio
 from procmqtt.worker.sync import SyncLoop
 
 
-def serve(app: type[Worker], slot: int, generation: int, config: Config, inbound: socket.socket,
-          upstream: socket.socket, shared: SharedState) -> int:
+def serve(
+    app: type[Worker],
+    slot: int,
+    generation: int,
+    config: Config,
+    inbound: socket.socket,
+    upstream: socket.socket,
+    shared: SharedState,
+) -> int:
     """The worker process's main function, after fork; returns the process exit code.
 
     Apps with any ``async def`` hook or route run on an event loop (``aio.AsyncLoop``), the others

@@ -45,9 +45,11 @@ def route(pattern: str, qos: int = 0) -> Callable[[F], F]:
     everything when the app is loaded, so a mistake is a one-line startup error, not an import
     traceback.
     """
+
     def mark(func: F) -> F:
         setattr(func, _MARK, ((pattern, qos), *getattr(func, _MARK, ())))
         return func
+
     return mark
 
 
@@ -69,16 +71,20 @@ def routes_of(app: type[Any]) -> tuple[Route, ...]:
         if not isinstance(marks, tuple) or not marks:
             continue
         if not inspect.isfunction(attr):
-            raise RouteError(f"{app.__qualname__}.{name}: @route must decorate a plain method "
-                             "(def or async def), not a static/class method or other object")
+            raise RouteError(
+                f"{app.__qualname__}.{name}: @route must decorate a plain method "
+                "(def or async def), not a static/class method or other object"
+            )
         found += [_checked(attr, name, pattern, qos) for pattern, qos in marks]
     seen: dict[str, Route] = {}
     for r in found:
         earlier = seen.setdefault(r.topic_filter, r)
         if earlier is not r:
-            raise RouteError(f"{app.__qualname__}.{r.name}: @route({r.pattern!r}) has the same filter "
-                             f"{r.topic_filter!r} as @route({earlier.pattern!r}) on {earlier.name}; "
-                             "the second could never be reached")
+            raise RouteError(
+                f"{app.__qualname__}.{r.name}: @route({r.pattern!r}) has the same filter "
+                f"{r.topic_filter!r} as @route({earlier.pattern!r}) on {earlier.name}; "
+                "the second could never be reached"
+            )
     return tuple(found)
 
 
