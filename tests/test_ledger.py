@@ -2,12 +2,13 @@
 
 A hypothesis state machine drives the ledger with random interleavings of arrivals (QoS 0/1/2, over
 several connections), completions, failures, workers dying mid-message, workers joining and
-retiring, dead letters settling, disconnects, reconnects and the stop, and checks the guarantees
-after every step. Then one small table per path.
+retiring, dead letters settling, disconnects, reconnects, the stop and the clock moving on (failed
+messages held for their retry delay), and checks the guarantees after every step. Then one small table per path.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import pytest
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from procmqtt.agent.dispatch import RoundRobinDispatcher
-from procmqtt.agent.ledger import Delivery, DeliveryLedger, Effects, Inbound
+from procmqtt.agent.ledger import Delivery, DeliveryLedger, Effects, Inbound, RetrySchedule
 
 pytestmark = pytest.mark.unit
 
@@ -42,7 +43,12 @@ class Recorder:
 
 
 def make(
-    prefetch: int = 2, workers: int = 2, max_attempts: int = 2, retry_failed: bool = True, dead_letters: bool = True
+    prefetch: int = 2,
+    workers: int = 2,
+    max_attempts: int = 2,
+    retry_failed: bool = True,
+    dead_letters: bool = True,
+    retry: RetrySchedule | None = None,
 ) -> tuple[DeliveryLedger, Recorder]:
     rec = Recorder()
     ledger = DeliveryLedger(
@@ -53,6 +59,7 @@ def make(
         max_attempts=max_attempts,
         retry_failed=retry_failed,
         dead_letters=dead_letters,
+        retry=retry or RetrySchedule(),
     )
     return ledger, rec
 
@@ -72,8 +79,11 @@ class LedgerMachine(RuleBasedStateMachine):
         max_attempts=st.integers(1, 3),
         retry_failed=st.booleans(),
         dead_letters=st.booleans(),
+        retry_delay=st.sampled_from([0.0, 1.0]),
     )
-    def setup(self, prefetch: int, max_attempts: int, retry_failed: bool, dead_letters: bool) -> None:
+    def setup(
+        self, prefetch: int, max_attempts: int, retry_failed: bool, dead_letters: bool, retry_delay: float
+    ) -> None:
         self.rec = Recorder()
         effects = self.rec.effects()
         self.ledger = DeliveryLedger(
@@ -84,7 +94,9 @@ class LedgerMachine(RuleBasedStateMachine):
             max_attempts=max_attempts,
             retry_failed=retry_failed,
             dead_letters=dead_letters,
+            retry=RetrySchedule(retry_delay, 2.0, 3.0),
         )
+        self.now = 0.0  # the clock the ledger is told
         self.next_mid = 1
         self.generations: dict[int, int] = {0: 1, 1: 1}  # slot -> the newest generation started there
         self.arrived: dict[bytes, tuple[int, int, int]] = {}  # payload -> (qos, mid, epoch)
@@ -157,15 +169,31 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.ledger.retiring(slot, self.generations.get(slot, 0)) == first
 
     @precondition(lambda self: self.ledger.deliveries)
-    @rule(data=st.data(), failed=st.booleans())
-    def done(self, data: st.DataObject, failed: bool) -> None:
+    @rule(data=st.data(), failed=st.booleans(), retry_after=st.sampled_from([None, None, 0.0, 2.0]))
+    def done(self, data: st.DataObject, failed: bool, retry_after: float | None) -> None:
         d = data.draw(st.sampled_from(sorted(self.ledger.deliveries.values(), key=lambda d: d.delivery_id)))
         slot = d.slot
-        if not (failed and self.ledger.retry_failed):
+        retried = retry_after is not None or (failed and self.ledger.retry_failed)
+        if not retried:
             self._finishing(d)
-        assert self.ledger.done(d.delivery_id, failed=failed) == slot
+        attempts = d.attempts
+        assert self.ledger.done(d.delivery_id, failed=failed, now=self.now, retry_after=retry_after) == slot
+        assert d.attempts == attempts + retried
         if d.delivery_id in self.ledger.seats[slot].outstanding:  # retried, and handed out again at once
-            assert d.redelivered and failed and self.ledger.retry_failed
+            assert d.redelivered and retried
+        for due, _, h in self.ledger.held:
+            assert due > self.now and h.redelivered and h.attempts < self.ledger.max_attempts
+
+    @rule(seconds=st.sampled_from([0.5, 1.0, 3.5]))
+    def time_passes(self, seconds: float) -> None:
+        self.now += seconds
+        before = {id(h) for _, _, h in self.ledger.held}
+        nxt = self.ledger.due(self.now)
+        assert all(due > self.now for due, _, _ in self.ledger.held), "a message held past its time"
+        assert nxt == (min(due for due, _, _ in self.ledger.held) if self.ledger.held else None)
+        out = {id(d) for d in self.ledger.pending} | {id(d) for d in self.ledger.deliveries.values()}
+        back = before - {id(h) for _, _, h in self.ledger.held}
+        assert back <= out, "a held message did not come back"
 
     @rule()
     def done_unknown(self) -> None:
@@ -213,6 +241,7 @@ class LedgerMachine(RuleBasedStateMachine):
         """``back``: reconnected at once (what held messages meet most often)."""
         if lost:
             self.finished.update(d.payload for d in self.ledger.pending if d.qos == 1)  # the broker resends
+            self.finished.update(d.payload for _, _, d in self.ledger.held if d.qos == 1)
         self.ledger.offline(lost=lost)
         assert not self.ledger.online
         if back:
@@ -228,8 +257,9 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule()
     def stop(self) -> None:
         self.finished.update(d.payload for d in self.ledger.pending)
+        self.finished.update(d.payload for _, _, d in self.ledger.held)
         assert self.ledger.stop() >= 0
-        assert not self.ledger.pending
+        assert not self.ledger.pending and not self.ledger.held
 
     # invariants, after every step
 
@@ -248,8 +278,9 @@ class LedgerMachine(RuleBasedStateMachine):
     def nothing_disappears(self) -> None:
         pending = [d.payload for d in self.ledger.pending]
         held = [d.payload for d in self.ledger.deliveries.values()]
+        waiting = [d.payload for _, _, d in self.ledger.held]  # no worker's: takes no prefetch slot
         dead = [d.payload for d, _ in self.rec.dead_letters if d.payload not in self.finished]
-        places = pending + held + dead
+        places = pending + held + waiting + dead
         assert len(places) == len(set(places)), "a message in two places"
         for payload in self.arrived:
             assert (payload in self.finished) != (payload in places), f"message {payload!r} disappeared"
@@ -412,3 +443,87 @@ def test_read_ahead_grows_with_the_workers() -> None:
     for slot in range(3):
         ledger.worker_up(slot, 1)
     assert ledger.room() == 6
+
+
+# --- delayed retries ---------------------------------------------------------------------------
+
+
+def held_ledger(max_attempts: int = 3, retry_failed: bool = True) -> tuple[DeliveryLedger, Recorder, int]:
+    """One worker, one message handed out: its delivery id."""
+    ledger, rec = make(
+        max_attempts=max_attempts, retry_failed=retry_failed, retry=RetrySchedule(1.0, 2.0, 3.0), prefetch=1
+    )
+    ledger.connected()
+    ledger.worker_up(0, 1, ready=True)
+    ledger.arrived([msg(1)], None)
+    ((_, delivery_id),) = rec.delivered
+    return ledger, rec, delivery_id
+
+
+def test_a_held_message_waits_for_its_time_while_others_flow() -> None:
+    ledger, rec, first = held_ledger()
+    ledger.done(first, failed=True, now=10.0)
+    assert (ledger.pending, ledger.in_flight()) == (deque(), {0: 0})  # held, takes no prefetch slot
+    ((due, _, d),) = ledger.held
+    assert 11.0 <= due <= 11.1 and d.attempts == 1 and d.redelivered
+    ledger.arrived([msg(2)], None)  # another message goes to the free worker meanwhile
+    assert len(rec.delivered) == 2 and rec.delivered[1][1] != first
+    assert ledger.due(10.9) == due and len(rec.delivered) == 2  # not before its time
+    (_, second) = rec.delivered[1]
+    ledger.done(second, failed=False, now=10.95)
+    assert ledger.due(due) is None and rec.delivered[-1] == (0, first)  # back after it
+    ledger.done(first, failed=True, now=20.0)
+    assert 22.0 <= ledger.held[0][0] <= 22.2  # the second retry waits twice as long
+    assert ledger.due(30.0) is None
+    ledger.done(first, failed=True, now=30.0)  # the third attempt: dead-lettered, never held
+    assert ledger.held == [] and [d.attempts for d, _ in rec.dead_letters] == [3]
+    assert rec.acks == [(2, 1)]  # the dead letter settles it
+
+
+def test_schedule_caps_and_jitters() -> None:
+    schedule = RetrySchedule(1.0, 10.0, 60.0)
+    assert 1.0 <= schedule.wait(1) <= 1.1
+    assert 10.0 <= schedule.wait(2) <= 11.0
+    assert 60.0 <= schedule.wait(3) <= 66.0  # 100 capped at 60
+    assert 60.0 <= schedule.wait(1000) <= 66.0  # no float overflow
+    assert RetrySchedule().wait(5) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("retry_failed", "after", "held"), [(True, 5.0, True), (False, 5.0, True), (False, 0.0, False)]
+)
+def test_handler_asked_retry(retry_failed: bool, after: float, held: bool) -> None:
+    """``Retry(after=)`` retries even with on_error = "ack" (the handler asked), after its own delay."""
+    ledger, rec, first = held_ledger(retry_failed=retry_failed)
+    ledger.done(first, failed=False, now=0.0, retry_after=after)
+    assert [due for due, _, _ in ledger.held] == ([5.0] if held else [])
+    assert rec.delivered == [(0, first)] * (1 if held else 2) and rec.acks == []
+
+
+def test_held_messages_on_disconnect_and_stop() -> None:
+    """A lost connection forgets held QoS 1 messages (the broker sends them again, and an
+    acknowledgement on the new connection would be meaningless), keeps QoS 0; the stop forgets all."""
+    ledger, rec = make(max_attempts=5, retry=RetrySchedule(1.0, 2.0, 3.0), prefetch=2, workers=1)
+    ledger.connected()
+    ledger.worker_up(0, 1, ready=True)
+    ledger.arrived([msg(1, 1), msg(2, 0)], None)
+    for _, delivery_id in list(rec.delivered):
+        ledger.done(delivery_id, failed=True, now=0.0)
+    ledger.offline(lost=True)
+    assert [d.qos for _, _, d in ledger.held] == [0]
+    ledger.connected()
+    assert ledger.stop() == 1 and ledger.held == [] and ledger.due(100.0) is None
+
+
+def test_hold_limit_retries_at_once() -> None:
+    ledger, rec, first = held_ledger()
+    ledger.hold_limit = 0
+    ledger.done(first, failed=True, now=0.0)
+    assert ledger.held == [] and rec.delivered == [(0, first), (0, first)]
+
+
+def test_a_death_is_retried_at_once() -> None:
+    ledger, rec, first = held_ledger()
+    ledger.gone(0, 1, first)
+    ledger.worker_up(0, 2, ready=True)
+    assert ledger.held == [] and rec.delivered == [(0, first), (0, first)]

@@ -19,11 +19,16 @@ The guarantees enforced here (property-tested in ``tests/test_ledger.py``):
   letter topic), or the stop (it then stays unacknowledged at the broker); a worker that dies gives
   back what it held, front of the queue, the one it died on counting an attempt.
 - A lost connection forgets the undispatched QoS 1 messages: the broker sends them again.
+- A failed message waiting for its retry delay (``held``) stays unacknowledged, takes no worker's
+  prefetch slot, and goes back to the queue when :meth:`DeliveryLedger.due` finds its time passed;
+  a lost connection or the stop treats it like an undispatched one.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import math
 import random
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -32,6 +37,10 @@ from typing import NamedTuple
 
 from procmqtt.agent.dispatch import Dispatcher
 from procmqtt.message import Properties
+
+HOLD_LIMIT = 10_000
+"""Failed messages held for their retry delay at most; past it, one is retried at once (as with
+``retry_delay = 0``). QoS 1 ones are also bounded by the broker's window; QoS 0 ones are not."""
 
 
 class Inbound(NamedTuple):
@@ -91,6 +100,32 @@ class Effects:
     requeued: Callable[[Delivery], None]
 
 
+@dataclass(frozen=True, slots=True)
+class RetrySchedule:
+    """How long a failed message waits before its next attempt (``[workers] retry_*``).
+
+    The n-th retry waits ``delay * backoff ** (n - 1)``, capped at ``max_delay``, plus a random
+    jitter of up to ``JITTER`` of that, so messages that failed together do not all return together.
+    """
+
+    delay: float = 0.0  # 0: at once (no hold)
+    backoff: float = 2.0
+    max_delay: float = 60.0
+
+    JITTER = 0.1
+
+    def wait(self, attempts: int) -> float:
+        """Seconds before the retry that follows ``attempts`` failed attempts (>= 1)."""
+        if self.delay <= 0:
+            return 0.0
+        # compared in logarithms: backoff ** attempts would overflow a float long before the cap
+        if (attempts - 1) * math.log(self.backoff) >= math.log(self.max_delay / self.delay):
+            base = self.max_delay
+        else:
+            base = self.delay * self.backoff ** (attempts - 1)
+        return base * (1.0 + self.JITTER * random.random())
+
+
 class DeliveryLedger:
     """Pending and dispatched messages, the workers' windows, attempts and epochs."""
 
@@ -104,9 +139,11 @@ class DeliveryLedger:
         max_attempts: int,
         retry_failed: bool,
         dead_letters: bool,
+        retry: RetrySchedule = RetrySchedule(),
     ) -> None:
         """``workers``: the configured count, for the read-ahead; ``retry_failed``: ``on_error =
-        "retry"``; ``dead_letters``: a dead letter topic is set."""
+        "retry"``; ``dead_letters``: a dead letter topic is set; ``retry``: the delay before a
+        failed message is handed out again."""
         self.effects = effects
         self._deliver, self._ack = effects.deliver, effects.acknowledge  # the hot path's, looked up once
         self.dispatcher = dispatcher
@@ -117,6 +154,11 @@ class DeliveryLedger:
         self.read_ahead = workers * prefetch  # undispatched messages the agent reads ahead at most
         self.pending: deque[Delivery] = deque()  # received, not yet given to a worker
         self.deliveries: dict[int, Delivery] = {}  # given to a worker, not yet done
+        self.retry = retry
+        # failed, waiting for their retry: a heap of (due time, delivery id, delivery), at most
+        # ``hold_limit``; see README "Delivery guarantees"
+        self.hold_limit = HOLD_LIMIT
+        self.held: list[tuple[float, int, Delivery]] = []
         self.seats: dict[int, Seat] = {}
         self.early_ready: set[tuple[int, int]] = set()  # (slot, generation) ready before it was up
         self.delivery_ids = itertools.count(random.getrandbits(48))
@@ -139,6 +181,8 @@ class DeliveryLedger:
         self.online = False
         if lost:
             self.pending = deque(d for d in self.pending if d.qos != 1)
+            self.held = [h for h in self.held if h[2].qos != 1]
+            heapq.heapify(self.held)
 
     def room(self) -> int:
         """How many more messages the read-ahead takes (at most ``read_ahead`` undispatched)."""
@@ -172,17 +216,21 @@ class DeliveryLedger:
             self.deliveries[d.delivery_id] = d
             deliver(slot, d)
 
-    def done(self, delivery_id: int, *, failed: bool) -> int:
+    def done(self, delivery_id: int, *, failed: bool, now: float = 0.0, retry_after: float | None = None) -> int:
         """A worker finished a delivery: returns the slot that held it, or -1 if unknown (done for
-        an earlier agent, or already redelivered). A failure is retried (``on_error = "retry"``)
-        or acknowledged."""
+        an earlier agent, or already redelivered). A failure is retried (``on_error = "retry"``,
+        after the ``retry`` schedule's delay from ``now``) or acknowledged. ``retry_after``: the
+        handler raised ``procmqtt.Retry``: retried after that many seconds whatever ``on_error``
+        says (the handler asked), counting an attempt."""
         d = self.deliveries.pop(delivery_id, None)
         if d is None:
             return -1
         slot = d.slot
         del self.seats[slot].outstanding[delivery_id]  # a delivery is in ``deliveries`` while its seat holds it
-        if failed and self.retry_failed:
-            self._failed_attempt(d, "on_message raised", front=False)
+        if retry_after is not None:
+            self._failed_attempt(d, "on_message asked for a retry", front=False, now=now, wait=retry_after)
+        elif failed and self.retry_failed:
+            self._failed_attempt(d, "on_message raised", front=False, now=now)
         else:
             self._acknowledge(d)
         self.dispatch()
@@ -196,10 +244,21 @@ class DeliveryLedger:
         if d.qos == 1 and d.epoch == self.epoch and self.online:
             self._ack(d.mid, 1)
 
-    def _failed_attempt(self, d: Delivery, reason: str, *, front: bool) -> None:
-        """One more attempt used up: hand the message out again, or dead-letter it."""
+    def _failed_attempt(
+        self, d: Delivery, reason: str, *, front: bool, now: float | None = None, wait: float | None = None
+    ) -> None:
+        """One more attempt used up: hand the message out again, or dead-letter it. ``now`` (a
+        handler's failure): hold it for ``wait`` seconds, or the retry schedule's; None (a worker's
+        death): at once."""
         d.attempts += 1
         if d.attempts < self.max_attempts:
+            if now is not None:
+                delay = self.retry.wait(d.attempts) if wait is None else wait
+                if delay > 0 and len(self.held) < self.hold_limit:
+                    d.redelivered = True
+                    self.effects.requeued(d)
+                    heapq.heappush(self.held, (now + delay, d.delivery_id, d))
+                    return
             self._requeue(d, front=front)
             return
         reason = f"{reason} ({d.attempts} attempts)"
@@ -217,6 +276,16 @@ class DeliveryLedger:
             self.pending.appendleft(d)
         else:
             self.pending.append(d)
+
+    def due(self, now: float) -> float | None:
+        """The loop's step each pass: held messages whose delay is over go to the back of the
+        queue (and out, if a worker has room). Returns when the next one is due, or None."""
+        held = self.held
+        if held and held[0][0] <= now:
+            while held and held[0][0] <= now:
+                self.pending.append(heapq.heappop(held)[2])
+            self.dispatch()
+        return held[0][0] if held else None
 
     # --- workers -------------------------------------------------------------------------------
 
@@ -269,11 +338,12 @@ class DeliveryLedger:
         return len(held)
 
     def stop(self) -> int:
-        """Stop dispatching; undispatched messages are forgotten (QoS 1 stays at the broker).
-        Returns how many were forgotten."""
+        """Stop dispatching; undispatched and held messages are forgotten (QoS 1 stays at the
+        broker). Returns how many were forgotten."""
         self.stopping = True
-        held = len(self.pending)
+        held = len(self.pending) + len(self.held)
         self.pending.clear()
+        self.held.clear()
         return held
 
     def in_flight(self) -> dict[int, int]:
