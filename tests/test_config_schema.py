@@ -89,6 +89,9 @@ def test_reload_classification_is_as_before():
         "graceful_timeout",
         "max_attempts",
         "on_error",
+        "retry_delay",
+        "retry_backoff",
+        "retry_max_delay",
         "dead_letter_topic",
     )
     assert {"mqtt", "workers", "app", "source"} == reload.RELOADED_SECTIONS

@@ -38,6 +38,16 @@ def seconds(lo: float) -> Check:
     return check
 
 
+def number(lo: float, hi: float) -> Check:
+    """A finite number in a range (a bounded range also refuses inf and nan)."""
+
+    def check(v: Any) -> str | None:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
+        return None if ok else f"a number from {lo:g} to {hi:g}"
+
+    return check
+
+
 def string_problem(v: str, max_bytes: int | None = None, *, nul: bool = False) -> str | None:
     """Why ``v`` cannot go to the broker or the OS as it is: a NUL (unless ``nul``), an undecodable
     byte (from the environment), or more UTF-8 bytes than the wire allows."""

@@ -31,6 +31,8 @@ from procmqtt.config.schema import (
     DEFAULT_PATH,
     DEFAULT_PORT,
     DEFAULT_PREFETCH,
+    DEFAULT_RETRY_DELAY,
+    DEFAULT_RETRY_MAX_DELAY,
     DEFAULT_TLS_PORT,
     DEFAULT_WS_PATH,
     KEYS,
@@ -240,6 +242,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>", environ: Map
     mqtt = _checked(source, "[mqtt]", data.get("mqtt", {}), SECTIONS["mqtt"])
     workers = _checked(source, "[workers]", data.get("workers", {}), SECTIONS["workers"])
     _prefetch_for_concurrency(source, workers)
+    _retry_delays(source, workers)
     metrics = _checked(source, "[metrics]", data.get("metrics", {}), SECTIONS["metrics"])
     app = data.get("app", {})
     if not isinstance(app, dict):
@@ -275,6 +278,14 @@ def _prefetch_for_concurrency(source: str, workers: dict[str, Any]) -> None:
             f"{source}: [workers] prefetch ({workers['prefetch']}) must be at least "
             f"concurrency ({concurrency}): a worker can only run the messages it holds"
         )
+
+
+def _retry_delays(source: str, workers: dict[str, Any]) -> None:
+    """The cap must not cut the first wait short: refuse a ``retry_max_delay`` below ``retry_delay``."""
+    delay = workers.get("retry_delay", DEFAULT_RETRY_DELAY)
+    cap = workers.get("retry_max_delay", DEFAULT_RETRY_MAX_DELAY)
+    if cap < delay:
+        raise ConfigError(f"{source}: [workers] retry_max_delay ({cap:g}) must be at least retry_delay ({delay:g})")
 
 
 def _read(path: str | None) -> tuple[dict[str, Any], str]:

@@ -20,6 +20,7 @@ from procmqtt.config.checks import (
     boolean,
     integer,
     mqtt_text,
+    number,
     one_of,
     password_text,
     payload,
@@ -55,6 +56,10 @@ DEFAULT_TIMEOUT = 300.0
 DEFAULT_MAX_ATTEMPTS = 3
 ON_ERROR = ("ack", "retry")
 DEFAULT_ON_ERROR = "ack"
+DEFAULT_RETRY_DELAY = 0.0  # at once, as before retry delays existed
+DEFAULT_RETRY_BACKOFF = 2.0
+DEFAULT_RETRY_MAX_DELAY = 60.0
+MAX_RETRY_BACKOFF = 1000
 DEFAULT_PUBLISH_BUFFER = 1_000
 MAX_PUBLISH_BUFFER = 60_000  # per worker: what the agent may hold for each (outbox.py), not paho's ids
 DEFAULT_PUBLISH_TIMEOUT = 30.0
@@ -252,6 +257,30 @@ KEYS: tuple[Key, ...] = (
         one_of(*ON_ERROR),
         _A,
         'on_message raised: "ack" (log, count, acknowledge) or "retry"',
+    ),
+    Key(
+        "workers",
+        "retry_delay",
+        DEFAULT_RETRY_DELAY,
+        seconds(0),
+        _A,
+        "seconds a failed message waits before its first retry (0 = at once)",
+    ),
+    Key(
+        "workers",
+        "retry_backoff",
+        DEFAULT_RETRY_BACKOFF,
+        number(1, MAX_RETRY_BACKOFF),
+        _A,
+        "each further retry waits this many times longer",
+    ),
+    Key(
+        "workers",
+        "retry_max_delay",
+        DEFAULT_RETRY_MAX_DELAY,
+        seconds(0),
+        _A,
+        "the longest retry wait (at least retry_delay); up to 10 % jitter is added",
     ),
     Key(
         "workers",
