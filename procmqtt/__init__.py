@@ -4,7 +4,7 @@ One agent process holds the MQTT connection; N worker processes run your ``Worke
 """
 
 from procmqtt.errors import PublishBufferFull, RequestFailed
-from procmqtt.message import Message, Outcome, Properties
+from procmqtt.message import Message, Outcome, Properties, Retry
 from procmqtt.worker.answers import PublishError, PublishHandle
 from procmqtt.worker.base import Worker
 from procmqtt.worker.routes import Route, route
@@ -18,6 +18,7 @@ __all__ = [
     "PublishError",
     "PublishHandle",
     "RequestFailed",
+    "Retry",
     "Route",
     "Worker",
     "__version__",

@@ -19,6 +19,27 @@ class Outcome(enum.IntEnum):
     OK = 0
     FAILED = 1  # the handler raised
     UNROUTED = 2  # no route matched (acknowledged like OK, counted apart)
+    RETRY = 3  # the handler raised procmqtt.Retry: handed out again after its delay (counted as failed)
+
+
+MAX_RETRY_AFTER = 1_000_000  # seconds, as every duration in the configuration
+
+
+class Retry(Exception):
+    """Raised by a handler: try this message again later, counting an attempt.
+
+    ``after``: seconds to wait (None: the ``[workers] retry_delay`` schedule). Honoured whatever
+    ``on_error`` says, since the handler asked; after ``max_attempts`` the message is dead-lettered
+    (or dropped) as a failure is. README "Delivery guarantees and failure policies".
+    """
+
+    def __init__(self, after: float | None = None) -> None:
+        if after is not None and not (isinstance(after, (int, float)) and 0 <= after <= MAX_RETRY_AFTER):
+            raise ValueError(
+                f"Retry(after=...): expected a number of seconds from 0 to {MAX_RETRY_AFTER}, got {after!r}"
+            )
+        super().__init__(after)
+        self.after = None if after is None else float(after)
 
 
 @dataclass(frozen=True, slots=True)

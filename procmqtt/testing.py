@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 
 from procmqtt.config import Config, from_mapping
 from procmqtt.ipc import channel
-from procmqtt.message import EMPTY, Message, Outcome, Properties
+from procmqtt.message import EMPTY, Message, Outcome, Properties, Retry
 from procmqtt.topics import filter_problem, topic_matches, topic_problem
 from procmqtt.worker.aio import close_loop, maybe_await
 from procmqtt.worker.answers import PublishHandle, _Answer, _ReplyWaiter
@@ -133,6 +133,7 @@ class WorkerHarness(Generic[W]):
         self._worker: W | None = None
         self._runner: Runner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.retry: Retry | None = None  # what the last delivery raised, when it ended in Outcome.RETRY
 
     @property
     def worker(self) -> W:
@@ -243,13 +244,15 @@ class WorkerHarness(Generic[W]):
 
         ``payload``: bytes, str (UTF-8) or a JSON-serialisable object, as for ``publish``.
         ``properties``: MQTT 5 only; the app sees empty ``Properties`` when not given, as in production.
+        A handler that raises ``procmqtt.Retry`` gives ``Outcome.RETRY``; ``self.retry`` then holds
+        the exception (``retry.after``: the delay it asked for, None for the configured one).
         """
         message = self._message(topic, payload, qos, retain, redelivered, properties)
         if self._loop is not None:
-            return self._loop.run_until_complete(self.runner.handle_async(message))
+            return self._ended(self._loop.run_until_complete(self.runner.handle_async(message)))
         if self.is_async:
             raise RuntimeError("WorkerHarness: an async app entered with 'async with' takes deliver_async")
-        return self.runner.handle(message)
+        return self._ended(self.runner.handle(message))
 
     async def deliver_async(
         self,
@@ -262,7 +265,12 @@ class WorkerHarness(Generic[W]):
         properties: Properties | None = None,
     ) -> Outcome:
         """``deliver`` on the running event loop (inside ``async with``)."""
-        return await self.runner.handle_async(self._message(topic, payload, qos, retain, redelivered, properties))
+        message = self._message(topic, payload, qos, retain, redelivered, properties)
+        return self._ended(await self.runner.handle_async(message))
+
+    def _ended(self, result: Outcome | Retry) -> Outcome:
+        self.retry = result if isinstance(result, Retry) else None
+        return Outcome.RETRY if isinstance(result, Retry) else result
 
     def _message(
         self, topic: str, payload: Payload, qos: int, retain: bool, redelivered: bool, properties: Properties | None

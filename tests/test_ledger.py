@@ -490,13 +490,14 @@ def test_schedule_caps_and_jitters() -> None:
 
 
 @pytest.mark.parametrize(
-    ("retry_failed", "after", "held"), [(True, 5.0, True), (False, 5.0, True), (False, 0.0, False)]
+    ("retry_failed", "after", "held"), [(True, 5.0, [5]), (False, 5.0, [5]), (False, 0.0, []), (False, -1.0, [1])]
 )
-def test_handler_asked_retry(retry_failed: bool, after: float, held: bool) -> None:
-    """``Retry(after=)`` retries even with on_error = "ack" (the handler asked), after its own delay."""
+def test_handler_asked_retry(retry_failed: bool, after: float, held: list[int]) -> None:
+    """``Retry(after=)`` retries even with on_error = "ack" (the handler asked), after its own delay;
+    a negative one (``Retry()``) after the schedule's."""
     ledger, rec, first = held_ledger(retry_failed=retry_failed)
     ledger.done(first, failed=False, now=0.0, retry_after=after)
-    assert [due for due, _, _ in ledger.held] == ([5.0] if held else [])
+    assert [int(due) for due, _, _ in ledger.held] == held
     assert rec.delivered == [(0, first)] * (1 if held else 2) and rec.acks == []
 
 

@@ -220,15 +220,16 @@ class DeliveryLedger:
         """A worker finished a delivery: returns the slot that held it, or -1 if unknown (done for
         an earlier agent, or already redelivered). A failure is retried (``on_error = "retry"``,
         after the ``retry`` schedule's delay from ``now``) or acknowledged. ``retry_after``: the
-        handler raised ``procmqtt.Retry``: retried after that many seconds whatever ``on_error``
-        says (the handler asked), counting an attempt."""
+        handler raised ``procmqtt.Retry``: retried after that many seconds (negative: the schedule's)
+        whatever ``on_error`` says (the handler asked), counting an attempt."""
         d = self.deliveries.pop(delivery_id, None)
         if d is None:
             return -1
         slot = d.slot
         del self.seats[slot].outstanding[delivery_id]  # a delivery is in ``deliveries`` while its seat holds it
         if retry_after is not None:
-            self._failed_attempt(d, "on_message asked for a retry", front=False, now=now, wait=retry_after)
+            wait = retry_after if retry_after >= 0 else None
+            self._failed_attempt(d, "on_message asked for a retry", front=False, now=now, wait=wait)
         elif failed and self.retry_failed:
             self._failed_attempt(d, "on_message raised", front=False, now=now)
         else:

@@ -29,7 +29,7 @@ from procmqtt import logs
 from procmqtt.agent import metrics
 from procmqtt.agent.connection import ConnState
 from procmqtt.agent.dispatch import DISPATCHERS
-from procmqtt.agent.ledger import Delivery, DeliveryLedger, Effects, Inbound
+from procmqtt.agent.ledger import Delivery, DeliveryLedger, Effects, Inbound, RetrySchedule
 from procmqtt.agent.outbox import Outbox, dead_letter_entry
 from procmqtt.agent.replies import Replies
 from procmqtt.agent.session import BrokerSession
@@ -89,6 +89,7 @@ class Agent(Upstream):
             max_attempts=w.max_attempts,
             retry_failed=w.on_error == "retry",
             dead_letters=w.dead_letter_topic is not None,
+            retry=RetrySchedule(w.retry_delay, w.retry_backoff, w.retry_max_delay),
         )
         for slot, (generation, _) in workers.items():
             self.ledger.worker_up(slot, generation, ready=True)
@@ -183,6 +184,7 @@ class Agent(Upstream):
 
     def _step(self) -> None:
         now = time.monotonic()
+        next_due = self.ledger.due(now)  # failed messages whose retry delay is over go out again
         session = self.session
         wanted = not self.stopping or self.publishes  # while stopping, only to flush publishes
         if session.state is ConnState.DISCONNECTED and now >= session.next_attempt and wanted:
@@ -203,6 +205,8 @@ class Agent(Upstream):
             if session.unwritten():
                 wlist.append(mqtt_sock)
         timeout = 0.0 if buffered else TICK
+        if next_due is not None:  # wake for the next held message
+            timeout = max(0.0, min(timeout, next_due - now))
         if session.state is ConnState.DISCONNECTED and wanted:
             timeout = max(0.0, min(timeout, session.next_attempt - now))
         try:

@@ -73,7 +73,7 @@ BUCKETS = (
 )
 """Upper bounds (seconds) of ``procmqtt_processing_seconds``: 0.1 ms to 60 s, then +Inf."""
 
-_OK, _FAILED = Outcome.OK, Outcome.FAILED  # an enum attribute lookup costs more than a whole increment
+_OK, _UNROUTED = Outcome.OK, Outcome.UNROUTED  # an enum attribute lookup costs more than a whole increment
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class Counters:
         """Worker ``slot`` finished a message in ``seconds``. Once per message: kept to a few operations."""
         self.processed[slot] += 1
         if outcome is not _OK:
-            (self.failed if outcome is _FAILED else self.unrouted)[slot] += 1
+            (self.unrouted if outcome is _UNROUTED else self.failed)[slot] += 1  # RETRY counts as failed
         h = self._histogram
         h[bisect_left(BUCKETS, seconds)] += 1
         h[-1] += seconds

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Callable
 
 from paho.mqtt.enums import MQTTErrorCode
@@ -22,6 +23,7 @@ from procmqtt.agent.session import BrokerSession
 from procmqtt.agent.workers import WorkerChannel, WorkerChannels
 from procmqtt.ipc import channel
 from procmqtt.ipc.shared import SharedState
+from procmqtt.message import Outcome
 from procmqtt.worker.link import describe_error
 
 
@@ -136,7 +138,8 @@ class Upstream:
         self.publishes.add(entry)
 
     def _done(self, record: channel.Done) -> None:
-        slot = self.ledger.done(record.delivery_id, failed=record.failed)
+        retry_after = record.retry_after if record.outcome is Outcome.RETRY else None  # negative: the schedule's
+        slot = self.ledger.done(record.delivery_id, failed=record.failed, now=time.monotonic(), retry_after=retry_after)
         if slot >= 0:
             self.metrics.done(slot, record.outcome, record.seconds)
 

@@ -55,7 +55,7 @@ from procmqtt.message import EMPTY, Outcome, Properties
 _DELIVER = struct.Struct("!BQBBBHB")  # kind, delivery id, qos, retain, redelivered, topic length, properties
 _REPLY = struct.Struct("!BBBHB")  # kind, qos, retain, topic length, properties
 _PUBLISHED = struct.Struct("!BQB")  # kind, request id, error code (0 = ok)
-_DONE = struct.Struct("!BQBf")  # kind, delivery id, outcome, seconds spent in the handler
+_DONE = struct.Struct("!BQBfd")  # kind, delivery id, outcome, seconds in the handler, retry delay
 _PUBLISH = struct.Struct("!BHIQBBHB")  # kind, slot, generation, request id, qos, retain, topic length, flags
 _SUBSCRIBE = struct.Struct("!BB")  # kind, qos; the filter follows
 _SLOT = struct.Struct("!BHI")  # kind, slot, generation (worker-up: the worker's socket is attached)
@@ -106,7 +106,7 @@ def encode(record: Record) -> bytes:
     if isinstance(record, Published):
         return _PUBLISHED.pack(PUBLISHED, record.request_id, record.error)
     if isinstance(record, Done):
-        return _DONE.pack(DONE, record.delivery_id, record.outcome, record.seconds)
+        return _DONE.pack(DONE, record.delivery_id, record.outcome, record.seconds, record.retry_after)
     if isinstance(record, Publish):
         topic = record.topic.encode()
         flag, block = _encode_properties(record.properties)
@@ -171,8 +171,8 @@ def decode(data: bytes | memoryview, fds: list[int]) -> Record:
         _, rid, error = _PUBLISHED.unpack(data)
         return Published(rid, error)
     if kind == DONE:
-        _, did, outcome, seconds = _DONE.unpack(data)
-        return Done(did, Outcome(outcome), seconds)
+        _, did, outcome, seconds, retry_after = _DONE.unpack(data)
+        return Done(did, Outcome(outcome), seconds, retry_after)
     if kind == PUBLISH:
         _, slot, gen, rid, qos, retain, tlen, flags = _PUBLISH.unpack_from(data)
         end = _PUBLISH.size + tlen

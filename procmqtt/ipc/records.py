@@ -88,6 +88,7 @@ class Done:
     delivery_id: int
     outcome: Outcome = Outcome.OK
     seconds: float = 0.0  # time in the handler, for the processing-time metric
+    retry_after: float = -1.0  # Outcome.RETRY: the handler's delay in seconds; negative: the configured one
 
     @property
     def failed(self) -> bool:

@@ -8,14 +8,16 @@ What a handler returns decides the outcome: None is OK; an ``Outcome`` is honour
 goes through ``on_error`` like an exception, ``UNROUTED`` is acknowledged and counted apart);
 anything else is a mistake, counted as FAILED and logged once per worker process, never
 acknowledged silently as OK. A return annotation that promises such a value is refused at load
-(``base.check_app``).
+(``base.check_app``). ``procmqtt.Retry`` raised is a request, not an error: it is returned as is
+(not logged, not re-raised in tests), and its delay goes to the agent with ``Outcome.RETRY``;
+returning ``Outcome.RETRY`` is ``raise Retry()``.
 """
 
 from __future__ import annotations
 
 import inspect
 
-from procmqtt.message import Message, Outcome
+from procmqtt.message import Message, Outcome, Retry
 from procmqtt.worker.base import Worker
 
 
@@ -31,10 +33,12 @@ class Runner:
         self.raise_errors = raise_errors
         self._told = False  # a return value that is neither None nor an Outcome was logged
 
-    def handle(self, message: Message) -> Outcome:
+    def handle(self, message: Message) -> Outcome | Retry:
         """A sync app's message: run ``on_message``, log (never raise) its exception."""
         try:
             result = self.worker.on_message(message)
+        except Retry as retry:
+            return retry
         except Exception:
             if self.raise_errors:
                 raise
@@ -49,12 +53,14 @@ class Runner:
             return Outcome.FAILED
         return self._outcome(message, result)
 
-    async def handle_async(self, message: Message) -> Outcome:
+    async def handle_async(self, message: Message) -> Outcome | Retry:
         """``handle`` for apps with async handlers, on the worker's event loop; sync handlers run inline."""
         try:
             result = self.worker.on_message(message)
             if inspect.iscoroutine(result):
                 result = await result
+        except Retry as retry:
+            return retry
         except Exception:
             if self.raise_errors:
                 raise

@@ -31,10 +31,12 @@ from procmqtt.errors import ExitCode
 from procmqtt.ipc import channel
 from procmqtt.ipc.shared import SharedState
 from procmqtt.ipc.signals import SignalQueue
-from procmqtt.message import Message, Outcome
+from procmqtt.message import Message, Outcome, Retry
 from procmqtt.worker.base import Worker
 from procmqtt.worker.handling import Runner
 from procmqtt.worker.link import _AgentLink
+
+_NO_DELAY = -1.0  # Done.retry_after when the handler named no delay: the configured schedule
 
 
 class ServeLoop:
@@ -153,7 +155,7 @@ class ServeLoop:
         self.running[record.delivery_id] = began
         return Message(record.topic, record.payload, record.qos, record.retain, record.redelivered, record.properties)
 
-    def done(self, delivery_id: int, outcome: Outcome) -> None:
+    def done(self, delivery_id: int, result: Outcome | Retry) -> None:
         """A message is finished: move the hang watch on, queue its ``Done``, ``Retire`` when due.
 
         The last one stays current until the next starts (the async loop clears it once its Done is
@@ -171,7 +173,16 @@ class ServeLoop:
                 self.shared.set_busy_since(self.slot, 0.0)
         self.finished += 1
         self.shared.set_finished(self.slot, self.finished)
-        self.link.send_later(channel.Done(delivery_id, outcome, time.monotonic() - began))
+        if isinstance(result, Retry):
+            done = channel.Done(
+                delivery_id,
+                Outcome.RETRY,
+                time.monotonic() - began,
+                _NO_DELAY if result.after is None else result.after,
+            )
+        else:
+            done = channel.Done(delivery_id, result, time.monotonic() - began)
+        self.link.send_later(done)
         reason = self.recycle.due(self.finished)
         if reason:
             self.log.info("recycling: %s; finishing what this worker holds", reason)
