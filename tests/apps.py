@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 
-from procmqtt import Message, Worker
+from procmqtt import Message, Retry, Worker
 
 
 class Recording(Worker):
@@ -54,6 +54,8 @@ class Recorder(Recording):
                 raise RuntimeError("echo publish was not confirmed")
         elif message.topic == "boom":
             raise ValueError("boom requested")
+        elif message.topic.startswith("retry/"):  # retry/<seconds>: ask for a retry that much later
+            raise Retry(after=float(message.topic[6:]))
         elif message.topic == "poison":
             os.kill(os.getpid(), signal.SIGKILL)  # as a segfault or the OOM killer would
         elif message.topic == "hang":

@@ -44,6 +44,8 @@ def roundtrip(record: channel.Record) -> channel.Record:
         channel.Published(7, 0),
         channel.Done(123456789),
         channel.Done(5, Outcome.FAILED, 0.25),
+        channel.Done(6, Outcome.RETRY, 0.5, 2.5),
+        channel.Done(7, Outcome.RETRY, 0.5, -1.0),
         channel.Retire(3, 17),
         channel.WorkerExited(1023, 2**32 - 1),
         channel.Ready(1023, 2**31),

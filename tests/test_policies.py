@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 from collections import Counter
@@ -69,6 +70,58 @@ def test_on_error_retry_then_dead_letter(tmp_path, broker, runs):
     tries = [r for r in records(rec, "received") if r["topic"] == "boom"]
     assert len(tries) == 3 and [r["redelivered"] for r in tries] == [False, True, True]
     assert any(r["topic"] == "load/1" for r in records(rec))
+    dlq.close()
+    assert run.stop() == 0
+
+
+def gaps(tries: list[dict]) -> list[float]:
+    return [b["time"] - a["time"] for a, b in itertools.pairwise(tries)]
+
+
+@pytest.mark.timeout(60)
+def test_delayed_retries_follow_the_backoff_while_others_flow(tmp_path, broker, runs):
+    dlq = Subscriber(broker, "dead/#")
+    run, rec = start(
+        runs,
+        tmp_path,
+        broker,
+        topics={"boom": 1, "load/#": 1},
+        workers=2,
+        workers_toml='on_error = "retry"\nmax_attempts = 4\ndead_letter_topic = "dead"\n'
+        "retry_delay = 0.3\nretry_backoff = 2.0\nretry_max_delay = 1.0",
+    )
+    pub = publisher(broker)
+    publish_all(pub, [("boom", b"bad")])
+    wait_until(lambda: any(r["topic"] == "boom" for r in records(rec, "received")), 10, "the first try")
+    publish_all(pub, [(f"load/{i}", str(i).encode()) for i in range(20)])  # while it waits
+    wait_until(lambda: dlq.payloads() == [b"bad"], 20, "the failing message dead-lettered")
+    tries = [r for r in records(rec, "received") if r["topic"] == "boom"]
+    assert len(tries) == 4 and [r["redelivered"] for r in tries] == [False, True, True, True]
+    for gap, delay in zip(gaps(tries), [0.3, 0.6, 1.0], strict=True):  # 0.3 * 2 ** n, capped at 1.0, + <= 10 % jitter
+        assert delay <= gap < delay * 1.1 + 0.5, (gaps(tries), delay)
+    load = [r for r in records(rec) if r["topic"].startswith("load/")]
+    assert len(load) == 20 and max(r["time"] for r in load) < tries[-1]["time"], "others waited for the retries"
+    dlq.close()
+    assert run.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_retry_after_is_honoured_even_with_on_error_ack(tmp_path, broker, runs):
+    dlq = Subscriber(broker, "dead/#")
+    run, rec = start(
+        runs,
+        tmp_path,
+        broker,
+        topics={"retry/#": 1},
+        workers=1,
+        workers_toml='max_attempts = 3\ndead_letter_topic = "dead"\nretry_delay = 5.0',
+    )
+    publish_all(publisher(broker), [("retry/0.4", b"later")])
+    wait_until(lambda: dlq.payloads() == [b"later"], 20, "dead-lettered after max_attempts")
+    tries = [r for r in records(rec, "received") if r["topic"] == "retry/0.4"]
+    assert len(tries) == 3
+    assert all(0.4 <= gap < 0.4 + 0.5 for gap in gaps(tries)), gaps(tries)  # its own delay, not retry_delay
+    assert "asked for a retry (3 attempts)" in run.log()
     dlq.close()
     assert run.stop() == 0
 

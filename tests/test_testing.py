@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from procmqtt import Message, Outcome, Worker, route
+from procmqtt import Message, Outcome, Retry, Worker, route
 from procmqtt.config import Config
 from procmqtt.errors import ConfigError, RouteError
 from procmqtt.testing import WorkerHarness
@@ -170,6 +170,24 @@ def test_async_exceptions_are_reraised_or_counted():
         h.deliver("t/1")
     with WorkerHarness(Failing, raise_exceptions=False) as h:
         assert h.deliver("t/1") is Outcome.FAILED
+
+
+def test_retry_is_an_outcome_with_its_delay_not_an_error():
+    class Later(Worker):
+        def on_message(self, message: Message) -> None:
+            raise Retry(after=float(message.text)) if message.text else Retry()
+
+    class AsyncLater(Worker):
+        async def on_message(self, message: Message) -> None:
+            raise Retry(after=2)
+
+    with WorkerHarness(Later) as h:  # raise_exceptions: a Retry is a request, not re-raised
+        assert h.deliver("t", "5") is Outcome.RETRY and h.retry is not None and h.retry.after == 5.0
+        assert h.deliver("t", "") is Outcome.RETRY and h.retry is not None and h.retry.after is None
+    with WorkerHarness(AsyncLater) as h:
+        assert h.deliver("t") is Outcome.RETRY and h.retry is not None and h.retry.after == 2.0
+    with pytest.raises(ValueError, match="expected a number of seconds from 0"):
+        Retry(after=-1)
 
 
 def test_background_tasks_are_cancelled_on_exit():
