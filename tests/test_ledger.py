@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from procmqtt.agent.dispatch import RoundRobinDispatcher
+from procmqtt.agent.dispatch import Dispatcher, LeastBusyDispatcher, RoundRobinDispatcher
 from procmqtt.agent.ledger import Delivery, DeliveryLedger, Effects, Inbound
 
 pytestmark = pytest.mark.unit
@@ -42,12 +42,17 @@ class Recorder:
 
 
 def make(
-    prefetch: int = 2, workers: int = 2, max_attempts: int = 2, retry_failed: bool = True, dead_letters: bool = True
+    prefetch: int = 2,
+    workers: int = 2,
+    max_attempts: int = 2,
+    retry_failed: bool = True,
+    dead_letters: bool = True,
+    dispatcher: Dispatcher | None = None,
 ) -> tuple[DeliveryLedger, Recorder]:
     rec = Recorder()
     ledger = DeliveryLedger(
         rec.effects(),
-        RoundRobinDispatcher(),
+        dispatcher or RoundRobinDispatcher(),
         prefetch=prefetch,
         workers=workers,
         max_attempts=max_attempts,
@@ -306,6 +311,21 @@ def test_dispatch(ready: bool, retiring: bool, delivered: list[int]) -> None:
     ledger.arrived([msg(m) for m in range(1, 6)], None)
     assert [slot for slot, _ in rec.delivered] == delivered
     assert len(ledger.pending) == 5 - len(delivered)
+
+
+def test_least_busy_fills_the_emptiest_worker() -> None:
+    ledger, rec = make(prefetch=3, workers=3, dispatcher=LeastBusyDispatcher())
+    ledger.connected()
+    for slot in (0, 1, 2):
+        ledger.worker_up(slot, 1, ready=True)
+    ledger.arrived([msg(m) for m in range(1, 7)], None)  # six over three idle workers: two each
+    assert sorted(slot for slot, _ in rec.delivered) == [0, 0, 1, 1, 2, 2]
+    for slot, delivery_id in rec.delivered:
+        if slot == 1:
+            ledger.done(delivery_id, failed=False)
+    del rec.delivered[:]
+    ledger.arrived([msg(7), msg(8)], None)  # worker 1 is idle, the others hold two
+    assert [slot for slot, _ in rec.delivered] == [1, 1]
 
 
 @pytest.mark.parametrize(

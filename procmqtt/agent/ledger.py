@@ -110,6 +110,7 @@ class DeliveryLedger:
         self.effects = effects
         self._deliver, self._ack = effects.deliver, effects.acknowledge  # the hot path's, looked up once
         self.dispatcher = dispatcher
+        dispatcher.attach(lambda slot: len(self.seats[slot].outstanding))
         self.prefetch = prefetch
         self.max_attempts = max_attempts
         self.retry_failed = retry_failed
