@@ -67,4 +67,5 @@ DISPATCHERS: dict[str, type[Dispatcher]] = {
     "random": RandomDispatcher,
     "round_robin": RoundRobinDispatcher,
     "least_busy": LeastBusyDispatcher,
+    "ordered": LeastBusyDispatcher,  # the ledger keeps per-key order (agent/ledger.py); this spreads the keys
 }

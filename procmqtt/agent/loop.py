@@ -41,6 +41,7 @@ from procmqtt.ipc import channel, poller
 from procmqtt.ipc.shared import SharedState
 from procmqtt.ipc.signals import SignalQueue
 from procmqtt.message import EMPTY, Properties
+from procmqtt.orderkey import key_function
 
 TICK = 1.0
 """Longest sleep of the loop: paho's keepalive and the orphan check run at least this often."""
@@ -89,6 +90,7 @@ class Agent(Upstream):
             max_attempts=w.max_attempts,
             retry_failed=w.on_error == "retry",
             dead_letters=w.dead_letter_topic is not None,
+            key_of=key_function(w.order_key) if w.dispatch == "ordered" else None,
         )
         for slot, (generation, _) in workers.items():
             self.ledger.worker_up(slot, generation, ready=True)
