@@ -30,11 +30,10 @@ def pattern_problem(pattern: str) -> str | None:
     if pattern == WHOLE_TOPIC:
         return None
     levels = pattern.split("/")
-    named = [level for level in levels if _NAMED.fullmatch(level)]
-    if not named:
-        return '"topic" or a topic filter with at least one {name} level, like "sensors/{device}/#"'
     if any(("{" in level or "}" in level) and not _NAMED.fullmatch(level) for level in levels):
-        return "each {name} must be a whole level, its name a Python identifier"
+        return "a topic filter whose {name} levels are whole levels named like Python identifiers"
+    if not any(_NAMED.fullmatch(level) for level in levels):
+        return '"topic" or a topic filter with at least one {name} level, like "sensors/{device}/#"'
     filter_ = "/".join("+" if _NAMED.fullmatch(level) else level for level in levels)
     problem = filter_problem(filter_) or ("no $share/ prefix" if filter_.startswith("$share/") else None)
     return f"a valid topic filter once each {{name}} is read as + ({problem})" if problem else None
