@@ -262,7 +262,8 @@ class Agent(Upstream):
         self.session.tick(now)
         if os.getppid() != self.supervisor_pid and not self.stopping:
             self.begin_stop("the supervisor is gone")
-        self.metrics.sample(self.ledger.in_flight(), self.ledger.window())
+        ledger = self.ledger
+        self.metrics.sample(ledger.in_flight(), ledger.window(), ledger.waiting, len(ledger.keys))
 
     # --- messages in ---------------------------------------------------------------------------
 
