@@ -21,8 +21,8 @@ The guarantees enforced here (property-tested in ``tests/test_ledger.py``):
 - A lost connection forgets the undispatched QoS 1 messages: the broker sends them again.
 - Ordered mode (``key_of`` given): a message goes to a worker only once the previous message of
   its key is settled (acknowledged, dead letter settled, or dropped); a redelivery keeps its place
-  at the head of its key. Only a key's head is in ``pending``; the rest wait in ``waiting`` and
-  take no worker's prefetch slot. Other modes never look at keys.
+  at the head of its key. Only a key's head is in ``pending``; the rest wait in its queue in
+  ``keys`` and take no worker's prefetch slot. Other modes never look at keys.
 """
 
 from __future__ import annotations
