@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import signal
 import threading
 import time
@@ -60,6 +61,8 @@ class Recorder(Recording):
             os.kill(os.getpid(), signal.SIGKILL)  # as a segfault or the OOM killer would
         elif message.topic == "hang":
             threading.Event().wait()
+        elif message.topic.startswith("ord/"):  # tests/test_ordered.py: handlers of random length
+            time.sleep(random.uniform(0, float(self.config.app.get("max_delay", 0))))
         elif message.topic.startswith("pub/"):
             time.sleep(float(self.config.app.get("pub_delay", 0)))
             for i in range(int(message.topic[4:])):

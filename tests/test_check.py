@@ -114,6 +114,7 @@ def test_check_masks_secrets_from_the_file_and_the_environment(config_file, tmp_
         ("tests/apps.py:Recorder", "[workers]\ncount = 0\n", {}, 2),
         ("tests/apps.py:Recorder", "", {"PROCMQTT_WORKERS_COUNT": "many"}, 2),
         ("tests/apps.py:Recorder", "", {"PROCMQTT_LOG_FORMAT": "xml"}, 2),
+        ("tests/apps.py:Recorder", '[workers]\norder_key = "sensors/{device"\n', {}, 2),
     ],
 )
 def test_check_fails_like_run(tmp_path, app, config_text, env, code):
@@ -124,6 +125,20 @@ def test_check_fails_like_run(tmp_path, app, config_text, env, code):
     assert checked.returncode == ran.returncode == code
     assert checked.stderr == ran.stderr and len(checked.stderr.splitlines()) == 1
     assert checked.stderr.startswith("procmqtt: error: ") and checked.stdout == ""
+
+
+def test_check_key_of_prints_the_order_key(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[workers]\ndispatch = "ordered"\norder_key = "sensors/{device}/#"\n')
+    app = ("tests/apps.py:Recorder", "-c", str(path))
+    result = procmqtt("check", *app, "--key-of", "sensors/d1/temp", "--key-of", "x/y")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        'sensors/d1/temp -> sensors/d1/#  # order_key = "sensors/{device}/#"',
+        'x/y -> x/y  # order_key = "sensors/{device}/#"',
+    ]
+    bad = procmqtt("check", *app, "--key-of", "a/+")
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and "--key-of 'a/+'" in bad.stderr
 
 
 def test_check_help():

@@ -202,6 +202,17 @@ def test_dispatchers():
 
 
 @pytest.mark.unit
+def test_least_busy_dispatcher():
+    from procmqtt.agent.dispatch import LeastBusyDispatcher
+
+    load = {0: 2, 1: 0, 2: 1, 3: 0}
+    lb = LeastBusyDispatcher()
+    lb.attach(load.__getitem__)
+    assert {lb.choose([0, 1, 2, 3]) for _ in range(200)} == {1, 3}  # the idle two, ties at random
+    assert lb.choose([0, 2]) == 2 and lb.choose([0]) == 0
+
+
+@pytest.mark.unit
 def test_workers_are_not_capped_by_the_publish_buffer():
     """-w 64 (and up to 1,024) with the default publish_buffer: the agent queues past paho's ids."""
     assert config.with_overrides(config.from_mapping({}, "f.toml"), workers=64).workers.count == 64

@@ -85,6 +85,7 @@ def test_reload_classification_is_as_before():
     assert {"topics", "publish_buffer", "publish_timeout"} == reload.LIVE_MQTT_KEYS
     assert reload.AGENT_WORKERS_KEYS == (
         "dispatch",
+        "order_key",  # issue 13: read by the agent's ledger, like dispatch
         "prefetch",
         "graceful_timeout",
         "max_attempts",

@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from procmqtt.agent.dispatch import RoundRobinDispatcher
+from procmqtt.agent.dispatch import Dispatcher, LeastBusyDispatcher, RoundRobinDispatcher
 from procmqtt.agent.ledger import Delivery, DeliveryLedger, Effects, Inbound, RetrySchedule
+from procmqtt.orderkey import key_function
 
 pytestmark = pytest.mark.unit
 
@@ -49,11 +50,12 @@ def make(
     retry_failed: bool = True,
     dead_letters: bool = True,
     retry: RetrySchedule | None = None,
+    dispatcher: Dispatcher | None = None,
 ) -> tuple[DeliveryLedger, Recorder]:
     rec = Recorder()
     ledger = DeliveryLedger(
         rec.effects(),
-        RoundRobinDispatcher(),
+        dispatcher or RoundRobinDispatcher(),
         prefetch=prefetch,
         workers=workers,
         max_attempts=max_attempts,
@@ -80,9 +82,16 @@ class LedgerMachine(RuleBasedStateMachine):
         retry_failed=st.booleans(),
         dead_letters=st.booleans(),
         retry_delay=st.sampled_from([0.0, 1.0]),
+        ordered=st.booleans(),
     )
     def setup(
-        self, prefetch: int, max_attempts: int, retry_failed: bool, dead_letters: bool, retry_delay: float
+        self,
+        prefetch: int,
+        max_attempts: int,
+        retry_failed: bool,
+        dead_letters: bool,
+        retry_delay: float,
+        ordered: bool,
     ) -> None:
         self.rec = Recorder()
         effects = self.rec.effects()
@@ -95,8 +104,12 @@ class LedgerMachine(RuleBasedStateMachine):
             retry_failed=retry_failed,
             dead_letters=dead_letters,
             retry=RetrySchedule(retry_delay, 2.0, 3.0),
+            key_of=key_function("k/{x}/#") if ordered else None,
         )
         self.now = 0.0  # the clock the ledger is told
+        self.ordered = ordered
+        self.arrival: list[bytes] = []  # payloads in arrival order
+        self.key: dict[bytes, str] = {}  # payload -> its order key
         self.next_mid = 1
         self.generations: dict[int, int] = {0: 1, 1: 1}  # slot -> the newest generation started there
         self.arrived: dict[bytes, tuple[int, int, int]] = {}  # payload -> (qos, mid, epoch)
@@ -114,6 +127,12 @@ class LedgerMachine(RuleBasedStateMachine):
         assert seat.ready and not seat.retiring, "delivered to a worker that takes nothing"
         assert len(seat.outstanding) <= self.ledger.prefetch, "over the prefetch"
         assert not self.ledger.stopping
+        if self.ordered:
+            others = [x for x in self.ledger.deliveries.values() if x is not d and x.key == d.key]
+            assert not others, f"two deliveries of key {d.key} outstanding"
+            earlier = self.arrival[: self.arrival.index(d.payload)]
+            behind = [p for p in earlier if self.key[p] == d.key and p not in self.finished]
+            assert not behind, f"{d.payload!r} dispatched before {behind} of its key {d.key} settled"
 
     def _acknowledge(self, mid: int, qos: int) -> None:
         assert self.ledger.online, "acknowledged without a connection"
@@ -137,12 +156,20 @@ class LedgerMachine(RuleBasedStateMachine):
     # rules
 
     @precondition(lambda self: self.ledger.online)
-    @rule(qos=st.lists(st.sampled_from([0, 1, 2]), min_size=1, max_size=4))
-    def arrive(self, qos: list[int]) -> None:
+    @rule(
+        messages=st.lists(
+            st.tuples(st.sampled_from([0, 1, 2]), st.sampled_from(["k/a/1", "k/b", "k/a/2", "x"])),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    def arrive(self, messages: list[tuple[int, str]]) -> None:
         batch = []
-        for q in qos:
+        for q, topic in messages:
             mid, self.next_mid = self.next_mid, self.next_mid + 1
-            batch.append(msg(mid, q))
+            batch.append(msg(mid, q, topic))
+            self.arrival.append(str(mid).encode())
+            self.key[str(mid).encode()] = topic if topic == "x" else f"k/{topic.split('/')[1]}/#"
             self.arrived[str(mid).encode()] = (q, mid, self.ledger.epoch)
             if self.ledger.stopping:
                 self.finished.add(str(mid).encode())  # stays at the broker (QoS 1) or is dropped
@@ -242,6 +269,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if lost:
             self.finished.update(d.payload for d in self.ledger.pending if d.qos == 1)  # the broker resends
             self.finished.update(d.payload for _, _, d in self.ledger.held if d.qos == 1)
+            self.finished.update(d.payload for q in self.ledger.keys.values() for d in q if d.qos == 1)
         self.ledger.offline(lost=lost)
         assert not self.ledger.online
         if back:
@@ -258,8 +286,10 @@ class LedgerMachine(RuleBasedStateMachine):
     def stop(self) -> None:
         self.finished.update(d.payload for d in self.ledger.pending)
         self.finished.update(d.payload for _, _, d in self.ledger.held)
-        assert self.ledger.stop() >= 0
-        assert not self.ledger.pending and not self.ledger.held
+        self.finished.update(d.payload for q in self.ledger.keys.values() for d in q)
+        undispatched = len(self.ledger.pending) + len(self.ledger.held) + self.ledger.waiting
+        assert self.ledger.stop() == undispatched
+        assert not self.ledger.pending and not self.ledger.held and not self.ledger.keys
 
     # invariants, after every step
 
@@ -277,6 +307,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @invariant()
     def nothing_disappears(self) -> None:
         pending = [d.payload for d in self.ledger.pending]
+        pending += [d.payload for q in self.ledger.keys.values() for d in q]
         held = [d.payload for d in self.ledger.deliveries.values()]
         waiting = [d.payload for _, _, d in self.ledger.held]  # no worker's: takes no prefetch slot
         dead = [d.payload for d, _ in self.rec.dead_letters if d.payload not in self.finished]
@@ -284,6 +315,21 @@ class LedgerMachine(RuleBasedStateMachine):
         assert len(places) == len(set(places)), "a message in two places"
         for payload in self.arrived:
             assert (payload in self.finished) != (payload in places), f"message {payload!r} disappeared"
+
+    @invariant()
+    def one_per_key_out(self) -> None:
+        """Ordered mode: one message per key pending, held or dead-lettering; the rest wait behind it."""
+        if not self.ordered:
+            assert not self.ledger.keys and not self.ledger.waiting
+            return
+        unsettled = [d for d, _ in self.rec.dead_letters if d.payload not in self.finished]
+        held = [d for _, _, d in self.ledger.held]  # a held message stays its key's head
+        heads = [d.key for d in [*self.ledger.pending, *self.ledger.deliveries.values(), *held, *unsettled]]
+        assert len(heads) == len(set(heads)), "two messages of one key out at once"
+        if not self.ledger.stopping:
+            assert set(heads) == set(self.ledger.keys), "a key with no head, or a head with no key"
+        assert self.ledger.waiting == sum(map(len, self.ledger.keys.values()))
+        assert self.ledger.room() <= self.ledger.read_ahead - len(self.ledger.pending)
 
     @invariant()
     def dispatched_while_anyone_can_take(self) -> None:
@@ -337,6 +383,21 @@ def test_dispatch(ready: bool, retiring: bool, delivered: list[int]) -> None:
     ledger.arrived([msg(m) for m in range(1, 6)], None)
     assert [slot for slot, _ in rec.delivered] == delivered
     assert len(ledger.pending) == 5 - len(delivered)
+
+
+def test_least_busy_fills_the_emptiest_worker() -> None:
+    ledger, rec = make(prefetch=3, workers=3, dispatcher=LeastBusyDispatcher())
+    ledger.connected()
+    for slot in (0, 1, 2):
+        ledger.worker_up(slot, 1, ready=True)
+    ledger.arrived([msg(m) for m in range(1, 7)], None)  # six over three idle workers: two each
+    assert sorted(slot for slot, _ in rec.delivered) == [0, 0, 1, 1, 2, 2]
+    for slot, delivery_id in rec.delivered:
+        if slot == 1:
+            ledger.done(delivery_id, failed=False)
+    del rec.delivered[:]
+    ledger.arrived([msg(7), msg(8)], None)  # worker 1 is idle, the others hold two
+    assert [slot for slot, _ in rec.delivered] == [1, 1]
 
 
 @pytest.mark.parametrize(
@@ -528,3 +589,61 @@ def test_a_death_is_retried_at_once() -> None:
     ledger.gone(0, 1, first)
     ledger.worker_up(0, 2, ready=True)
     assert ledger.held == [] and rec.delivered == [(0, first), (0, first)]
+
+
+def test_ordered_one_at_a_time_per_key_others_in_parallel() -> None:
+    ledger, rec = make(prefetch=3, dispatcher=LeastBusyDispatcher())
+    ledger.key_of = key_function("s/{device}/#")
+    ledger.connected()
+    for slot in (0, 1):
+        ledger.worker_up(slot, 1, ready=True)
+    ledger.arrived([msg(1, topic="s/a/t"), msg(2, topic="s/a/h"), msg(3, topic="s/b/t"), msg(4, topic="s/a/t")], None)
+    sent = {ledger.deliveries[i].mid: (slot, i) for slot, i in rec.delivered}
+    assert sorted(sent) == [1, 3]  # key s/a/# has one out; s/b/# runs beside it
+    assert ledger.waiting == 2 and len(ledger.pending) == 0  # waiting messages take no prefetch slot
+    slot, first = sent[1]
+    assert ledger.gone(slot, 1, first) == 1  # dies on message 1: it goes out again before 2
+    ledger.worker_up(slot, 2, ready=True)
+    assert [ledger.deliveries[i].mid for _, i in rec.delivered[2:]] == [1]
+    ledger.done(rec.delivered[-1][1], failed=False)
+    assert [ledger.deliveries[i].mid for _, i in rec.delivered[3:]] == [2]
+    assert ledger.room() == ledger.read_ahead  # message 4 waits, within its own allowance
+    assert ledger.stop() == 1 and not ledger.keys
+
+
+def test_ordered_key_moves_on_when_its_dead_letter_settles() -> None:
+    ledger, rec = make(max_attempts=1)
+    ledger.key_of = key_function("topic")
+    ledger.connected()
+    ledger.worker_up(0, 1, ready=True)
+    ledger.arrived([msg(1), msg(2)], None)
+    ledger.done(rec.delivered[0][1], failed=True)
+    assert len(rec.dead_letters) == 1 and len(rec.delivered) == 1  # message 2 waits for the settle
+    ledger.settle(rec.dead_letters[0][0])
+    assert len(rec.delivered) == 2 and rec.acks == [(1, 1)]
+
+
+def test_ordered_a_held_head_forgotten_on_disconnect_frees_its_key() -> None:
+    """Found by the merged state machine: a held QoS 1 head forgotten with the connection let its
+    key's next message into ``pending`` but left it there while the worker sat idle."""
+    ledger, rec = make(prefetch=1, workers=1, retry=RetrySchedule(1.0, 2.0, 3.0))
+    ledger.key_of = key_function("topic")
+    ledger.connected()
+    ledger.worker_up(0, 1, ready=True)
+    ledger.arrived([msg(1, qos=1), msg(2, qos=0)], None)
+    ((_, first),) = rec.delivered
+    ledger.done(first, failed=False, now=0.0, retry_after=2.0)  # held: its key waits for it
+    assert len(rec.delivered) == 1 and ledger.waiting == 1
+    ledger.offline(lost=True)  # the broker sends message 1 again; message 2 (QoS 0) goes out now
+    assert [ledger.deliveries[i].mid for _, i in rec.delivered[1:]] == [2]
+    assert not ledger.held and not ledger.pending and ledger.waiting == 0
+
+
+def test_ordered_arrivals_after_the_stop_are_not_taken() -> None:
+    ledger, rec = make()
+    ledger.key_of = key_function("topic")
+    ledger.connected()
+    ledger.worker_up(0, 1, ready=True)
+    assert ledger.stop() == 0
+    ledger.arrived([msg(1, qos=1), msg(2, qos=2)], None)  # QoS 1 stays at the broker; QoS 2 completes
+    assert not ledger.pending and not ledger.keys and rec.delivered == [] and rec.acks == [(2, 2)]

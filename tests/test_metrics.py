@@ -31,6 +31,8 @@ CONTRACT = {  # README "Metrics" and /work plan: names and types other tools rel
     "procmqtt_publishes_failed_total": "counter",
     "procmqtt_in_flight": "gauge",
     "procmqtt_window": "gauge",
+    "procmqtt_messages_waiting_on_key": "gauge",
+    "procmqtt_keys_active": "gauge",
     "procmqtt_reconnects_total": "counter",
     "procmqtt_worker_restarts_total": "counter",
     "procmqtt_processing_seconds": "histogram",
@@ -53,7 +55,7 @@ def busy_counters() -> metrics.Counters:
     c.published(0)
     c.published(0)
     c.published(7)
-    c.sample({0: 3, 2: 1}, 32)
+    c.sample({0: 3, 2: 1}, 32, 5, 2)
     c.set_restarts("SIGKILL", 2)
     c.set_restarts("recycled", 1)
     return c
@@ -79,6 +81,7 @@ def test_snapshot_survives_exposition_and_parsing():
     assert back.workers[0] == metrics.WorkerStats(dispatched=4, processed=2, failed=1, unrouted=0, in_flight=3)
     assert back.workers[1].unrouted == 1 and back.workers[2].in_flight == 1
     assert (back.publishes_sent, back.publishes_failed, back.window) == (2, 1, 32)
+    assert (back.waiting_on_key, back.keys_active) == (5, 2)
     assert back.restarts == {"SIGKILL": 2, "recycled": 1}
 
 

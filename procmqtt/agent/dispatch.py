@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 class Dispatcher:
@@ -11,6 +11,10 @@ class Dispatcher:
 
     A new strategy is one subclass with ``choose`` and an entry in ``DISPATCHERS``.
     """
+
+    def attach(self, load: Callable[[int], int]) -> None:
+        """The ledger gives ``load(slot)``: the unfinished messages a slot holds. Only the
+        strategies that weigh load keep it, so the others pay nothing per message."""
 
     def choose(self, ready: Sequence[int]) -> int:
         raise NotImplementedError
@@ -38,7 +42,30 @@ class RoundRobinDispatcher(Dispatcher):
         return self._last
 
 
+class LeastBusyDispatcher(Dispatcher):
+    """Celery's "fair" mode: the ready slot holding the fewest unfinished messages, ties at random,
+    so short messages do not queue behind a worker busy with long ones."""
+
+    def __init__(self) -> None:
+        self._random = random.Random()
+        self._load: Callable[[int], int] = lambda slot: 0
+
+    def attach(self, load: Callable[[int], int]) -> None:
+        self._load = load
+
+    def choose(self, ready: Sequence[int]) -> int:
+        if len(ready) == 1:
+            return ready[0]
+        load = self._load
+        loads = [load(slot) for slot in ready]
+        least = min(loads)
+        idle = [slot for slot, n in zip(ready, loads, strict=True) if n == least]
+        return idle[self._random.randrange(len(idle))] if len(idle) > 1 else idle[0]
+
+
 DISPATCHERS: dict[str, type[Dispatcher]] = {
     "random": RandomDispatcher,
     "round_robin": RoundRobinDispatcher,
+    "least_busy": LeastBusyDispatcher,
+    "ordered": LeastBusyDispatcher,  # the ledger keeps per-key order (agent/ledger.py); this spreads the keys
 }

@@ -22,6 +22,11 @@ The guarantees enforced here (property-tested in ``tests/test_ledger.py``):
 - A failed message waiting for its retry delay (``held``) stays unacknowledged, takes no worker's
   prefetch slot, and goes back to the queue when :meth:`DeliveryLedger.due` finds its time passed;
   a lost connection or the stop treats it like an undispatched one.
+- Ordered mode (``key_of`` given): a message goes to a worker only once the previous message of
+  its key is settled (acknowledged, dead letter settled, or dropped); a redelivery keeps its place
+  at the head of its key. Only a key's head is in ``pending``; the rest wait in its queue in
+  ``keys`` and take no worker's prefetch slot; a held message stays its key's head, so the key
+  waits for it. Other modes never look at keys.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import NamedTuple
 
 from procmqtt.agent.dispatch import Dispatcher
 from procmqtt.message import Properties
+from procmqtt.orderkey import KeyOf
 
 HOLD_LIMIT = 10_000
 """Failed messages held for their retry delay at most; past it, one is retried at once (as with
@@ -69,6 +75,7 @@ class Delivery:
     properties: Properties | None = None  # MQTT 5 only
     slot: int = -1
     attempts: int = 0  # workers that died or failed while handling it
+    key: str = ""  # ordered mode: its order key
 
 
 @dataclass(slots=True, eq=False)
@@ -140,13 +147,15 @@ class DeliveryLedger:
         retry_failed: bool,
         dead_letters: bool,
         retry: RetrySchedule = RetrySchedule(),
+        key_of: KeyOf | None = None,
     ) -> None:
         """``workers``: the configured count, for the read-ahead; ``retry_failed``: ``on_error =
         "retry"``; ``dead_letters``: a dead letter topic is set; ``retry``: the delay before a
-        failed message is handed out again."""
+        failed message is handed out again; ``key_of``: ordered mode, a topic's order key."""
         self.effects = effects
         self._deliver, self._ack = effects.deliver, effects.acknowledge  # the hot path's, looked up once
         self.dispatcher = dispatcher
+        dispatcher.attach(lambda slot: len(self.seats[slot].outstanding))
         self.prefetch = prefetch
         self.max_attempts = max_attempts
         self.retry_failed = retry_failed
@@ -165,6 +174,10 @@ class DeliveryLedger:
         self.epoch = 0  # connections so far; the current one's number
         self.online = False  # connected: an acknowledgement can be sent
         self.stopping = False
+        self.key_of = key_of
+        # ordered mode: each key with a message in the agent (pending or held) -> those behind it
+        self.keys: dict[str, deque[Delivery]] = {}
+        self.waiting = 0  # messages in ``keys``' queues
 
     # --- the connection ------------------------------------------------------------------------
 
@@ -180,18 +193,48 @@ class DeliveryLedger:
         (already completed) would not come again, so they stay."""
         self.online = False
         if lost:
+            forgotten_held = [h[2] for h in self.held if h[2].qos == 1]
+            if forgotten_held:
+                self.held = [h for h in self.held if h[2].qos != 1]
+                heapq.heapify(self.held)
+            if self.key_of is not None:
+                self._forget_waiting_qos1(forgotten_held)
             self.pending = deque(d for d in self.pending if d.qos != 1)
-            self.held = [h for h in self.held if h[2].qos != 1]
-            heapq.heapify(self.held)
+            if forgotten_held and self.key_of is not None:
+                self.dispatch()  # a forgotten held head freed its key, with workers maybe idle
+
+    def _forget_waiting_qos1(self, forgotten_held: list[Delivery]) -> None:
+        """Ordered mode, connection lost: the undispatched QoS 1 messages are forgotten, waiting
+        and held ones too; a key whose head is forgotten passes to its next remaining message."""
+        for key, queue in list(self.keys.items()):
+            kept = deque(d for d in queue if d.qos != 1)
+            self.waiting -= len(queue) - len(kept)
+            self.keys[key] = kept
+        for d in [*(d for d in self.pending if d.qos == 1), *forgotten_held]:
+            self._release(d.key)
+
+    def _release(self, key: str) -> None:
+        """Ordered mode: the head of ``key`` is settled; the next message of the key is dispatchable."""
+        queue = self.keys[key]
+        if queue:
+            self.waiting -= 1
+            self.pending.append(queue.popleft())
+        else:
+            del self.keys[key]
 
     def room(self) -> int:
-        """How many more messages the read-ahead takes (at most ``read_ahead`` undispatched)."""
-        return self.read_ahead - len(self.pending)
+        """How many more messages the read-ahead takes: at most ``read_ahead`` undispatched; in
+        ordered mode, ``read_ahead`` dispatchable plus as many waiting for their key, so a busy key
+        holds up reading only once that many wait behind busy keys."""
+        return min(self.read_ahead - len(self.pending), 2 * self.read_ahead - len(self.pending) - self.waiting)
 
     # --- messages in ---------------------------------------------------------------------------
 
     def arrived(self, batch: Iterable[Inbound], properties: Properties | None) -> None:
         """The one intake path: messages from the broker, all with ``properties`` (MQTT 5)."""
+        if self.key_of is not None:
+            self._arrived_ordered(batch, properties)
+            return
         stopping, epoch, ids, append = self.stopping, self.epoch, self.delivery_ids, self.pending.append
         for topic, payload, qos, mid, retain, dup in batch:
             if qos == 2:
@@ -200,6 +243,25 @@ class DeliveryLedger:
                 self._ack(mid, 2)
             if not stopping:  # else QoS 1 stays unacknowledged at the broker; QoS 0 is dropped
                 append(Delivery(next(ids), mid, epoch, topic, payload, qos, retain, dup, properties))
+        self.dispatch()
+
+    def _arrived_ordered(self, batch: Iterable[Inbound], properties: Properties | None) -> None:
+        """Ordered mode's intake: a message whose key is busy waits behind it, out of ``pending``."""
+        stopping, epoch, ids, keys, key_of = self.stopping, self.epoch, self.delivery_ids, self.keys, self.key_of
+        assert key_of is not None
+        for topic, payload, qos, mid, retain, dup in batch:
+            if qos == 2:
+                self._ack(mid, 2)
+            if stopping:
+                continue
+            d = Delivery(next(ids), mid, epoch, topic, payload, qos, retain, dup, properties, key=key_of(topic))
+            queue = keys.get(d.key)
+            if queue is None:
+                keys[d.key] = deque()
+                self.pending.append(d)
+            else:
+                queue.append(d)
+                self.waiting += 1
         self.dispatch()
 
     def dispatch(self) -> None:
@@ -240,10 +302,14 @@ class DeliveryLedger:
     def settle(self, d: Delivery) -> None:
         """A dead letter is confirmed, failed or could not be published: its original is done."""
         self._acknowledge(d)
+        self.dispatch()  # ordered mode: its key's next message
 
     def _acknowledge(self, d: Delivery) -> None:
+        """``d`` is settled: acknowledged if it can be; in ordered mode its key moves on."""
         if d.qos == 1 and d.epoch == self.epoch and self.online:
             self._ack(d.mid, 1)
+        if self.key_of is not None and not self.stopping:
+            self._release(d.key)
 
     def _failed_attempt(
         self, d: Delivery, reason: str, *, front: bool, now: float | None = None, wait: float | None = None
@@ -342,9 +408,11 @@ class DeliveryLedger:
         """Stop dispatching; undispatched and held messages are forgotten (QoS 1 stays at the
         broker). Returns how many were forgotten."""
         self.stopping = True
-        held = len(self.pending) + len(self.held)
+        held = len(self.pending) + len(self.held) + self.waiting
         self.pending.clear()
         self.held.clear()
+        self.keys.clear()
+        self.waiting = 0
         return held
 
     def in_flight(self) -> dict[int, int]:

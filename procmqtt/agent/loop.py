@@ -41,6 +41,7 @@ from procmqtt.ipc import channel, poller
 from procmqtt.ipc.shared import SharedState
 from procmqtt.ipc.signals import SignalQueue
 from procmqtt.message import EMPTY, Properties
+from procmqtt.orderkey import key_function
 
 TICK = 1.0
 """Longest sleep of the loop: paho's keepalive and the orphan check run at least this often."""
@@ -90,6 +91,7 @@ class Agent(Upstream):
             retry_failed=w.on_error == "retry",
             dead_letters=w.dead_letter_topic is not None,
             retry=RetrySchedule(w.retry_delay, w.retry_backoff, w.retry_max_delay),
+            key_of=key_function(w.order_key) if w.dispatch == "ordered" else None,
         )
         for slot, (generation, _) in workers.items():
             self.ledger.worker_up(slot, generation, ready=True)
@@ -264,7 +266,8 @@ class Agent(Upstream):
         self.session.tick(now)
         if os.getppid() != self.supervisor_pid and not self.stopping:
             self.begin_stop("the supervisor is gone")
-        self.metrics.sample(self.ledger.in_flight(), self.ledger.window())
+        ledger = self.ledger
+        self.metrics.sample(ledger.in_flight(), ledger.window(), ledger.waiting, len(ledger.keys))
 
     # --- messages in ---------------------------------------------------------------------------
 

@@ -97,6 +97,8 @@ class Snapshot:
     publishes_failed: int = 0
     reconnects: int = 0
     window: int = 0
+    waiting_on_key: int = 0
+    keys_active: int = 0
     workers: Mapping[int, WorkerStats] = field(default_factory=dict)
     restarts: Mapping[str, int] = field(default_factory=dict)
     buckets: tuple[tuple[float, int], ...] = ()  # (upper bound, cumulative count); the last is +Inf
@@ -132,6 +134,8 @@ class Counters:
         self.publishes_failed = 0
         self.reconnects = 0
         self.window = 0
+        self.waiting_on_key = 0  # dispatch = "ordered": messages behind a busy key
+        self.keys_active = 0  # dispatch = "ordered": keys with a message in the agent
         # per worker slot; fixed length (slots are 0 .. count-1), so a reader never sees a resize
         self.dispatched = [0] * workers
         self.processed = [0] * workers
@@ -164,11 +168,14 @@ class Counters:
         else:
             self.publishes_sent += 1
 
-    def sample(self, held: Mapping[int, int], window: int) -> None:
-        """Once a second: messages each worker holds, and the window of the workers taking messages."""
+    def sample(self, held: Mapping[int, int], window: int, waiting: int = 0, keys: int = 0) -> None:
+        """Once a second: messages each worker holds, the window of the workers taking messages, and
+        (ordered dispatch) the messages waiting on their key and the keys active."""
         for slot in range(len(self.in_flight)):
             self.in_flight[slot] = held.get(slot, 0)
         self.window = window
+        self.waiting_on_key = waiting
+        self.keys_active = keys
 
     def set_restarts(self, cause: str, total: int) -> None:
         if total > self.restarts.get(cause, 0):
@@ -199,6 +206,8 @@ class Counters:
             publishes_failed=self.publishes_failed,
             reconnects=self.reconnects,
             window=self.window,
+            waiting_on_key=self.waiting_on_key,
+            keys_active=self.keys_active,
             workers={slot: WorkerStats(*values) for slot, values in enumerate(zip(*lists, strict=True))},
             restarts=self.restarts,
             buckets=tuple(buckets),
@@ -221,6 +230,14 @@ _COUNTERS = (  # name without _total, help, Snapshot attribute
     ("procmqtt_publishes_sent", "Worker publishes the broker acknowledged (QoS 0: written to it).", "publishes_sent"),
     ("procmqtt_publishes_failed", "Worker publishes that failed.", "publishes_failed"),
     ("procmqtt_reconnects", "Connections to the broker made again after the first one.", "reconnects"),
+)
+_GAUGES = (  # name, help, Snapshot attribute
+    (
+        "procmqtt_messages_waiting_on_key",
+        'dispatch = "ordered": messages waiting for the previous message of their key.',
+        "waiting_on_key",
+    ),
+    ("procmqtt_keys_active", 'dispatch = "ordered": keys with a message in the agent.', "keys_active"),
 )
 _PER_WORKER = (  # name, help, WorkerStats attribute, counter?
     ("procmqtt_messages_dispatched", "Messages given to the worker.", "dispatched", True),
@@ -258,6 +275,8 @@ class Collector:
             "Unfinished messages the workers that take messages may hold in all (prefetch x such workers).",
             value=snap.window,
         )
+        for name, help_text, attr in _GAUGES:
+            yield core.GaugeMetricFamily(name, help_text, value=getattr(snap, attr))
         restarts = core.CounterMetricFamily(
             "procmqtt_worker_restarts",
             "Worker processes replaced, by cause: exit_<code>, a signal name, recycled, hung.",

@@ -15,6 +15,9 @@ from typing import Any
 
 from procmqtt.config import Config, Secret, Subscription, default_client_id
 from procmqtt.config.schema import keys
+from procmqtt.errors import ConfigError
+from procmqtt.orderkey import key_function
+from procmqtt.topics import topic_problem
 from procmqtt.worker.routes import Route
 
 MASK = "********"
@@ -88,6 +91,20 @@ def render_check(app_spec: str, app: type, config: Config, routes: Iterable[Rout
         + "\n"
         + render_config(config, app_spec)
     )
+
+
+def render_keys(config: Config, topics: Iterable[str]) -> str:
+    """``check --key-of``: the order key of each sample topic, one line each."""
+    w = config.workers
+    key_of = key_function(w.order_key)
+    note = "" if w.dispatch == "ordered" else f'  (unused: dispatch = "{w.dispatch}")'
+    lines = []
+    for topic in topics:
+        problem = topic_problem(topic)
+        if problem:
+            raise ConfigError(f"--key-of {topic!r}: expected a topic name ({problem})")
+        lines.append(f"{topic} -> {key_of(topic)}  # order_key = {_toml(w.order_key)}{note}")
+    return "\n".join(lines) + "\n"
 
 
 def _section(name: str, section: Any, origins: Mapping[str, str], app_spec: str | None) -> list[str]:

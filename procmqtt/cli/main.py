@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
         "Never connects to the broker. Exit 0, or the error and exit code run would give.",
     )
     _app_arguments(check)
+    check.add_argument(
+        "--key-of",
+        metavar="TOPIC",
+        action="append",
+        help='print only the order key TOPIC gets under [workers] order_key (dispatch = "ordered"); repeatable',
+    )
 
     status = commands.add_parser(
         "status",
@@ -190,11 +196,14 @@ def _reloader(args: argparse.Namespace) -> Callable[[], tuple[type[Worker], conf
 
 
 def check(args: argparse.Namespace) -> int:
-    from procmqtt.cli.check import render_check
+    from procmqtt.cli.check import render_check, render_keys
 
     _setup_logs(args)
     _embedded_broker(args)  # check fails where run would (no mosquitto); the port is only an example
     config, app, routes = _prepare(args)
+    if args.key_of:
+        sys.stdout.write(render_keys(config, args.key_of))
+        return ExitCode.OK
     sys.stdout.write(render_check(args.app, app, config, routes))
     return ExitCode.OK
 

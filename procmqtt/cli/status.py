@@ -14,6 +14,7 @@ from typing import Any
 
 from procmqtt.agent.metrics import (
     _COUNTERS,
+    _GAUGES,
     _PER_WORKER,
     Snapshot,
     WorkerStats,
@@ -57,6 +58,7 @@ def parse(text: str, taken: float = 0.0) -> Snapshot:
 
     counters = {name: attr for name, _, attr in _COUNTERS}
     per_worker = {name: attr for name, _, attr, _ in _PER_WORKER}
+    gauges = {name: attr for name, _, attr in _GAUGES}
     totals: dict[str, Any] = {}
     workers: dict[int, dict[str, int]] = {}
     restarts: dict[str, int] = {}
@@ -73,6 +75,8 @@ def parse(text: str, taken: float = 0.0) -> Snapshot:
                 workers.setdefault(slot, {})[per_worker[family.name]] = int(sample.value)
             elif family.name == "procmqtt_window":
                 totals["window"] = int(sample.value)
+            elif family.name in gauges:
+                totals[gauges[family.name]] = int(sample.value)
             elif family.name == "procmqtt_worker_restarts":
                 restarts[sample.labels["cause"]] = int(sample.value)
             elif sample.name == "procmqtt_processing_seconds_bucket":

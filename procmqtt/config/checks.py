@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from procmqtt.orderkey import pattern_problem
 from procmqtt.topics import topic_problem
 
 MAX_SECONDS = 1_000_000  # every duration: finite, and within what socket and select timeouts accept
@@ -87,6 +88,11 @@ def topic_name(v: Any) -> str | None:
     problem = string_problem(v) if isinstance(v, str) else None  # first: topic_problem's encode() would raise
     problem = problem or topic_problem(v)
     return f"a topic name to publish to ({problem})" if problem else None
+
+
+def order_key(v: Any) -> str | None:
+    problem = (string_problem(v) or pattern_problem(v)) if isinstance(v, str) else pattern_problem("")
+    return problem
 
 
 def boolean(v: Any) -> str | None:

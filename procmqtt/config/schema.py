@@ -22,6 +22,7 @@ from procmqtt.config.checks import (
     mqtt_text,
     number,
     one_of,
+    order_key,
     password_text,
     payload,
     seconds,
@@ -31,6 +32,7 @@ from procmqtt.config.checks import (
     topic_name,
     ws_path,
 )
+from procmqtt.orderkey import WHOLE_TOPIC
 
 DEFAULT_PATH = "procmqtt.toml"
 DEFAULT_HOST = "localhost"
@@ -46,7 +48,7 @@ PROTOCOLS = ("3.1.1", "5")
 DEFAULT_SESSION_EXPIRY = 3600
 DEFAULT_WORKERS = 1
 MAX_SLOTS = 1024  # workers at most: the size of the shared state's slot table (ipc/shared.py)
-DISPATCH_MODES = ("random", "round_robin")  # agent/dispatch.py has one Dispatcher per name
+DISPATCH_MODES = ("random", "round_robin", "least_busy", "ordered")  # agent/dispatch.py has one Dispatcher per name
 DEFAULT_DISPATCH = "random"
 DEFAULT_PREFETCH = 16
 DEFAULT_CONCURRENCY = 1
@@ -216,6 +218,14 @@ KEYS: tuple[Key, ...] = (
     Key("workers", "count", DEFAULT_WORKERS, integer(1, MAX_SLOTS), _W, "worker processes; -w overrides"),
     Key(
         "workers", "dispatch", DEFAULT_DISPATCH, one_of(*DISPATCH_MODES), _A, "which ready worker gets the next message"
+    ),
+    Key(
+        "workers",
+        "order_key",
+        WHOLE_TOPIC,
+        order_key,
+        _A,
+        'dispatch = "ordered": what one key is (README "Ordered delivery")',
     ),
     Key(
         "workers",

@@ -113,6 +113,7 @@ class WorkersConfig:
 
     count: int = _WORKERS["count"]
     dispatch: str = _WORKERS["dispatch"]
+    order_key: str = _WORKERS["order_key"]
     prefetch: int = _WORKERS["prefetch"]
     graceful_timeout: float = _WORKERS["graceful_timeout"]
     timeout: float = _WORKERS["timeout"]

@@ -1,0 +1,80 @@
+"""``dispatch = "ordered"`` against a real Mosquitto: per key, one handling at a time, in order.
+
+Many topics of numbered messages, handlers of random length, four workers, one SIGKILLed
+mid-stream. For every key, the handling intervals (received to done, or to the kill) never
+overlap and the numbers never go back; every message is handled.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from harness import Procmqtt, publish_all, publisher, records, start, wait_until
+
+KEYS = 12
+PER_KEY = 40
+
+
+def check_order(record_dir: Path, key_of: Callable[[str], str], kills: dict[int, float], sent: int) -> None:
+    """Per key: intervals disjoint, numbers never back; all handled."""
+    done = {(r["pid"], r["topic"], r["payload"]): r["time"] for r in records(record_dir, "done")}
+    handlings: dict[str, list[tuple[float, float, int]]] = defaultdict(list)
+    for r in records(record_dir, "received"):
+        end = done.get((r["pid"], r["topic"], r["payload"]))
+        if end is None:
+            assert r["pid"] in kills, f"{r['topic']} {r['payload']} received, never done, worker not killed"
+            end = kills[r["pid"]]
+        handlings[key_of(r["topic"])].append((r["time"], end, int(bytes.fromhex(r["payload"]).decode())))
+    assert len(handlings) == KEYS
+    for key, spans in handlings.items():
+        spans.sort()
+        for (_, end, number), (began, _, following) in itertools.pairwise(spans):
+            assert began >= end, f"key {key}: {following} started before {number} was settled"
+            assert following >= number, f"key {key}: {following} after {number}"
+    numbers = {(key_of(t), bytes.fromhex(p).decode()) for _, t, p in done}
+    assert len(numbers) == sent, f"handled {len(numbers)} of {sent}"
+
+
+def run_ordered(tmp_path: Path, broker, runs: list[Procmqtt], order_key: str, topic: Callable[[int, int], str]) -> None:
+    run, rec = start(
+        runs,
+        tmp_path,
+        broker,
+        topics={"ord/#": 1},
+        workers=4,
+        app={"max_delay": 0.01},
+        workers_toml=f'dispatch = "ordered"\norder_key = "{order_key}"\nprefetch = 4',
+    )
+    items = [(topic(k, n), str(n).encode()) for n in range(PER_KEY) for k in range(KEYS)]
+    pub = publisher(broker)
+    publish_all(pub, items[: len(items) // 2])
+    wait_until(lambda: len(records(rec, "done")) >= 60, 20, "60 handled")
+    kills: dict[int, float] = {}
+    victim = random.choice(list(run.pids("worker").values()))
+    kills[victim] = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    publish_all(pub, items[len(items) // 2 :])
+    want = {(t, str(n).encode().hex()) for t, n in ((t, int(p)) for t, p in items)}
+    wait_until(lambda: want <= {(r["topic"], r["payload"]) for r in records(rec)}, 60, "all handled")
+    return_code = run.stop()
+    key_of = (lambda t: t) if order_key == "topic" else (lambda t: "/".join(t.split("/")[:2]))
+    check_order(rec, key_of, kills, len(items))
+    assert return_code == 0
+
+
+@pytest.mark.timeout(120)
+def test_ordered_per_topic_with_a_worker_sigkilled(tmp_path, broker, runs):
+    run_ordered(tmp_path, broker, runs, "topic", lambda k, n: f"ord/{k}")
+
+
+@pytest.mark.timeout(120)
+def test_ordered_on_a_named_level_with_a_worker_sigkilled(tmp_path, broker, runs):
+    run_ordered(tmp_path, broker, runs, "ord/{device}/#", lambda k, n: f"ord/{k}/{'abc'[n % 3]}")
