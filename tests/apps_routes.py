@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 from apps import Recording
 
@@ -28,6 +29,16 @@ class AsyncSleeper(Recording):
     async def work(self, message: Message) -> None:
         self.record("received", message)
         await asyncio.sleep(self.delay)
+        self.record("done", message)
+
+
+class AsyncOrdered(Recording):
+    """``ord/#``: awaits a random time up to ``max_delay``, so with concurrency the handlings overlap."""
+
+    @route("ord/#", qos=1)
+    async def ordered(self, message: Message) -> None:
+        self.record("received", message)
+        await asyncio.sleep(random.uniform(0, float(self.config.app.get("max_delay", 0))))
         self.record("done", message)
 
 

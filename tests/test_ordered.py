@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness import Procmqtt, publish_all, publisher, records, start, wait_until
+from harness import Procmqtt, publish_all, publisher, records, start, wait_until, write_config
 
 KEYS = 12
 PER_KEY = 40
@@ -78,3 +78,37 @@ def test_ordered_per_topic_with_a_worker_sigkilled(tmp_path, broker, runs):
 @pytest.mark.timeout(120)
 def test_ordered_on_a_named_level_with_a_worker_sigkilled(tmp_path, broker, runs):
     run_ordered(tmp_path, broker, runs, "ord/{device}/#", lambda k, n: f"ord/{k}/{'abc'[n % 3]}")
+
+
+@pytest.mark.timeout(60)
+def test_ordered_holds_with_async_handlers_and_concurrency(tmp_path, broker, runs):
+    """Two event-loop workers with four slots each: keys overlap, one key's messages never do."""
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    cfg = write_config(
+        tmp_path / "procmqtt.toml",
+        broker,
+        topics={"ord/#": 1},
+        workers=2,
+        app={"record_dir": str(record_dir), "max_delay": 0.02},
+        workers_toml='dispatch = "ordered"\nconcurrency = 4',
+    )
+    run = Procmqtt(tmp_path, "tests/apps_routes.py:AsyncOrdered", cfg)
+    runs.append(run)
+    run.ready()
+    run.wait_for_log(r"started worker", count=2)
+    items = [(f"ord/{k}", str(n).encode()) for n in range(PER_KEY) for k in range(KEYS)]
+    publish_all(publisher(broker), items)
+    wait_until(lambda: len(records(record_dir, "done")) >= len(items), 30, "all handled")
+    assert run.stop() == 0
+    check_order(record_dir, lambda t: t, {}, len(items))
+    events = sorted(
+        [(r["time"], 1, r["pid"]) for r in records(record_dir, "received")]
+        + [(r["time"], -1, r["pid"]) for r in records(record_dir, "done")]
+    )
+    running: dict[int, int] = defaultdict(int)
+    most = 0
+    for _, step, pid in events:
+        running[pid] += step
+        most = max(most, running[pid])
+    assert most > 1, "no worker ever ran two handlers at once: concurrency was not exercised"
