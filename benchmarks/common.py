@@ -102,6 +102,9 @@ def handle(payload: bytes, reply: object | None = None) -> None:
         spin(int(os.environ["BENCH_SPIN"]))
     elif workload == "latency":
         progress().latency(struct.unpack_from("=d", payload)[0])
+    elif workload == "mix":  # 1 ms, or 50 ms when byte 8 is set; then the latency from publish
+        spin(int(os.environ["BENCH_SPIN"]) * (50 if payload[8] else 1))
+        progress().latency(struct.unpack_from("=d", payload)[0])
     elif workload == "publish" and reply is not None:
         reply("bench/out", payload[:16])  # type: ignore[operator]
     progress().handled()

@@ -2,6 +2,10 @@
 
     python3 benchmarks/run.py            # every peer and workload, 3 repetitions (about 15 min)
     python3 benchmarks/run.py --quick    # smaller counts, 1 repetition (about 3 min)
+    python3 benchmarks/run.py --workloads W3-K1000 --peers "procmqtt -w 4 ordered,procmqtt -w 4 random"
+
+A peer named "procmqtt -w N DISPATCH" runs procmqtt with [workers] dispatch = DISPATCH. The
+workloads W3-K* and W8 are not in the default run: name them with --workloads (issue 13).
 
 Prints a table of medians (msg/s and the ratio to A, raw paho), and writes
 benchmarks/results/latest.json and, with matplotlib installed (pip install -e '.[bench]'),
@@ -11,6 +15,7 @@ benchmarks/results/latest.png. See docs/performance.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -46,6 +51,8 @@ class Workload:
     n: int
     payload: int = 32
     handler: str = "noop"
+    keys: int = 1  # messages go round-robin to this many topics (order keys) under the peer's filter
+    rate: float = 1000.0  # msg/s, for mode "paced"
 
 
 WORKLOADS = [
@@ -57,12 +64,23 @@ WORKLOADS = [
     Workload("W6", "64 KiB payloads, QoS 1, drain", 1, "drain", 4_000, payload=65536),
 ]
 
+# Issue 13 (ordered and least_busy dispatch): only run when named with --workloads.
+EXTRA_WORKLOADS = [
+    *(Workload(f"W3-K{k}", f"W3 over {k:,} keys", 1, "live", 4_000, handler="cpu", keys=k) for k in (1, 10, 1000)),
+    Workload("W8", "1 ms + 1 in 20 50 ms, QoS 1, 150/s", 1, "paced", 1_500, handler="mix", rate=150.0),
+]
+
 
 @dataclass(frozen=True)
 class Peer:
     key: str
     kind: str  # raw, pool, share, procmqtt
     n: int = 1
+    dispatch: str = ""  # procmqtt only: [workers] dispatch ("" = the default)
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.kind}{self.n}{self.dispatch}"
 
     def command(self, port: int, client_id: str, topic_filter: str, qos: int, config: Path) -> list[str]:
         if self.kind == "procmqtt":
@@ -177,7 +195,8 @@ def prepare_sessions(port: int, client_ids: list[str], topic_filter: str, qos: i
         c.loop_stop()
 
 
-def publish(port: int, topic: str, payloads: list[bytes], qos: int, rate: float | None = None) -> None:
+def publish(port: int, topic: str, payloads: list[bytes], qos: int, rate: float | None = None, keys: int = 1) -> None:
+    """Message i goes to ``topic`` with one key, else to ``topic/<i mod keys>``."""
     c = paho_client(port, f"bench-pub-{time.monotonic_ns()}")
     start = time.monotonic()
     infos = []
@@ -187,7 +206,7 @@ def publish(port: int, topic: str, payloads: list[bytes], qos: int, rate: float 
             if delay > 0:
                 time.sleep(delay)
             payload = struct.pack("=d", time.monotonic()) + payload[8:]
-        infos.append(c.publish(topic, payload, qos))
+        infos.append(c.publish(topic if keys == 1 else f"{topic}/{i % keys}", payload, qos))
         if len(infos) % 2000 == 0:  # keep paho's queue short
             infos[-1000].wait_for_publish(30)
     marker = c.publish(topic + "/end", b"", 1)  # the broker handles a client's packets in order
@@ -271,9 +290,12 @@ def measure(peer: Peer, w: Workload, port: int, work: Path, run_id: str, spin: i
     config.write_text(
         f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nclient_id = "{client_id}"\n'
         f'[mqtt.topics]\n"{topic_filter}" = {{ qos = {w.qos} }}\n'
+        + (f'[workers]\ndispatch = "{peer.dispatch}"\n' if peer.dispatch else "")
     )
     payloads = [os.urandom(w.payload) for _ in range(min(w.n, 64))]
     items = [payloads[i % len(payloads)] for i in range(w.n)]
+    if w.handler == "mix":  # byte 8 marks the long (50 ms) messages: one in 20
+        items = [p[:8] + (b"\1" if i % 20 == 0 else b"\0") + p[9:] for i, p in enumerate(items)]
     subscriber = None
     if w.handler == "publish":
         subscriber = Counter(port, "bench/out")
@@ -284,7 +306,7 @@ def measure(peer: Peer, w: Workload, port: int, work: Path, run_id: str, spin: i
         w.qos,
     )
     if w.mode == "drain":
-        publish(port, f"bench/{run_id}/x", items, w.qos)
+        publish(port, f"bench/{run_id}/x", items, w.qos, keys=w.keys)
     env = {
         **os.environ,
         "BENCH_DIR": str(count_dir),
@@ -308,9 +330,9 @@ def measure(peer: Peer, w: Workload, port: int, work: Path, run_id: str, spin: i
             result.startup_s = ready(proc, peer, log_path)
         published_at = time.monotonic()
         if w.mode == "live":
-            publish(port, f"bench/{run_id}/x", items, w.qos)
+            publish(port, f"bench/{run_id}/x", items, w.qos, keys=w.keys)
         elif w.mode == "paced":
-            publish(port, f"bench/{run_id}/x", [b"\0" * 8 + p[8:] for p in items], w.qos, rate=1000)
+            publish(port, f"bench/{run_id}/x", [b"\0" * 8 + p[8:] for p in items], w.qos, rate=w.rate, keys=w.keys)
         deadline = time.monotonic() + 120
         peak = 0.0
         while time.monotonic() < deadline:
@@ -331,7 +353,7 @@ def measure(peer: Peer, w: Workload, port: int, work: Path, run_id: str, spin: i
         else:
             result.rate = handled / max(1e-9, last - published_at)
             result.lost = max(0, w.n - handled)
-        if w.handler == "latency":
+        if w.handler in ("latency", "mix"):
             lat = sorted(read_latencies(str(count_dir)))
             if lat:
                 result.p50_ms = lat[len(lat) // 2] * 1000
@@ -550,6 +572,19 @@ def chart(
     return True
 
 
+def select_peers(wanted: str) -> list[Peer]:
+    """The listed peers by key prefix, plus any "procmqtt -w N DISPATCH"."""
+    if not wanted:
+        return PEERS
+    names = wanted.split(",")
+    chosen = [p for p in PEERS if any(p.key.startswith(k) for k in names)]
+    for name in names:
+        m = re.fullmatch(r"procmqtt -w (\d+) (\w+)", name)
+        if m:
+            chosen.append(Peer(name, "procmqtt", int(m.group(1)), m.group(2)))
+    return chosen
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tenth of the messages, one repetition")
@@ -571,13 +606,11 @@ def main() -> int:
         print("benchmarks need the mosquitto binary (apt-get install mosquitto)", file=sys.stderr)
         return 2
     reps = args.reps or (1 if args.quick else 3)
-    peers = [p for p in PEERS if not args.peers or any(p.key.startswith(k) for k in args.peers.split(","))]
-    workloads = [w for w in WORKLOADS if not args.workloads or w.key in args.workloads.split(",")]
+    peers = select_peers(args.peers)
+    workloads = [w for w in WORKLOADS + EXTRA_WORKLOADS if w.key in args.workloads.split(",")] or WORKLOADS
     scale = args.scale if args.scale is not None else (0.1 if args.quick else 1.0)
     if scale != 1.0:
-        workloads = [
-            Workload(w.key, w.title, w.qos, w.mode, max(100, int(w.n * scale)), w.payload, w.handler) for w in workloads
-        ]
+        workloads = [dataclasses.replace(w, n=max(100, int(w.n * scale))) for w in workloads]
     spin = calibrate()
     work = Path(tempfile.mkdtemp(prefix="procmqtt-bench-"))
     broker, port = start_broker(work, args.broker_line)
@@ -588,7 +621,7 @@ def main() -> int:
                 for p in peers:
                     if w.handler == "publish" and p.kind == "pool":
                         continue  # a Pool worker has no connection to publish on
-                    run_id = f"{rep}-{w.key}-{p.kind}{p.n}"
+                    run_id = f"{rep}-{w.key}-{p.run_name}"
                     r = measure(p, w, port, work, run_id, spin)
                     results.append(r)
                     print(
