@@ -146,3 +146,14 @@ def test_readme_configuration_example_loads():
     del example["mqtt"]["tls"]  # its files do not exist here; [mqtt.tls] keys are checked by the loader
     cfg = config.from_mapping(example, "README.md", environ={"MQTT_PASSWORD": "pw"})
     assert cfg.mqtt.share_group == "orders" and cfg.workers.count == 4 and cfg.mqtt.will is not None
+
+
+def test_readme_reload_section_names_every_workers_key_that_restarts_the_agent() -> None:
+    """README's "Reload (SIGHUP)" lists these by hand; the declarations decide them."""
+    from procmqtt.config.reload import AGENT_KEYS
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("restarts the agent gracefully when a setting it reads at start changed") :]
+    section = section[: section.index("The old agent stops as on")]
+    missing = [key for key in AGENT_KEYS["workers"] if f"`{key}`" not in section]
+    assert not missing, f"README's reload section does not name: {missing}"
