@@ -35,6 +35,7 @@ SECTION_CLASSES = {
 }
 
 
+@pytest.mark.unit
 def test_readme_holds_exactly_the_rendered_reference_table():
     """Regenerate with ``python3 -m procmqtt.config.reference --write README.md``."""
     readme = (ROOT / "README.md").read_text()
@@ -44,6 +45,7 @@ def test_readme_holds_exactly_the_rendered_reference_table():
     assert reference.replaced(readme) == readme
 
 
+@pytest.mark.unit
 def test_the_table_has_one_row_per_key_with_its_variable_default_and_reload():
     table = reference.render()
     assert len(table.splitlines()) == 2 + len(KEYS) + 1  # header, rule, keys, [app]
@@ -60,6 +62,7 @@ def test_the_table_has_one_row_per_key_with_its_variable_default_and_reload():
 
 
 @pytest.mark.parametrize("section", list(SECTION_CLASSES))
+@pytest.mark.unit
 def test_every_dataclass_field_is_a_declared_key_with_its_default(section):
     fields = {
         f.name: f.default for f in dataclasses.fields(SECTION_CLASSES[section]) if f.name != "topic_filter"
@@ -69,17 +72,20 @@ def test_every_dataclass_field_is_a_declared_key_with_its_default(section):
     assert fields == {name: dataclasses.MISSING if d is REQUIRED else d for name, d in declared.items()}
 
 
+@pytest.mark.unit
 def test_every_declared_key_is_checked_by_the_loader():
     for key in KEYS:
         table = config._SECTIONS.get(key.section) or schema.SUBTABLES[key.section]
         assert table[key.name] is key.check
 
 
+@pytest.mark.unit
 def test_each_key_has_its_variable_and_only_those():
     assert {k.env for k in KEYS if k.env} == set(config.env_variables())
     assert {k.name for k in KEYS if k.check is subtable} == {"topics", "tls", "will", "birth"}
 
 
+@pytest.mark.unit
 def test_reload_classification_is_as_before():
     """The sets reload.py had written out, now derived from each key's ``reload``."""
     assert {"topics", "publish_buffer", "publish_timeout"} == reload.LIVE_MQTT_KEYS
@@ -99,11 +105,13 @@ def test_reload_classification_is_as_before():
     assert {k.reload for k in KEYS if k.section == "metrics"} == {Reload.RESTART}
 
 
+@pytest.mark.unit
 def test_secrets_are_declared():
     assert [(k.section, k.name) for k in KEYS if k.secret] == [("mqtt", "password")]
     assert schema.PASSWORD_KEYS == ("password", "password_env", "password_file")
 
 
+@pytest.mark.unit
 def test_runtime_modules_use_the_names_config_declares():
     from procmqtt.agent.dispatch import DISPATCHERS
     from procmqtt.ipc.shared import MAX_SLOTS
@@ -138,6 +146,7 @@ def test_importing_config_loads_no_runtime_module():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.unit
 def test_readme_configuration_example_loads():
     """The example above the table sets only declared keys, with values they accept."""
     readme = (ROOT / "README.md").read_text()
@@ -148,6 +157,7 @@ def test_readme_configuration_example_loads():
     assert cfg.mqtt.share_group == "orders" and cfg.workers.count == 4 and cfg.mqtt.will is not None
 
 
+@pytest.mark.unit
 def test_readme_reload_section_names_every_workers_key_that_restarts_the_agent() -> None:
     """README's "Reload (SIGHUP)" lists these by hand; the declarations decide them."""
     from procmqtt.config.reload import AGENT_KEYS
