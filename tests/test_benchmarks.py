@@ -5,34 +5,43 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import ROOT
 
 
-@pytest.mark.timeout(120)
-def test_benchmark_harness_runs_and_reports(tmp_path):
+def run_harness(out: Path, scale: str, peers: str, workloads: str) -> dict[str, Any]:
+    """``benchmarks/run.py`` with one repetition; its report (latest.json), after it exited 0."""
     result = subprocess.run(
         [
             sys.executable,
             str(ROOT / "benchmarks" / "run.py"),
             "--scale",
-            "0.01",
+            scale,
             "--reps",
             "1",
             "--peers",
-            "A,C $share N=2,procmqtt -w 2",
+            peers,
             "--workloads",
-            "W2,W4",
+            workloads,
             "--out",
-            str(tmp_path),
+            str(out),
         ],
         capture_output=True,
         text=True,
         timeout=110,
+        check=False,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    report = json.loads((tmp_path / "latest.json").read_text())
+    report: dict[str, Any] = json.loads((out / "latest.json").read_text())
+    return report
+
+
+@pytest.mark.timeout(120)
+def test_benchmark_harness_runs_and_reports(tmp_path):
+    report = run_harness(tmp_path, "0.01", "A,C $share N=2,procmqtt -w 2", "W2,W4")
     assert set(report["table"]) == {"W2", "W4"}
     for peer in ("A raw paho", "C $share N=2", "procmqtt -w 2"):
         row = report["table"]["W2"][peer]
@@ -44,27 +53,7 @@ def test_benchmark_harness_runs_and_reports(tmp_path):
 @pytest.mark.timeout(120)
 def test_benchmark_harness_runs_dispatch_peers_and_keyed_workloads(tmp_path):
     """Issue 13's options: peers with a [workers] dispatch, messages over K keys, the 1/50 ms mix."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "run.py"),
-            "--scale",
-            "0.03",
-            "--reps",
-            "1",
-            "--peers",
-            "procmqtt -w 2 ordered,procmqtt -w 2 least_busy",
-            "--workloads",
-            "W3-K10,W8",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    report = json.loads((tmp_path / "latest.json").read_text())
+    report = run_harness(tmp_path, "0.03", "procmqtt -w 2 ordered,procmqtt -w 2 least_busy", "W3-K10,W8")
     assert [w["keys"] for w in report["workloads"]] == [10, 1]
     for peer in ("procmqtt -w 2 ordered", "procmqtt -w 2 least_busy"):
         assert report["table"]["W3-K10"][peer]["lost"] == 0 and report["table"]["W3-K10"][peer]["rate"] > 0
