@@ -203,6 +203,8 @@ class LedgerMachine(RuleBasedStateMachine):
         retried = retry_after is not None or (failed and self.ledger.retry_failed)
         if not retried:
             self._finishing(d)
+        elif self.ledger.stopping and d.attempts + 1 < self.ledger.max_attempts:
+            self.finished.add(d.payload)  # not handed out again: stays unacknowledged at the broker
         attempts = d.attempts
         assert self.ledger.done(d.delivery_id, failed=failed, now=self.now, retry_after=retry_after) == slot
         assert d.attempts == attempts + retried
@@ -647,3 +649,20 @@ def test_ordered_arrivals_after_the_stop_are_not_taken() -> None:
     assert ledger.stop() == 0
     ledger.arrived([msg(1, qos=1), msg(2, qos=2)], None)  # QoS 1 stays at the broker; QoS 2 completes
     assert not ledger.pending and not ledger.keys and rec.delivered == [] and rec.acks == [(2, 2)]
+
+
+@pytest.mark.parametrize("retry_after", [0.0, 2.0])
+def test_a_retry_asked_after_the_stop_is_forgotten(retry_after: float) -> None:
+    """Found by the state machine: during the stop, a handler's ``Retry`` put its message back in
+    ``pending`` (or ``held``); in ordered mode the lost connection then looked up its key, which the
+    stop had cleared, and the agent died with a KeyError. After the stop nothing goes out again."""
+    ledger, rec = make()
+    ledger.key_of = key_function("topic")
+    ledger.connected()
+    ledger.worker_up(0, 1, ready=True)
+    ledger.arrived([msg(1, qos=1)], None)
+    ((_, first),) = rec.delivered
+    ledger.stop()
+    ledger.done(first, failed=False, now=0.0, retry_after=retry_after)  # stays at the broker
+    ledger.offline(lost=True)
+    assert not ledger.pending and not ledger.held and not ledger.keys and rec.acks == []

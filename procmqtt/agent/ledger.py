@@ -319,6 +319,8 @@ class DeliveryLedger:
         death): at once."""
         d.attempts += 1
         if d.attempts < self.max_attempts:
+            if self.stopping:
+                return  # forgotten like the undispatched: QoS 1 stays unacknowledged at the broker
             if now is not None:
                 delay = self.retry.wait(d.attempts) if wait is None else wait
                 if delay > 0 and len(self.held) < self.hold_limit:
