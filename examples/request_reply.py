@@ -1,7 +1,7 @@
 """Request/reply with MQTT 3.1.1: the request carries its reply topic and a correlation id.
 
 MQTT 5 has properties for both (Response Topic, Correlation Data): with ``protocol = "5"`` use
-``self.request(...)`` to ask and ``self.reply(message, ...)`` to answer (README "MQTT 5"). With
+``self.request(...)`` to ask and ``self.reply(message, ...)`` to answer (docs/mqtt5.md). With
 MQTT 3.1.1, as here, they travel in the JSON payload:
 
     request on rpc/<method>:  {"reply_to": "replies/me", "correlation_id": "42", "args": {...}}

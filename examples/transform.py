@@ -7,7 +7,7 @@
     mosquitto_pub -p PORT -t jobs/1 -m '{"text": "hello"}'
     mosquitto_sub -p PORT -t 'transformed/#' -v
 
-``bash examples/speedup.sh`` times a batch with -w 1 and with -w 4 (README "Examples").
+``bash examples/speedup.sh`` times a batch with -w 1 and with -w 4 (docs/guide/examples.md).
 """
 
 from __future__ import annotations

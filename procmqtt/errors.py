@@ -6,7 +6,7 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    """Process exit codes of ``procmqtt``; documented in README.md."""
+    """Process exit codes of ``procmqtt``; documented in docs/operations.md."""
 
     OK = 0
     """Stopped gracefully."""

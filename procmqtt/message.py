@@ -30,7 +30,7 @@ class Retry(Exception):
 
     ``after``: seconds to wait (None: the ``[workers] retry_delay`` schedule). Honoured whatever
     ``on_error`` says, since the handler asked; after ``max_attempts`` the message is dead-lettered
-    (or dropped) as a failure is. README "Delivery guarantees and failure policies".
+    (or dropped) as a failure is. See docs/delivery.md.
     """
 
     def __init__(self, after: float | None = None) -> None:

@@ -165,7 +165,7 @@ class DeliveryLedger:
         self.deliveries: dict[int, Delivery] = {}  # given to a worker, not yet done
         self.retry = retry
         # failed, waiting for their retry: a heap of (due time, delivery id, delivery), at most
-        # ``hold_limit``; see README "Delivery guarantees"
+        # ``hold_limit``; see docs/delivery.md
         self.hold_limit = HOLD_LIMIT
         self.held: list[tuple[float, int, Delivery]] = []
         self.seats: dict[int, Seat] = {}
@@ -239,7 +239,7 @@ class DeliveryLedger:
         for topic, payload, qos, mid, retain, dup in batch:
             if qos == 2:
                 # paho has already sent PUBREC; holding PUBCOMP across a crash would strand the
-                # message (README "Delivery guarantees"), so QoS 2 completes on arrival.
+                # message (docs/delivery.md), so QoS 2 completes on arrival.
                 self._ack(mid, 2)
             if not stopping:  # else QoS 1 stays unacknowledged at the broker; QoS 0 is dropped
                 append(Delivery(next(ids), mid, epoch, topic, payload, qos, retain, dup, properties))

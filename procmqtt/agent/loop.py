@@ -11,7 +11,7 @@ what the ledger decides (deliver to a worker, acknowledge, dead-letter, drop). T
 
 Delivery: a QoS 1 message is acknowledged to the broker only when a worker reports it done, so a
 message held by a worker that dies goes to another worker, and a message still held when the agent
-itself dies is sent again by the broker (persistent session). See README "Delivery guarantees".
+itself dies is sent again by the broker (persistent session). See docs/delivery.md.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ with one line that names the file, the key and what was expected. The modules, o
 - ``values``: the frozen dataclasses, their defaults taken from ``schema``;
 - ``loader``: a TOML file into a ``Config``, and the command-line flags;
 - ``environ``: the ``PROCMQTT_*`` variables and the precedence chain (``resolve``);
-- ``reload``: what a SIGHUP changes; ``reference``: README's table of keys.
+- ``reload``: what a SIGHUP changes; ``reference``: the key table in docs/configuration.md.
 
 This package imports no runtime module (agent, worker, supervisor, ipc): they import it.
 """

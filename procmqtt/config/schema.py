@@ -2,7 +2,8 @@
 
 Everything else derives from ``KEYS``: the dataclass defaults (``values.py``), the tables the
 loader checks against (``SECTIONS``), the ``PROCMQTT_<SECTION>_<KEY>`` variables, what a SIGHUP
-restarts (``reload.py``), what ``check`` masks, and README's reference table (``reference.py``).
+restarts (``reload.py``), what ``check`` masks, and the key table of docs/configuration.md
+(``reference.py``).
 Adding a key is one ``Key(...)`` line here and its typed field in ``values.py``; a test fails
 until both agree. Imports no runtime module: the agent and the IPC layer import these names.
 """
@@ -225,7 +226,7 @@ KEYS: tuple[Key, ...] = (
         WHOLE_TOPIC,
         order_key,
         _A,
-        'dispatch = "ordered": what one key is (README "Ordered delivery")',
+        'dispatch = "ordered": what one key is (see "Ordered delivery" in docs/delivery.md)',
     ),
     Key(
         "workers",
