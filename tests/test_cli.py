@@ -161,7 +161,7 @@ def test_app_errors_exit_3(app, expected):
     ],
 )
 def test_malformed_app_is_a_usage_error_exit_2(app, expected):
-    """A command-line mistake, like a bad -w: exit 2 (README), not 3 (an app that does not import)."""
+    """A command-line mistake, like a bad -w: exit 2 (docs/operations.md), not 3 (an app that does not import)."""
     for args in (["run", app], ["check", app], ["run", app, "--print-config"]):
         result = procmqtt(*args)
         assert result.returncode == 2, result.stderr

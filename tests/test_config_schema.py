@@ -1,6 +1,6 @@
 """Each configuration key is declared once (``procmqtt/config/schema.py``); these tests hold every
 place that derives from it to the declaration: the dataclasses, the environment variables, the
-reload sets, README's table, and config's independence from the runtime modules."""
+reload sets, the table of docs/configuration.md, and config's independence from the runtime modules."""
 
 from __future__ import annotations
 
@@ -36,13 +36,14 @@ SECTION_CLASSES = {
 
 
 @pytest.mark.unit
-def test_readme_holds_exactly_the_rendered_reference_table():
-    """Regenerate with ``python3 -m procmqtt.config.reference --write README.md``."""
-    readme = (ROOT / "README.md").read_text()
-    assert readme.count(reference.BEGIN) == 1 and readme.count(reference.END) == 1
-    stale = "README's table is stale: python3 -m procmqtt.config.reference --write README.md"
-    assert reference.block() in readme, stale
-    assert reference.replaced(readme) == readme
+def test_the_configuration_page_holds_exactly_the_rendered_reference_table():
+    """Regenerate with ``python3 -m procmqtt.config.reference --write docs/configuration.md``."""
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert page.count(reference.BEGIN) == 1 and page.count(reference.END) == 1
+    stale = "docs/configuration.md's table is stale: python3 -m procmqtt.config.reference --write docs/configuration.md"
+    assert reference.block() in page, stale
+    assert reference.replaced(page) == page
+    assert reference.BEGIN not in (ROOT / "README.md").read_text()  # one table, on the site
 
 
 @pytest.mark.unit
@@ -147,23 +148,23 @@ def test_importing_config_loads_no_runtime_module():
 
 
 @pytest.mark.unit
-def test_readme_configuration_example_loads():
+def test_the_configuration_pages_example_loads():
     """The example above the table sets only declared keys, with values they accept."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("\n## Configuration\n") : readme.index(reference.BEGIN)]
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    section = page[: page.index(reference.BEGIN)]
     example = tomllib.loads(section.split("```toml\n")[1].split("```")[0])
     del example["mqtt"]["tls"]  # its files do not exist here; [mqtt.tls] keys are checked by the loader
-    cfg = config.from_mapping(example, "README.md", environ={"MQTT_PASSWORD": "pw"})
+    cfg = config.from_mapping(example, "docs/configuration.md", environ={"MQTT_PASSWORD": "pw"})
     assert cfg.mqtt.share_group == "orders" and cfg.workers.count == 4 and cfg.mqtt.will is not None
 
 
 @pytest.mark.unit
-def test_readme_reload_section_names_every_workers_key_that_restarts_the_agent() -> None:
-    """README's "Reload (SIGHUP)" lists these by hand; the declarations decide them."""
+def test_the_reload_section_names_every_workers_key_that_restarts_the_agent() -> None:
+    """docs/operations.md's "Reload (SIGHUP)" lists these by hand; the declarations decide them."""
     from procmqtt.config.reload import AGENT_KEYS
 
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("restarts the agent gracefully when a setting it reads at start changed") :]
+    page = (ROOT / "docs" / "operations.md").read_text()
+    section = page[page.index("restarts the agent gracefully when a setting it reads at start changed") :]
     section = section[: section.index("The old agent stops as on")]
     missing = [key for key in AGENT_KEYS["workers"] if f"`{key}`" not in section]
-    assert not missing, f"README's reload section does not name: {missing}"
+    assert not missing, f"docs/operations.md's reload section does not name: {missing}"

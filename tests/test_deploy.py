@@ -1,5 +1,5 @@
 """examples/deploy: the systemd unit, the Dockerfile and the logrotate snippet are valid and say what
-the README promises (graceful stop, reload, exit codes that must not restart, exec-form commands)."""
+docs/deployment.md promises (graceful stop, reload, exit codes that must not restart, exec-form commands)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def unit_sections(text: str) -> dict[str, dict[str, list[str]]]:
 
 
 @pytest.mark.unit
-def test_systemd_unit_says_what_the_readme_promises():
+def test_systemd_unit_says_what_the_docs_promise():
     unit = unit_sections((DEPLOY / "procmqtt.service").read_text())
     assert set(unit) == {"Unit", "Service", "Install"}
     service = unit["Service"]

@@ -18,7 +18,7 @@ from procmqtt.cli import status
 from procmqtt.errors import ConfigError
 from procmqtt.message import Outcome
 
-CONTRACT = {  # README "Metrics" and /work plan: names and types other tools rely on
+CONTRACT = {  # docs/metrics.md and /work plan: names and types other tools rely on
     "procmqtt_messages_received_total": "counter",
     "procmqtt_messages_dispatched_total": "counter",
     "procmqtt_messages_processed_total": "counter",

@@ -10,7 +10,7 @@ messages in publish order only while it need not queue them behind a full in-fli
 window full and acknowledgements coming back out of order, as they do from any consumer that
 runs messages in parallel, it sends queued messages out of publish order (seen with a plain paho
 client acknowledging at random: hundreds of inversions in 480 messages). So these tests run their
-broker with no in-flight maximum, and README's "Ordered delivery" says what to configure.
+broker with no in-flight maximum, and docs/delivery.md's "Ordered delivery" says what to configure.
 """
 
 from __future__ import annotations

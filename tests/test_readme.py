@@ -1,5 +1,6 @@
-"""The README's opening example, run exactly as printed: app.py, procmqtt.toml, the procmqtt command
-and the mosquitto_sub / mosquitto_pub lines, against a private Mosquitto.
+"""The README's quick start (also the site's home page), run exactly as printed: app.py,
+procmqtt.toml, the procmqtt command and the mosquitto_sub / mosquitto_pub lines, against a private
+Mosquitto.
 
 Only the broker's address is added (``--broker`` on the command line, ``-h``/``-p`` for the
 clients), as a reader would point them at their own broker.
@@ -21,10 +22,15 @@ from harness import ROOT, Mosquitto, Procmqtt, wait_until
 pytestmark = pytest.mark.timeout(60)
 
 
+QUICKSTART = ("<!-- --8<-- [start:quickstart] -->", "<!-- --8<-- [end:quickstart] -->")  # docs/index.md includes it
+
+
 def opening() -> dict[str, str]:
-    """The code blocks and the stated outcome of the README's first example (before the first ##)."""
+    """The code blocks and the stated outcome of the README's quick start (between its markers)."""
     text = (ROOT / "README.md").read_text()
-    intro = text[: text.index("\n## ")]
+    start, end = (text.index(marker) for marker in QUICKSTART)
+    intro = text[start:end]
+    assert '--8<-- "README.md:quickstart"' in (ROOT / "docs" / "index.md").read_text()
     blocks = re.findall(r"```(\w+)\n(.*?)```", intro, re.DOTALL)
     python = [code for lang, code in blocks if lang == "python"]
     toml = [code for lang, code in blocks if lang == "toml"]

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.timeout(10), pytest.mark.unit]  # unit: pure logic, no
 
 
 class Alerts(Worker):
-    """The README's example: routes, config, publish and subscribe."""
+    """The testing guide's kind of app (docs/guide/testing.md): routes, config, publish and subscribe."""
 
     def on_start(self) -> None:
         self.limit = float(self.config.app.get("alert_above", 30.0))
@@ -212,7 +212,7 @@ def test_background_tasks_are_cancelled_on_exit():
 
 
 class ReadmeSensors(Worker):
-    """The README's "Routes" example, as written there."""
+    """docs/guide/routes.md's example, as written there (tests/test_docs.py imports the page's own)."""
 
     @route("sensors/{device}/temperature", qos=1)
     def temperature(self, message: Message, device: str) -> None:
@@ -223,7 +223,7 @@ class ReadmeSensors(Worker):
     def logs(self, message: Message) -> None: ...
 
 
-def test_the_readme_example():
+def test_the_routes_guide_example():
     with WorkerHarness(ReadmeSensors, config={"app": {"alert_above": 30}}) as h:
         assert h.deliver("sensors/d1/temperature", {"celsius": 31.5}) is Outcome.OK
         assert h.published == [("alerts/d1", b'{"celsius":31.5}', 1, False)]
