@@ -125,6 +125,7 @@ def test_every_python_block_imports_and_its_workers_pass_the_load_checks(scope: 
     assert len(names) == len(set(names)), f"two blocks saved under one name in {scope}: {names}"
     for block in chosen:
         (tmp_path / f"{block.module}.py").write_text(block.code)
+        sys.modules.pop(block.module, None)  # an ``app`` another test imported is not this one
     sys.path.insert(0, str(tmp_path))
     try:
         ran = 0
