@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from harness import ROOT, Mosquitto, Procmqtt, free_port, publish_all, publisher, records, wait_until, write_config
+from hostile_broker import HostileBroker
 
 from procmqtt import config
 from procmqtt.agent import health
@@ -260,6 +261,23 @@ def test_probes_follow_the_broker_and_the_workers(tmp_path, broker: Mosquitto, r
     run.signal(signal.SIGTERM)
     assert run.wait(30) == 0
     assert probe(health_port, "/livez", timeout=1)[0] == 0  # the socket closed with procmqtt
+
+
+@pytest.mark.timeout(40)
+def test_ready_again_when_the_lost_connection_had_a_subscribe_unanswered(tmp_path, runs, health_port):
+    """A SUBSCRIBE the broker never answered (the connection was lost first) is forgotten on the next
+    connection: paho does not send it again, so waiting for its SUBACK would hold /readyz at 503."""
+    peer = HostileBroker(v5=False, after_subscribe=lambda conn: None, drop_first_subscribe=True)
+    try:
+        cfg = tmp_path / "procmqtt.toml"
+        write_config(cfg, None, topics={"h/#": 1}, workers=1, app={"record_dir": str(tmp_path)}, port=peer.port)  # type: ignore[arg-type]
+        cfg.write_text(cfg.read_text() + f"\n[health]\nport = {health_port}\n")
+        run = Procmqtt(tmp_path, "tests/apps.py:Recorder", str(cfg))
+        runs.append(run)
+        becomes(health_port, "/readyz", 200, 20, "ready on the second connection")
+        assert peer.connections == 2
+    finally:
+        peer.close()
 
 
 @pytest.mark.timeout(30)
