@@ -20,6 +20,10 @@ class Recording(Worker):
         path = os.path.join(self.config.app["record_dir"], f"{os.getpid()}.jsonl")
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self.delay = float(self.config.app.get("delay", 0))
+        hold = self.config.app.get("hold_file")  # tests/test_health.py: boot waits while this file exists
+        deadline = time.monotonic() + 30
+        while hold and os.path.exists(hold) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def record(self, event: str, message: Message, **extra: object) -> None:
         line = {

@@ -58,8 +58,12 @@ class HostileBroker:
         v5: bool,
         after_subscribe: Callable[[Connection], None],
         after_connack: Callable[[Connection], None] | None = None,
+        drop_first_subscribe: bool = False,
     ) -> None:
+        """``drop_first_subscribe``: the first connection's first SUBSCRIBE gets no SUBACK; the
+        connection is closed instead (a broker that went away mid-request)."""
         self.v5 = v5
+        self.drop_first_subscribe = drop_first_subscribe
         self.after_subscribe = after_subscribe
         self.after_connack = after_connack
         self.received: list[tuple[int, int, int | None]] = []
@@ -124,6 +128,8 @@ class HostileBroker:
                         conn.send(packet(CONNACK << 4, b"\x00\x00" + props))
                         if self.after_connack is not None:
                             self.after_connack(conn)
+                    elif kind == SUBSCRIBE and self.drop_first_subscribe and conn.index == 0:
+                        return
                     elif kind == SUBSCRIBE:
                         filters = body[2:]
                         if self.v5:  # skip the property block

@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import subprocess
+from urllib.parse import urlsplit
 
 import pytest
 from harness import ROOT, publish_all, publisher, start, wait_until
@@ -124,7 +125,10 @@ def test_dockerfile_runs_procmqtt_in_exec_form_with_sigterm():
     health = args["HEALTHCHECK"]
     assert health.split(" CMD ")[0].startswith("--interval")
     probe = json.loads(health.split(" CMD ", 1)[1])
-    assert probe[probe.index("--pid") + 1] == entrypoint[entrypoint.index("--pid") + 1]
+    url = urlsplit(probe[probe.index("--url") + 1])  # [health]'s /livez, on the port the image sets
+    env = dict(re.findall(r"(\w+)=(\S+)", args["ENV"]))
+    assert (url.hostname, url.port, url.path) == ("127.0.0.1", int(env["PROCMQTT_HEALTH_PORT"]), "/livez")
+    assert "--pid" in entrypoint  # what healthcheck.py --pid reads, for a run without [health]
     assert not any("mosquitto" in a for n, a in instructions if n == "RUN"), "the broker is not in the image"
     for name, arguments in instructions:  # every COPY source exists in the build context (the checkout)
         if name == "COPY":

@@ -1,18 +1,27 @@
 #!/usr/bin/env python3
-"""Health check for a procmqtt run with --pid: exit 0 when its supervisor is alive and has its agent
-and at least one worker running, 1 otherwise (one line on stderr says why). Stdlib only, Linux.
+"""Health check for a procmqtt run: exit 0 when healthy, 1 otherwise (one line on stderr says why).
+Stdlib only.
 
-    python3 healthcheck.py --pid /run/procmqtt/procmqtt.pid
+    python3 healthcheck.py --url http://127.0.0.1:8081/livez    # with [health] port = 8081
+    python3 healthcheck.py --pid /run/procmqtt/procmqtt.pid      # without [health]; Linux
 
-A supervisor restarting a dead child passes; one whose children are gone for good (stopping, or
-wedged) fails. It cannot see the broker connection: with [metrics] set, `procmqtt status` (or a
-scrape of the metrics port) also shows whether messages flow.
+--url asks procmqtt's own health endpoint (docs/health.md): /livez passes while the supervisor's
+and the agent's loops run, whatever the broker does; /readyz only while connected, subscribed and
+with a worker ready. Prefer it. --pid looks at the process tree only: a supervisor alive with its
+agent and at least one worker running passes (one restarting a dead child too); it cannot see a
+wedged loop or the broker connection.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import urllib.error
+import urllib.request
+
+TIMEOUT = 5.0
+"""Seconds for the whole request (the endpoint closes a connection after 2)."""
 
 
 def children(pid: int) -> list[int]:
@@ -43,10 +52,29 @@ def check(pidfile: str) -> str | None:
     return None
 
 
+def ask(url: str) -> str | None:
+    """None when ``url`` answers 200, else why not (the endpoint's first problem when it gives one)."""
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+            response.read()
+            return None
+    except urllib.error.HTTPError as exc:
+        try:
+            problems = json.loads(exc.read()).get("problems") or []
+        except (ValueError, AttributeError, OSError):
+            problems = []
+        return f"{url} answered {exc.code}" + (f": {problems[0]}" if problems else "")
+    except (urllib.error.URLError, OSError) as exc:
+        return f"{url}: {getattr(exc, 'reason', exc)}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pid", required=True, metavar="FILE", help="the file given to procmqtt run --pid")
-    problem = check(parser.parse_args().pid)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="procmqtt's /livez or /readyz, e.g. http://127.0.0.1:8081/livez")
+    where.add_argument("--pid", metavar="FILE", help="the file given to procmqtt run --pid")
+    args = parser.parse_args()
+    problem = ask(args.url) if args.url else check(args.pid)
     if problem:
         print(f"unhealthy: {problem}", file=sys.stderr)
         return 1

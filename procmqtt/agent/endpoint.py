@@ -25,6 +25,7 @@ is safe to read from another thread (``metrics.Counters`` says why its numbers a
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import selectors
@@ -36,6 +37,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
+
+from procmqtt.errors import ConfigError
 
 MAX_CONNECTIONS = 32
 """Connections open at once; while all are taken, new ones wait in the kernel's accept queue."""
@@ -319,6 +322,33 @@ class Endpoint:
         except KeyError:  # waiting for its handler: not registered
             pass
         conn.sock.close()
+
+
+def listen(host: str, port: int, where: str) -> socket.socket:
+    """In the supervisor, before any fork: a listening socket on ``host``:``port``, left open while
+    agents come and go. ``where`` names the setting in errors, e.g. "procmqtt.toml: [metrics]".
+
+    Raises ``ConfigError`` (exit 2) when the address is unusable or the port taken.
+    """
+    prefix = f"{where} cannot listen on {host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"{prefix}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        section = where.rsplit(" ", 1)[-1]
+        taken = exc.errno == errno.EADDRINUSE
+        hint = f" (another process uses that port; pick another {section} port)" if taken else ""
+        raise ConfigError(f"{prefix}: {exc.strerror or exc}{hint}") from None
+    return sock
 
 
 def serve(

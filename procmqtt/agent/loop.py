@@ -26,7 +26,7 @@ from collections import Counter
 from typing import Any
 
 from procmqtt import logs
-from procmqtt.agent import metrics
+from procmqtt.agent import health, metrics
 from procmqtt.agent.connection import ConnState
 from procmqtt.agent.dispatch import DISPATCHERS
 from procmqtt.agent.ledger import Delivery, DeliveryLedger, Effects, Inbound, RetrySchedule
@@ -64,10 +64,12 @@ class Agent(Upstream):
         supervisor_pid: int,
         shared: SharedState,
         metrics_listener: socket.socket | None = None,
+        health_listener: socket.socket | None = None,
     ) -> None:
         """Runs in the agent process; ``workers`` maps slot to (generation, socket) at fork time.
 
-        ``metrics_listener``: the ``[metrics]`` socket the supervisor opened, or None.
+        ``metrics_listener``, ``health_listener``: the ``[metrics]`` and ``[health]`` sockets the
+        supervisor opened, or None.
         """
         self.config = config
         self.client_id = client_id
@@ -76,6 +78,8 @@ class Agent(Upstream):
         self.supervisor_pid = supervisor_pid
         self.shared = shared
         self.metrics_listener = metrics_listener
+        self.health_listener = health_listener
+        self.probes = health.Probes(shared) if health_listener is not None else None
         self.log = logs.get("agent")
         self.channels = WorkerChannels(workers)
         self.workers = self.channels.by_slot  # the workers the agent knows, by slot
@@ -123,6 +127,8 @@ class Agent(Upstream):
         self.session.start(self._intake, self._odd)
         if self.metrics_listener is not None:
             metrics.serve(self.metrics_listener, self.metrics)
+        if self.health_listener is not None and self.probes is not None:
+            health.serve(self.health_listener, self.probes)
         self.log.info(
             "agent started; broker %s:%d, client id %s, %d subscription(s)",
             self.config.mqtt.host,
@@ -181,6 +187,7 @@ class Agent(Upstream):
         )
         for worker in self.workers.values():
             self._write(worker, channel.Stop())
+        self._publish_readiness(time.monotonic())  # /readyz fails at once
 
     # --- one pass of the loop ----------------------------------------------------------------
 
@@ -268,6 +275,12 @@ class Agent(Upstream):
             self.begin_stop("the supervisor is gone")
         ledger = self.ledger
         self.metrics.sample(ledger.in_flight(), ledger.window(), ledger.waiting, len(ledger.keys))
+        self._publish_readiness(now)
+
+    def _publish_readiness(self, now: float) -> None:
+        """For ``[health]``'s thread: the readiness now, replaced whole (``health.py``)."""
+        if self.probes is not None:
+            self.probes.readiness = health.take(self.session, self.ledger, stopping=self.stopping, now=now)
 
     # --- messages in ---------------------------------------------------------------------------
 

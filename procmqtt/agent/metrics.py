@@ -34,7 +34,6 @@ Everything but ``listen`` runs in the agent process.
 
 from __future__ import annotations
 
-import errno
 import gzip
 import socket
 import time
@@ -329,23 +328,7 @@ def listen(config: Config) -> socket.socket | None:
     if m.port is None:
         return None
     require_client(f"{config.source}: [metrics] port is set")
-    where = f"{config.source}: [metrics] cannot listen on {m.host}:{m.port}"
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            m.host, m.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except socket.gaierror as exc:
-        raise ConfigError(f"{where}: {exc.strerror}") from None
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(64)
-    except OSError as exc:
-        sock.close()
-        hint = " (another process uses that port; pick another [metrics] port)" if exc.errno == errno.EADDRINUSE else ""
-        raise ConfigError(f"{where}: {exc.strerror or exc}{hint}") from None
-    return sock
+    return endpoint.listen(m.host, m.port, f"{config.source}: [metrics]")
 
 
 def serve(sock: socket.socket, counters: Counters) -> endpoint.Endpoint:

@@ -97,7 +97,9 @@ class Subscriptions:
         return len(self.filters)
 
     def connected(self, client: mqtt.Client) -> None:
-        """A new connection: subscribe everything, and send the unsubscribes made offline."""
+        """A new connection: subscribe everything, and send the unsubscribes made offline. Requests
+        of an earlier connection are never answered (paho does not send them again): forgotten."""
+        self.requests.clear()
         if self.filters:
             self.subscribe(client, list(self.filters.items()))
         if self.unsubscribe_on_connect:

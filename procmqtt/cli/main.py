@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from procmqtt import __version__, logs
 from procmqtt import config as config_mod
-from procmqtt.agent import metrics
+from procmqtt.agent import health, metrics
 from procmqtt.errors import ConfigError, ExitCode, ProcmqttError
 
 if TYPE_CHECKING:
@@ -162,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         logs.to_file(args.log_file)
     config, app, routes = _prepare(args)
     metrics_listener = metrics.listen(config)  # before any fork: a port in use stops us here
+    health_listener = health.listen(config)
     from procmqtt.supervisor.arbiter import Supervisor
     from procmqtt.supervisor.pidfile import PidFile
 
@@ -175,7 +176,15 @@ def run(args: argparse.Namespace) -> int:
             logs.get().warning(
                 "no [mqtt.topics] configured and no routes; the app receives only what it subscribes to at runtime"
             )
-        return Supervisor(app, args.app, config, metrics_listener, sidecar=broker, loader=_reloader(args)).run()
+        return Supervisor(
+            app,
+            args.app,
+            config,
+            metrics_listener,
+            health_listener=health_listener,
+            sidecar=broker,
+            loader=_reloader(args),
+        ).run()
     finally:
         if broker is not None:
             broker.stop()

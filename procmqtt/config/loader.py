@@ -44,6 +44,7 @@ from procmqtt.config.schema import (
 from procmqtt.config.values import (
     Announcement,
     Config,
+    HealthConfig,
     MetricsConfig,
     MqttConfig,
     Secret,
@@ -244,6 +245,11 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>", environ: Map
     _prefetch_for_concurrency(source, workers)
     _retry_delays(source, workers)
     metrics = _checked(source, "[metrics]", data.get("metrics", {}), SECTIONS["metrics"])
+    health = _checked(source, "[health]", data.get("health", {}), SECTIONS["health"])
+    if health.get("port") is not None and health.get("port") == metrics.get("port"):
+        raise ConfigError(
+            f"{source}: [health] port ({health['port']}) must differ from [metrics] port: each is its own listener"
+        )
     app = data.get("app", {})
     if not isinstance(app, dict):
         raise ConfigError(f"{source}: [app] must be a table, got {_show(app)}")
@@ -262,6 +268,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>", environ: Map
         ),
         workers=WorkersConfig(**workers),
         metrics=MetricsConfig(**metrics),
+        health=HealthConfig(**health),
         app=types.MappingProxyType(app),
         source=source,
     )

@@ -69,6 +69,7 @@ DEFAULT_PUBLISH_TIMEOUT = 30.0
 DEFAULT_MAX_INFLIGHT = 1_000  # MQTT 3.1.1: paho's own 20 holds back an agent publishing for many workers
 DEFAULT_MAX_INFLIGHT_V5 = 20  # MQTT 5 brokers announce a Receive Maximum (Mosquitto 20, HiveMQ 10)
 DEFAULT_METRICS_HOST = "127.0.0.1"  # loopback: the numbers are for this host unless asked otherwise
+DEFAULT_HEALTH_HOST = "127.0.0.1"  # loopback; a container's probes come from outside: "0.0.0.0" there
 
 ENV_PREFIX = "PROCMQTT_"
 REQUIRED: Any = dataclasses.MISSING
@@ -323,6 +324,15 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("metrics", "port", None, integer(1, 65535), _R, "serve Prometheus metrics on this port; unset: off"),
     Key("metrics", "host", DEFAULT_METRICS_HOST, text, _R, "the address the metrics endpoint listens on"),
+    Key("health", "port", None, integer(1, 65535), _R, "serve /livez and /readyz on this port; unset: off"),
+    Key(
+        "health",
+        "host",
+        DEFAULT_HEALTH_HOST,
+        text,
+        _R,
+        'the address the health endpoint listens on ("0.0.0.0" in a container)',
+    ),
 )
 """In the order the tables are shown and their keys listed in errors; a table's keys after it."""
 

@@ -26,6 +26,7 @@ _TLS = defaults("mqtt.tls")
 _ANNOUNCEMENT = defaults("mqtt.birth")  # [mqtt.will] declares the same defaults (a test checks)
 _WORKERS = defaults("workers")
 _METRICS = defaults("metrics")
+_HEALTH = defaults("health")
 
 
 @dataclass(frozen=True)
@@ -138,12 +139,21 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """``port`` None: no health endpoint (the default)."""
+
+    port: int | None = _HEALTH["port"]
+    host: str = _HEALTH["host"]
+
+
+@dataclass(frozen=True)
 class Config:
     """The loaded configuration; workers see it as ``self.config``."""
 
     mqtt: MqttConfig = MqttConfig()
     workers: WorkersConfig = WorkersConfig()
     metrics: MetricsConfig = MetricsConfig()
+    health: HealthConfig = HealthConfig()
     app: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
     source: str = "<defaults>"
     origins: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}), repr=False, compare=False)

@@ -16,6 +16,9 @@ _WORD = 8
 # Per slot: busy since (writer: worker; reset: supervisor), messages finished (same), and the
 # delivery in progress with the generation of the worker handling it (writer: worker; reader: agent).
 _SLOT_WORDS = 4
+# After the slots: the supervisor's heartbeat (writer: supervisor, each pass; reader: the agent's
+# health endpoint, which answers /livez).
+_TAIL_WORDS = 1
 _DOUBLE = struct.Struct("=d")
 _COUNT = struct.Struct("=q")
 
@@ -24,7 +27,8 @@ class SharedState:
     """Created in the supervisor before any fork."""
 
     def __init__(self, slots: int = MAX_SLOTS) -> None:
-        self._mem = mmap.mmap(-1, _WORD * _SLOT_WORDS * slots)
+        self._mem = mmap.mmap(-1, _WORD * (_SLOT_WORDS * slots + _TAIL_WORDS))
+        self._heartbeat = _WORD * _SLOT_WORDS * slots
 
     def _slot(self, slot: int, word: int) -> int:
         return _WORD * (_SLOT_WORDS * slot + word)
@@ -68,3 +72,13 @@ class SharedState:
         """Before a new worker starts in ``slot`` (supervisor); the agent's words stay."""
         self.set_busy_since(slot, 0.0)
         self.set_finished(slot, 0)
+
+    # supervisor -> agent: the supervisor's loop runs
+    def beat(self, now: float) -> None:
+        """The supervisor's loop passed at ``now`` (``time.monotonic()``, one clock for every process)."""
+        _DOUBLE.pack_into(self._mem, self._heartbeat, now)
+
+    def heartbeat(self) -> float:
+        """When the supervisor's loop last passed; 0 before its first pass."""
+        when: float = _DOUBLE.unpack_from(self._mem, self._heartbeat)[0]
+        return when

@@ -67,10 +67,12 @@ class Supervisor(Operations, Spawning):
         config: Config,
         metrics_listener: socket.socket | None = None,
         *,
+        health_listener: socket.socket | None = None,
         sidecar: Sidecar | None = None,
         loader: Loader | None = None,
     ) -> None:
-        """``metrics_listener``: the ``[metrics]`` socket (``metrics.listen``), handed to every agent.
+        """``metrics_listener``: the ``[metrics]`` socket (``metrics.listen``), handed to every agent;
+        ``health_listener`` likewise for ``[health]`` (``health.listen``).
         ``sidecar``: a process already started (``--broker embedded``); restarted like a child, stopped last.
         ``loader``: what SIGHUP calls to load the app and the configuration again."""
         self.app = app
@@ -90,6 +92,7 @@ class Supervisor(Operations, Spawning):
         self.quick_deaths: dict[int, int] = {}  # slot -> deaths in a row before handling anything
         self.control: deque[channel.Record] = deque()  # records for the agent, sent without blocking
         self.metrics_listener = metrics_listener
+        self.health_listener = health_listener
         self.restarts: dict[str, int] = {}  # worker restarts by cause, for the agent's metrics
         self.stopping = False
         self.stop_deadline = 0.0
@@ -103,6 +106,7 @@ class Supervisor(Operations, Spawning):
         self.setup()
         try:
             while True:
+                self.shared.beat(time.monotonic())  # /livez: the loop runs (agent/health.py)
                 self.handle_signals()
                 self.reap_children()
                 self.murder_hung_workers()
@@ -164,8 +168,9 @@ class Supervisor(Operations, Spawning):
                 child.agent_end.close()
         self.upstream_agent.close()
         self.upstream_writers.close()
-        if self.metrics_listener is not None:
-            self.metrics_listener.close()
+        for listener in (self.metrics_listener, self.health_listener):
+            if listener is not None:
+                listener.close()
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def sleep(self) -> None:

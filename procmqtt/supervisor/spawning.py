@@ -54,6 +54,7 @@ class Spawning:
     upstream_agent: socket.socket
     upstream_writers: socket.socket
     metrics_listener: socket.socket | None
+    health_listener: socket.socket | None
     log: logging.Logger
 
     def spawn_sidecar(self) -> None:
@@ -70,8 +71,8 @@ class Spawning:
         workers = {c.slot: (c.generation, c.agent_end) for c in self.children.values() if c.agent_end}
         keep = [self.upstream_agent, *(sock for _, sock in workers.values())]
 
+        keep += [s for s in (self.metrics_listener, self.health_listener) if s is not None]
         if self.metrics_listener is not None:
-            keep.append(self.metrics_listener)
             # a new agent starts from zero; restart totals live here
             self.control.extend(channel.Restarts(cause, n) for cause, n in self.restarts.items())
         # the agent that was told to retire these may have died before it told them
@@ -91,6 +92,7 @@ class Spawning:
                 self.pid,
                 self.shared,
                 self.metrics_listener,
+                self.health_listener,
             )
             return agent.run()
 
@@ -154,6 +156,7 @@ class Spawning:
             self.upstream_agent,
             self.upstream_writers,
             self.metrics_listener,
+            self.health_listener,
             *(c.agent_end for c in self.children.values() if c.agent_end),
         ]
         for sock in owned:
