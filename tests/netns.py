@@ -36,6 +36,7 @@ BROKER_ADDRESS = f"{SUBNET}.1"
 _CLONE_NEWNET = 0x40000000
 _NAME = re.compile(rf"^{PREFIX}-(\d+)-")
 _serial = itertools.count()
+IP = shutil.which("ip") or next((p for p in ("/usr/sbin/ip", "/sbin/ip") if os.path.exists(p)), "")
 T = TypeVar("T")
 
 
@@ -43,25 +44,25 @@ def unavailable() -> str | None:
     """Why namespaces cannot be made here (the caller skips with it), or None."""
     if os.geteuid() != 0:
         return "network namespaces need root (ip netns add)"
-    if shutil.which("ip") is None:
+    if not IP:
         return "iproute2's ip is not installed (apt-get install iproute2)"
     probe = f"{PREFIX}-{os.getpid()}-probe"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
+    made = subprocess.run([IP, "netns", "add", probe], capture_output=True, text=True, check=False)
     if made.returncode != 0:
         return f"ip netns add fails here: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
+    subprocess.run([IP, "netns", "del", probe], capture_output=True, check=False)
     return None
 
 
 def ip(*args: str) -> None:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=False)
+    done = subprocess.run([IP, *args], capture_output=True, text=True, timeout=10, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
 
 
 def _kill_inside(namespace: str) -> None:
     """SIGKILL whatever still runs in ``namespace`` (a run that outlived its test)."""
-    pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True, check=False).stdout
+    pids = subprocess.run([IP, "netns", "pids", namespace], capture_output=True, text=True, check=False).stdout
     for pid in pids.split():
         try:
             os.kill(int(pid), signal.SIGKILL)
@@ -71,7 +72,7 @@ def _kill_inside(namespace: str) -> None:
 
 def remove_leftovers() -> list[str]:
     """Delete the namespaces (and what runs in them) of earlier test processes that are gone."""
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    listed = subprocess.run([IP, "netns", "list"], capture_output=True, text=True, check=False).stdout
     removed = []
     for line in listed.splitlines():
         name = line.split()[0] if line.split() else ""
@@ -79,7 +80,7 @@ def remove_leftovers() -> list[str]:
         if m is None or os.path.exists(f"/proc/{m.group(1)}"):
             continue  # not ours, or its test process still runs
         _kill_inside(name)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        subprocess.run([IP, "netns", "del", name], capture_output=True, check=False)
         removed.append(name)
     return removed
 
@@ -154,13 +155,13 @@ class Network:
 
     def prefix(self, host: str | None = None) -> tuple[str, ...]:
         """The command prefix that runs a program on ``host`` (None: the broker's host)."""
-        return ("ip", "netns", "exec", self.namespaces[host] if host else self.broker_ns)
+        return (IP, "netns", "exec", self.namespaces[host] if host else self.broker_ns)
 
     def close(self) -> None:
         """Kill what still runs inside, then delete the namespaces (their interfaces go with them)."""
         for namespace in reversed(self._made):
             _kill_inside(namespace)
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
+            subprocess.run([IP, "netns", "del", namespace], capture_output=True, check=False)
         self._made.clear()
 
 

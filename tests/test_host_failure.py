@@ -23,7 +23,7 @@ from harness import Procmqtt, records, require_mosquitto, wait_until
 KEEPALIVE = 2
 RATE = 100  # messages a second, numbered; the broker hands them to the members in turn
 WORKERS, PREFETCH = 2, 16
-KNOWN_GONE = 150  # messages published after the broker noticed, before the link comes back
+KNOWN_GONE = 100  # messages published after the broker noticed, before the link comes back
 
 
 @pytest.fixture
@@ -172,7 +172,7 @@ def test_a_member_host_cut_off_mid_stream_and_back(tmp_path, network, net_broker
         "of those handled by the live member": len(a_during),
         "published once the broker noticed": len(gone),
         "of those handled by the live member ": len(a_gone),
-        "routed to b, handled by b on its return": len(waited),
+        "of those handled by b": len(waited),
         "their longest wait s": round(max(waited, default=0.0), 2),
         "lost were published s after the cut": [round(sent[n] - cut, 2) for n in (lost[0], lost[-1])] if lost else [],
     }
@@ -206,7 +206,7 @@ def test_a_link_blip_shorter_than_the_keepalive_loses_nothing_and_keeps_the_conn
         time.sleep(KEEPALIVE / 2)  # the outage itself, not a wait for a state
         up = time.monotonic()
         network.restore("b")
-        wait_until(lambda: len(stream.sent) - len(_window(stream.sent, 0, up)) >= 100, 10, "stream after the blip")
+        wait_until(lambda: len(stream.sent) - len(_window(stream.sent, 0, up)) >= 50, 10, "stream after the blip")
         total = stream.stop()
     finally:
         stream.close()
