@@ -274,10 +274,17 @@ class Procmqtt:
     """``procmqtt run`` as a real process tree, with its log on a file."""
 
     def __init__(
-        self, directory: Path, app: str, config: str | None, *args: str, env: dict[str, str] | None = None
+        self,
+        directory: Path,
+        app: str,
+        config: str | None,
+        *args: str,
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> None:
+        """``prefix``: a command that runs the rest, e.g. ``ip netns exec NAME`` (tests/netns.py)."""
         self.log_path = directory / f"procmqtt-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "procmqtt", "run", app, *args]
+        cmd = [*prefix, sys.executable, "-m", "procmqtt", "run", app, *args]
         if config is not None:
             cmd += ["-c", config]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the process, closed in cleanup
