@@ -206,7 +206,7 @@ class NamespaceBroker(Mosquitto):
 
 class Stream:
     """A numbered QoS 1 stream published from the broker's host at a steady rate, in a thread;
-    ``sent[n]`` is when number ``n`` was handed to paho (``time.monotonic``, as the Recorder's)."""
+    ``sent[n]`` is just before number ``n`` was handed to paho (``time.monotonic``, as the Recorder's)."""
 
     def __init__(self, network: Network, port: int, topic: str, rate: float) -> None:
         self.topic = topic
@@ -230,8 +230,11 @@ class Stream:
         start = time.monotonic()
         while not self._stop.is_set():
             n = len(self.sent)
-            self.infos.append(self.client.publish(self.topic.format(n=n), str(n).encode(), 1))
+            # stamped before paho may write it: the broker cannot have a message before its stamp
+            # (stamped after, a descheduled thread made a message routed before the broker dropped
+            # a member look as if it were published after)
             self.sent.append(time.monotonic())
+            self.infos.append(self.client.publish(self.topic.format(n=n), str(n).encode(), 1))
             self._stop.wait(max(0.0, start + (n + 1) * self.interval - time.monotonic()))
 
     def stop(self, timeout: float = 10) -> int:
