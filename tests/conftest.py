@@ -34,10 +34,16 @@ _RABBITMQ: list[RabbitMQ] = []  # the session's node, launched at collection whe
 
 @pytest.hookimpl(trylast=True)  # after -m and -k deselected what will not run
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    if RABBITMQ and not _RABBITMQ and any("rabbitmq_broker" in getattr(i, "fixturenames", ()) for i in items):
+    if RABBITMQ and not _RABBITMQ and any(_needs_rabbitmq(item) for item in items):
         node = RabbitMQ(Path(tempfile.mkdtemp(prefix="procmqtt-test-rabbitmq-")))
         node.launch()
         _RABBITMQ.append(node)
+
+
+def _needs_rabbitmq(item: pytest.Item) -> bool:
+    """The fixture by name, or as the parameter the matrix passes to ``request.getfixturevalue``."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return "rabbitmq_broker" in getattr(item, "fixturenames", ()) or "rabbitmq_broker" in params.values()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
