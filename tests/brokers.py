@@ -221,6 +221,8 @@ class RabbitMQ(_Broker):
             "RABBITMQ_FEATURE_FLAGS_FILE": str(d / "feature_flags"),
             "RABBITMQ_QUORUM_DIR": str(d / "quorum"),
             "RABBITMQ_STREAM_DIR": str(d / "stream"),
+            # schedulers that sleep when idle: the node must not spin beside the rest of the suite
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "+sbwt none +sbwtdcpu none +sbwtdio none",
         }
 
     def ready(self, timeout: float = RABBITMQ_BOOT) -> None:

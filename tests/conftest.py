@@ -30,14 +30,22 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 _RABBITMQ: list[RabbitMQ] = []  # the session's node, launched at collection when a selected test needs it
+_LAST_RABBITMQ_TEST: list[str] = []  # its node is stopped after this test, not left idling beside the rest
 
 
 @pytest.hookimpl(trylast=True)  # after -m and -k deselected what will not run
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    if RABBITMQ and not _RABBITMQ and any(_needs_rabbitmq(item) for item in items):
+    users = [item.nodeid for item in items if _needs_rabbitmq(item)]
+    if RABBITMQ and not _RABBITMQ and users:
         node = RabbitMQ(Path(tempfile.mkdtemp(prefix="procmqtt-test-rabbitmq-")))
         node.launch()
         _RABBITMQ.append(node)
+    _LAST_RABBITMQ_TEST[:] = users[-1:]
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if [item.nodeid] == _LAST_RABBITMQ_TEST:
+        _stop_rabbitmq()
 
 
 def _needs_rabbitmq(item: pytest.Item) -> bool:
@@ -46,11 +54,15 @@ def _needs_rabbitmq(item: pytest.Item) -> bool:
     return "rabbitmq_broker" in getattr(item, "fixturenames", ()) or "rabbitmq_broker" in params.values()
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+def _stop_rabbitmq() -> None:
     for node in _RABBITMQ:
         node.close()
         shutil.rmtree(node.dir, ignore_errors=True)
     _RABBITMQ.clear()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _stop_rabbitmq()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -125,7 +137,8 @@ def nats_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nats]:
 
 @pytest.fixture(scope="session")
 def rabbitmq_broker() -> RabbitMQ:
-    """The session's private RabbitMQ node (launched at collection); stopped at the session's end."""
+    """The session's private RabbitMQ node (launched at collection); stopped after the last test
+    that needs it (or at the session's end)."""
     if not _RABBITMQ:  # launched by hand or the hook did not see this test: boot now
         node = RabbitMQ(Path(tempfile.mkdtemp(prefix="procmqtt-test-rabbitmq-")))
         _RABBITMQ.append(node)
