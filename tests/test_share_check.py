@@ -39,7 +39,7 @@ def test_a_broker_that_grants_share_as_a_plain_filter(tmp_path, runs, nats_broke
     "v5, how",
     [
         (True, '"Shared Subscription Available" = 0'),
-        (False, "refused the shared subscription $share/g/sh/# (SUBACK)"),
+        (False, "refused the shared subscription $share/g/sh/# (SUBACK reason code 0x80)"),
     ],
     ids=["5-connack", "3.1.1-suback"],
 )

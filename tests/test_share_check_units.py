@@ -97,3 +97,12 @@ def test_no_share_group_checks_nothing(caplog):
     client = Client()
     assert check.connected(client, None, v5=False) is None  # type: ignore[arg-type]
     assert client.calls == [] and not check.listening()
+
+
+def test_mqtt5_not_authorized_is_the_acl_not_a_missing_feature(caplog):
+    """Only 0x9E says "no shared subscriptions" on MQTT 5; 0x87 is an ACL, logged as any refusal."""
+    check = ShareCheck(replace(MqttConfig(), share_group="g", protocol="5"), "app-1", logging.getLogger("test"))
+    client = Client()
+    assert check.granted(3, [], [("$share/g/secret/#", 0x87)], client, 0.0) is None  # type: ignore[arg-type]
+    error = check.granted(3, [], [("$share/g/orders/#", 0x9E)], client, 0.0)  # type: ignore[arg-type]
+    assert error is not None and "refused the shared subscription $share/g/orders/# (SUBACK reason code 0x9E)" in error

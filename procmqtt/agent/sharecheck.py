@@ -5,7 +5,8 @@ as an ordinary filter whose first level is ``$share`` (NATS 2.9, RabbitMQ 3.x: d
 the app then receives nothing, with no error anywhere. So the agent checks, once per process:
 
 - MQTT 5: the CONNACK's "Shared Subscription Available" property (absent means available);
-- a refused SUBACK for one of the app's ``$share/`` filters (reason code 0x80 on MQTT 3.1.1);
+- a refused SUBACK for one of the app's ``$share/`` filters (0x80 on MQTT 3.1.1, where it may also
+  be an ACL; on MQTT 5 only 0x9E "Shared Subscriptions not supported", not "Not authorized");
 - MQTT 3.1.1, which has no such property: a round trip. The agent subscribes (QoS 0)
   ``$share/<group>/procmqtt/share-check/<client id>/shared`` and, as a witness, the plain
   ``procmqtt/share-check/<client id>/plain``; once both are granted it publishes one empty QoS 0
@@ -38,6 +39,8 @@ GRACE = 1.0
 """Seconds the shared message may trail the witness (at least; twice the witness's round trip if
 longer): a broker routes both publishes within milliseconds of each other."""
 CHECK_TOPIC = "procmqtt/share-check/"
+NOT_SUPPORTED_V5 = 0x9E  # SUBACK "Shared Subscriptions not supported"
+REFUSED_V311 = 0x80  # MQTT 3.1.1's one SUBACK failure code
 
 
 class ShareCheck:
@@ -50,6 +53,7 @@ class ShareCheck:
         self.topic, self.witness = f"{self.base}shared", f"{self.base}plain"
         self.filter = f"$share/{m.share_group}/{self.topic}"
         self.needed = bool(m.share_group)  # until it passes once: later connections are not checked
+        self.no_shared = NOT_SUPPORTED_V5 if m.protocol == "5" else REFUSED_V311  # the SUBACK code that says so
         self.mid: int | None = None  # of the check's SUBSCRIBE, until its SUBACK
         self.waiting = False  # both published; neither judged yet
         self.sent = self.deadline = 0.0
@@ -81,21 +85,27 @@ class ShareCheck:
             self.mid = mid
         return None
 
-    def granted(self, mid: int, reasons: list[Any], refused: list[str], client: mqtt.Client, now: float) -> str | None:
-        """A SUBACK: the app's ``$share/`` filters refused, or the check's subscription answered."""
-        shared = [f for f in refused if f.startswith("$share/")]
+    def granted(
+        self, mid: int, reasons: list[Any], refused: list[tuple[str, int]], client: mqtt.Client, now: float
+    ) -> str | None:
+        """A SUBACK: the app's ``$share/`` filters refused, or the check's subscription answered.
+        MQTT 5 names the cause (0x9E); another code there is the broker's ACL, logged as before."""
+        shared = [(f, code) for f, code in refused if f.startswith("$share/") and code == self.no_shared]
         if shared and self.m.share_group:
-            return self._refused(f"refused the shared subscription {shared[0]} (SUBACK)")
+            f, code = shared[0]
+            return self._refused(f"refused the shared subscription {f} (SUBACK reason code 0x{code:02X})")
         if mid != self.mid:
             return None
         self.mid = None
-        if len(reasons) != 2 or reasons[1].is_failure:
+        if len(reasons) != 2 or reasons[1].is_failure or (reasons[0].is_failure and reasons[0].value != self.no_shared):
             self.needed = False
-            self.log.warning("cannot check that the broker has shared subscriptions: it refused %s", self.witness)
+            self.log.warning("cannot check that the broker has shared subscriptions: it refused the check's filters")
             client.unsubscribe([self.filter, self.witness])
             return None
         if reasons[0].is_failure:
-            return self._refused(f"refused the shared subscription {self.filter} (SUBACK)")
+            return self._refused(
+                f"refused the shared subscription {self.filter} (SUBACK reason code 0x{reasons[0].value:02X})"
+            )
         client.publish(self.topic, b"", 0)
         client.publish(self.witness, b"", 0)
         self.waiting, self.witnessed = True, False

@@ -172,14 +172,14 @@ class Subscriptions:
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self.requests[mid] = [reply_filter]
 
-    def granted(self, mid: int, reasons: list[Any]) -> list[str]:
-        """The broker's SUBACK; returns the filters it refused."""
+    def granted(self, mid: int, reasons: list[Any]) -> list[tuple[str, int]]:
+        """The broker's SUBACK; returns the filters it refused, with the reason codes."""
         filters = self.requests.pop(mid, [])
         granted, refused = [], []
         for topic_filter, reason in zip(filters, reasons, strict=False):
             if reason.is_failure:
                 self.log.error("the broker refused the subscription to %s: %s", topic_filter, reason)
-                refused.append(topic_filter)
+                refused.append((topic_filter, reason.value))
             else:
                 granted.append(f"{topic_filter} (qos {reason.value})")
         if granted:
