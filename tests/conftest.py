@@ -1,26 +1,68 @@
 """Fixtures for every test file, and the ``unit`` marker's promise.
 
 Without mosquitto the tests that need a broker are skipped with one reason (``harness.require_mosquitto``);
-``pytest -m unit`` runs the tests that need none and start no process, in seconds.
+``pytest -m unit`` runs the tests that need none and start no process, in seconds. The broker
+matrix's NATS and RabbitMQ (tests/brokers.py) start once per session; RabbitMQ boots in the
+background from the moment the tests that need it are collected, so its slow boot overlaps others.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from brokers import NATS, RABBITMQ, Nats, RabbitMQ
 from harness import MISSING_MOSQUITTO, MOSQUITTO, Mosquitto, Procmqtt, require_mosquitto
 
 from procmqtt.agent.brokersocket import BrokerSocket
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    return f"mosquitto: {MOSQUITTO}" if MOSQUITTO else f"{MISSING_MOSQUITTO}; the tests that need it are skipped"
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    mosquitto = f"mosquitto: {MOSQUITTO}" if MOSQUITTO else f"{MISSING_MOSQUITTO}; the tests that need it are skipped"
+    return [mosquitto, f"nats-server: {NATS}; rabbitmq-server: {RABBITMQ}"]
+
+
+_RABBITMQ: list[RabbitMQ] = []  # the session's node, launched at collection when a selected test needs it
+_LAST_RABBITMQ_TEST: list[str] = []  # its node is stopped after this test, not left idling beside the rest
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k deselected what will not run
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    users = [item.nodeid for item in items if _needs_rabbitmq(item)]
+    if RABBITMQ and not _RABBITMQ and users:
+        node = RabbitMQ(Path(tempfile.mkdtemp(prefix="procmqtt-test-rabbitmq-")))
+        node.launch()
+        _RABBITMQ.append(node)
+    _LAST_RABBITMQ_TEST[:] = users[-1:]
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if [item.nodeid] == _LAST_RABBITMQ_TEST:
+        _stop_rabbitmq()
+
+
+def _needs_rabbitmq(item: pytest.Item) -> bool:
+    """The fixture by name, or as the parameter the matrix passes to ``request.getfixturevalue``."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return "rabbitmq_broker" in getattr(item, "fixturenames", ()) or "rabbitmq_broker" in params.values()
+
+
+def _stop_rabbitmq() -> None:
+    for node in _RABBITMQ:
+        node.close()
+        shutil.rmtree(node.dir, ignore_errors=True)
+    _RABBITMQ.clear()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _stop_rabbitmq()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -82,3 +124,27 @@ def runs(tmp_path: Path) -> Iterator[list[Procmqtt]]:
         run.cleanup()
     crashes = [line for run in started for line in run.log().splitlines() if "crashed" in line]
     assert not crashes, f"a procmqtt process crashed: {crashes}"  # internal errors never pass silently
+
+
+@pytest.fixture(scope="session")
+def nats_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nats]:
+    """One private nats-server (JetStream + MQTT) for the session; a test that restarts it leaves it running."""
+    b = Nats(tmp_path_factory.mktemp("nats"))
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_broker() -> RabbitMQ:
+    """The session's private RabbitMQ node (launched at collection); stopped after the last test
+    that needs it (or at the session's end)."""
+    if not _RABBITMQ:  # launched by hand or the hook did not see this test: boot now
+        node = RabbitMQ(Path(tempfile.mkdtemp(prefix="procmqtt-test-rabbitmq-")))
+        _RABBITMQ.append(node)
+        node.launch()
+    node = _RABBITMQ[0]
+    if node.proc is None:
+        node.launch()
+    node.ready()
+    return node

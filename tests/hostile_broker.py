@@ -59,11 +59,17 @@ class HostileBroker:
         after_subscribe: Callable[[Connection], None],
         after_connack: Callable[[Connection], None] | None = None,
         drop_first_subscribe: bool = False,
+        connack_properties: bytes = b"",
+        refuse_shared: bool = False,
     ) -> None:
         """``drop_first_subscribe``: the first connection's first SUBSCRIBE gets no SUBACK; the
-        connection is closed instead (a broker that went away mid-request)."""
+        connection is closed instead (a broker that went away mid-request). ``connack_properties``:
+        MQTT 5 properties, encoded, for the CONNACK. ``refuse_shared``: every ``$share/`` filter
+        gets a failure in the SUBACK (0x80; MQTT 5: 0x9E, "Shared Subscriptions not supported")."""
         self.v5 = v5
         self.drop_first_subscribe = drop_first_subscribe
+        self.connack_properties = connack_properties
+        self.refuse_shared = refuse_shared
         self.after_subscribe = after_subscribe
         self.after_connack = after_connack
         self.received: list[tuple[int, int, int | None]] = []
@@ -125,7 +131,8 @@ class HostileBroker:
                     with self.lock:
                         self.received.append((conn.index, kind, mid))
                     if kind == CONNECT:
-                        conn.send(packet(CONNACK << 4, b"\x00\x00" + props))
+                        connack_props = _length(len(self.connack_properties)) + self.connack_properties
+                        conn.send(packet(CONNACK << 4, b"\x00\x00" + (connack_props if self.v5 else b"")))
                         if self.after_connack is not None:
                             self.after_connack(conn)
                     elif kind == SUBSCRIBE and self.drop_first_subscribe and conn.index == 0:
@@ -134,12 +141,13 @@ class HostileBroker:
                         filters = body[2:]
                         if self.v5:  # skip the property block
                             filters = filters[1 + filters[0] :] if filters[0] < 0x80 else filters
-                        count = 0
+                        codes = b""
                         while filters:
                             n = struct.unpack("!H", filters[:2])[0]
+                            refused = self.refuse_shared and filters[2 : 2 + n].startswith(b"$share/")
+                            codes += (b"\x9e" if self.v5 else b"\x80") if refused else b"\x01"
                             filters = filters[3 + n :]
-                            count += 1
-                        conn.send(packet(SUBACK << 4, body[:2] + props + b"\x01" * count))
+                        conn.send(packet(SUBACK << 4, body[:2] + props + codes))
                         if not subscribed:
                             subscribed = True
                             self.after_subscribe(conn)

@@ -169,6 +169,8 @@ def test_two_instances_share_one_stream_through_share_group(tmp_path, broker, ru
     a, rec_a = _instance(tmp_path, "a", broker, runs)
     b, rec_b = _instance(tmp_path, "b", broker, runs)
     assert "subscribed to $share/orders/orders/# (qos 1)" in a.log()
+    for run in (a, b):  # procmqtt checked that Mosquitto has shared subscriptions (agent/sharecheck.py)
+        run.wait_for_log(r"share_group: the broker has shared subscriptions \(a message came back through")
     pub = publisher(broker)
 
     def handled() -> list[str]:

@@ -1,5 +1,6 @@
-"""The broker connection as the agent holds it: its lifecycle states and the paho client built
-from ``[mqtt]``. Runs in the agent process; nothing here touches workers or deliveries."""
+"""The broker connection as the agent holds it: its lifecycle states, how long one must last to
+count as stable, the hint for a port that does not answer MQTT, and the paho client built from
+``[mqtt]``. Runs in the agent process; nothing here touches workers or deliveries."""
 
 from __future__ import annotations
 
@@ -12,6 +13,17 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 
 from procmqtt.config import MqttConfig
+
+STABLE_CONNECTION = 10.0
+"""Seconds a connection must last before the reconnect backoff starts over. A reset on every CONNACK
+let a connection that the broker closes right away (another client with our id takes the session
+over, and ours takes it back) reconnect ~1,000 times a second. Ten seconds is far beyond such a
+takeover round trip or a CONNACK-then-close, and short enough that a real outage after a healthy
+connection reconnects at once."""
+SHORT_LIVED_WARN = 3
+"""Connections in a row shorter than ``STABLE_CONNECTION`` before the agent says, once, that
+another client probably uses its client id."""
+SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason code
 
 
 class ConnState(enum.Enum):
@@ -36,6 +48,12 @@ class IllegalTransition(RuntimeError):
 def check_transition(old: ConnState, new: ConnState) -> None:
     if new not in TRANSITIONS[old]:
         raise IllegalTransition(f"agent connection: {old.value} -> {new.value}")
+
+
+def hint(m: MqttConfig) -> str:
+    """paho reports TLS mix-ups as silence or a bare disconnect; say what to check."""
+    tls = "TLS on" if m.tls else "no TLS"
+    return f"({tls}): is this an MQTT port, does it expect TLS ([mqtt.tls]), and does it require a client certificate?"
 
 
 def make_client(m: MqttConfig, client_id: str, receive_maximum: int) -> mqtt.Client:

@@ -293,6 +293,9 @@ class Agent(Upstream):
                 if replies.is_reply(m.topic):
                     self._route_reply(m, properties or EMPTY)
             batch = [m for m in batch if not replies.is_reply(m.topic)]
+        share = self.session.share
+        if share.listening():  # the share_group check's messages (``sharecheck``) are not the app's
+            batch = [m for m in batch if not share.arrived(m.topic, self.session.client)]
         self.metrics.received += len(batch)
         self.ledger.arrived(batch, properties)
 

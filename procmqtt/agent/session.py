@@ -27,6 +27,7 @@ from procmqtt.agent.connection import ConnState
 from procmqtt.agent.ledger import DeliveryLedger, Inbound
 from procmqtt.agent.outbox import Outbox
 from procmqtt.agent.replies import Replies
+from procmqtt.agent.sharecheck import ShareCheck
 from procmqtt.agent.subscriptions import Subscriptions
 from procmqtt.backoff import Backoff
 from procmqtt.config import Config
@@ -37,16 +38,6 @@ from procmqtt.message import EMPTY, Properties
 READ_AHEAD = 1024 * 1024
 """Bytes of the broker's stream the agent holds unparsed at most (beyond one large packet)."""
 _AUTH_REFUSED = {134, 135}  # Bad user name or password, Not authorized (3.1.1 codes 4 and 5)
-STABLE_CONNECTION = 10.0
-"""Seconds a connection must last before the reconnect backoff starts over. A reset on every CONNACK
-let a connection that the broker closes right away (another client with our id takes the session
-over, and ours takes it back) reconnect ~1,000 times a second. Ten seconds is far beyond such a
-takeover round trip or a CONNACK-then-close, and short enough that a real outage after a healthy
-connection reconnects at once."""
-SHORT_LIVED_WARN = 3
-"""Connections in a row shorter than ``STABLE_CONNECTION`` before the agent says, once, that
-another client probably uses its client id."""
-_SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason code
 
 Intake = Callable[[list[Inbound], "Properties | None"], None]
 
@@ -76,10 +67,11 @@ class BrokerSession:
         self.v5 = config.mqtt.protocol == "5"
         self.batch_properties = EMPTY if self.v5 else None  # of the messages ``brokersocket`` decodes
         self.subs = Subscriptions(config.mqtt, os.path.join(state_dir, "subscriptions.json"), log)
+        self.share = ShareCheck(config.mqtt, client_id, log)  # does the broker do share_group?
         self.state = ConnState.DISCONNECTED
         self.backoff = Backoff(base=0.5, cap=30.0)
         self.connected_at = 0.0
-        self.short_lived = 0  # connections in a row that ended before STABLE_CONNECTION
+        self.short_lived = 0  # connections in a row that ended before connection.STABLE_CONNECTION
         self.dropped_for = ""  # the protocol error we closed the connection for, until it is closed
         self.warned_takeover = False
         self.next_attempt = 0.0
@@ -88,7 +80,7 @@ class BrokerSession:
         self.last_read = 0.0
         self.intake: Intake  # set in start(): the loop's one intake path
         self.odd: Callable[..., None]  # set in start(): counts and logs what a broken broker sent
-        self.exit_code = ExitCode.OK  # why the agent leaves early (refused credentials, a stuck loop)
+        self.exit_code = ExitCode.OK  # why the agent leaves early (bad credentials, no $share, stuck loop)
         self.client: mqtt.Client = None  # type: ignore[assignment]  # created in start(), after fork
         self.stream: BrokerSocket | None = None  # the broker socket as paho sees it (brokersocket.py)
 
@@ -132,7 +124,7 @@ class BrokerSession:
             else:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 if self.config.mqtt.tls is not None:
-                    reason += " " + self._connect_hint()
+                    reason += " " + connection.hint(self.config.mqtt)
             self._schedule_reconnect(f"cannot connect: {reason}")
             return
         self.connack_deadline = time.monotonic() + self.config.mqtt.connect_timeout
@@ -145,14 +137,16 @@ class BrokerSession:
             self.client.loop_misc()
         if self.state is ConnState.CONNECTING and now >= self.connack_deadline:
             self._set_state(ConnState.DISCONNECTED)
-            self._schedule_reconnect(f"no CONNACK within {self.config.mqtt.connect_timeout:g}s {self._connect_hint()}")
+            m = self.config.mqtt
+            self._schedule_reconnect(f"no CONNACK within {m.connect_timeout:g}s {connection.hint(m)}")
+        if self.state is ConnState.CONNECTED:  # a check cut short starts again on the next connection
+            self._refuse(self.share.due(now, self.client))
 
-    def _connect_hint(self) -> str:
-        """paho reports TLS mix-ups as silence or a bare disconnect; say what to check."""
-        tls = "TLS on" if self.config.mqtt.tls else "no TLS"
-        return (
-            f"({tls}): is this an MQTT port, does it expect TLS ([mqtt.tls]), and does it require a client certificate?"
-        )
+    def _refuse(self, error: str | None) -> None:
+        """The broker cannot do what the configuration asks (``sharecheck``): exit 2."""
+        if error is not None:
+            self.log.error("%s", error)
+            self.exit_code = ExitCode.USAGE
 
     def _schedule_reconnect(self, reason: str) -> None:
         delay = self.backoff.next()
@@ -197,6 +191,7 @@ class BrokerSession:
                 window,
             )
         self.subs.connected(self.client)
+        self._refuse(self.share.connected(self.client, properties, self.v5))
         if self.replies.wanted:
             self.subscribe_replies()
         if m.birth is not None:
@@ -229,7 +224,8 @@ class BrokerSession:
         was_connected = self.state is ConnState.CONNECTED
         self._set_state(ConnState.DISCONNECTED)
         if not was_connected:
-            self._schedule_reconnect(f"the broker closed the connection before CONNACK {self._connect_hint()}")
+            hint = connection.hint(self.config.mqtt)
+            self._schedule_reconnect(f"the broker closed the connection before CONNACK {hint}")
             return
         self.ledger.offline(lost=True)  # undispatched QoS 1 messages come again on the next connection
         self._note_connection_end(reason)
@@ -238,13 +234,13 @@ class BrokerSession:
     def _note_connection_end(self, reason: Any) -> None:
         """A stable connection starts the backoff over; short ones in a row keep it growing, and
         say once what usually causes them."""
-        if time.monotonic() - self.connected_at >= STABLE_CONNECTION:
+        if time.monotonic() - self.connected_at >= connection.STABLE_CONNECTION:
             self.backoff.reset()
             self.short_lived = 0
             return
         self.short_lived += 1
-        taken_over = getattr(reason, "value", None) == _SESSION_TAKEN_OVER and self.v5
-        if (taken_over or self.short_lived >= SHORT_LIVED_WARN) and not self.warned_takeover:
+        taken_over = getattr(reason, "value", None) == connection.SESSION_TAKEN_OVER and self.v5
+        if (taken_over or self.short_lived >= connection.SHORT_LIVED_WARN) and not self.warned_takeover:
             self.warned_takeover = True
             self.log.warning(
                 "the broker keeps closing the connection right after accepting it: another "
@@ -277,7 +273,8 @@ class BrokerSession:
     # --- subscriptions -------------------------------------------------------------------------
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any], properties: Any) -> None:
-        self.subs.granted(mid, reasons)
+        refused = self.subs.granted(mid, reasons)
+        self._refuse(self.share.granted(mid, reasons, refused, client, time.monotonic()))
 
     def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
         if mid == self.syncing:

@@ -174,17 +174,19 @@ class Subscriptions:
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self.requests[mid] = [reply_filter]
 
-    def granted(self, mid: int, reasons: list[Any]) -> None:
-        """The broker's SUBACK."""
+    def granted(self, mid: int, reasons: list[Any]) -> list[tuple[str, int]]:
+        """The broker's SUBACK; returns the filters it refused, with the reason codes."""
         filters = self.requests.pop(mid, [])
-        granted = []
+        granted, refused = [], []
         for topic_filter, reason in zip(filters, reasons, strict=False):
             if reason.is_failure:
                 self.log.error("the broker refused the subscription to %s: %s", topic_filter, reason)
+                refused.append((topic_filter, reason.value))
             else:
                 granted.append(f"{topic_filter} (qos {reason.value})")
         if granted:
             self.log.info("subscribed to %s", ", ".join(granted))
+        return refused
 
     def unsubscribed(self, mid: int) -> None:
         """The broker's UNSUBACK."""

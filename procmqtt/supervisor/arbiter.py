@@ -237,6 +237,11 @@ class Supervisor(Operations, Spawning):
         if child.role == "agent" and code == ExitCode.AUTH:
             self.give_up(child, ExitCode.AUTH, "the broker refused the credentials; see the agent's error above")
             return
+        if child.role == "agent" and code == ExitCode.USAGE:  # the broker lacks what [mqtt] asks (share_group)
+            self.give_up(
+                child, ExitCode.USAGE, "the broker cannot do what the configuration asks; see the agent's error above"
+            )
+            return
         if child.role == "agent" and self.crash_looping(child, code):
             self.give_up(
                 child,
