@@ -58,8 +58,8 @@ def test_the_sync_fails_only_what_the_dead_agent_took():
         channel.send(agent_in, channel.AgentStarted())
         link.read_available()
         assert confirmed.wait(0)
-        (sync,) = _sent(agent_up)
-        assert sync == channel.Sync(0, 5, ask.request_id)
+        holding, sync = _sent(agent_up)
+        assert holding == channel.Holding(0, 5) and sync == channel.Sync(0, 5, ask.request_id)
         after = link.publish("t/after", b"", 1, False)  # not covered by the Sync: untouched
         assert [r.request_id for r in _sent(agent_up)] == [after.request_id]  # type: ignore[union-attr]
         channel.send(agent_in, channel.SyncAck(sync.last_request_id, (held.request_id,)))
@@ -74,7 +74,7 @@ def test_the_sync_fails_only_what_the_dead_agent_took():
         assert not link._handles and not link._request_of
         channel.send(agent_in, channel.AgentStarted())  # nothing unconfirmed: nothing to ask
         link.read_available()
-        assert _sent(agent_up) == []
+        assert _sent(agent_up) == [channel.Holding(0, 5)]
 
 
 def _step(record_dir: Path, name: str) -> dict | None:
