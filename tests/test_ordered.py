@@ -2,7 +2,8 @@
 
 Many topics of numbered messages, handlers of random length, four workers, one SIGKILLed
 mid-stream. For every key, the handling intervals (received to done, or to the kill) never
-overlap and the numbers never go back; every message is handled.
+overlap and the numbers never go back; every message is handled. Then the agent SIGKILLed twice,
+where a message can come again (``test_ordered_holds_across_agent_sigkills`` says what holds).
 
 procmqtt keeps each key in the order messages reach the agent. Mosquitto keeps one topic's QoS 1
 messages in publish order only while it need not queue them behind a full in-flight window
