@@ -25,6 +25,14 @@ class Recording(Worker):
         while hold and os.path.exists(hold) and time.monotonic() < deadline:
             time.sleep(0.05)
 
+    def ordered_delay(self, message: Message) -> float:
+        """tests/test_ordered.py: seconds from ``min_delay`` to ``max_delay``, or ``slow`` for the
+        message whose payload is ``slow_number``."""
+        app = self.config.app
+        if "slow" in app and message.payload == str(app["slow_number"]).encode():
+            return float(app["slow"])
+        return random.uniform(float(app.get("min_delay", 0)), float(app.get("max_delay", 0)))
+
     def record(self, event: str, message: Message, **extra: object) -> None:
         line = {
             "event": event,
@@ -66,7 +74,7 @@ class Recorder(Recording):
         elif message.topic == "hang":
             threading.Event().wait()
         elif message.topic.startswith("ord/"):  # tests/test_ordered.py: handlers of random length
-            time.sleep(random.uniform(0, float(self.config.app.get("max_delay", 0))))
+            time.sleep(self.ordered_delay(message))
         elif message.topic.startswith("pub/"):
             time.sleep(float(self.config.app.get("pub_delay", 0)))
             for i in range(int(message.topic[4:])):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 
 from apps import Recording
 
@@ -33,12 +32,13 @@ class AsyncSleeper(Recording):
 
 
 class AsyncOrdered(Recording):
-    """``ord/#``: awaits a random time up to ``max_delay``, so with concurrency the handlings overlap."""
+    """``ord/#``: awaits a random time (``Recording.ordered_delay``), so with concurrency the
+    handlings overlap."""
 
     @route("ord/#", qos=1)
     async def ordered(self, message: Message) -> None:
         self.record("received", message)
-        await asyncio.sleep(random.uniform(0, float(self.config.app.get("max_delay", 0))))
+        await asyncio.sleep(self.ordered_delay(message))
         self.record("done", message)
 
 

@@ -58,8 +58,8 @@ def test_the_sync_fails_only_what_the_dead_agent_took():
         channel.send(agent_in, channel.AgentStarted())
         link.read_available()
         assert confirmed.wait(0)
-        (sync,) = _sent(agent_up)
-        assert sync == channel.Sync(0, 5, ask.request_id)
+        holding, sync = _sent(agent_up)
+        assert holding == channel.Holding(0, 5) and sync == channel.Sync(0, 5, ask.request_id)
         after = link.publish("t/after", b"", 1, False)  # not covered by the Sync: untouched
         assert [r.request_id for r in _sent(agent_up)] == [after.request_id]  # type: ignore[union-attr]
         channel.send(agent_in, channel.SyncAck(sync.last_request_id, (held.request_id,)))
@@ -74,7 +74,35 @@ def test_the_sync_fails_only_what_the_dead_agent_took():
         assert not link._handles and not link._request_of
         channel.send(agent_in, channel.AgentStarted())  # nothing unconfirmed: nothing to ask
         link.read_available()
-        assert _sent(agent_up) == []
+        assert _sent(agent_up) == [channel.Holding(0, 5)]
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.unit
+def test_a_worker_tells_a_new_agent_what_it_still_holds_from_the_old_one():
+    """``Holding`` lists the deliveries read and not reported done, running or queued; not one whose
+    Done is already queued, nor one the new agent sent after its ``AgentStarted``."""
+    agent_up, worker_up = channel.pair()
+    agent_in, worker_in = channel.pair()
+    agent_up.setblocking(False)
+    worker_in.setblocking(False)
+    link = _AgentLink(2, 9, worker_in, worker_up, from_mapping({}, "test"))
+    with agent_up, worker_up, agent_in, worker_in:
+        for delivery_id, topic in ((11, "k/done"), (12, "k/running"), (13, "k/queued")):
+            channel.send(agent_in, channel.Deliver(delivery_id, topic, b"", 1, False, False))
+        assert [link.next(0), link.next(0)] == [
+            channel.Deliver(i, t, b"", 1, False, False) for i, t in ((11, "k/done"), (12, "k/running"))
+        ]
+        link.send_later(channel.Done(11))  # queued, not sent yet: it goes out first
+        channel.send(agent_in, channel.AgentStarted())
+        channel.send(agent_in, channel.Deliver(1, "k/new", b"", 1, False, False))  # from the new agent
+        link.read_available()
+        assert _sent(agent_up) == [channel.Done(11), channel.Holding(2, 9, ((12, "k/running"), (13, "k/queued")))]
+        link.send_later(channel.Done(12))
+        channel.send(agent_in, channel.AgentStarted())  # another restart: what is still in hand
+        link.read_available()
+        link.flush()
+        assert _sent(agent_up) == [channel.Done(12), channel.Holding(2, 9, ((13, "k/queued"), (1, "k/new")))]
 
 
 def _step(record_dir: Path, name: str) -> dict | None:

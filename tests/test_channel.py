@@ -69,6 +69,8 @@ def roundtrip(record: channel.Record) -> channel.Record:
         channel.SyncAck(0),
         channel.SyncAck(42, (1, 7, 41)),
         channel.SyncAck(2**40, tuple(range(1, 60_001))),  # a whole publish_buffer: through the memory file
+        channel.Holding(0, 1),
+        channel.Holding(1023, 2**31, ((2**63 - 1, "a/b"), (7, ""), (8, "é/" + "x" * 65_000))),
     ],
 )
 @pytest.mark.unit

@@ -3,7 +3,8 @@
 A hypothesis state machine drives the ledger with random interleavings of arrivals (QoS 0/1/2, over
 several connections), completions, failures, workers dying mid-message, workers joining and
 retiring, dead letters settling, disconnects, reconnects, the stop and the clock moving on (failed
-messages held for their retry delay), and checks the guarantees after every step. Then one small table per path.
+messages held for their retry delay), and, as a restarted agent, inherited workers reporting and
+finishing what the agent before gave them; it checks the guarantees after every step. Then one small table per path.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from procmqtt.agent.dispatch import Dispatcher, LeastBusyDispatcher, RoundRobinDispatcher
-from procmqtt.agent.ledger import Delivery, DeliveryLedger, Effects, Inbound, RetrySchedule
+from procmqtt.agent.ledger import Delivery, DeliveryLedger, Effects, Inbound
+from procmqtt.agent.retry import RetrySchedule
 from procmqtt.orderkey import key_function
 
 pytestmark = pytest.mark.unit
@@ -66,6 +68,10 @@ def make(
     return ledger, rec
 
 
+TOPICS = ["k/a/1", "k/b", "k/a/2", "x"]  # under "k/{x}/#": keys k/a/# (two topics), k/b/# and x
+OLD_IDS = 10**15  # delivery ids of the agent before, beyond where this one's (48 random bits) count
+
+
 def msg(mid: int, qos: int = 1, topic: str = "t") -> Inbound:
     return Inbound(topic, str(mid).encode(), qos, mid, False, False)
 
@@ -83,6 +89,8 @@ class LedgerMachine(RuleBasedStateMachine):
         dead_letters=st.booleans(),
         retry_delay=st.sampled_from([0.0, 1.0]),
         ordered=st.booleans(),
+        restart=st.booleans(),
+        old=st.lists(st.tuples(st.integers(0, 1), st.sampled_from(TOPICS)), min_size=1, max_size=3),
     )
     def setup(
         self,
@@ -92,7 +100,11 @@ class LedgerMachine(RuleBasedStateMachine):
         dead_letters: bool,
         retry_delay: float,
         ordered: bool,
+        restart: bool,
+        old: list[tuple[int, str]],
     ) -> None:
+        """``restart``: this ledger is a new agent's; its two workers still hold ``old`` (slot,
+        topic) deliveries from the agent before, and answer when the ``report`` rule says."""
         self.rec = Recorder()
         effects = self.rec.effects()
         self.ledger = DeliveryLedger(
@@ -116,9 +128,13 @@ class LedgerMachine(RuleBasedStateMachine):
         self.acked: set[int] = set()  # QoS 1 mids acknowledged
         self.may_ack: set[int] = set()  # mids whose message was just finished (done, settled, dropped)
         self.finished: set[bytes] = set()  # left by a sanctioned path
+        self.key_of = key_function("k/{x}/#")
+        # a restarted agent: old delivery id -> (slot, topic) still out in a worker; slots not heard from
+        self.old = {OLD_IDS + i: entry for i, entry in enumerate(old)} if restart else {}
+        self.unheard = {0, 1} if restart and ordered else set()
         self.ledger.connected()  # connected, two ready workers: the interesting steps come early
-        self.ledger.worker_up(0, 1, ready=True)
-        self.ledger.worker_up(1, 1, ready=True)
+        self.ledger.worker_up(0, 1, ready=True, inherited=restart)
+        self.ledger.worker_up(1, 1, ready=True, inherited=restart)
 
     # effects checked as they happen
 
@@ -128,6 +144,8 @@ class LedgerMachine(RuleBasedStateMachine):
         assert len(seat.outstanding) <= self.ledger.prefetch, "over the prefetch"
         assert not self.ledger.stopping
         if self.ordered:
+            assert not self.unheard, "dispatched before every inherited worker said what it holds"
+            assert d.key not in {self.key_of(t) for _, t in self.old.values()}, f"{d.key} busy in a worker"
             others = [x for x in self.ledger.deliveries.values() if x is not d and x.key == d.key]
             assert not others, f"two deliveries of key {d.key} outstanding"
             earlier = self.arrival[: self.arrival.index(d.payload)]
@@ -158,7 +176,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.ledger.online)
     @rule(
         messages=st.lists(
-            st.tuples(st.sampled_from([0, 1, 2]), st.sampled_from(["k/a/1", "k/b", "k/a/2", "x"])),
+            st.tuples(st.sampled_from([0, 1, 2]), st.sampled_from(TOPICS)),
             min_size=1,
             max_size=4,
         )
@@ -174,6 +192,32 @@ class LedgerMachine(RuleBasedStateMachine):
             if self.ledger.stopping:
                 self.finished.add(str(mid).encode())  # stays at the broker (QoS 1) or is dropped
         self.ledger.arrived(batch, None)
+
+    @precondition(lambda self: self.old or self.unheard)
+    @rule(slot=st.integers(0, 1), stale=st.booleans())
+    def report(self, slot: int, stale: bool) -> None:
+        """An inherited worker answers AgentStarted (``stale``: an older generation's answer)."""
+        if slot not in self.ledger.seats or self.generations[slot] != 1:
+            return  # gone or replaced: it never answers
+        held = [(i, t) for i, (s, t) in self.old.items() if s == slot]
+        if not stale:
+            self.unheard.discard(slot)  # before: the answer may let messages out at once
+        self.ledger.holding(slot, 1 - stale, held)
+
+    @precondition(lambda self: self.unheard)
+    @rule()
+    def everyone_reports(self) -> None:
+        """Both inherited workers answer (the common case, and a second way in: rules are drawn evenly)."""
+        for slot in sorted(self.unheard):
+            self.report(slot, stale=False)
+
+    @precondition(lambda self: self.old)
+    @rule(data=st.data(), failed=st.booleans())
+    def old_done(self, data: st.DataObject, failed: bool) -> None:
+        """A Done for what the agent before gave a worker: unknown here (-1), its key moves on."""
+        delivery_id = data.draw(st.sampled_from(sorted(self.old)))
+        del self.old[delivery_id]
+        assert self.ledger.done(delivery_id, failed=failed, now=self.now) == -1
 
     @rule(slot=st.integers(0, 2), ready=st.booleans())
     def worker_up(self, slot: int, ready: bool) -> None:
@@ -241,6 +285,8 @@ class LedgerMachine(RuleBasedStateMachine):
         stopping = self.ledger.stopping
         if stopping:
             self.finished.update(d.payload for d in held)  # stays unacknowledged at the broker
+        self.old = {i: (s, t) for i, (s, t) in self.old.items() if s != slot}  # its old ones are over
+        self.unheard.discard(slot)  # before: its death may let messages out at once
         assert self.ledger.gone(slot, self.generations[slot], current) == len(held)
         assert slot not in self.ledger.seats
         if stopping:
@@ -291,6 +337,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.finished.update(d.payload for q in self.ledger.keys.values() for d in q)
         undispatched = len(self.ledger.pending) + len(self.ledger.held) + self.ledger.waiting
         assert self.ledger.stop() == undispatched
+        self.unheard.clear()  # nothing is dispatched any more: nothing is awaited
         assert not self.ledger.pending and not self.ledger.held and not self.ledger.keys
 
     # invariants, after every step
@@ -329,13 +376,17 @@ class LedgerMachine(RuleBasedStateMachine):
         heads = [d.key for d in [*self.ledger.pending, *self.ledger.deliveries.values(), *held, *unsettled]]
         assert len(heads) == len(set(heads)), "two messages of one key out at once"
         if not self.ledger.stopping:
-            assert set(heads) == set(self.ledger.keys), "a key with no head, or a head with no key"
+            # a key an inherited worker reported busy has no head here: all its messages wait
+            carried = {self.key_of(t) for s, t in self.old.values() if s not in self.unheard}
+            assert not set(heads) & carried, "a key out here while a worker still runs it for the agent before"
+            assert set(heads) | carried == set(self.ledger.keys), "a key with no head, or a head with no key"
         assert self.ledger.waiting == sum(map(len, self.ledger.keys.values()))
         assert self.ledger.room() <= self.ledger.read_ahead - len(self.ledger.pending)
 
     @invariant()
     def dispatched_while_anyone_can_take(self) -> None:
-        if self.ledger.pending and not self.ledger.stopping:
+        assert self.ledger.awaited == self.unheard
+        if self.ledger.pending and not self.ledger.stopping and not self.unheard:
             assert not any(
                 s.ready and not s.retiring and len(s.outstanding) < self.ledger.prefetch
                 for s in self.ledger.seats.values()
@@ -666,3 +717,78 @@ def test_a_retry_asked_after_the_stop_is_forgotten(retry_after: float) -> None:
     ledger.done(first, failed=False, now=0.0, retry_after=retry_after)  # stays at the broker
     ledger.offline(lost=True)
     assert not ledger.pending and not ledger.held and not ledger.keys and rec.acks == []
+
+
+# --- ordered mode after an agent restart -------------------------------------------------------
+
+
+def restarted(ordered: bool = True) -> tuple[DeliveryLedger, Recorder]:
+    """A new agent's ledger: two inherited workers (slots 0, 1), not heard from yet."""
+    ledger, rec = make(prefetch=2)
+    ledger.key_of = ledger.carry.key_of = key_function("topic") if ordered else None
+    ledger.connected()
+    for slot in (0, 1):
+        ledger.worker_up(slot, 1, ready=True, inherited=True)
+    return ledger, rec
+
+
+def mids(ledger: DeliveryLedger, rec: Recorder, since: int = 0) -> list[int]:
+    return [ledger.deliveries[i].mid for _, i in rec.delivered[since:] if i in ledger.deliveries]
+
+
+def test_restart_waits_for_every_worker_then_for_the_keys_they_still_run() -> None:
+    """Worker 0 still runs old delivery 900 of key a: a's redelivered copy (1) and next message (2)
+    wait for its Done; key b goes out once both workers have answered."""
+    ledger, rec = restarted()
+    ledger.arrived([msg(1, topic="a"), msg(2, topic="a"), msg(3, topic="b")], None)
+    assert rec.delivered == []  # any key may be busy in a worker not heard from
+    ledger.holding(0, 1, [(900, "a")])
+    assert rec.delivered == [] and ledger.waiting == 2 and [d.mid for d in ledger.pending] == [3]
+    ledger.holding(1, 1, [])
+    assert mids(ledger, rec) == [3]
+    ledger.holding(1, 1, [(901, "b")])  # a second answer is not awaited: ignored
+    assert ledger.done(900, failed=True) == -1  # the old delivery's outcome is the old agent's business
+    assert mids(ledger, rec, 1) == [1]
+    assert ledger.done(900, failed=False) == -1 and mids(ledger, rec, 1) == [1]  # once only
+    ledger.done(rec.delivered[1][1], failed=False)
+    assert mids(ledger, rec, 2) == [2] and not ledger.waiting
+
+
+def test_restart_a_key_run_twice_in_old_workers_waits_for_both() -> None:
+    """Two old deliveries of one key (never from a correct agent before, but counted all the same)."""
+    ledger, rec = restarted()
+    ledger.holding(0, 1, [(900, "a")])
+    ledger.holding(1, 1, [(901, "a")])
+    ledger.arrived([msg(1, topic="a")], None)
+    ledger.done(900, failed=False)
+    assert rec.delivered == [] and ledger.waiting == 1
+    ledger.done(901, failed=False)
+    assert mids(ledger, rec) == [1]
+
+
+@pytest.mark.parametrize("answered", [False, True])
+def test_restart_a_worker_gone_frees_what_it_held(answered: bool) -> None:
+    ledger, rec = restarted()
+    ledger.holding(1, 1, [])
+    if answered:
+        ledger.holding(0, 1, [(900, "a")])
+    ledger.arrived([msg(1, topic="a")], None)
+    assert rec.delivered == []
+    assert ledger.gone(0, 1, 0) == 0  # it answers no more; its old delivery is over
+    assert [slot for slot, _ in rec.delivered] == [1] and ledger.done(900, failed=False) == -1
+
+
+def test_restart_answers_stale_or_after_the_stop_change_nothing() -> None:
+    ledger, _ = restarted()
+    ledger.holding(0, 0, [(900, "a")])  # an older generation in slot 0
+    assert ledger.awaited == {0, 1}
+    ledger.stop()
+    ledger.holding(0, 1, [(900, "a")])
+    assert not ledger.awaited and not ledger.keys and ledger.done(900, failed=False) == -1
+
+
+def test_restart_other_modes_wait_for_nothing() -> None:
+    ledger, rec = restarted(ordered=False)
+    ledger.arrived([msg(1, topic="a")], None)
+    ledger.holding(0, 1, [(900, "a")])
+    assert mids(ledger, rec) == [1] and not ledger.awaited and not ledger.keys

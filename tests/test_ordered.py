@@ -2,7 +2,8 @@
 
 Many topics of numbered messages, handlers of random length, four workers, one SIGKILLed
 mid-stream. For every key, the handling intervals (received to done, or to the kill) never
-overlap and the numbers never go back; every message is handled.
+overlap and the numbers never go back; every message is handled. Then the agent SIGKILLed twice,
+where a message can come again (``test_ordered_holds_across_agent_sigkills`` says what holds).
 
 procmqtt keeps each key in the order messages reach the agent. Mosquitto keeps one topic's QoS 1
 messages in publish order only while it need not queue them behind a full in-flight window
@@ -18,6 +19,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import re
 import signal
 import time
 from collections import defaultdict
@@ -129,3 +131,103 @@ def test_ordered_holds_with_async_handlers_and_concurrency(tmp_path, broker, run
         running[pid] += step
         most = max(most, running[pid])
     assert most > 1, "no worker ever ran two handlers at once: concurrency was not exercised"
+
+
+def handlings(record_dir: Path) -> list[dict]:
+    """Each handling (one message run once) with its start and ``end``; a duplicate is its own
+    handling (a worker's ``done`` ends its earliest open ``received`` of that message)."""
+    events = sorted(records(record_dir, "received") + records(record_dir, "done"), key=lambda r: r["time"])
+    open_: dict[tuple, list[dict]] = defaultdict(list)
+    out = []
+    for r in events:
+        which = (r["pid"], r["topic"], r["payload"])
+        if r["event"] == "received":
+            open_[which].append({**r, "end": None})
+            out.append(open_[which][-1])
+        else:
+            open_[which].pop(0)["end"] = r["time"]
+    assert not any(open_.values()), "a handling never finished"
+    return out
+
+
+def number(handling: dict) -> int:
+    return int(bytes.fromhex(handling["payload"]).decode())
+
+
+SLOW = 3  # the number, in every key, whose handler takes ``slow`` seconds
+
+
+def slow_running(record_dir: Path) -> int:
+    """Handlers of a SLOW message started and not finished (before any kill: no duplicates)."""
+    slow = str(SLOW).encode().hex()
+    started = {r["topic"] for r in records(record_dir, "received") if r["payload"] == slow}
+    return len(started - {r["topic"] for r in records(record_dir, "done") if r["payload"] == slow})
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("app", "workers_toml"),
+    [
+        ("tests/apps.py:Recorder", "prefetch = 1"),
+        ("tests/apps_routes.py:AsyncOrdered", "concurrency = 4\nprefetch = 4"),
+    ],
+    ids=["sync", "async"],
+)
+def test_ordered_holds_across_agent_sigkills(tmp_path, broker, runs, app, workers_toml):
+    """The agent is SIGKILLed twice mid-stream; the workers go on with what the dead agent gave them
+    while the new agent gets every unacknowledged message again (README "An agent dies"). Per key:
+    handlings never overlap, nothing is lost, each message's first handling follows the first
+    handling of every earlier one; a message handled again is one the dead agent had not
+    acknowledged, marked redelivered, and may follow later ones of its key: numbers go back only so.
+
+    Handlers take 5-50 ms, except message SLOW of each key (0.4 s): the first kill comes while two
+    of those run, so that the broker's copies reach the new agent long before they end (without the
+    new agent waiting for what the workers still hold, a copy then ran beside its original)."""
+    keys, per_key = 12, 8
+    rec = tmp_path / "records"
+    rec.mkdir()
+    app_toml = {"record_dir": str(rec), "min_delay": 0.005, "max_delay": 0.05, "slow": 0.4, "slow_number": SLOW}
+    cfg = write_config(
+        tmp_path / "procmqtt.toml",
+        broker,
+        topics={"ord/#": 1},
+        workers=3,
+        app=app_toml,
+        workers_toml=f'dispatch = "ordered"\n{workers_toml}',
+    )
+    run = Procmqtt(tmp_path, app, cfg)
+    runs.append(run)
+    run.ready()
+    run.wait_for_log(r"started worker", count=3)
+    items = [(f"ord/{k}", str(n).encode()) for n in range(per_key) for k in range(keys)]
+    publish_all(publisher(broker), items)
+    wait_until(lambda: slow_running(rec) >= 2, 20, "two slow handlers running")
+    os.kill(run.pids("agent")[-1], signal.SIGKILL)
+    run.wait_for_log(r"started agent", count=2)
+    wait_until(lambda: len(records(rec, "done")) >= 60, 20, "60 handled")
+    os.kill(run.pids("agent")[-1], signal.SIGKILL)  # restarted after a backoff: the workers may be idle
+    run.wait_for_log(r"started agent", count=3)
+    want = {(t, p.hex()) for t, p in items}
+    wait_until(lambda: want <= {(r["topic"], r["payload"]) for r in records(rec)}, 30, "all handled")
+    assert run.stop() == 0
+    if "Async" in app:  # it reads AgentStarted mid-handler; a sync worker only between messages (then
+        # its answer holds what is queued behind: nothing at prefetch 1; the agent's wait was what mattered)
+        assert re.search(r"worker \d still holds [1-9]\d* message", run.log()), "nothing held across a kill"
+    by_key: dict[str, list[dict]] = defaultdict(list)
+    for h in handlings(rec):
+        by_key[h["topic"]].append(h)
+    again = 0
+    for key, spans in by_key.items():
+        for before, after in itertools.pairwise(spans):
+            assert after["time"] >= before["end"], f"{key}: {number(after)} began while {number(before)} ran"
+        first: list[int] = []
+        for h in spans:
+            n = number(h)
+            if n in first:
+                again += 1
+                assert h["redelivered"], f"{key}: {n} handled again, not marked redelivered"
+            else:
+                assert not first or n > first[-1], f"{key}: {n} first handled after {first[-1]}"
+                first.append(n)
+        assert first == list(range(per_key)), f"{key}: handled {first}"
+    print(f"{sum(map(len, by_key.values()))} handlings of {len(items)} messages; {again} again after the kills")

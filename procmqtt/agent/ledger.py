@@ -27,26 +27,25 @@ The guarantees enforced here (property-tested in ``tests/test_ledger.py``):
   at the head of its key. Only a key's head is in ``pending``; the rest wait in its queue in
   ``keys`` and take no worker's prefetch slot; a held message stays its key's head, so the key
   waits for it. Other modes never look at keys.
+- Ordered mode after an agent restart: nothing goes out until each inherited worker told what it holds
+  from the agent before (``holding``) or is gone; those keys wait for its ``done`` or death.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import math
 import random
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from procmqtt.agent.carryover import Carryover
 from procmqtt.agent.dispatch import Dispatcher
+from procmqtt.agent.retry import AT_ONCE, HOLD_LIMIT, RetrySchedule
 from procmqtt.message import Properties
 from procmqtt.orderkey import KeyOf
-
-HOLD_LIMIT = 10_000
-"""Failed messages held for their retry delay at most; past it, one is retried at once (as with
-``retry_delay = 0``). QoS 1 ones are also bounded by the broker's window; QoS 0 ones are not."""
 
 
 class Inbound(NamedTuple):
@@ -107,32 +106,6 @@ class Effects:
     requeued: Callable[[Delivery], None]
 
 
-@dataclass(frozen=True, slots=True)
-class RetrySchedule:
-    """How long a failed message waits before its next attempt (``[workers] retry_*``).
-
-    The n-th retry waits ``delay * backoff ** (n - 1)``, capped at ``max_delay``, plus a random
-    jitter of up to ``JITTER`` of that, so messages that failed together do not all return together.
-    """
-
-    delay: float = 0.0  # 0: at once (no hold)
-    backoff: float = 2.0
-    max_delay: float = 60.0
-
-    JITTER = 0.1
-
-    def wait(self, attempts: int) -> float:
-        """Seconds before the retry that follows ``attempts`` failed attempts (>= 1)."""
-        if self.delay <= 0:
-            return 0.0
-        # compared in logarithms: backoff ** attempts would overflow a float long before the cap
-        if (attempts - 1) * math.log(self.backoff) >= math.log(self.max_delay / self.delay):
-            base = self.max_delay
-        else:
-            base = self.delay * self.backoff ** (attempts - 1)
-        return base * (1.0 + self.JITTER * random.random())
-
-
 class DeliveryLedger:
     """Pending and dispatched messages, the workers' windows, attempts and epochs."""
 
@@ -146,7 +119,7 @@ class DeliveryLedger:
         max_attempts: int,
         retry_failed: bool,
         dead_letters: bool,
-        retry: RetrySchedule = RetrySchedule(),
+        retry: RetrySchedule = AT_ONCE,
         key_of: KeyOf | None = None,
     ) -> None:
         """``workers``: the configured count, for the read-ahead; ``retry_failed``: ``on_error =
@@ -178,6 +151,8 @@ class DeliveryLedger:
         # ordered mode: each key with a message in the agent (pending or held) -> those behind it
         self.keys: dict[str, deque[Delivery]] = {}
         self.waiting = 0  # messages in ``keys``' queues
+        self.carry = Carryover(key_of)  # ordered mode after a restart: the old agent's deliveries
+        self.awaited = self.carry.awaited  # inherited workers not heard from: nothing is dispatched
 
     # --- the connection ------------------------------------------------------------------------
 
@@ -267,7 +242,7 @@ class DeliveryLedger:
     def dispatch(self) -> None:
         """Hand pending messages to ready workers with room, the dispatcher choosing among them."""
         pending, seats, prefetch, deliver = self.pending, self.seats, self.prefetch, self._deliver
-        while pending and not self.stopping:
+        while pending and not self.stopping and not self.awaited:
             ready = [slot for slot, s in seats.items() if s.ready and not s.retiring and len(s.outstanding) < prefetch]
             if not ready:
                 return
@@ -280,12 +255,17 @@ class DeliveryLedger:
 
     def done(self, delivery_id: int, *, failed: bool, now: float = 0.0, retry_after: float | None = None) -> int:
         """A worker finished a delivery: returns the slot that held it, or -1 if unknown (done for
-        an earlier agent, or already redelivered). A failure is retried (``on_error = "retry"``,
-        after the ``retry`` schedule's delay from ``now``) or acknowledged. ``retry_after``: the
-        handler raised ``procmqtt.Retry``: retried after that many seconds (negative: the schedule's)
-        whatever ``on_error`` says (the handler asked), counting an attempt."""
+        an earlier agent, freeing its key if reported in ``holding``, or already redelivered). A
+        failure is retried (``on_error = "retry"``, after the ``retry`` schedule's delay from
+        ``now``) or acknowledged. ``retry_after``: the handler raised ``procmqtt.Retry``: retried
+        after that many seconds (negative: the schedule's) whatever ``on_error`` says, counting an
+        attempt."""
         d = self.deliveries.pop(delivery_id, None)
         if d is None:
+            key = self.carry.finished(delivery_id)
+            if key is not None:
+                self._release(key)
+                self.dispatch()
             return -1
         slot = d.slot
         del self.seats[slot].outstanding[delivery_id]  # a delivery is in ``deliveries`` while its seat holds it
@@ -358,17 +338,36 @@ class DeliveryLedger:
 
     # --- workers -------------------------------------------------------------------------------
 
-    def worker_up(self, slot: int, generation: int, *, ready: bool = False) -> None:
-        """A worker joined ``slot`` (the previous one there, if any, is already gone)."""
+    def worker_up(self, slot: int, generation: int, *, ready: bool = False, inherited: bool = False) -> None:
+        """A worker joined ``slot`` (the previous one there, if any, is already gone). ``inherited``:
+        forked before this agent; ordered mode dispatches nothing until its ``holding``."""
         ready = ready or (slot, generation) in self.early_ready
         self.early_ready.discard((slot, generation))
         self.seats[slot] = Seat(generation, ready=ready)
+        if inherited:
+            self.carry.expect(slot)
         self.read_ahead = max(self.read_ahead, len(self.seats) * self.prefetch)
         self.dispatch()
 
     def _seat(self, slot: int, generation: int) -> Seat | None:
         seat = self.seats.get(slot)
         return seat if seat is not None and seat.generation == generation else None
+
+    def holding(self, slot: int, generation: int, deliveries: Iterable[tuple[int, str]]) -> None:
+        """An inherited worker's answer to ``AgentStarted``: (delivery id, topic) of what the agent before
+        gave it, not done. Ordered mode: those keys wait until ``done`` for that id or its death."""
+        if self._seat(slot, generation) is None or self.stopping:
+            return
+        for key in self.carry.reported(slot, deliveries):
+            queue = self.keys.get(key)
+            if queue is None:
+                self.keys[key] = deque()
+            else:  # nothing went out while an answer was awaited: the key's head is pending
+                head = next(d for d in self.pending if d.key == key)
+                self.pending.remove(head)
+                queue.appendleft(head)
+                self.waiting += 1
+        self.dispatch()
 
     def ready(self, slot: int, generation: int) -> None:
         """A worker's on_start finished: it takes messages (kept if its WorkerUp is still queued)."""
@@ -395,8 +394,10 @@ class DeliveryLedger:
         if seat is None:
             return 0
         del self.seats[slot]
+        for key in self.carry.lost(slot):  # what it ran for the agent before is over
+            self._release(key)
         held = [self.deliveries.pop(i) for i in seat.outstanding]
-        if self.stopping or not held:
+        if self.stopping:
             return len(held)
         for d in reversed(held):
             if d.delivery_id == current:
@@ -415,6 +416,7 @@ class DeliveryLedger:
         self.held.clear()
         self.keys.clear()
         self.waiting = 0
+        self.carry.clear()
         return held
 
     def in_flight(self) -> dict[int, int]:

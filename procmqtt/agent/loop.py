@@ -29,9 +29,10 @@ from procmqtt import logs
 from procmqtt.agent import health, metrics
 from procmqtt.agent.connection import ConnState
 from procmqtt.agent.dispatch import DISPATCHERS
-from procmqtt.agent.ledger import Delivery, DeliveryLedger, Effects, Inbound, RetrySchedule
+from procmqtt.agent.ledger import Delivery, DeliveryLedger, Effects, Inbound
 from procmqtt.agent.outbox import Outbox, dead_letter_entry
 from procmqtt.agent.replies import Replies
+from procmqtt.agent.retry import RetrySchedule
 from procmqtt.agent.session import BrokerSession
 from procmqtt.agent.upstream import Upstream
 from procmqtt.agent.workers import WorkerChannel, WorkerChannels
@@ -98,7 +99,7 @@ class Agent(Upstream):
             key_of=key_function(w.order_key) if w.dispatch == "ordered" else None,
         )
         for slot, (generation, _) in workers.items():
-            self.ledger.worker_up(slot, generation, ready=True)
+            self.ledger.worker_up(slot, generation, ready=True, inherited=True)
         self.v5 = config.mqtt.protocol == "5"
         self.publishes = Outbox(self._published, self.log, v5=self.v5, inflight=config.mqtt.inflight())
         self.replies = Replies(client_id)

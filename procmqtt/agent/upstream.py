@@ -1,5 +1,5 @@
-"""What the agent reads on the publish channel: the workers' Done, Publish, Ready, Retire, Sync and
-subscriptions, and the supervisor's WorkerUp, WorkerExited, StopAgent and Restarts.
+"""What the agent reads on the publish channel: the workers' Done, Publish, Ready, Retire, Sync,
+Holding and subscriptions, and the supervisor's WorkerUp, WorkerExited, StopAgent and Restarts.
 
 Mixed into ``Agent`` (``loop.py``), which sets the attributes declared here. Runs in the agent
 process, in its one thread; each record is turned into a call on the ledger, the outbox, the
@@ -114,6 +114,12 @@ class Upstream:
             self.metrics.set_restarts(record.cause, record.total)
         elif isinstance(record, channel.Sync):
             self._sync_worker(record)
+        elif isinstance(record, channel.Holding):
+            if record.deliveries:
+                self.log.info(
+                    "worker %d still holds %d message(s) from the agent before", record.slot, len(record.deliveries)
+                )
+            self.ledger.holding(record.slot, record.generation, record.deliveries)
 
     def _publish(self, record: channel.Publish) -> None:
         """Queue a worker's publish; the end of the pass hands it to paho (``outbox``)."""

@@ -17,6 +17,7 @@ from procmqtt.ipc.records import (
     AGENT_STARTED,
     DELIVER,
     DONE,
+    HOLDING,
     PUBLISH,
     PUBLISHED,
     READY,
@@ -34,6 +35,7 @@ from procmqtt.ipc.records import (
     AgentStarted,
     Deliver,
     Done,
+    Holding,
     Publish,
     Published,
     Ready,
@@ -63,6 +65,7 @@ _RESTARTS = struct.Struct("!BQ")  # kind, running total; the cause follows
 _SYNC = struct.Struct("!BHIQ")  # kind, slot, generation, last request id
 _SYNC_ACK = struct.Struct("!BQ")  # kind, last request id; the request ids still in flight follow
 _REQUEST_ID = struct.Struct("!Q")
+_HELD = struct.Struct("!QH")  # holding: per delivery, its id and topic length; the topic follows
 # The properties byte: none (MQTT 3.1.1), a block after the topic, or MQTT 5 with none set.
 _NO_PROPERTIES, _PROPERTIES, _EMPTY_PROPERTIES = 0, 1, 2
 _REQUEST = 4  # in a publish's flags: the agent sets the response topic to the worker's reply topic
@@ -148,6 +151,12 @@ def encode(record: Record) -> bytes:
         return _SYNC.pack(SYNC, record.slot, record.generation, record.last_request_id)
     if isinstance(record, SyncAck):
         return b"".join((_SYNC_ACK.pack(SYNC_ACK, record.last_request_id), *map(_REQUEST_ID.pack, record.in_flight)))
+    if isinstance(record, Holding):
+        parts = [_SLOT.pack(HOLDING, record.slot, record.generation)]
+        for delivery_id, held_topic in record.deliveries:
+            raw = held_topic.encode()
+            parts += (_HELD.pack(delivery_id, len(raw)), raw)
+        return b"".join(parts)
     raise TypeError(f"cannot encode {record!r}")
 
 
@@ -218,7 +227,19 @@ def decode(data: bytes | memoryview, fds: list[int]) -> Record:
     if kind == SYNC_ACK:
         (_, last) = _SYNC_ACK.unpack_from(data)
         return SyncAck(last, tuple(rid for (rid,) in _REQUEST_ID.iter_unpack(data[_SYNC_ACK.size :])))
+    if kind == HOLDING:
+        return _decode_holding(data)
     raise ChannelError(f"unknown record kind {kind}")
+
+
+def _decode_holding(data: bytes | memoryview) -> Holding:
+    _, slot, generation = _SLOT.unpack_from(data)
+    pos, held = _SLOT.size, []
+    while pos < len(data):
+        delivery_id, length = _HELD.unpack_from(data, pos)
+        pos += _HELD.size + length
+        held.append((delivery_id, str(data[pos - length : pos], "utf-8")))
+    return Holding(slot, generation, tuple(held))
 
 
 def _encode_properties(properties: Properties | None) -> tuple[int, tuple[bytes, ...]]:

@@ -26,6 +26,7 @@ UNSUBSCRIBE = 13
 RETIRE = 14
 SYNC = 15
 READY = 16
+HOLDING = 17
 WORKER_UP = 20
 STOP_AGENT = 21
 RESTARTS = 22
@@ -119,6 +120,17 @@ class Sync:
 
 
 @dataclass(frozen=True, slots=True)
+class Holding:
+    """A worker's answer to ``AgentStarted``: the deliveries the agent before gave it that it has not
+    reported done (running or still queued), as (delivery id, topic). In ordered mode the new agent
+    keeps their keys busy until their ``Done`` or the worker's death; other modes ignore it."""
+
+    slot: int
+    generation: int
+    deliveries: tuple[tuple[int, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Subscribe:
     topic_filter: str
     qos: int
@@ -189,6 +201,7 @@ Record = (
     | Done
     | Publish
     | Sync
+    | Holding
     | Subscribe
     | Unsubscribe
     | Ready

@@ -8,6 +8,8 @@ handle and waiter it reads a reply for, so a thread waiting on its own publish n
 A restarted agent cannot answer for the publishes its dead predecessor had taken: on its
 ``AgentStarted`` the link sends ``Sync``, and the ``SyncAck`` fails with ``AGENT_GONE`` each earlier
 publish the new agent neither confirmed nor holds, so no ``wait()`` outlives the agent it waits on.
+The link also answers ``AgentStarted`` with ``Holding``: the deliveries it read and has not sent a
+``Done`` for (running or queued), so that in ordered mode the new agent keeps their keys busy.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class _AgentLink:
         self._flush_at = max(1, config.workers.prefetch // 2)  # so the agent never waits on a full batch
         self._send_lock = threading.Lock()  # keeps the outbox in order when threads publish
         self._inbox: deque[channel.Record] = deque()
+        self._in_hand: dict[int, str] = {}  # delivery id -> topic: read, its Done not queued yet
         self._handles: dict[int, PublishHandle] = {}
         self._requests = itertools.count(1)
         self._last_request = 0  # the last request id whose publish is queued; under ``_send_lock``
@@ -93,10 +96,11 @@ class _AgentLink:
         self._outbox.append(channel.encode(record))
         channel.send_many(self.upstream, self._outbox)
 
-    def send_later(self, record: channel.Record) -> None:
-        """Queue a record (a completion) to go with the next batch."""
+    def send_later(self, done: channel.Done) -> None:
+        """Queue a completion to go with the next batch; its delivery is no longer in hand."""
         with self._send_lock:
-            self._outbox.append(channel.encode(record))
+            self._in_hand.pop(done.delivery_id, None)
+            self._outbox.append(channel.encode(done))
             if len(self._outbox) >= self._flush_at:
                 channel.send_many(self.upstream, self._outbox)
 
@@ -195,7 +199,10 @@ class _AgentLink:
                 self._request_of.clear()
                 return
             for record in records:
-                if isinstance(record, channel.Published):
+                if isinstance(record, channel.Deliver):
+                    self._in_hand[record.delivery_id] = record.topic
+                    self._inbox.append(record)
+                elif isinstance(record, channel.Published):
                     handle = self._handles.pop(record.request_id, None)
                     if handle is not None:
                         handle._resolve(record.error)
@@ -209,8 +216,9 @@ class _AgentLink:
                             Message(record.topic, record.payload, record.qos, record.retain, False, record.properties)
                         )
                 elif isinstance(record, channel.AgentStarted):
-                    if self._handles:  # some may have died with the old agent: ask the new one which
-                        with self._send_lock:
+                    with self._send_lock:  # every delivery read so far came from the agent before
+                        self._send_locked(channel.Holding(self.slot, self.generation, tuple(self._in_hand.items())))
+                        if self._handles:  # some may have died with the old agent: ask the new one which
                             self._send_locked(channel.Sync(self.slot, self.generation, self._last_request))
                 elif isinstance(record, channel.SyncAck):
                     self._fail_lost(record)
