@@ -7,12 +7,15 @@ from procmqtt.errors import PublishBufferFull, RequestFailed
 from procmqtt.message import Message, Outcome, Properties, Retry
 from procmqtt.worker.answers import PublishError, PublishHandle
 from procmqtt.worker.base import Worker
+from procmqtt.worker.middleware import Middleware, Outgoing, SlowLog
 from procmqtt.worker.routes import Route, route
 
 __version__ = "0.1.0"
 __all__ = [
     "Message",
+    "Middleware",
     "Outcome",
+    "Outgoing",
     "Properties",
     "PublishBufferFull",
     "PublishError",
@@ -20,6 +23,7 @@ __all__ = [
     "RequestFailed",
     "Retry",
     "Route",
+    "SlowLog",
     "Worker",
     "__version__",
     "route",

@@ -72,8 +72,8 @@ class FakeLink:
 
     def request(self, topic: str, payload: bytes, qos: int, properties: Properties) -> _ReplyWaiter:
         properties = properties.merged(response_topic=self.reply_topic)
-        self.publish(topic, payload, qos, False, properties)
         waiter = _ReplyWaiter(self, properties.correlation_data or b"")
+        waiter.handle = self.publish(topic, payload, qos, False, properties)
         for topic_filter, answer in self.responders:
             if topic_matches(topic_filter, topic):
                 request = Message(topic, payload, qos, False, False, properties)
