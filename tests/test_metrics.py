@@ -27,6 +27,7 @@ CONTRACT = {  # README "Metrics" and /work plan: names and types other tools rel
     "procmqtt_messages_redelivered_total": "counter",
     "procmqtt_messages_dead_lettered_total": "counter",
     "procmqtt_messages_dropped_total": "counter",
+    "procmqtt_messages_invalid_total": "counter",
     "procmqtt_publishes_sent_total": "counter",
     "procmqtt_publishes_failed_total": "counter",
     "procmqtt_in_flight": "gauge",
@@ -51,7 +52,7 @@ def busy_counters() -> metrics.Counters:
         (2, Outcome.OK, 100.0),
     ]:
         c.done(slot, outcome, seconds)
-    c.redelivered, c.dead_lettered, c.dropped, c.reconnects = 2, 1, 1, 3
+    c.redelivered, c.dead_lettered, c.dropped, c.reconnects, c.invalid = 2, 1, 1, 3, 1
     c.published(0)
     c.published(0)
     c.published(7)

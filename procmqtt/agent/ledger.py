@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 import random
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -41,12 +40,17 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from procmqtt.agent.dispatch import Dispatcher
+from procmqtt.agent.retryschedule import RetrySchedule
 from procmqtt.message import Properties
 from procmqtt.orderkey import KeyOf
 
 HOLD_LIMIT = 10_000
 """Failed messages held for their retry delay at most; past it, one is retried at once (as with
 ``retry_delay = 0``). QoS 1 ones are also bounded by the broker's window; QoS 0 ones are not."""
+
+
+INVALID = "its body did not validate (the worker logged which field); not retried"
+"""The reason given with a message whose body did not validate (``Outcome.INVALID``)."""
 
 
 class Inbound(NamedTuple):
@@ -107,32 +111,6 @@ class Effects:
     requeued: Callable[[Delivery], None]
 
 
-@dataclass(frozen=True, slots=True)
-class RetrySchedule:
-    """How long a failed message waits before its next attempt (``[workers] retry_*``).
-
-    The n-th retry waits ``delay * backoff ** (n - 1)``, capped at ``max_delay``, plus a random
-    jitter of up to ``JITTER`` of that, so messages that failed together do not all return together.
-    """
-
-    delay: float = 0.0  # 0: at once (no hold)
-    backoff: float = 2.0
-    max_delay: float = 60.0
-
-    JITTER = 0.1
-
-    def wait(self, attempts: int) -> float:
-        """Seconds before the retry that follows ``attempts`` failed attempts (>= 1)."""
-        if self.delay <= 0:
-            return 0.0
-        # compared in logarithms: backoff ** attempts would overflow a float long before the cap
-        if (attempts - 1) * math.log(self.backoff) >= math.log(self.max_delay / self.delay):
-            base = self.max_delay
-        else:
-            base = self.delay * self.backoff ** (attempts - 1)
-        return base * (1.0 + self.JITTER * random.random())
-
-
 class DeliveryLedger:
     """Pending and dispatched messages, the workers' windows, attempts and epochs."""
 
@@ -146,7 +124,7 @@ class DeliveryLedger:
         max_attempts: int,
         retry_failed: bool,
         dead_letters: bool,
-        retry: RetrySchedule = RetrySchedule(),
+        retry: RetrySchedule | None = None,
         key_of: KeyOf | None = None,
     ) -> None:
         """``workers``: the configured count, for the read-ahead; ``retry_failed``: ``on_error =
@@ -163,7 +141,7 @@ class DeliveryLedger:
         self.read_ahead = workers * prefetch  # undispatched messages the agent reads ahead at most
         self.pending: deque[Delivery] = deque()  # received, not yet given to a worker
         self.deliveries: dict[int, Delivery] = {}  # given to a worker, not yet done
-        self.retry = retry
+        self.retry = retry or RetrySchedule()
         # failed, waiting for their retry: a heap of (due time, delivery id, delivery), at most
         # ``hold_limit``; see README "Delivery guarantees"
         self.hold_limit = HOLD_LIMIT
@@ -278,12 +256,21 @@ class DeliveryLedger:
             self.deliveries[d.delivery_id] = d
             deliver(slot, d)
 
-    def done(self, delivery_id: int, *, failed: bool, now: float = 0.0, retry_after: float | None = None) -> int:
+    def done(
+        self,
+        delivery_id: int,
+        *,
+        failed: bool,
+        now: float = 0.0,
+        retry_after: float | None = None,
+        invalid: bool = False,
+    ) -> int:
         """A worker finished a delivery: returns the slot that held it, or -1 if unknown (done for
         an earlier agent, or already redelivered). A failure is retried (``on_error = "retry"``,
         after the ``retry`` schedule's delay from ``now``) or acknowledged. ``retry_after``: the
         handler raised ``procmqtt.Retry``: retried after that many seconds (negative: the schedule's)
-        whatever ``on_error`` says (the handler asked), counting an attempt."""
+        whatever ``on_error`` says (the handler asked), counting an attempt. ``invalid``: its body
+        did not validate (``Outcome.INVALID``): dead-lettered or dropped at once, never retried."""
         d = self.deliveries.pop(delivery_id, None)
         if d is None:
             return -1
@@ -292,6 +279,8 @@ class DeliveryLedger:
         if retry_after is not None:
             wait = retry_after if retry_after >= 0 else None
             self._failed_attempt(d, "on_message asked for a retry", front=False, now=now, wait=wait)
+        elif invalid:
+            self._give_up(d, INVALID)
         elif failed and self.retry_failed:
             self._failed_attempt(d, "on_message raised", front=False, now=now)
         else:
@@ -330,9 +319,12 @@ class DeliveryLedger:
                     return
             self._requeue(d, front=front)
             return
-        reason = f"{reason} ({d.attempts} attempts)"
+        self._give_up(d, f"{reason} ({d.attempts} attempts)")
+
+    def _give_up(self, d: Delivery, reason: str) -> None:
+        """No more attempts: dead-letter it (acknowledged once the dead letter is settled), or drop it."""
         if self.dead_letters:
-            self.effects.dead_letter(d, reason)  # acknowledged once the dead letter is settled
+            self.effects.dead_letter(d, reason)
         else:
             self.effects.drop(d, reason)
             self._acknowledge(d)

@@ -36,6 +36,7 @@ from procmqtt.topics import (
 from procmqtt.worker.answers import Link, PublishHandle, _ReplyWaiter
 from procmqtt.worker.link import Payload, to_bytes
 from procmqtt.worker.middleware import Middleware, Outgoing, PublishNext, middleware_of, publish_chain
+from procmqtt.worker.payloads import Body, body_of
 from procmqtt.worker.routes import Router, routes_of
 
 _ALLOWED_RETURNS: frozenset[Any] = frozenset({None, type(None), Outcome, Any, object, typing.NoReturn})
@@ -72,14 +73,17 @@ class Worker:
         The default hands the message to the most specific matching ``@route`` method and returns
         ``Outcome.UNROUTED`` when none matches. An override receives every message (routes then
         only subscribe), and may call ``super().on_message(message)`` to dispatch. Return None (or
-        an ``Outcome``, which is honoured); any other value counts as a failure (``handling``).
+        an ``Outcome``, which is honoured); any other value counts as a failure (``handling``). An
+        override or a route may declare a typed body parameter (docs/typed-payloads.md).
         """
         router = self._router or self._make_router()
         found = router.match(message.topic)
         if found is None:
             router.unrouted(message.topic)
             return Outcome.UNROUTED
-        handler, params = found
+        handler, params, body = found
+        if body is not None:
+            params[body.name] = body.decode(message.payload)
         result: Outcome | Awaitable[Outcome | None] | None = handler(message, **params)
         return result
 
@@ -314,11 +318,21 @@ def check_app(app: type[Worker]) -> None:
             f"{app.__qualname__} has no @route methods and does not override on_message, so it would handle nothing"
         )
     middleware_of(app, is_async=uses_asyncio(app))
+    message_body(app)
     handlers = [r.name for r in routes]
     if app.on_message is not Worker.on_message:
         handlers.insert(0, "on_message")
     for name in dict.fromkeys(handlers):
         _check_return(app, name)
+
+
+def message_body(app: type[Worker]) -> Body | None:
+    """The typed body an ``on_message`` override declares (``payloads``), or None."""
+    if app.on_message is Worker.on_message:
+        return None
+    func = inspect.getattr_static(app, "on_message")
+    func = getattr(func, "__func__", func)
+    return body_of(func, (), f"{getattr(func, '__qualname__', 'on_message')}") if callable(func) else None
 
 
 def _check_return(app: type[Worker], name: str) -> None:

@@ -19,10 +19,11 @@ per worker, and an app without message middleware takes the same path as before 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
-from procmqtt.message import Message, Outcome, Retry
-from procmqtt.worker.base import Worker, uses_asyncio
+from procmqtt.message import InvalidPayload, Message, Outcome, Retry
+from procmqtt.worker.base import Worker, message_body, uses_asyncio
 from procmqtt.worker.middleware import async_message_chain, message_chain, middleware_of
 
 
@@ -37,6 +38,13 @@ class Runner:
         self.worker = worker
         self.raise_errors = raise_errors
         self._told = False  # a return value that is neither None nor an Outcome was logged
+        self._call: Callable[[Message], Any] = worker.on_message
+        body = message_body(type(worker))
+        if body is not None:  # on_message declares a typed body: decode it first
+            on_message, name, decode = worker.on_message, body.name, body.decode
+            self._call = lambda message: on_message(message, **{name: decode(message.payload)})
+        dead_letters = worker.config.workers.dead_letter_topic
+        self._rejected = f"dead-lettered to {dead_letters!r}" if dead_letters else "dropped (no dead_letter_topic)"
         middleware = middleware_of(type(worker), is_async=uses_asyncio(type(worker)))
         self._chain = message_chain(middleware, self._inner)
         self._async_chain = async_message_chain(middleware, self._inner_async)
@@ -47,9 +55,11 @@ class Runner:
         """A sync app's message: run ``on_message``, log (never raise) its exception."""
         chain = self._chain
         try:
-            result = self.worker.on_message(message) if chain is None else chain(message)
+            result = self._call(message) if chain is None else chain(message)
         except Retry as retry:
             return retry
+        except InvalidPayload as invalid:
+            return self._invalid(message, invalid)
         except Exception:
             if self.raise_errors:
                 raise
@@ -63,13 +73,15 @@ class Runner:
         chain = self._async_chain
         try:
             if chain is None:
-                result = self.worker.on_message(message)
+                result = self._call(message)
                 if inspect.iscoroutine(result):
                     result = await result
             else:
                 result = await chain(message)
         except Retry as retry:
             return retry
+        except InvalidPayload as invalid:
+            return self._invalid(message, invalid)
         except Exception:
             if self.raise_errors:
                 raise
@@ -79,13 +91,13 @@ class Runner:
     def _inner(self, message: Message) -> Outcome:
         """The innermost layer under middleware: the handler, its result made an ``Outcome``;
         exceptions pass out to the middleware."""
-        result = self.worker.on_message(message)
+        result = self._call(message)
         if inspect.iscoroutine(result):
             return self._coroutine(message, result)
         return self._outcome(message, result)
 
     async def _inner_async(self, message: Message) -> Outcome:
-        result = self.worker.on_message(message)
+        result = self._call(message)
         if inspect.iscoroutine(result):
             result = await result
         return self._outcome(message, result)
@@ -114,6 +126,14 @@ class Runner:
                 result,
             )
         return Outcome.FAILED
+
+    def _invalid(self, message: Message, invalid: InvalidPayload) -> Outcome:
+        """A body that does not validate: one line naming the field; the agent gives it up at once.
+        Not an error of the app, so the harness returns it rather than raising."""
+        self.worker.log.warning(
+            "invalid body on topic %r: %s; %s, not retried", message.topic[:200], invalid, self._rejected
+        )
+        return Outcome.INVALID
 
     def _failed(self, message: Message) -> Outcome:
         """Called in an except block: log the handler's exception with its traceback."""
