@@ -2,7 +2,8 @@
 
 ``WorkerHarness`` runs one instance of the app the way a worker process does: the same load-time
 checks, ``on_start``/``on_stop``, and every delivery through ``worker.handling.Runner``, the code
-path of a worker process, so routes, parameters, return values and outcomes behave as in production.
+path of a worker process, so routes, parameters, typed bodies, middleware, return values and
+outcomes behave as in production.
 The channels are replaced by ``FakeLink``, which records what the app publishes and subscribes.
 
     with WorkerHarness(Sensors, config={"app": {"alert_above": 30}}) as h:
