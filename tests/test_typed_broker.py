@@ -41,3 +41,4 @@ def test_an_invalid_body_is_dead_lettered_at_once_while_valid_ones_flow(tmp_path
     assert "dead-lettering the message" not in log  # the worker's line is the one line
     dlq.close()
     assert run.stop() == 0
+    assert "21 received, 21 processed (0 unrouted), 1 failed (1 invalid)" in run.log()
