@@ -19,9 +19,8 @@ from procmqtt.cli import check
 from procmqtt.config import from_mapping
 from procmqtt.errors import HandlerError, RouteError
 from procmqtt.testing import WorkerHarness
-from procmqtt.worker.base import message_body
 from procmqtt.worker.middleware import MessageNext
-from procmqtt.worker.payloads import body_of
+from procmqtt.worker.payloads import body_of, message_body
 from procmqtt.worker.routes import routes_of
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.unit]
@@ -103,6 +102,7 @@ def test_a_valid_body_becomes_the_declared_types():
         ({"celsius": 1, "seq": True}, "body.seq", "expected an integer, got true"),
         ({"celsius": 1, "seq": 1.5}, "body.seq", "expected an integer, got 1.5"),
         ({"celsius": 1, "seq": 1, "unit": "K"}, "body.unit", 'expected "C" or "F", got \'K\''),
+        ({"celsius": 1, "seq": 1, "unit": []}, "body.unit", 'expected "C" or "F", got []'),  # unhashable
         ({"celsius": 1, "seq": 1, "tags": ["a", 2]}, "body.tags[1]", "expected a string, got 2"),
         ({"celsius": -300, "seq": 1}, "body", "celsius is below absolute zero"),
         ({"celsius": None, "seq": 1}, "body.celsius", "expected a number, got null"),
@@ -129,23 +129,29 @@ def test_nested_problems_name_the_whole_path():
         assert caught.value.field == field_ and problem in caught.value.problem, payload
 
 
+FIELDS = ["celsius", "seq", "unit", "tags", "reading", "points", "mode", "labels", "name", "parent", "pair", "x", "y"]
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["celsius", "seq", "unit", "tags"]), inner)
-    ),
-    max_leaves=10,
+    st.sampled_from(["auto", "C", "F"])
+    | st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=2), inner),
+    max_leaves=20,
 )
 
 
 @given(json_values)
 def test_any_json_either_decodes_or_is_invalid_never_an_error(value: Any):
-    try:
-        reading = decode(Reading, value)
-    except InvalidPayload as exc:
-        assert exc.field.startswith("body")
-    else:
-        assert isinstance(reading, Reading) and isinstance(reading.seq, int) and reading.unit in ("C", "F")
+    for tp in (Reading, Site, list[Point], int | Literal["C"] | None):
+        try:
+            decoded = decode(tp, value)
+        except InvalidPayload as exc:
+            assert exc.field.startswith("body")
+        else:
+            assert tp is not Reading or (isinstance(decoded.seq, int) and decoded.unit in ("C", "F"))
+            assert tp is not Site or (isinstance(decoded.mode, Mode) and isinstance(decoded.reading, Reading))
 
 
 readings = st.builds(

@@ -18,8 +18,8 @@ from procmqtt.config.schema import keys
 from procmqtt.errors import ConfigError
 from procmqtt.orderkey import key_function
 from procmqtt.topics import topic_problem
-from procmqtt.worker.base import Worker, message_body
-from procmqtt.worker.payloads import Body
+from procmqtt.worker.base import Worker
+from procmqtt.worker.payloads import Body, message_body
 from procmqtt.worker.routes import Route
 
 MASK = "********"

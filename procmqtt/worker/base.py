@@ -36,7 +36,7 @@ from procmqtt.topics import (
 from procmqtt.worker.answers import Link, PublishHandle, _ReplyWaiter
 from procmqtt.worker.link import Payload, to_bytes
 from procmqtt.worker.middleware import Middleware, Outgoing, PublishNext, configured, middleware_of, publish_chain
-from procmqtt.worker.payloads import Body, body_of
+from procmqtt.worker.payloads import message_body
 from procmqtt.worker.routes import Router, routes_of
 
 _ALLOWED_RETURNS: frozenset[Any] = frozenset({None, type(None), Outcome, Any, object, typing.NoReturn})
@@ -326,15 +326,6 @@ def check_app(app: type[Worker]) -> None:
         handlers.insert(0, "on_message")
     for name in dict.fromkeys(handlers):
         _check_return(app, name)
-
-
-def message_body(app: type[Worker]) -> Body | None:
-    """The typed body an ``on_message`` override declares (``payloads``), or None."""
-    if app.on_message is Worker.on_message:
-        return None
-    func = inspect.getattr_static(app, "on_message")
-    func = getattr(func, "__func__", func)
-    return body_of(func, (), f"{getattr(func, '__qualname__', 'on_message')}") if callable(func) else None
 
 
 def _check_return(app: type[Worker], name: str) -> None:

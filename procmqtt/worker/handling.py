@@ -23,8 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 from procmqtt.message import InvalidPayload, Message, Outcome, Retry
-from procmqtt.worker.base import Worker, message_body
+from procmqtt.worker.base import Worker
 from procmqtt.worker.middleware import async_message_chain, message_chain
+from procmqtt.worker.payloads import message_body
 
 
 class Runner:

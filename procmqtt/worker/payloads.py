@@ -90,6 +90,15 @@ def body_of(func: Callable[..., Any], topic_params: Collection[str], where: str)
     return Body(param.name, annotation, _decoder(param.name, annotation, convert))
 
 
+def message_body(app: type[Any]) -> Body | None:
+    """The typed body an ``on_message`` override declares, or None (the base class's declares none)."""
+    func = inspect.getattr_static(app, "on_message")
+    func = getattr(func, "__func__", func)
+    if getattr(func, "__module__", None) == "procmqtt.worker.base" or not callable(func):
+        return None
+    return body_of(func, (), getattr(func, "__qualname__", "on_message"))
+
+
 def _resolve(func: Callable[..., Any], name: str, annotation: Any, where: str) -> Any:
     """The annotation as a type: a string (``from __future__ import annotations``) is evaluated in the
     handler's module, as ``typing.get_type_hints`` would."""
@@ -233,7 +242,8 @@ def _literal(values: tuple[Any, ...]) -> Convert:
             raise _Unsupported(f"Literal[{v!r}] cannot come from JSON")
     allowed = {(type(v), v) for v in values}
     shown = " or ".join(json.dumps(v) if not isinstance(v, enum.Enum) else repr(v) for v in values)
-    return lambda v, path: v if (type(v), v) in allowed else _bad(path, shown, v)
+    scalar = (str, int, bool, type(None))  # a JSON array or object is unhashable, and never allowed
+    return lambda v, path: v if type(v) in scalar and (type(v), v) in allowed else _bad(path, shown, v)
 
 
 def _union(tp: Any, options: list[Convert], *, none_ok: bool) -> Convert:
