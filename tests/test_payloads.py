@@ -103,6 +103,7 @@ def test_a_valid_body_becomes_the_declared_types():
         ({"celsius": 1, "seq": 1.5}, "body.seq", "expected an integer, got 1.5"),
         ({"celsius": 1, "seq": 1, "unit": "K"}, "body.unit", 'expected "C" or "F", got \'K\''),
         ({"celsius": 1, "seq": 1, "unit": []}, "body.unit", 'expected "C" or "F", got []'),  # unhashable
+        (b'{"celsius": 1' + b"0" * 400 + b', "seq": 1}', "body.celsius", "expected a number within a float's range"),
         ({"celsius": 1, "seq": 1, "tags": ["a", 2]}, "body.tags[1]", "expected a string, got 2"),
         ({"celsius": -300, "seq": 1}, "body", "celsius is below absolute zero"),
         ({"celsius": None, "seq": 1}, "body.celsius", "expected a number, got null"),

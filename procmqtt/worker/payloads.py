@@ -148,7 +148,7 @@ def _converter(tp: Any, seen: dict[Any, Convert]) -> Convert:
     if tp is int:
         return lambda v, path: v if type(v) is int else _bad(path, "an integer", v)
     if tp is float:
-        return lambda v, path: float(v) if type(v) in (int, float) else _bad(path, "a number", v)
+        return _float
     if tp is str:
         return _exact(str, "a string")
     if tp is list or tp is dict:
@@ -230,6 +230,17 @@ def _record(tp: type[Any], seen: dict[Any, Convert]) -> Convert:
             raise InvalidPayload(path, str(exc) or type(exc).__name__) from None
 
     return convert
+
+
+def _float(value: Any, path: str) -> Any:
+    if type(value) is float:
+        return value
+    if type(value) is int:
+        try:
+            return float(value)
+        except OverflowError:  # JSON allows any number of digits
+            return _bad(path, "a number within a float's range", value)
+    return _bad(path, "a number", value)
 
 
 def _exact(kind: type, described: str) -> Convert:
