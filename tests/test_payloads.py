@@ -8,7 +8,7 @@ import enum
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Annotated, Any, Literal, TypedDict
 
 import pytest
 from hypothesis import given
@@ -89,6 +89,7 @@ def test_a_valid_body_becomes_the_declared_types():
     assert site.points == {"p": {"x": 1, "y": 2}} and site.mode is Mode.AUTO and site.pair == (1, 2, 3)
     assert site.parent.mode is Mode.MANUAL and site.parent.labels == {"name": "n"} and site.parent.parent is None
     assert decode(list[int], [1, 2]) == [1, 2] and decode(int | str, "x") == "x" and decode(dict, {}) == {}
+    assert decode(Annotated[list[int], "meta"], [3]) == [3]
 
 
 @pytest.mark.parametrize(

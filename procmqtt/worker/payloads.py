@@ -154,6 +154,8 @@ def _converter(tp: Any, seen: dict[Any, Convert]) -> Convert:
     if tp is list or tp is dict:
         return _exact(tp, "an array" if tp is list else "an object")
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:  # the metadata is for other tools
+        return _converter(args[0], seen)
     if origin is typing.Literal:
         return _literal(args)
     if origin in (typing.Union, types.UnionType):
