@@ -20,6 +20,7 @@ class Outcome(enum.IntEnum):
     FAILED = 1  # the handler raised
     UNROUTED = 2  # no route matched (acknowledged like OK, counted apart)
     RETRY = 3  # the handler raised procmqtt.Retry: handed out again after its delay (counted as failed)
+    INVALID = 4  # the body did not validate (InvalidPayload): dead-lettered or dropped at once, never retried
 
 
 MAX_RETRY_AFTER = 1_000_000  # seconds, as every duration in the configuration
@@ -40,6 +41,21 @@ class Retry(Exception):
             )
         super().__init__(after)
         self.after = None if after is None else float(after)
+
+
+class InvalidPayload(Exception):
+    """A message's body is not what its handler declared: trying again cannot help.
+
+    Raised by procmqtt when a typed body does not validate (docs/typed-payloads.md), and by a
+    handler that finds a body it can never handle. The message ends as ``Outcome.INVALID``: logged
+    once with ``field`` and ``problem``, then dead-lettered (``[workers] dead_letter_topic``) or
+    dropped at once, never retried, whatever ``on_error`` says.
+    """
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
 
 
 @dataclass(frozen=True, slots=True)

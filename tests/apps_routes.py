@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from apps import Recording
 
-from procmqtt import Message, Worker, route
+from procmqtt import InvalidPayload, Message, Middleware, Outcome, Worker, route
+from procmqtt.worker.middleware import MessageNext
 
 
 class Routed(Recording):
@@ -52,6 +54,38 @@ class AsyncEcho(Recording):
     async def on_message(self, message: Message) -> None:
         confirmed = await self.publish("echoed/" + message.topic.split("/", 1)[1], message.payload, qos=1)
         self.record("done", message, confirmed=confirmed)
+
+
+@dataclass(frozen=True)
+class Reading:
+    celsius: float
+    seq: int
+
+
+class Outcomes(Middleware):
+    """Records, in the worker process, how each message left the handler."""
+
+    def on_start(self, worker: Worker) -> None:
+        assert isinstance(worker, Recording)
+        self.worker = worker
+
+    def on_message(self, message: Message, call_next: MessageNext) -> Outcome:
+        try:
+            outcome = call_next(message)
+        except InvalidPayload as exc:
+            self.worker.record("middleware", message, ended="invalid", field=exc.field)
+            raise
+        self.worker.record("middleware", message, ended=outcome.name)
+        return outcome
+
+
+class Typed(Recording):
+    """``typed/{device}``: a JSON ``Reading`` body, decoded before the handler runs (the test adds
+    ``Outcomes`` by ``[workers] middleware``)."""
+
+    @route("typed/{device}", qos=1)
+    def reading(self, message: Message, device: str, reading: Reading) -> None:
+        self.record("done", message, device=device, celsius=reading.celsius, seq=reading.seq)
 
 
 class BadFilter(Worker):

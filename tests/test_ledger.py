@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from procmqtt.agent.dispatch import Dispatcher, LeastBusyDispatcher, RoundRobinDispatcher
-from procmqtt.agent.ledger import Delivery, DeliveryLedger, Effects, Inbound
+from procmqtt.agent.ledger import INVALID, Delivery, DeliveryLedger, Effects, Inbound
 from procmqtt.agent.retry import RetrySchedule
 from procmqtt.orderkey import key_function
 
@@ -240,18 +240,34 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.ledger.retiring(slot, self.generations.get(slot, 0)) == first
 
     @precondition(lambda self: self.ledger.deliveries)
-    @rule(data=st.data(), failed=st.booleans(), retry_after=st.sampled_from([None, None, 0.0, 2.0]))
-    def done(self, data: st.DataObject, failed: bool, retry_after: float | None) -> None:
+    @rule(
+        data=st.data(),
+        failed=st.booleans(),
+        retry_after=st.sampled_from([None, None, 0.0, 2.0]),
+        invalid=st.sampled_from([False, False, True]),
+    )
+    def done(self, data: st.DataObject, failed: bool, retry_after: float | None, invalid: bool) -> None:
         d = data.draw(st.sampled_from(sorted(self.ledger.deliveries.values(), key=lambda d: d.delivery_id)))
         slot = d.slot
+        invalid = invalid and retry_after is None  # Outcome.INVALID carries no retry delay
+        failed = failed and not invalid
         retried = retry_after is not None or (failed and self.ledger.retry_failed)
-        if not retried:
+        given_up = len(self.rec.dead_letters) + len(self.rec.drops)
+        if invalid:
+            pass  # the dead letter's settle, or the drop, finishes it (the effects above)
+        elif not retried:
             self._finishing(d)
         elif self.ledger.stopping and d.attempts + 1 < self.ledger.max_attempts:
             self.finished.add(d.payload)  # not handed out again: stays unacknowledged at the broker
         attempts = d.attempts
-        assert self.ledger.done(d.delivery_id, failed=failed, now=self.now, retry_after=retry_after) == slot
+        assert (
+            self.ledger.done(d.delivery_id, failed=failed, now=self.now, retry_after=retry_after, invalid=invalid)
+            == slot
+        )
         assert d.attempts == attempts + retried
+        if invalid:  # given up at once, whatever its attempts: never held or handed out again
+            assert len(self.rec.dead_letters) + len(self.rec.drops) == given_up + 1
+            assert (self.rec.dead_letters if self.ledger.dead_letters else self.rec.drops)[-1] == (d, INVALID)
         if d.delivery_id in self.ledger.seats[slot].outstanding:  # retried, and handed out again at once
             assert d.redelivered and retried
         for due, _, h in self.ledger.held:
@@ -494,6 +510,25 @@ def test_attempts_used_up(dead_letters: bool, dead: int, drops: int, acks_before
     if dead:
         ledger.settle(rec.dead_letters[0][0])
         assert rec.acks == [(1, 1)]
+
+
+@pytest.mark.parametrize("dead_letters", [True, False])
+def test_an_invalid_body_is_given_up_at_once_never_retried(dead_letters: bool) -> None:
+    ledger, rec = make(max_attempts=5, retry_failed=True, dead_letters=dead_letters)
+    ledger.connected()
+    ledger.worker_up(0, 1, ready=True)
+    ledger.arrived([msg(1), msg(2)], None)
+    invalid, valid = (delivery_id for _, delivery_id in rec.delivered)
+    assert ledger.done(invalid, failed=False, now=1.0, invalid=True) == 0
+    assert not rec.requeued and not ledger.held and not ledger.pending
+    given_up = rec.dead_letters if dead_letters else rec.drops
+    assert [(d.mid, d.attempts, reason) for d, reason in given_up] == [(1, 0, INVALID)]
+    assert rec.acks == ([] if dead_letters else [(1, 1)])  # a dead letter is acknowledged once settled
+    if dead_letters:
+        ledger.settle(given_up[0][0])
+        assert rec.acks == [(1, 1)]
+    ledger.done(valid, failed=False)
+    assert rec.acks[-1] == (2, 1) and len(rec.delivered) == 2
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ CONTRACT = {  # docs/metrics.md and /work plan: names and types other tools rely
     "procmqtt_messages_redelivered_total": "counter",
     "procmqtt_messages_dead_lettered_total": "counter",
     "procmqtt_messages_dropped_total": "counter",
+    "procmqtt_messages_invalid_total": "counter",
     "procmqtt_publishes_sent_total": "counter",
     "procmqtt_publishes_failed_total": "counter",
     "procmqtt_in_flight": "gauge",
@@ -51,7 +52,7 @@ def busy_counters() -> metrics.Counters:
         (2, Outcome.OK, 100.0),
     ]:
         c.done(slot, outcome, seconds)
-    c.redelivered, c.dead_lettered, c.dropped, c.reconnects = 2, 1, 1, 3
+    c.redelivered, c.dead_lettered, c.dropped, c.reconnects, c.invalid = 2, 1, 1, 3, 1
     c.published(0)
     c.published(0)
     c.published(7)
@@ -126,6 +127,7 @@ def test_render_rows_rates_and_totals():
     assert lines[2].split() == ["1", "2", "0.0", "0", "0"]
     assert lines[4].split() == ["total", "25", "10.0", "4", "1"]
     assert "publishes 2 sent, 1 failed" in table and "restarts 3 (SIGKILL 2, recycled 1)" in table
+    assert "dead-lettered 1, dropped 1, invalid 1;" in table
     assert status.render(after, None).splitlines()[1].split()[2] == "-"  # no earlier read: no rate
 
 

@@ -47,6 +47,9 @@ from procmqtt.agent.retry import AT_ONCE, HOLD_LIMIT, RetrySchedule
 from procmqtt.message import Properties
 from procmqtt.orderkey import KeyOf
 
+INVALID = "its body did not validate (the worker logged which field); not retried"
+"""The reason given with a message whose body did not validate (``Outcome.INVALID``)."""
+
 
 class Inbound(NamedTuple):
     """A PUBLISH as it arrived from the broker, decoded (``brokersocket`` or paho)."""
@@ -253,13 +256,22 @@ class DeliveryLedger:
             self.deliveries[d.delivery_id] = d
             deliver(slot, d)
 
-    def done(self, delivery_id: int, *, failed: bool, now: float = 0.0, retry_after: float | None = None) -> int:
+    def done(
+        self,
+        delivery_id: int,
+        *,
+        failed: bool,
+        now: float = 0.0,
+        retry_after: float | None = None,
+        invalid: bool = False,
+    ) -> int:
         """A worker finished a delivery: returns the slot that held it, or -1 if unknown (done for
         an earlier agent, freeing its key if reported in ``holding``, or already redelivered). A
         failure is retried (``on_error = "retry"``, after the ``retry`` schedule's delay from
         ``now``) or acknowledged. ``retry_after``: the handler raised ``procmqtt.Retry``: retried
         after that many seconds (negative: the schedule's) whatever ``on_error`` says, counting an
-        attempt."""
+        attempt. ``invalid``: its body did not validate (``Outcome.INVALID``): dead-lettered or
+        dropped at once, never retried."""
         d = self.deliveries.pop(delivery_id, None)
         if d is None:
             key = self.carry.finished(delivery_id)
@@ -272,6 +284,8 @@ class DeliveryLedger:
         if retry_after is not None:
             wait = retry_after if retry_after >= 0 else None
             self._failed_attempt(d, "on_message asked for a retry", front=False, now=now, wait=wait)
+        elif invalid:
+            self._give_up(d, INVALID)
         elif failed and self.retry_failed:
             self._failed_attempt(d, "on_message raised", front=False, now=now)
         else:
@@ -310,9 +324,12 @@ class DeliveryLedger:
                     return
             self._requeue(d, front=front)
             return
-        reason = f"{reason} ({d.attempts} attempts)"
+        self._give_up(d, f"{reason} ({d.attempts} attempts)")
+
+    def _give_up(self, d: Delivery, reason: str) -> None:
+        """No more attempts: dead-letter it (acknowledged once the dead letter is settled), or drop it."""
         if self.dead_letters:
-            self.effects.dead_letter(d, reason)  # acknowledged once the dead letter is settled
+            self.effects.dead_letter(d, reason)
         else:
             self.effects.drop(d, reason)
             self._acknowledge(d)

@@ -17,6 +17,7 @@ itself dies is sent again by the broker (persistent session). See docs/delivery.
 from __future__ import annotations
 
 import faulthandler
+import logging
 import os
 import signal
 import socket
@@ -29,7 +30,7 @@ from procmqtt import logs
 from procmqtt.agent import health, metrics
 from procmqtt.agent.connection import ConnState
 from procmqtt.agent.dispatch import DISPATCHERS
-from procmqtt.agent.ledger import Delivery, DeliveryLedger, Effects, Inbound
+from procmqtt.agent.ledger import INVALID, Delivery, DeliveryLedger, Effects, Inbound
 from procmqtt.agent.outbox import Outbox, dead_letter_entry
 from procmqtt.agent.replies import Replies
 from procmqtt.agent.retry import RetrySchedule
@@ -335,8 +336,11 @@ class Agent(Upstream):
 
     def _drop(self, d: Delivery, reason: str) -> None:
         self.metrics.dropped += 1
-        self.log.error(
-            "dropping the message on %r: %s; set [workers] dead_letter_topic to keep such messages", d.topic, reason
+        self.log.log(
+            logging.DEBUG if reason is INVALID else logging.ERROR,  # an invalid body: the worker's line says it
+            "dropping the message on %r: %s; set [workers] dead_letter_topic to keep such messages",
+            d.topic,
+            reason,
         )
 
     def _dead_letter(self, d: Delivery, reason: str) -> None:
@@ -353,5 +357,11 @@ class Agent(Upstream):
             self.ledger.settle(d)
             return
         self.metrics.dead_lettered += 1
-        self.log.error("dead-lettering the message on %r to %r: %s", d.topic, entry.topic, reason)
+        self.log.log(
+            logging.DEBUG if reason is INVALID else logging.ERROR,
+            "dead-lettering the message on %r to %r: %s",
+            d.topic,
+            entry.topic,
+            reason,
+        )
         self.publishes.add(entry)  # the original is acknowledged once the broker has the dead letter

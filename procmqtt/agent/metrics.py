@@ -92,6 +92,7 @@ class Snapshot:
     redelivered: int = 0
     dead_lettered: int = 0
     dropped: int = 0
+    invalid: int = 0
     publishes_sent: int = 0
     publishes_failed: int = 0
     reconnects: int = 0
@@ -129,6 +130,7 @@ class Counters:
         self.redelivered = 0
         self.dead_lettered = 0
         self.dropped = 0
+        self.invalid = 0  # Outcome.INVALID: a typed body that did not validate (also counted failed)
         self.publishes_sent = 0
         self.publishes_failed = 0
         self.reconnects = 0
@@ -184,7 +186,7 @@ class Counters:
         """For the agent's closing log line."""
         return (
             f"{self.received} received, {sum(self.processed)} processed ({sum(self.unrouted)} unrouted), "
-            f"{sum(self.failed)} failed, "
+            f"{sum(self.failed)} failed ({self.invalid} invalid), "
             f"{self.redelivered} redelivered, {self.dead_lettered} dead-lettered, {self.dropped} dropped"
         )
 
@@ -201,6 +203,7 @@ class Counters:
             redelivered=self.redelivered,
             dead_lettered=self.dead_lettered,
             dropped=self.dropped,
+            invalid=self.invalid,
             publishes_sent=self.publishes_sent,
             publishes_failed=self.publishes_failed,
             reconnects=self.reconnects,
@@ -226,6 +229,11 @@ _COUNTERS = (  # name without _total, help, Snapshot attribute
         "dead_lettered",
     ),
     ("procmqtt_messages_dropped", "Messages given up after max_attempts without a dead-letter topic.", "dropped"),
+    (
+        "procmqtt_messages_invalid",
+        "Messages whose typed body did not validate: dead-lettered or dropped at once, never retried.",
+        "invalid",
+    ),
     ("procmqtt_publishes_sent", "Worker publishes the broker acknowledged (QoS 0: written to it).", "publishes_sent"),
     ("procmqtt_publishes_failed", "Worker publishes that failed.", "publishes_failed"),
     ("procmqtt_reconnects", "Connections to the broker made again after the first one.", "reconnects"),

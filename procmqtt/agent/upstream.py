@@ -145,9 +145,14 @@ class Upstream:
 
     def _done(self, record: channel.Done) -> None:
         retry_after = record.retry_after if record.outcome is Outcome.RETRY else None  # negative: the schedule's
-        slot = self.ledger.done(record.delivery_id, failed=record.failed, now=time.monotonic(), retry_after=retry_after)
+        invalid = record.outcome is Outcome.INVALID
+        slot = self.ledger.done(
+            record.delivery_id, failed=record.failed, now=time.monotonic(), retry_after=retry_after, invalid=invalid
+        )
         if slot >= 0:
             self.metrics.done(slot, record.outcome, record.seconds)
+            if invalid:
+                self.metrics.invalid += 1
 
     def _published(self, entry: Outgoing, error: int) -> None:
         """A publish is answered (``outbox``): the worker hears, or a dead letter's original is acknowledged."""

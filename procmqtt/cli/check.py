@@ -18,6 +18,8 @@ from procmqtt.config.schema import keys
 from procmqtt.errors import ConfigError
 from procmqtt.orderkey import key_function
 from procmqtt.topics import topic_problem
+from procmqtt.worker.base import Worker
+from procmqtt.worker.payloads import Body, message_body
 from procmqtt.worker.routes import Route
 
 MASK = "********"
@@ -34,21 +36,33 @@ class Subscribed:
     reaches: tuple[str, ...]
 
 
-def subscriptions(config: Config, routes: Iterable[Route]) -> list[Subscribed]:
+def subscriptions(config: Config, routes: Iterable[Route], body: Body | None = None) -> list[Subscribed]:
     """``[mqtt.topics]`` entries reach ``on_message``; routes reach their method; a filter in both
-    shows both. The agent holds one subscription per filter, so its QoS is the highest asked for."""
+    shows both. The agent holds one subscription per filter, so its QoS is the highest asked for.
+    A typed body (``body``: on_message's) is shown after the handler: ``[body reading: Reading (dataclass)]``."""
     targets: dict[str, list[tuple[str, int]]] = {}
+    on_message = "on_message" + _body(body)
     for sub in config.mqtt.topics:
-        targets.setdefault(sub.topic_filter, []).append(("on_message", sub.qos))
+        targets.setdefault(sub.topic_filter, []).append((on_message, sub.qos))
     for route in routes:
         shown = route.name if route.pattern == route.topic_filter else f"{route.name} ({route.pattern})"
-        targets.setdefault(route.topic_filter, []).append((shown, route.qos))
+        targets.setdefault(route.topic_filter, []).append((shown + _body(route.body), route.qos))
     rows = []
     for topic_filter, found in targets.items():
         qos = max(q for _, q in found)
         reaches = tuple(name if q == qos else f"{name} [qos {q}]" for name, q in found)
         rows.append(Subscribed(config.mqtt.wire_filter(topic_filter), qos, reaches))  # as the broker sees it
     return rows
+
+
+def _middleware(app: type, config: Config) -> str:
+    """The middleware, outermost first: ``[workers] middleware`` as written, then the class's by name."""
+    listed = getattr(app, "middleware", ()) if issubclass(app, Worker) else ()
+    return ", ".join([*config.workers.middleware, *(type(m).__qualname__ for m in listed)]) or "none"
+
+
+def _body(body: Body | None) -> str:
+    return "" if body is None else f" [body {body.described}]"
 
 
 def render_subscriptions(rows: list[Subscribed]) -> str:
@@ -83,11 +97,12 @@ def render_check(app_spec: str, app: type, config: Config, routes: Iterable[Rout
         f"broker: {mqtt.host}:{mqtt.port} (not contacted by check)",
         f"client id: {mqtt.client_id or default_client_id(app_spec)}",
         f"workers: {config.workers.count}",
+        f"middleware: {_middleware(app, config)}",
     ]
     return (
         "\n".join(head)
         + "\n\n"
-        + render_subscriptions(subscriptions(config, routes))
+        + render_subscriptions(subscriptions(config, routes, message_body(app) if issubclass(app, Worker) else None))
         + "\n"
         + render_config(config, app_spec)
     )

@@ -16,6 +16,7 @@ import time
 
 from procmqtt.message import Message
 from procmqtt.worker.base import Worker
+from procmqtt.worker.middleware import SlowLog
 
 PING, PONG = "demo/ping", "demo/pong"
 REPORT_TIMEOUT = 5.0
@@ -30,6 +31,8 @@ def burn(seconds: float) -> None:
 
 
 class DemoSensors(Worker):
+    middleware = (SlowLog(1.0),)  # a reading that takes a second names itself in the log
+
     def on_start(self) -> None:
         self.alert_above = float(self.config.app.get("alert_above", 30.0))
         self.work = float(self.config.app.get("work_ms", 1.0)) / 1000

@@ -173,6 +173,13 @@ class PublishHandle(_Answer):
     def __init__(self, link: Link, request_id: int) -> None:
         super().__init__(link)
         self.request_id = request_id
+        self._waiter: _ReplyWaiter | None = None  # a request's publish: the wait for its reply
+
+    def reply_waiter(self) -> _ReplyWaiter:
+        """The request this handle published (``Worker.request`` through ``on_publish`` middleware)."""
+        if self._waiter is None:
+            raise RuntimeError("request: an on_publish middleware returned the handle of another publish")
+        return self._waiter
 
 
 class _ReplyWaiter(_Answer):
@@ -183,6 +190,7 @@ class _ReplyWaiter(_Answer):
         super().__init__(link)
         self.correlation = correlation
         self.reply: Message | None = None
+        self.handle: PublishHandle | None = None  # its request's publish; set by the link
 
     def _answer(self, reply: Message) -> None:
         self.reply = reply

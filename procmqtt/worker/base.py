@@ -19,8 +19,8 @@ import os
 import re
 import types
 import typing
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, ClassVar
 
 from procmqtt import mqtt5
 from procmqtt.config import Config
@@ -35,6 +35,8 @@ from procmqtt.topics import (
 )
 from procmqtt.worker.answers import Link, PublishHandle, _ReplyWaiter
 from procmqtt.worker.link import Payload, to_bytes
+from procmqtt.worker.middleware import Middleware, Outgoing, PublishNext, configured, middleware_of, publish_chain
+from procmqtt.worker.payloads import message_body
 from procmqtt.worker.routes import Router, routes_of
 
 _ALLOWED_RETURNS: frozenset[Any] = frozenset({None, type(None), Outcome, Any, object, typing.NoReturn})
@@ -49,13 +51,19 @@ class Worker:
     ``on_start`` may open connections and files freely. ``worker_id``, ``config`` and ``log`` are
     set before ``on_start`` runs. Any of ``on_start``, ``on_message``, ``on_stop`` and the routes
     may be ``async def``: the worker then runs them on an event loop (see ``worker.aio``).
+
+    ``middleware``: ``procmqtt.Middleware`` instances wrapping each message and each publish, the
+    first listed outermost (``worker.middleware``; docs/middleware.md).
     """
 
+    middleware: ClassVar[Sequence[Middleware]] = ()
     worker_id: int
     config: Config
     log: logging.Logger
     _link: Link | None = None
     _router: Router | None = None
+    _publishing: PublishNext | None = None  # the on_publish chain; None without publish middleware
+    _middleware: tuple[Middleware, ...] = ()  # [workers] middleware, then the class's: outermost first
 
     def on_start(self) -> Awaitable[None] | None:
         """Called once in the worker process before the first message."""
@@ -66,14 +74,17 @@ class Worker:
         The default hands the message to the most specific matching ``@route`` method and returns
         ``Outcome.UNROUTED`` when none matches. An override receives every message (routes then
         only subscribe), and may call ``super().on_message(message)`` to dispatch. Return None (or
-        an ``Outcome``, which is honoured); any other value counts as a failure (``handling``).
+        an ``Outcome``, which is honoured); any other value counts as a failure (``handling``). An
+        override or a route may declare a typed body parameter (docs/typed-payloads.md).
         """
         router = self._router or self._make_router()
         found = router.match(message.topic)
         if found is None:
             router.unrouted(message.topic)
             return Outcome.UNROUTED
-        handler, params = found
+        handler, params, body = found
+        if body is not None:
+            params[body.name] = body.decode(message.payload)
         result: Outcome | Awaitable[Outcome | None] | None = handler(message, **params)
         return result
 
@@ -96,15 +107,29 @@ class Worker:
         ``content_type``, ``response_topic``, ``correlation_data``, ``message_expiry``,
         ``payload_format_indicator``); keywords override ``properties``.
         """
+        props = self._properties("publish", properties, fields)
+        data = to_bytes(payload)
+        if self._publishing is not None:
+            return self._publishing(Outgoing(topic, data, qos, bool(retain), props))
+        return self._send(topic, data, qos, bool(retain), props)
+
+    def _send(self, topic: str, data: bytes, qos: int, retain: bool, props: Properties | None) -> PublishHandle:
+        """The innermost step of a publish, after any middleware: check it, hand it to the agent."""
         problem = topic_problem(topic)
         if problem:
             raise ValueError(f"publish: {problem}, got {topic!r}")
         _check_qos(qos)
-        props = self._properties("publish", properties, fields)
-        data = to_bytes(payload)
         _check_format("publish", props, data)
         _check_size("publish", topic, data, qos, props, v5=self.config.mqtt.protocol == "5")
-        return self._require_link().publish(topic, data, qos, bool(retain), props)
+        return self._require_link().publish(topic, data, qos, retain, props)
+
+    def _send_outgoing(self, out: Outgoing) -> PublishHandle:
+        """The end of the ``on_publish`` chain."""
+        if not isinstance(out, Outgoing):
+            raise TypeError(f"on_publish: call_next takes a procmqtt.Outgoing, got {out!r}")
+        if out.request:
+            return self._send_request_now(out)
+        return self._send(out.topic, out.payload, out.qos, out.retain, out.properties)
 
     def request(
         self,
@@ -195,9 +220,27 @@ class Worker:
             )
         props = props.merged(correlation_data=os.urandom(16), message_expiry=props.message_expiry or math.ceil(timeout))
         data = to_bytes(payload)
-        _check_format("request", props, data)
-        _check_size("request", topic, data, qos, props, v5=True, request=True)
-        return self._require_link().request(topic, data, qos, props)
+        if self._publishing is None:
+            return self._send_request_now(Outgoing(topic, data, qos, False, props, request=True)).reply_waiter()
+        return self._publishing(Outgoing(topic, data, qos, False, props, request=True)).reply_waiter()
+
+    def _send_request_now(self, out: Outgoing) -> PublishHandle:
+        """The innermost step of a request: check it, hand it to the agent; the handle holds the waiter."""
+        problem = topic_problem(out.topic)
+        if problem:
+            raise ValueError(f"request: {problem}, got {out.topic!r}")
+        _check_qos(out.qos)
+        props = out.properties or EMPTY
+        if not props.correlation_data:
+            raise ValueError("request: a middleware removed the request's correlation_data")
+        _check_format("request", props, out.payload)
+        _check_size("request", out.topic, out.payload, out.qos, props, v5=True, request=True)
+        waiter = self._require_link().request(out.topic, out.payload, out.qos, props)
+        handle = waiter.handle
+        if handle is None:  # pragma: no cover - both links set it
+            raise RuntimeError("request: the link gave no publish handle")
+        handle._waiter = waiter
+        return handle
 
     def _properties(self, what: str, properties: Properties | None, fields: dict[str, Any]) -> Properties | None:
         """The MQTT 5 properties of a publish, or None; a clear error on MQTT 3.1.1 or for a bad value."""
@@ -249,6 +292,8 @@ class Worker:
         self.log = logging.getLogger(f"procmqtt.app.{type(self).__name__}")
         self._link = link
         self._make_router()
+        self._middleware = (*configured(config), *type(self).middleware)
+        self._publishing = publish_chain(self._middleware, self._send_outgoing)
 
     def _make_router(self) -> Router:
         self._router = Router(routes_of(type(self)), self, logging.getLogger("procmqtt.worker.routes"))
@@ -274,6 +319,8 @@ def check_app(app: type[Worker]) -> None:
         raise AppError(
             f"{app.__qualname__} has no @route methods and does not override on_message, so it would handle nothing"
         )
+    middleware_of(app, is_async=uses_asyncio(app))
+    message_body(app)
     handlers = [r.name for r in routes]
     if app.on_message is not Worker.on_message:
         handlers.insert(0, "on_message")

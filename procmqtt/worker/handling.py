@@ -11,14 +11,21 @@ acknowledged silently as OK. A return annotation that promises such a value is r
 (``base.check_app``). ``procmqtt.Retry`` raised is a request, not an error: it is returned as is
 (not logged, not re-raised in tests), and its delay goes to the agent with ``Outcome.RETRY``;
 returning ``Outcome.RETRY`` is ``raise Retry()``.
+
+The app's middleware (``worker.middleware``) wrap the call to ``on_message``: the chain is built once
+per worker, and an app without message middleware takes the same path as before there were any.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from typing import Any
 
-from procmqtt.message import Message, Outcome, Retry
+from procmqtt.message import InvalidPayload, Message, Outcome, Retry
 from procmqtt.worker.base import Worker
+from procmqtt.worker.middleware import async_message_chain, message_chain
+from procmqtt.worker.payloads import message_body
 
 
 class Runner:
@@ -32,40 +39,79 @@ class Runner:
         self.worker = worker
         self.raise_errors = raise_errors
         self._told = False  # a return value that is neither None nor an Outcome was logged
+        self._call: Callable[[Message], Any] = worker.on_message
+        body = message_body(type(worker))
+        if body is not None:  # on_message declares a typed body: decode it first
+            on_message, name, decode = worker.on_message, body.name, body.decode
+            self._call = lambda message: on_message(message, **{name: decode(message.payload)})
+        dead_letters = worker.config.workers.dead_letter_topic
+        self._rejected = f"dead-lettered to {dead_letters!r}" if dead_letters else "dropped (no dead_letter_topic)"
+        middleware = worker._middleware  # [workers] middleware, then the class's (checked at load)
+        self._chain = message_chain(middleware, self._inner)
+        self._async_chain = async_message_chain(middleware, self._inner_async)
+        for m in middleware:
+            m.on_start(worker)
 
     def handle(self, message: Message) -> Outcome | Retry:
         """A sync app's message: run ``on_message``, log (never raise) its exception."""
+        chain = self._chain
         try:
-            result = self.worker.on_message(message)
+            result = self._call(message) if chain is None else chain(message)
         except Retry as retry:
             return retry
+        except InvalidPayload as invalid:
+            return self._invalid(message, invalid)
         except Exception:
             if self.raise_errors:
                 raise
             return self._failed(message)
-        if inspect.iscoroutine(result):  # an async handler reached from a sync app: a bug, say so
-            result.close()
-            self.worker.log.error(
-                "on_message for topic %r returned a coroutine, but this worker runs no "
-                "event loop; declare the handler with async def on the class",
-                message.topic,
-            )
-            return Outcome.FAILED
+        if inspect.iscoroutine(result):
+            return self._coroutine(message, result)
         return self._outcome(message, result)
 
     async def handle_async(self, message: Message) -> Outcome | Retry:
         """``handle`` for apps with async handlers, on the worker's event loop; sync handlers run inline."""
+        chain = self._async_chain
         try:
-            result = self.worker.on_message(message)
-            if inspect.iscoroutine(result):
-                result = await result
+            if chain is None:
+                result = self._call(message)
+                if inspect.iscoroutine(result):
+                    result = await result
+            else:
+                result = await chain(message)
         except Retry as retry:
             return retry
+        except InvalidPayload as invalid:
+            return self._invalid(message, invalid)
         except Exception:
             if self.raise_errors:
                 raise
             return self._failed(message)
         return self._outcome(message, result)
+
+    def _inner(self, message: Message) -> Outcome:
+        """The innermost layer under middleware: the handler, its result made an ``Outcome``;
+        exceptions pass out to the middleware."""
+        result = self._call(message)
+        if inspect.iscoroutine(result):
+            return self._coroutine(message, result)
+        return self._outcome(message, result)
+
+    async def _inner_async(self, message: Message) -> Outcome:
+        result = self._call(message)
+        if inspect.iscoroutine(result):
+            result = await result
+        return self._outcome(message, result)
+
+    def _coroutine(self, message: Message, result: Any) -> Outcome:
+        """An async handler reached from a sync app: a bug, say so."""
+        result.close()
+        self.worker.log.error(
+            "on_message for topic %r returned a coroutine, but this worker runs no "
+            "event loop; declare the handler with async def on the class",
+            message.topic,
+        )
+        return Outcome.FAILED
 
     def _outcome(self, message: Message, result: object) -> Outcome:
         if result is None:
@@ -81,6 +127,14 @@ class Runner:
                 result,
             )
         return Outcome.FAILED
+
+    def _invalid(self, message: Message, invalid: InvalidPayload) -> Outcome:
+        """A body that does not validate: one line naming the field; the agent gives it up at once.
+        Not an error of the app, so the harness returns it rather than raising."""
+        self.worker.log.warning(
+            "invalid body on topic %r: %s; %s, not retried", message.topic[:200], invalid, self._rejected
+        )
+        return Outcome.INVALID
 
     def _failed(self, message: Message) -> Outcome:
         """Called in an except block: log the handler's exception with its traceback."""

@@ -146,7 +146,7 @@ class _AgentLink:
         """Publish a request whose response topic the agent sets to this worker's reply topic."""
         waiter = _ReplyWaiter(self, properties.correlation_data or b"")
         self._replies[waiter.correlation] = waiter
-        self.publish(topic, payload, qos, False, properties, request=waiter)
+        waiter.handle = self.publish(topic, payload, qos, False, properties, request=waiter)
         return waiter
 
     def forget(self, waiter: _ReplyWaiter) -> None:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from procmqtt.config import Config, Subscription
 from procmqtt.errors import RouteError
 from procmqtt.topics import filter_problem, unshared
+from procmqtt.worker.payloads import Body, body_of
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -34,13 +35,16 @@ class Route:
     qos: int
     name: str  # the method's name
     params: tuple[str, ...]  # the {name} parameters, in order
+    body: Body | None = None  # the typed body parameter, when the method declares one (``payloads``)
 
 
 def route(pattern: str, qos: int = 0) -> Callable[[F], F]:
     """Route messages whose topic matches ``pattern`` to the decorated method.
 
     ``{name}`` matches one level (subscribed as ``+``) and is passed as the keyword argument
-    ``name``; ``+`` and ``#`` work as in MQTT. The filter is subscribed with ``qos``. Stacking
+    ``name``; ``+`` and ``#`` work as in MQTT. One more parameter annotated with a type receives the
+    JSON body decoded and validated as that type (``payloads``; docs/typed-payloads.md). The filter
+    is subscribed with ``qos``. Stacking
     several ``@route`` on one method is allowed. Nothing is checked here: ``routes_of`` checks
     everything when the app is loaded, so a mistake is a one-line startup error, not an import
     traceback.
@@ -123,12 +127,13 @@ def _checked(func: Callable[..., Any], name: str, pattern: Any, qos: Any) -> Rou
     problem = filter_problem(topic_filter)
     if problem:
         raise RouteError(f"{where}: not a valid MQTT topic filter ({problem})")
+    body = body_of(func, params, where)
     try:
-        inspect.signature(func).bind(None, None, **dict.fromkeys(params, ""))
+        inspect.signature(func).bind(None, None, **dict.fromkeys(params, ""), **({body.name: None} if body else {}))
     except TypeError as exc:
         takes = f"(self, message, {', '.join(params)})" if params else "(self, message)"
         raise RouteError(f"{where}: the method must accept {takes}: {exc}") from None
-    return Route(pattern, topic_filter, qos, name, tuple(params))
+    return Route(pattern, topic_filter, qos, name, tuple(params), body)
 
 
 def specificity(r: Route) -> tuple[int, int, int]:
@@ -171,16 +176,17 @@ class Router:
     def __init__(self, routes: Iterable[Route], worker: Any, log: logging.Logger) -> None:
         ranked = sorted(routes, key=specificity)
         self.routes = tuple(ranked)
-        self._table = [(_regex(r), getattr(worker, r.name)) for r in ranked]
+        self._table = [(_regex(r), getattr(worker, r.name), r.body) for r in ranked]
         self._log = log
         self._unrouted: set[str] = set()
 
-    def match(self, topic: str) -> tuple[Callable[..., Any], dict[str, str]] | None:
-        """The bound method and its keyword arguments, or None when no route matches."""
-        for regex, handler in self._table:
+    def match(self, topic: str) -> tuple[Callable[..., Any], dict[str, Any], Body | None] | None:
+        """The bound method, its topic parameters and its typed body (or None), or None when no route
+        matches."""
+        for regex, handler, body in self._table:
             found = regex.fullmatch(topic)
             if found is not None:
-                return handler, found.groupdict()
+                return handler, found.groupdict(), body
         return None
 
     def unrouted(self, topic: str) -> None:
