@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from procmqtt.agent.deliveries import INVALID, Delivery, Effects, Inbound
 from procmqtt.agent.dispatch import Dispatcher, LeastBusyDispatcher, RoundRobinDispatcher
-from procmqtt.agent.ledger import INVALID, Delivery, DeliveryLedger, Effects, Inbound
+from procmqtt.agent.ledger import DeliveryLedger
 from procmqtt.agent.retry import RetrySchedule
 from procmqtt.orderkey import key_function
 

@@ -30,7 +30,7 @@ import ssl
 import time
 from typing import Any
 
-from procmqtt.agent.ledger import Inbound
+from procmqtt.agent.deliveries import Inbound
 from procmqtt.ipc import poller
 
 READ_SIZE = 256 * 1024

@@ -29,8 +29,9 @@ from typing import Any
 from procmqtt import logs
 from procmqtt.agent import health, metrics
 from procmqtt.agent.connection import ConnState
+from procmqtt.agent.deliveries import INVALID, Delivery, Effects, Inbound
 from procmqtt.agent.dispatch import DISPATCHERS
-from procmqtt.agent.ledger import INVALID, Delivery, DeliveryLedger, Effects, Inbound
+from procmqtt.agent.ledger import DeliveryLedger
 from procmqtt.agent.outbox import Outbox, dead_letter_entry
 from procmqtt.agent.replies import Replies
 from procmqtt.agent.retry import RetrySchedule

@@ -32,7 +32,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 
 from procmqtt.agent.brokersocket import BrokerSocket
-from procmqtt.agent.ledger import Delivery
+from procmqtt.agent.deliveries import Delivery
 from procmqtt.ipc import channel
 from procmqtt.topics import packet_problem
 

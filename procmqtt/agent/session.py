@@ -24,7 +24,8 @@ from procmqtt import mqtt5
 from procmqtt.agent import connection, metrics
 from procmqtt.agent.brokersocket import BrokerSocket, wrap_socket
 from procmqtt.agent.connection import ConnState
-from procmqtt.agent.ledger import DeliveryLedger, Inbound
+from procmqtt.agent.deliveries import Inbound
+from procmqtt.agent.ledger import DeliveryLedger
 from procmqtt.agent.outbox import Outbox
 from procmqtt.agent.replies import Replies
 from procmqtt.agent.sharecheck import ShareCheck
