@@ -109,7 +109,10 @@ class Tracing(Middleware):
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        provider = TracerProvider(resource=Resource.create({"service.name": "procmqtt"}))
+        resource = Resource.create()  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
+        if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": "procmqtt"}))
+        provider = TracerProvider(resource=resource)
         for exporter in self.exporters:
             provider.add_span_processor(BatchSpanProcessor(exporter()))
         return provider

@@ -222,6 +222,24 @@ def test_exporters_come_from_otel_traces_exporter(monkeypatch):
         Tracing(setup="json")  # type: ignore[arg-type]
 
 
+@needs_otel
+@pytest.mark.unit
+def test_without_setup_the_sdk_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")  # read where the app is imported
+
+    class App(Worker):
+        middleware = (Tracing(),)
+
+        def on_message(self, message: Message) -> None:
+            pass
+
+    for service, expected in ((None, "procmqtt"), ("sensors", "sensors")):
+        if service:
+            monkeypatch.setenv("OTEL_SERVICE_NAME", service)
+        with WorkerHarness(App) as h:
+            assert h.runner._middleware[0].provider.resource.attributes["service.name"] == expected
+
+
 @pytest.mark.unit
 def test_without_the_extra_tracing_fails_in_one_line(monkeypatch):
     for name in [m for m in sys.modules if m == "opentelemetry" or m.startswith("opentelemetry.")]:
