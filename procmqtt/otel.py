@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any
 
 from procmqtt.errors import AppError, ExitCode
@@ -54,7 +54,8 @@ class Tracing(Middleware):
     built from the ``OTEL_*`` environment: ``OTEL_TRACES_EXPORTER`` (default ``otlp``; ``console``,
     ``none``, or any installed exporter's name), a batch span processor per exporter, and the resource
     from ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES``. Exporters are looked up here, where
-    the app is imported, so an unknown name stops procmqtt before any fork.
+    the app is imported, so an unknown name stops procmqtt before any fork; they are imported and
+    created in each worker.
     """
 
     def __init__(self, setup: Setup | None = None) -> None:
@@ -86,11 +87,9 @@ class Tracing(Middleware):
         self.tracer = provider.get_tracer("procmqtt", _version())
         config = worker.config
         self.v5 = config.mqtt.protocol == "5"
-        self.attributes = {
-            "messaging.system": "mqtt",
-            "messaging.client.id": config.mqtt.client_id,
-            "procmqtt.worker.id": worker.worker_id,
-        }
+        self.attributes = {"messaging.system": "mqtt", "procmqtt.worker.id": worker.worker_id}
+        if config.mqtt.client_id:  # None: the supervisor's default, not known here
+            self.attributes["messaging.client.id"] = config.mqtt.client_id
         routes = [(r.topic_filter, r.pattern) for r in routes_of(type(worker))]
         self.templates = (*routes, *((s.topic_filter, s.topic_filter) for s in config.mqtt.topics))
 
@@ -113,8 +112,8 @@ class Tracing(Middleware):
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": "procmqtt"}))
         provider = TracerProvider(resource=resource)
-        for exporter in self.exporters:
-            provider.add_span_processor(BatchSpanProcessor(exporter()))
+        for exporter in self.exporters:  # imported here, after fork (an OTLP/gRPC exporter brings grpc)
+            provider.add_span_processor(BatchSpanProcessor(exporter.load()()))
         return provider
 
     # --- messages ---------------------------------------------------------------------------------
@@ -283,8 +282,9 @@ def _require() -> None:
         raise TracingError(f"procmqtt.otel.Tracing needs the otel extra ({exc}); install it: {INSTALL}") from None
 
 
-def _exporters() -> list[Callable[[], Any]]:
-    """The span exporter classes ``OTEL_TRACES_EXPORTER`` names, found by the SDK's entry points."""
+def _exporters() -> list[EntryPoint]:
+    """The span exporters ``OTEL_TRACES_EXPORTER`` names, found by the SDK's entry points (not
+    imported: that happens in each worker, after fork)."""
     value = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip()
     names = [n.strip() for n in value.split(",") if n.strip()]
     if names == ["none"]:
@@ -298,7 +298,7 @@ def _exporters() -> list[Callable[[], Any]]:
             raise TracingError(
                 f"OTEL_TRACES_EXPORTER: no span exporter {name!r} is installed{hint}; expected one of: {known}"
             )
-        out.append(found[name].load())
+        out.append(found[name])
     return out
 
 
