@@ -2,7 +2,8 @@
 
 ``WorkerHarness`` runs one instance of the app the way a worker process does: the same load-time
 checks, ``on_start``/``on_stop``, and every delivery through ``worker.handling.Runner``, the code
-path of a worker process, so routes, parameters, return values and outcomes behave as in production.
+path of a worker process, so routes, parameters, typed bodies, middleware, return values and
+outcomes behave as in production.
 The channels are replaced by ``FakeLink``, which records what the app publishes and subscribes.
 
     with WorkerHarness(Sensors, config={"app": {"alert_above": 30}}) as h:
@@ -30,6 +31,7 @@ from procmqtt.worker.answers import PublishHandle, _Answer, _ReplyWaiter
 from procmqtt.worker.base import Worker, check_app, uses_asyncio
 from procmqtt.worker.handling import Runner
 from procmqtt.worker.link import Payload, to_bytes
+from procmqtt.worker.middleware import check_configured
 from procmqtt.worker.routes import Route, routes_of
 
 W = TypeVar("W", bound=Worker)
@@ -125,6 +127,7 @@ class WorkerHarness(Generic[W]):
         check_app(app)  # the same checks as procmqtt run: bad routes raise RouteError here
         self.app = app
         self.config = config if isinstance(config, Config) else from_mapping(config or {}, "WorkerHarness config")
+        check_configured(app, self.config, is_async=uses_asyncio(app))  # [workers] middleware
         self.raise_exceptions = raise_exceptions
         self.worker_id = worker_id
         self.link = FakeLink(worker_id)

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 
-from procmqtt import Message, Retry, Worker
+from procmqtt import Message, Middleware, Retry, Worker
 
 
 class Recording(Worker):
@@ -90,6 +90,18 @@ class BigPublisher(Worker):
 class FailsToBoot(Worker):
     def on_start(self) -> None:
         raise RuntimeError("database unreachable (on purpose)")
+
+    def on_message(self, message: Message) -> None:  # pragma: no cover - never reached
+        pass
+
+
+class _Unreachable(Middleware):
+    def on_start(self, worker: Worker) -> None:
+        raise RuntimeError("tracing collector unreachable (on purpose)")
+
+
+class MiddlewareFailsToBoot(Worker):
+    middleware = (_Unreachable(),)
 
     def on_message(self, message: Message) -> None:  # pragma: no cover - never reached
         pass

@@ -80,9 +80,8 @@ class Outcomes(Middleware):
 
 
 class Typed(Recording):
-    """``typed/{device}``: a JSON ``Reading`` body, decoded before the handler runs."""
-
-    middleware = (Outcomes(),)
+    """``typed/{device}``: a JSON ``Reading`` body, decoded before the handler runs (the test adds
+    ``Outcomes`` by ``[workers] middleware``)."""
 
     @route("typed/{device}", qos=1)
     def reading(self, message: Message, device: str, reading: Reading) -> None:

@@ -127,6 +127,7 @@ def test_render_rows_rates_and_totals():
     assert lines[2].split() == ["1", "2", "0.0", "0", "0"]
     assert lines[4].split() == ["total", "25", "10.0", "4", "1"]
     assert "publishes 2 sent, 1 failed" in table and "restarts 3 (SIGKILL 2, recycled 1)" in table
+    assert "dead-lettered 1, dropped 1, invalid 1;" in table
     assert status.render(after, None).splitlines()[1].split()[2] == "-"  # no earlier read: no rate
 
 

@@ -11,10 +11,13 @@ from typing import Any
 import pytest
 
 from procmqtt import Message, Middleware, Outcome, Outgoing, PublishHandle, Retry, SlowLog, Worker, route
-from procmqtt.errors import HandlerError
+from procmqtt import config as config_mod
+from procmqtt.cli import check
+from procmqtt.errors import ConfigError, HandlerError
 from procmqtt.message import Properties
 from procmqtt.testing import WorkerHarness
-from procmqtt.worker.middleware import AsyncMessageNext, MessageNext, PublishNext
+from procmqtt.worker.middleware import AsyncMessageNext, MessageNext, PublishNext, configured
+from procmqtt.worker.routes import routes_of
 
 pytestmark = [pytest.mark.timeout(10), pytest.mark.unit]
 
@@ -287,3 +290,61 @@ def test_slow_log_names_slow_messages_only(caplog: pytest.LogCaptureFixture):
         assert "slow message on 'slow/topic'" in caplog.text and "OK" in caplog.text
     with pytest.raises(ValueError, match="SlowLog"):
         SlowLog(-1)
+
+
+# --- [workers] middleware: by configuration, outermost ----------------------------------------------
+
+
+class Outer(Middleware):
+    """Made by name from [workers] middleware (no arguments)."""
+
+    def on_message(self, message: Message, call_next: MessageNext) -> Outcome:
+        TRAIL.append("outer in")
+        return call_next(message)
+
+    def on_publish(self, publish: Outgoing, call_next: PublishNext) -> PublishHandle:
+        return call_next(dataclasses.replace(publish, topic=publish.topic + "/outer"))
+
+
+class NeedsArguments(Middleware):
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+
+def test_configured_middleware_wrap_the_classes_own():
+    config = {"workers": {"middleware": ["test_middleware:Outer"]}}
+    with WorkerHarness(Sensors, config=config) as h:
+        assert h.config.workers.middleware == ("test_middleware:Outer",)
+        TRAIL.clear()
+        assert h.deliver("sensors/d1", b"1") is Outcome.OK
+        assert TRAIL[:3] == ["outer in", "a in", "b in"]
+        assert h.published == [("seen/d1/outer/a/b", b"1", 0, False)]
+    head = check.render_check("app:Sensors", Sensors, h.config, routes_of(Sensors)).split("\n\n")[0]
+    assert head.splitlines()[-1] == "middleware: test_middleware:Outer, Trail, Trail"
+
+
+def test_configured_middleware_from_the_environment_are_comma_separated():
+    loaded = config_mod.resolve(
+        None, environ={"PROCMQTT_WORKERS_MIDDLEWARE": "test_middleware:Outer, procmqtt:SlowLog"}
+    )
+    assert loaded.workers.middleware == ("test_middleware:Outer", "procmqtt:SlowLog")
+    assert [type(m).__name__ for m in configured(loaded)] == ["Outer", "SlowLog"]
+
+
+@pytest.mark.parametrize(
+    ("names", "problem"),
+    [
+        (["no_such_module:Thing"], r"'no_such_module:Thing': cannot import it \(ModuleNotFoundError: No module named"),
+        (["test_middleware:Nothing"], r"'test_middleware:Nothing': cannot import it \(AttributeError"),
+        (["test_middleware:Sensors"], "'test_middleware:Sensors': not a procmqtt.Middleware subclass"),
+        (["test_middleware:NeedsArguments"], "NeedsArguments\\(\\) raised TypeError"),
+        (["test_middleware:SyncOnly"], "SyncOnly overrides only on_message, but .*AsyncSensors has async handlers"),
+        ("not a list", 'expected a list of "package.module:Class" names'),
+        (["no-colon"], 'expected a list of "package.module:Class" names'),
+    ],
+)
+def test_configured_middleware_that_cannot_run_is_refused_at_load(names: Any, problem: str):
+    with pytest.raises(ConfigError, match=problem) as caught:
+        WorkerHarness(AsyncSensors, config={"workers": {"middleware": names}})
+    assert caught.value.exit_code == 2 and "[workers] middleware" in str(caught.value)
+    assert "\n" not in str(caught.value)

@@ -281,7 +281,9 @@ def test_on_message_may_declare_the_body_and_async_apps_decode_too():
     assert message_body(TypedOnMessage) is not None and message_body(Sensors) is None
 
 
-def test_check_lists_each_routes_body_type():
+def test_check_lists_the_middleware_and_each_routes_body_type():
+    head = check.render_check("app:Sensors", Sensors, from_mapping({}), routes_of(Sensors)).split("\n\n")[0]
+    assert head.splitlines()[-1] == "middleware: Seen"
     rows = {r.topic_filter: r.reaches for r in check.subscriptions(from_mapping({}), routes_of(Sensors))}
     assert rows == {
         "sensors/+/temperature": ("temperature (sensors/{device}/temperature) [body reading: Reading (dataclass)]",),

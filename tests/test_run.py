@@ -198,13 +198,20 @@ def test_wrong_credentials_exit_4_without_leaking_the_password(tmp_path, runs, m
 
 
 @pytest.mark.timeout(60)
-def test_worker_that_fails_to_boot_stops_procmqtt_with_exit_3(tmp_path, broker, runs):
+@pytest.mark.parametrize(
+    ("app", "why"),
+    [
+        ("FailsToBoot", "database unreachable (on purpose)"),
+        ("MiddlewareFailsToBoot", "tracing collector unreachable (on purpose)"),  # a middleware's on_start
+    ],
+)
+def test_worker_that_fails_to_boot_stops_procmqtt_with_exit_3(tmp_path, broker, runs, app, why):
     cfg = write_config(tmp_path / "boot.toml", broker, topics={"x/#": 1})
-    run = Procmqtt(tmp_path, "tests/apps.py:FailsToBoot", cfg)
+    run = Procmqtt(tmp_path, f"tests/apps.py:{app}", cfg)
     runs.append(run)
     assert run.wait(30) == 3
     assert "worker 0 failed to boot" in run.log() or "worker 1 failed to boot" in run.log()
-    assert "database unreachable (on purpose)" in run.log()
+    assert why in run.log()
 
 
 @pytest.mark.timeout(60)

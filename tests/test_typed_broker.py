@@ -1,5 +1,5 @@
 """Typed payloads and middleware on a real broker: an invalid body is dead-lettered at once, never
-retried, while valid ones flow; the middleware runs in the worker process."""
+retried, while valid ones flow; a middleware named in [workers] middleware runs in the worker process."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def test_an_invalid_body_is_dead_lettered_at_once_while_valid_ones_flow(tmp_path
         topics={},
         workers=2,
         app={"record_dir": str(record_dir)},
-        workers_toml='on_error = "retry"\nmax_attempts = 5\ndead_letter_topic = "dead"',
+        workers_toml='on_error = "retry"\nmax_attempts = 5\ndead_letter_topic = "dead"\n'
+        'middleware = ["apps_routes:Outcomes"]',
     )
     run = Procmqtt(tmp_path, "tests/apps_routes.py:Typed", cfg)
     runs.append(run)
@@ -41,3 +42,4 @@ def test_an_invalid_body_is_dead_lettered_at_once_while_valid_ones_flow(tmp_path
     assert "dead-lettering the message" not in log  # the worker's line is the one line
     dlq.close()
     assert run.stop() == 0
+    assert "21 received, 21 processed (0 unrouted), 1 failed (1 invalid)" in run.log()

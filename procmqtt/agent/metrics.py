@@ -187,7 +187,7 @@ class Counters:
         """For the agent's closing log line."""
         return (
             f"{self.received} received, {sum(self.processed)} processed ({sum(self.unrouted)} unrouted), "
-            f"{sum(self.failed)} failed, "
+            f"{sum(self.failed)} failed ({self.invalid} invalid), "
             f"{self.redelivered} redelivered, {self.dead_lettered} dead-lettered, {self.dropped} dropped"
         )
 

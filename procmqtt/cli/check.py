@@ -55,6 +55,12 @@ def subscriptions(config: Config, routes: Iterable[Route], body: Body | None = N
     return rows
 
 
+def _middleware(app: type, config: Config) -> str:
+    """The middleware, outermost first: ``[workers] middleware`` as written, then the class's by name."""
+    listed = getattr(app, "middleware", ()) if issubclass(app, Worker) else ()
+    return ", ".join([*config.workers.middleware, *(type(m).__qualname__ for m in listed)]) or "none"
+
+
 def _body(body: Body | None) -> str:
     return "" if body is None else f" [body {body.described}]"
 
@@ -91,6 +97,7 @@ def render_check(app_spec: str, app: type, config: Config, routes: Iterable[Rout
         f"broker: {mqtt.host}:{mqtt.port} (not contacted by check)",
         f"client id: {mqtt.client_id or default_client_id(app_spec)}",
         f"workers: {config.workers.count}",
+        f"middleware: {_middleware(app, config)}",
     ]
     return (
         "\n".join(head)

@@ -140,10 +140,13 @@ def _resolve(args: argparse.Namespace) -> config_mod.Config:
 def _prepare(args: argparse.Namespace) -> tuple[config_mod.Config, type[Worker], tuple[Route, ...]]:
     """Everything ``run`` does before it forks: configuration, app, routes. Raises ProcmqttError."""
     from procmqtt.cli.app import load_app
+    from procmqtt.worker.base import uses_asyncio
+    from procmqtt.worker.middleware import check_configured
     from procmqtt.worker.routes import routes_of
 
     config = _resolve(args)
     app = load_app(args.app)
+    check_configured(app, config, is_async=uses_asyncio(app))
     return config, app, routes_of(app)
 
 
@@ -188,9 +191,13 @@ def _reloader(args: argparse.Namespace) -> Callable[[], tuple[type[Worker], conf
 
     def load() -> tuple[type[Worker], config_mod.Config]:
         from procmqtt.cli.app import reload_app
+        from procmqtt.worker.base import uses_asyncio
+        from procmqtt.worker.middleware import check_configured
 
         config = _resolve(args)
-        return reload_app(args.app), config
+        app = reload_app(args.app)
+        check_configured(app, config, is_async=uses_asyncio(app))
+        return app, config
 
     return load
 

@@ -133,7 +133,7 @@ def render(snapshot: Snapshot, previous: Snapshot | None) -> str:
     mean = f"{1000 * s.seconds_sum / s.processing_count:.2f} ms" if s.processing_count else "-"
     lines.append(
         f"received {s.received}, redelivered {s.redelivered}, dead-lettered {s.dead_lettered}, "
-        f"dropped {s.dropped}; window {s.window}; handler time mean {mean}"
+        f"dropped {s.dropped}, invalid {s.invalid}; window {s.window}; handler time mean {mean}"
     )
     lines.append(
         f"publishes {s.publishes_sent} sent, {s.publishes_failed} failed; reconnects {s.reconnects}; "

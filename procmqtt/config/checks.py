@@ -6,6 +6,7 @@ value is refused with the same words wherever it came from.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -119,3 +120,15 @@ def subtable(v: Any) -> str | None:
 def ws_path(v: Any) -> str | None:
     """The HTTP path of a websockets endpoint."""
     return string_problem(v) if isinstance(v, str) and v.startswith("/") else "a path starting with '/'"
+
+
+_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
+
+
+def class_specs(v: Any) -> str | None:
+    """``[workers] middleware``: a list of ``"package.module:Class"`` (TOML), or those joined by
+    commas (an environment variable)."""
+    items = v.split(",") if isinstance(v, str) else v
+    if isinstance(items, (list, tuple)) and all(isinstance(i, str) and _SPEC.match(i.strip()) for i in items):
+        return None
+    return 'a list of "package.module:Class" names'

@@ -242,6 +242,9 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>", environ: Map
     mqtt = _checked(source, "[mqtt]", data.get("mqtt", {}), SECTIONS["mqtt"])
     workers = _checked(source, "[workers]", data.get("workers", {}), SECTIONS["workers"])
     _prefetch_for_concurrency(source, workers)
+    if "middleware" in workers:  # a TOML list, or names joined by commas from the environment
+        given = workers["middleware"]
+        workers["middleware"] = tuple(n.strip() for n in (given.split(",") if isinstance(given, str) else given))
     _retry_delays(source, workers)
     metrics = _checked(source, "[metrics]", data.get("metrics", {}), SECTIONS["metrics"])
     app = data.get("app", {})

@@ -18,6 +18,7 @@ from procmqtt.config.checks import (
     MAX_MQTT_STRING,
     Check,
     boolean,
+    class_specs,
     integer,
     mqtt_text,
     number,
@@ -299,6 +300,15 @@ KEYS: tuple[Key, ...] = (
         topic_name,
         _A,
         "where a message goes after max_attempts; unset: dropped with an error",
+    ),
+    Key(
+        "workers",
+        "middleware",
+        (),
+        class_specs,
+        _W,
+        'procmqtt.Middleware classes ("pkg.mod:Class", made with no arguments) around the app\'s own, '
+        "first outermost (docs/middleware.md)",
     ),
     Key("workers", "max_messages", 0, integer(0), _W, "recycle a worker after this many messages (0 = never)"),
     Key(

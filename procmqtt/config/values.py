@@ -123,6 +123,7 @@ class WorkersConfig:
     retry_backoff: float = _WORKERS["retry_backoff"]
     retry_max_delay: float = _WORKERS["retry_max_delay"]
     dead_letter_topic: str | None = _WORKERS["dead_letter_topic"]
+    middleware: tuple[str, ...] = _WORKERS["middleware"]  # "pkg.mod:Class", outermost first
     max_messages: int = _WORKERS["max_messages"]
     max_messages_jitter: int = _WORKERS["max_messages_jitter"]
     max_memory_mb: int = _WORKERS["max_memory_mb"]

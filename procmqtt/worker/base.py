@@ -35,7 +35,7 @@ from procmqtt.topics import (
 )
 from procmqtt.worker.answers import Link, PublishHandle, _ReplyWaiter
 from procmqtt.worker.link import Payload, to_bytes
-from procmqtt.worker.middleware import Middleware, Outgoing, PublishNext, middleware_of, publish_chain
+from procmqtt.worker.middleware import Middleware, Outgoing, PublishNext, configured, middleware_of, publish_chain
 from procmqtt.worker.payloads import Body, body_of
 from procmqtt.worker.routes import Router, routes_of
 
@@ -63,6 +63,7 @@ class Worker:
     _link: Link | None = None
     _router: Router | None = None
     _publishing: PublishNext | None = None  # the on_publish chain; None without publish middleware
+    _middleware: tuple[Middleware, ...] = ()  # [workers] middleware, then the class's: outermost first
 
     def on_start(self) -> Awaitable[None] | None:
         """Called once in the worker process before the first message."""
@@ -291,7 +292,8 @@ class Worker:
         self.log = logging.getLogger(f"procmqtt.app.{type(self).__name__}")
         self._link = link
         self._make_router()
-        self._publishing = publish_chain(type(self).middleware, self._send_outgoing)
+        self._middleware = (*configured(config), *type(self).middleware)
+        self._publishing = publish_chain(self._middleware, self._send_outgoing)
 
     def _make_router(self) -> Router:
         self._router = Router(routes_of(type(self)), self, logging.getLogger("procmqtt.worker.routes"))

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 from procmqtt.message import InvalidPayload, Message, Outcome, Retry
-from procmqtt.worker.base import Worker, message_body, uses_asyncio
-from procmqtt.worker.middleware import async_message_chain, message_chain, middleware_of
+from procmqtt.worker.base import Worker, message_body
+from procmqtt.worker.middleware import async_message_chain, message_chain
 
 
 class Runner:
@@ -45,7 +45,7 @@ class Runner:
             self._call = lambda message: on_message(message, **{name: decode(message.payload)})
         dead_letters = worker.config.workers.dead_letter_topic
         self._rejected = f"dead-lettered to {dead_letters!r}" if dead_letters else "dropped (no dead_letter_topic)"
-        middleware = middleware_of(type(worker), is_async=uses_asyncio(type(worker)))
+        middleware = worker._middleware  # [workers] middleware, then the class's (checked at load)
         self._chain = message_chain(middleware, self._inner)
         self._async_chain = async_message_chain(middleware, self._inner_async)
         self._middleware = middleware

@@ -83,12 +83,15 @@ class ServeLoop:
                 worker = self.call(self.app)
                 worker._attach(self.slot, self.config, self.link)
                 self.call(worker.on_start)
+                runner = Runner(worker)  # runs each middleware's on_start
             except Exception:
                 self.log.exception(
-                    "worker %d failed to boot (%s.__init__ or on_start raised)", self.slot, self.app.__name__
+                    "worker %d failed to boot (%s.__init__, on_start or a middleware's on_start raised)",
+                    self.slot,
+                    self.app.__name__,
                 )
                 return ExitCode.APP
-            self.worker, self.runner = worker, Runner(worker)
+            self.worker, self.runner = worker, runner
             self.link.send(channel.Ready(self.slot, self.generation))
             self.log.debug("worker %d ready%s", self.slot, self.ready_note())
             try:

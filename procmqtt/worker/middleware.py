@@ -6,6 +6,9 @@ listed is the outermost (it runs first on the way in and last on the way out)::
     class Sensors(procmqtt.Worker):
         middleware = (SlowLog(0.5), Tracing())
 
+``[workers] middleware = ["pkg.mod:Class", ...]`` adds middleware by configuration (made with no
+arguments, in each worker process): they come first, outermost, around the class's own.
+
 The hooks, each overridden only when needed (a middleware is on a hook's chain only if its class
 overrides that hook, so an app without middleware runs exactly the code it ran before):
 
@@ -37,14 +40,18 @@ its own copies and per-process state (counters, clients) belongs in ``on_start``
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
+import os
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from procmqtt.errors import HandlerError
+from procmqtt.config import Config
+from procmqtt.errors import ConfigError, HandlerError
 from procmqtt.message import Message, Outcome, Properties
 
 if TYPE_CHECKING:
@@ -106,6 +113,48 @@ def middleware_of(app: type[Any], *, is_async: bool) -> tuple[Middleware, ...]:
     where = f"{app.__qualname__}.middleware"
     if not isinstance(listed, (list, tuple)):
         raise HandlerError(f"{where}: expected a list of procmqtt.Middleware instances, got {listed!r}")
+    return _checked(listed, where, app, is_async=is_async)
+
+
+def configured(config: Config) -> tuple[Middleware, ...]:
+    """``[workers] middleware``: each ``"pkg.mod:Class"`` imported and made with no arguments. In the
+    supervisor at load (``check_configured``) and once in each worker process. Raises
+    ``ConfigError`` (exit 2), one line naming the key and the entry."""
+    made = []
+    origin = config.origins.get("workers.middleware", config.source)  # the file, or the variable
+    for spec in config.workers.middleware:
+        where = f"{origin}: [workers] middleware {spec!r}"
+        module_name, _, attr = spec.partition(":")
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as for the app: a module next to it
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except Exception as exc:  # noqa: BLE001 - whatever the import raised, one line
+            raise ConfigError(f"{where}: cannot import it ({type(exc).__name__}: {exc})") from None
+        if not (isinstance(obj, type) and issubclass(obj, Middleware)):
+            raise ConfigError(f"{where}: not a procmqtt.Middleware subclass")
+        try:
+            made.append(obj())
+        except Exception as exc:  # noqa: BLE001 - a constructor that needs arguments, or fails
+            raise ConfigError(f"{where}: {attr}() raised {type(exc).__name__}: {exc}") from None
+    return tuple(made)
+
+
+def check_configured(app: type[Any], config: Config, *, is_async: bool) -> None:
+    """At load: ``[workers] middleware`` can be imported, made, and run in ``app``'s kind (sync or
+    async). ``ConfigError`` or ``HandlerError``, exit 2."""
+    made = configured(config)
+    if made:
+        where = f"{config.origins.get('workers.middleware', config.source)}: [workers] middleware"
+        try:
+            _checked(made, where, app, is_async=is_async)
+        except HandlerError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _checked(listed: Sequence[Any], where: str, app: type[Any], *, is_async: bool) -> tuple[Middleware, ...]:
     for i, entry in enumerate(listed):
         if not isinstance(entry, Middleware):
             hint = " (a class: list an instance, e.g. Timing())" if isinstance(entry, type) else ""
