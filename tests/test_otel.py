@@ -240,6 +240,26 @@ def test_without_setup_the_sdk_comes_from_the_environment(monkeypatch):
             assert h.runner._middleware[0].provider.resource.attributes["service.name"] == expected
 
 
+@needs_otel
+@pytest.mark.unit
+def test_tracing_named_in_the_configuration_wraps_the_app(monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+
+    class Plain(Worker):
+        @route("sensors/{device}/temperature")
+        def temperature(self, message: Message, device: str) -> None:
+            with trace.get_tracer("app").start_as_current_span("app work"):
+                pass
+
+    config = {"workers": {"middleware": ["procmqtt.otel:Tracing"]}}
+    with WorkerHarness(Plain, config) as h:
+        assert h.deliver("sensors/d1/temperature", b"1") is Outcome.OK
+        (tracing,) = h.runner._middleware
+    assert isinstance(tracing, Tracing) and tracing.tracer is not None
+    work = [s for s in GLOBAL.get_finished_spans() if s.name == "app work"][-1]
+    assert work.parent is not None  # under the consumer span, which went to the (no) exporter
+
+
 @pytest.mark.unit
 def test_without_the_extra_tracing_fails_in_one_line(monkeypatch):
     for name in [m for m in sys.modules if m == "opentelemetry" or m.startswith("opentelemetry.")]:
