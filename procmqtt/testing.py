@@ -196,6 +196,7 @@ class WorkerHarness(Generic[W]):
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         try:
             self._run(maybe_await(self.worker.on_stop()))
+            self.runner.stop()
         finally:
             self._close()
 
@@ -206,8 +207,11 @@ class WorkerHarness(Generic[W]):
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await maybe_await(self.worker.on_stop())
-        self._worker = self._runner = None
+        try:
+            await maybe_await(self.worker.on_stop())
+            self.runner.stop()
+        finally:
+            self._worker = self._runner = None
 
     async def _start(self) -> None:
         worker = self.app()

@@ -49,8 +49,14 @@ class Runner:
         middleware = worker._middleware  # [workers] middleware, then the class's (checked at load)
         self._chain = message_chain(middleware, self._inner)
         self._async_chain = async_message_chain(middleware, self._inner_async)
+        self._middleware = middleware
         for m in middleware:
             m.on_start(worker)
+
+    def stop(self) -> None:
+        """After the app's ``on_stop``: each middleware's ``on_stop``, the last listed first."""
+        for m in reversed(self._middleware):
+            m.on_stop(self.worker)
 
     def handle(self, message: Message) -> Outcome | Retry:
         """A sync app's message: run ``on_message``, log (never raise) its exception."""

@@ -138,6 +138,10 @@ class ServeLoop:
             self.call(self.worker.on_stop)
         except Exception:
             self.log.exception("on_stop raised")
+        try:
+            self.runner.stop()
+        except Exception:
+            self.log.exception("a middleware's on_stop raised")
 
     def teardown(self) -> None:
         """After everything, also after a failed boot (the asyncio loop closes its event loop)."""

@@ -22,6 +22,9 @@ overrides that hook, so an app without middleware runs exactly the code it ran b
   sent. It is checked (topic, qos, size) after the middleware, so a change cannot send a bad packet.
 - ``on_start(worker)``: once per worker process, after the app's ``on_start``, before the first
   message (``worker.log``, ``worker.worker_id`` and ``worker.config`` are set).
+- ``on_stop(worker)``: once when the worker stops gracefully, after the app's ``on_stop``, the last
+  listed first (flush what the middleware buffered: the process then ends with ``os._exit``, so
+  ``atexit`` handlers never run).
 
 ``call_next(message)`` returns the inner layers' ``Outcome`` (a handler's None is already
 ``Outcome.OK``) and raises what they raised: an exception, ``procmqtt.Retry``, or
@@ -82,6 +85,9 @@ class Middleware:
 
     def on_start(self, worker: Worker) -> None:
         """Once per worker process, before the first message."""
+
+    def on_stop(self, worker: Worker) -> None:
+        """Once when the worker stops gracefully, after the app's ``on_stop``."""
 
     def on_message(self, message: Message, call_next: MessageNext) -> Outcome:
         """Wrap one message's handling in a sync app: return ``call_next(message)``'s outcome (or another)."""
@@ -164,7 +170,7 @@ def _checked(listed: Sequence[Any], where: str, app: type[Any], *, is_async: boo
                 f"{where}[{i}]: {name} overrides only on_message_async, but {app.__qualname__} is a sync app; "
                 "add def on_message"
             )
-        for hook in ("on_message", "on_publish", "on_start"):
+        for hook in ("on_message", "on_publish", "on_start", "on_stop"):
             if _overrides(entry, hook) and inspect.iscoroutinefunction(getattr(type(entry), hook)):
                 raise HandlerError(
                     f"{where}[{i}]: {name}.{hook} must be a plain def (on_message_async is the async one)"
