@@ -4,6 +4,8 @@ Without mosquitto the tests that need a broker are skipped with one reason (``ha
 ``pytest -m unit`` runs the tests that need none and start no process, in seconds. The broker
 matrix's NATS and RabbitMQ (tests/brokers.py) start once per session; RabbitMQ boots in the
 background from the moment the tests that need it are collected, so its slow boot overlaps others.
+Under pytest-xdist (README's test command runs ``-n 2``) the tests that need RabbitMQ form one
+``xdist_group``, so one worker process runs them all and boots the one node, when first needed.
 """
 
 from __future__ import annotations
@@ -33,10 +35,18 @@ _RABBITMQ: list[RabbitMQ] = []  # the session's node, launched at collection whe
 _LAST_RABBITMQ_TEST: list[str] = []  # its node is stopped after this test, not left idling beside the rest
 
 
-@pytest.hookimpl(trylast=True)  # after -m and -k deselected what will not run
+@pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the groups
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    users = [item.nodeid for item in items if _needs_rabbitmq(item)]
-    if RABBITMQ and not _RABBITMQ and users:
+    for item in items:
+        if _needs_rabbitmq(item):
+            item.add_marker(pytest.mark.xdist_group("rabbitmq"))
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k deselected what will not run
+def pytest_collection_finish(session: pytest.Session) -> None:
+    users = [item.nodeid for item in session.items if _needs_rabbitmq(item)]
+    # an xdist worker collects every test but runs its share: it boots the node only when needed
+    if RABBITMQ and not _RABBITMQ and users and "PYTEST_XDIST_WORKER" not in os.environ:
         node = RabbitMQ(Path(tempfile.mkdtemp(prefix="procmqtt-test-rabbitmq-")))
         node.launch()
         _RABBITMQ.append(node)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -61,9 +62,23 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, below the kernel's ephemeral range: a port the kernel hands out
+    (bind to 0) can be taken by any outgoing connection's local end before the broker binds it,
+    a port from here only by an explicit bind (another test process picking the same one at
+    random, which the bind check makes rare)."""
+    ports = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ports.read_text().split()[0]) if ports.exists() else 32_768
+    for _ in range(200):
+        port = random.randrange(10_000, max(low, 10_001))
+        if port in (25_672, 15_672):  # the machine's RabbitMQ: Erlang distribution, management
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free loopback port below the ephemeral range")
 
 
 class Mosquitto:

@@ -175,4 +175,4 @@ def test_the_readme_test_command_is_the_one_ci_runs() -> None:
     shown = re.search(r"The test command itself.*?```sh\n(.*?)\n```", readme, re.DOTALL)
     assert shown, "README shows the test command"
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
-    assert ci[-1] == shown.group(1) == ".venv/bin/python -m pytest"
+    assert ci[-1] == shown.group(1) == ".venv/bin/python -m pytest -n 2"
