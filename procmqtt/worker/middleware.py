@@ -48,7 +48,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from procmqtt.config import Config
 from procmqtt.errors import ConfigError, HandlerError
@@ -64,6 +64,7 @@ AsyncMessageNext = Callable[[Message], Awaitable[Outcome]]
 """``call_next`` of ``Middleware.on_message_async``."""
 PublishNext = Callable[["Outgoing"], "PublishHandle"]
 """``call_next`` of ``Middleware.on_publish``."""
+_Next = TypeVar("_Next", MessageNext, AsyncMessageNext, PublishNext)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,35 +181,28 @@ def _checked(listed: Sequence[Any], where: str, app: type[Any], *, is_async: boo
 
 def message_chain(middleware: Sequence[Middleware], inner: MessageNext) -> MessageNext | None:
     """``inner`` wrapped in every ``on_message`` (the first listed outermost); None when none wraps."""
-    wrapping = [m for m in middleware if _overrides(m, "on_message")]
-    if not wrapping:
-        return None
-    chain = inner
-    for m in reversed(wrapping):
-        chain = _link(m.on_message, chain)
-    return chain
+    return _chain(middleware, "on_message", inner)
 
 
 def async_message_chain(middleware: Sequence[Middleware], inner: AsyncMessageNext) -> AsyncMessageNext | None:
     """``message_chain`` with ``on_message_async``, for apps with async handlers."""
-    wrapping = [m for m in middleware if _overrides(m, "on_message_async")]
-    if not wrapping:
-        return None
-    chain = inner
-    for m in reversed(wrapping):
-        chain = _link(m.on_message_async, chain)
-    return chain
+    return _chain(middleware, "on_message_async", inner)
 
 
 def publish_chain(middleware: Sequence[Middleware], inner: PublishNext) -> PublishNext | None:
     """``inner`` wrapped in every ``on_publish``; None when none wraps (publish then skips ``Outgoing``)."""
-    wrapping = [m for m in middleware if _overrides(m, "on_publish")]
+    return _chain(middleware, "on_publish", inner)
+
+
+def _chain(middleware: Sequence[Middleware], hook: str, inner: _Next) -> _Next | None:
+    """One chain for any hook: each middleware that overrides ``hook`` around the next, inward."""
+    wrapping = [m for m in middleware if _overrides(m, hook)]
     if not wrapping:
         return None
-    chain = inner
+    chain: Callable[[Any], Any] = inner
     for m in reversed(wrapping):
-        chain = _link(m.on_publish, chain)
-    return chain
+        chain = _link(getattr(m, hook), chain)
+    return cast("_Next", chain)
 
 
 def _link(hook: Callable[[Any, Any], Any], call_next: Callable[[Any], Any]) -> Callable[[Any], Any]:
