@@ -264,3 +264,15 @@ def test_the_max_inflight_in_effect_is_printed_not_left_unset(protocol, window):
     assert tomllib.loads(text)["mqtt"]["max_inflight"] == window
     text = check.render_config(config.from_mapping({"mqtt": {"protocol": protocol, "max_inflight": 7}}))
     assert tomllib.loads(text)["mqtt"]["max_inflight"] == 7
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("middleware", [[], ["procmqtt:SlowLog"]])
+def test_the_printed_configuration_loads_back_as_the_same(middleware: list[str]) -> None:
+    """An empty ``[workers] middleware`` list once printed as a ``[workers.middleware]`` table (the
+    subscriptions' form), which loads back as an error."""
+    cfg = config.from_mapping({"workers": {"middleware": middleware}, "mqtt": {"topics": {"a/#": {"qos": 1}}}})
+    printed = tomllib.loads(check.render_config(cfg))
+    assert printed["workers"]["middleware"] == middleware
+    back = config.from_mapping(printed)
+    assert back.workers == cfg.workers and back.mqtt.topics == cfg.mqtt.topics

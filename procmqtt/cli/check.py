@@ -13,7 +13,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from procmqtt.config import Config, Secret, Subscription, default_client_id
+from procmqtt.config import Config, Secret, default_client_id
+from procmqtt.config.checks import subtable
 from procmqtt.config.schema import keys
 from procmqtt.errors import ConfigError
 from procmqtt.orderkey import key_function
@@ -136,7 +137,7 @@ def _section(name: str, section: Any, origins: Mapping[str, str], app_spec: str 
             lines.append(f"{key.field} = {_toml(Secret(MASK))}{comment}")
         elif dataclasses.is_dataclass(value):  # [mqtt.tls], [mqtt.will] ...
             tables += _section(f"{name}.{key.field}", value, origins, None)
-        elif isinstance(value, tuple) and all(isinstance(v, Subscription) for v in value):
+        elif key.check is subtable and isinstance(value, tuple):  # [mqtt.topics]: the subscriptions
             tables += ["", f"[{name}.{key.field}]"]
             tables += [f"{_key(s.topic_filter)} = {{ qos = {s.qos} }}" for s in value]
         elif value is None and key.field == "client_id" and app_spec:
