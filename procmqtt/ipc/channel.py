@@ -26,7 +26,7 @@ import tempfile
 import threading
 from collections import deque
 
-from procmqtt.ipc.codec import ChannelError, decode, encode, encode_worker_up
+from procmqtt.ipc.codec import GATHER_MIN, ChannelError, Encoded, decode, encode, encode_parts, encode_worker_up
 from procmqtt.ipc.records import (  # re-exported: channel.<Record> is how the package names them
     AGENT_STARTED,
     DELIVER,
@@ -83,6 +83,7 @@ __all__ = [
     "BLOB",
     "DELIVER",
     "DONE",
+    "GATHER_MIN",
     "INLINE_MAX",
     "PUBLISH",
     "PUBLISHED",
@@ -103,6 +104,7 @@ __all__ = [
     "ChannelError",
     "Deliver",
     "Done",
+    "Encoded",
     "Publish",
     "Published",
     "Ready",
@@ -120,6 +122,7 @@ __all__ = [
     "WorkerUp",
     "decode",
     "encode",
+    "encode_parts",
     "encode_worker_up",
     "is_gone",
     "pair",
@@ -140,15 +143,16 @@ def pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def _memory_file(data: bytes) -> int:
+def _memory_file(parts: list[bytes]) -> int:
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("procmqtt-record", os.MFD_CLOEXEC)
     else:  # pragma: no cover - non-Linux
         with tempfile.TemporaryFile() as f:
             fd = os.dup(f.fileno())
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view) :]
     return fd
 
 
@@ -168,15 +172,17 @@ def _read_memory_file(fd: int) -> bytes:
         os.close(fd)
 
 
-def _send_datagram(sock: socket.socket, body: bytes, fds: list[int], block: bool) -> bool:
+def _send_datagram(sock: socket.socket, parts: list[bytes], size: int, fds: list[int], block: bool) -> bool:
+    """One datagram of ``size`` bytes gathered from ``parts`` by the kernel (still one atomic
+    ``sendmsg``), or a memory file of them if it is too large to go inline."""
     flags = 0 if block else socket.MSG_DONTWAIT
     fd_to_close = None
-    if len(body) > INLINE_MAX:
-        fd_to_close = _memory_file(body)
-        body, fds = bytes((BLOB,)), [*fds, fd_to_close]
+    if size > INLINE_MAX:
+        fd_to_close = _memory_file(parts)
+        parts, fds = [bytes((BLOB,))], [*fds, fd_to_close]
     try:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
-        sock.sendmsg([body], ancillary, flags)
+        sock.sendmsg(parts, ancillary, flags)
         return True
     except BlockingIOError:
         return False
@@ -192,27 +198,41 @@ def send(sock: socket.socket, record: Record, *, block: bool = True) -> bool:
     """
     if isinstance(record, WorkerUp):
         data = encode_worker_up(record)
-        return _send_datagram(sock, _FRAME.pack(len(data)) + data, [record.sock.fileno()], block)
-    return send_many(sock, deque([encode(record)]), block=block)
+        body = _FRAME.pack(len(data)) + data
+        return _send_datagram(sock, [body], len(body), [record.sock.fileno()], block)
+    return send_many(sock, deque([encode_parts(record)]), block=block)
 
 
-def send_many(sock: socket.socket, queue: deque[bytes], *, block: bool = True) -> bool:
+def send_many(sock: socket.socket, queue: deque[Encoded], *, block: bool = True) -> bool:
     """Send encoded records from the left of ``queue``, as few datagrams as fit, popping what went.
 
-    Batching is what makes the hot path cheap: one system call carries many records. Returns
-    False when ``block`` is False and the channel filled up before the queue was empty.
+    Batching is what makes the hot path cheap: one system call carries many records. Small records
+    are joined; a large payload (``encode_parts``) is its own buffer for ``sendmsg`` to gather, so
+    it is copied once, by the kernel. Returns False when ``block`` is False and the channel filled
+    up before the queue was empty.
     """
     while queue:
-        frames: list[bytes] = []
-        size = 0
+        parts: list[bytes] = []  # runs of joined bytes and large payloads, in order
+        run: list[bytes] = []
+        size = count = 0
         for data in queue:
-            if frames and size + _FRAME.size + len(data) > INLINE_MAX:
+            length = len(data) if isinstance(data, bytes) else len(data[0]) + len(data[1])
+            if count and size + _FRAME.size + length > INLINE_MAX:
                 break
-            frames += (_FRAME.pack(len(data)), data)
-            size += _FRAME.size + len(data)
-        if not _send_datagram(sock, b"".join(frames), [], block):
+            run.append(_FRAME.pack(length))
+            if isinstance(data, bytes):
+                run.append(data)
+            else:
+                run.append(data[0])
+                parts += (b"".join(run), data[1])
+                run = []
+            size += _FRAME.size + length
+            count += 1
+        if run:
+            parts.append(b"".join(run))
+        if not _send_datagram(sock, parts, size, [], block):
             return False
-        for _ in range(len(frames) // 2):
+        for _ in range(count):
             queue.popleft()
     return True
 

@@ -10,6 +10,7 @@ supervisor, the agent, a worker), on either side of the fork alike.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import struct
 
@@ -76,6 +77,21 @@ _HAS_FORMAT, _HAS_EXPIRY, _HAS_TYPE, _HAS_RESPONSE, _HAS_CORRELATION = 1, 2, 4, 
 
 class ChannelError(Exception):
     """A record that cannot be decoded: a bug, never a dead peer."""
+
+
+GATHER_MIN = 4096
+"""A payload at least this large stays its own buffer in an encoded record (``encode_parts``)."""
+
+Encoded = bytes | tuple[bytes, bytes]
+"""An encoded record: its bytes, or its head and its payload for ``sendmsg`` to gather."""
+
+
+def encode_parts(record: Record) -> Encoded:
+    """Like ``encode``, but a large payload is left out of the join: the channel hands it to the
+    kernel as its own buffer, so it is not copied twice (into the record, then the datagram)."""
+    if isinstance(record, (Deliver, Publish, Reply)) and len(record.payload) >= GATHER_MIN:
+        return encode(dataclasses.replace(record, payload=b"")), record.payload  # the payload comes last
+    return encode(record)
 
 
 def encode(record: Record) -> bytes:
