@@ -8,6 +8,7 @@ import random
 import select
 import signal
 import socket
+import struct
 import time
 from collections import deque
 
@@ -166,6 +167,21 @@ def test_large_payloads_are_gathered_not_joined_and_arrive_whole_in_order():
         assert done == channel.Done(i)
         assert deliver == channel.Deliver(i, f"t/{i}", payload, 1, False, bool(i % 2))
         assert reply == channel.Reply(f"r/{i}", payload, 0, False, EMPTY)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.unit
+def test_a_bad_record_in_a_memory_file_is_a_channel_error():
+    """The memory file is mapped while its records are decoded; a record that fails to decode is
+    still reported as ChannelError (not a BufferError from unmapping under a live view)."""
+    body = b"\xfe" + b"x" * (channel.INLINE_MAX + 10)
+    a, b = channel.pair()
+    with a, b:
+        channel._send_datagram(a, [struct.pack("!I", len(body)), body], 4 + len(body), [], True)
+        with pytest.raises(channel.ChannelError, match="unknown record kind 254"):
+            channel.receive(b)
+        channel.send(a, channel.Stop())
+        assert channel.receive(b) == [channel.Stop()]  # the channel carries on
 
 
 @pytest.mark.timeout(10)

@@ -19,6 +19,7 @@ made in the supervisor before fork (``pair``); sending and receiving run in ever
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import socket
 import struct
@@ -156,18 +157,15 @@ def _memory_file(parts: list[bytes]) -> int:
     return fd
 
 
-def _read_memory_file(fd: int) -> bytes:
+def _map_memory_file(fd: int) -> mmap.mmap | bytes:
+    """The memory file's bytes, mapped rather than read: ``decode`` copies each payload out of the
+    mapping once, where reading it first would copy it twice. The descriptor is closed here; the
+    mapping stays valid until the caller closes it."""
     try:
         size = os.fstat(fd).st_size
-        chunks = []
-        offset = 0
-        while offset < size:
-            chunk = os.pread(fd, size - offset, offset)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            offset += len(chunk)
-        return b"".join(chunks)
+        if not size:
+            return b""
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
     finally:
         os.close(fd)
 
@@ -216,15 +214,18 @@ def send_many(sock: socket.socket, queue: deque[Encoded], *, block: bool = True)
         run: list[bytes] = []
         size = count = 0
         for data in queue:
-            length = len(data) if isinstance(data, bytes) else len(data[0]) + len(data[1])
-            if count and size + _FRAME.size + length > INLINE_MAX:
-                break
-            run.append(_FRAME.pack(length))
             if isinstance(data, bytes):
-                run.append(data)
+                length = len(data)
+                if count and size + _FRAME.size + length > INLINE_MAX:
+                    break
+                run += (_FRAME.pack(length), data)
             else:
-                run.append(data[0])
-                parts += (b"".join(run), data[1])
+                head, payload = data
+                length = len(head) + len(payload)
+                if count and size + _FRAME.size + length > INLINE_MAX:
+                    break
+                run += (_FRAME.pack(length), head)
+                parts += (b"".join(run), payload)
                 run = []
             size += _FRAME.size + length
             count += 1
@@ -265,11 +266,24 @@ def receive(sock: socket.socket) -> list[Record] | None:
         if nbytes == 0:
             return None
         raise ChannelError("truncated record")
-    body: bytes | memoryview = view[:nbytes]
-    if nbytes == 1 and body[0] == BLOB:
+    if nbytes == 1 and view[0] == BLOB:
         if not fds:
             raise ChannelError("blob record without its memory file")
-        body = _read_memory_file(fds.pop())
+        mapped = _map_memory_file(fds.pop())
+        try:
+            with memoryview(mapped) as body:  # released before the mapping closes
+                return _records(body, fds)
+        finally:
+            if isinstance(mapped, mmap.mmap):
+                try:
+                    mapped.close()
+                except BufferError:  # a decode error's traceback still holds a view: unmapped when freed
+                    pass
+    return _records(view[:nbytes], fds)
+
+
+def _records(body: memoryview, fds: list[int]) -> list[Record]:
+    """The length-prefixed records of one datagram; each decoded into values of its own."""
     records = []
     pos = 0
     while pos < len(body):
