@@ -67,7 +67,7 @@ def payload_curve(args: argparse.Namespace, port: int, work: Path, spin: int, br
             one = bench.Workload("idle", "one message", 1, "drain", 1)
             idle = bench.measure(peer, one, port, work, f"g{rep}-idle-{peer.run_name}", spin).cpu
             for size in args.sizes:
-                n = max(10, min(20_000, int(BYTES_PER_POINT / size * args.scale)))
+                n = max(10, int(min(20_000, BYTES_PER_POINT // size) * args.scale))
                 w = bench.Workload(f"P{size}", f"{size} B", 1, "drain", n, payload=size)
                 before = bench.cpu_seconds(broker)
                 r = bench.measure(peer, w, port, work, f"g{rep}-p{size}-{peer.run_name}", spin)
@@ -172,7 +172,8 @@ def workers_curve(args: argparse.Namespace, port: int, work: Path) -> list[dict[
                         os.killpg(proc.pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
-                row = {"rep": rep, "peer": peer.kind, "workers": n, "ready_s": ready_s, "stop_s": stop_s}
+                label = "C $share" if peer.kind == "share" else peer.kind
+                row = {"rep": rep, "peer": label, "workers": n, "ready_s": ready_s, "stop_s": stop_s}
                 row.update(pss_total_mb=sum(pss.values()), pss_by_role_mb=by_role, load=loadavg())
                 out.append(row)
                 print(
@@ -193,7 +194,12 @@ def main() -> int:
     parser.add_argument("--rates", default=",".join(map(str, RATES)), help="offered msg/s")
     parser.add_argument("--workers", default=",".join(map(str, WORKERS)), help="worker counts")
     parser.add_argument("--out", default=str(HERE / "results"), help="where growth.json and the charts go")
+    parser.add_argument("--replot", metavar="JSON", help="only redraw the charts of a growth.json into --out")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        print("wrote", *growth_report.charts(saved["summary"], Path(args.out)))
+        return 0
     args.sizes = [int(x) for x in args.sizes.split(",")]
     args.rates = [int(x) for x in args.rates.split(",")]
     args.workers = [int(x) for x in args.workers.split(",")]

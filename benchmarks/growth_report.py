@@ -49,18 +49,19 @@ def summarize(raw: dict[str, Rows]) -> dict[str, Rows]:
 def model(summary: dict[str, Rows], cores: Iterable[int] = (2, 4, 8, 16, 32)) -> dict[str, Any]:
     """What procmqtt could drain with more cores than this machine has, from the per-message CPU
     of each role at the smallest payload: the agent is one process, so it caps the rate at
-    1 / its CPU per message; the workers share the cores left once the agent (and, when it runs
-    on the same host, the broker) took theirs. Handler cost is added as ``work_us`` per message."""
+    1 / its CPU per message; below that cap every message costs the agent's, a worker's and the
+    handler's CPU (``work_us``) out of ``k`` cores. The broker and the publisher are taken to run
+    elsewhere; with enough workers to fill the cores."""
     rows = [r for r in summary["payload"] if r["key"][0].startswith("procmqtt") and "cpu_us" in r]
     if not rows:
         return {}
     small = min(rows, key=lambda r: r["key"][1])
     agent, worker = small["cpu_us"].get("agent", 0.0), small["cpu_us"].get("worker", 0.0)
     out: dict[str, Any] = {"payload": small["key"][1], "agent_us": agent, "worker_us": worker, "cores": {}}
-    for work_us in (0.0, 1000.0):
+    for work_us in (0.0, 100.0, 1000.0):
         for k in cores:
             cap = 1e6 / agent if agent else float("inf")
-            spread = (k - 1) * 1e6 / (worker + work_us) if worker + work_us else float("inf")
+            spread = k * 1e6 / (agent + worker + work_us) if agent + worker + work_us else float("inf")
             out["cores"].setdefault(str(k), {})[f"work_{work_us:.0f}us"] = min(cap, spread)
     return out
 
