@@ -8,7 +8,7 @@ payload copied out of the broker socket's read buffer, the record encoded and se
 (``encode_parts`` + ``send_many`` where they exist, else ``encode`` + ``send_many``), and the
 worker's ``receive`` (the kernel's copy out and the payload's copy into its own ``bytes``). The
 first step is one plain copy of the payload (``bytes`` of a ``memoryview``): the yardstick. Median of many rounds,
-microseconds per message; CPU-bound and single-threaded, so it is steadier than an end-to-end run
+microseconds and page faults per message; CPU-bound and single-threaded, so it is steadier than an end-to-end run
 on a shared host, but still read it as ratios within one run.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 from collections import deque
@@ -24,18 +25,21 @@ from collections.abc import Callable
 from procmqtt.ipc import channel
 
 
-def timed(step: Callable[[], object], rounds: int) -> float:
-    """Median microseconds of ``step`` over ``rounds`` batches of 8 calls."""
+def timed(step: Callable[[], object], rounds: int) -> tuple[float, float]:
+    """Median microseconds of ``step`` over ``rounds`` batches of 8 calls, and the page faults
+    per call (a fresh large buffer faults in page by page)."""
     samples = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(8):
             step()
         samples.append((time.perf_counter() - start) / 8 * 1e6)
-    return statistics.median(samples)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return statistics.median(samples), faults / rounds / 8
 
 
-def measure(size: int, rounds: int) -> dict[str, float]:
+def measure(size: int, rounds: int) -> dict[str, tuple[float, float]]:
     payload = os.urandom(size)
     buffer = bytearray(size + 64)
     buffer[32 : 32 + size] = payload
@@ -70,8 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"procmqtt from {os.path.dirname(channel.__file__)}")
     for size in map(int, args.sizes.split(",")):
-        for step, us in measure(size, max(10, args.rounds * 65536 // max(size, 65536))).items():
-            print(f"{size:>9} B  {step:45} {us:9.1f} us")
+        for step, (us, faults) in measure(size, max(10, args.rounds * 65536 // max(size, 65536))).items():
+            print(f"{size:>9} B  {step:48} {us:9.1f} us {faults:8.0f} page faults")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ supervisor, the agent, a worker), on either side of the fork alike.
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import struct
 
@@ -87,42 +86,19 @@ Encoded = bytes | tuple[bytes, bytes]
 
 
 def encode_parts(record: Record) -> Encoded:
-    """Like ``encode``, but a large payload is left out of the join: the channel hands it to the
-    kernel as its own buffer, so it is not copied twice (into the record, then the datagram)."""
-    if isinstance(record, (Deliver, Publish, Reply)) and len(record.payload) >= GATHER_MIN:
-        return encode(dataclasses.replace(record, payload=b"")), record.payload  # the payload comes last
-    return encode(record)
-
-
-def encode(record: Record) -> bytes:
-    """Serialize a record (all kinds but ``WorkerUp``, whose payload is a descriptor)."""
-    if isinstance(record, Deliver):
-        topic = record.topic.encode()
-        if record.properties is None:  # MQTT 3.1.1: the hot path stays as it was
-            return b"".join(
-                (
-                    _DELIVER.pack(
-                        DELIVER,
-                        record.delivery_id,
-                        record.qos,
-                        record.retain,
-                        record.redelivered,
-                        len(topic),
-                        _NO_PROPERTIES,
-                    ),
-                    topic,
-                    record.payload,
-                )
-            )
-        flag, block = _encode_properties(record.properties)
-        head = _DELIVER.pack(
-            DELIVER, record.delivery_id, record.qos, record.retain, record.redelivered, len(topic), flag
-        )
-        return b"".join((head, topic, *block, record.payload))
-    if isinstance(record, Published):
-        return _PUBLISHED.pack(PUBLISHED, record.request_id, record.error)
-    if isinstance(record, Done):
+    """A record's bytes, except that a large payload stays out of the join: the channel hands it
+    to the kernel as its own buffer, so it is not copied twice (into the record, then the
+    datagram). The hot records (Done, a 3.1.1 Deliver, Publish) are laid out here directly."""
+    if type(record) is Done:
         return _DONE.pack(DONE, record.delivery_id, record.outcome, record.seconds, record.retry_after)
+    if isinstance(record, Deliver) and record.properties is None:  # MQTT 3.1.1
+        topic = record.topic.encode()
+        head = _DELIVER.pack(
+            DELIVER, record.delivery_id, record.qos, record.retain, record.redelivered, len(topic), _NO_PROPERTIES
+        )
+        if len(record.payload) < GATHER_MIN:
+            return b"".join((head, topic, record.payload))
+        return head + topic, record.payload
     if isinstance(record, Publish):
         topic = record.topic.encode()
         flag, block = _encode_properties(record.properties)
@@ -136,12 +112,37 @@ def encode(record: Record) -> bytes:
             len(topic),
             flag | (_REQUEST if record.request else 0),
         )
-        return b"".join((head, topic, *block, record.payload))
-    if isinstance(record, Reply):
-        topic = record.topic.encode()
-        flag, block = _encode_properties(record.properties)
+        if len(record.payload) < GATHER_MIN:
+            return b"".join((head, topic, *block, record.payload))
+        return b"".join((head, topic, *block)), record.payload
+    if isinstance(record, (Deliver, Reply)):
+        parts = _head(record)
+        if len(record.payload) < GATHER_MIN:
+            return b"".join((*parts, record.payload))
+        return b"".join(parts), record.payload
+    return encode(record)
+
+
+def _head(record: Deliver | Reply) -> tuple[bytes, ...]:
+    """A Deliver with properties or a Reply: its bytes before the payload, which comes last."""
+    topic = record.topic.encode()
+    flag, block = _encode_properties(record.properties)
+    if isinstance(record, Deliver):
+        head = _DELIVER.pack(
+            DELIVER, record.delivery_id, record.qos, record.retain, record.redelivered, len(topic), flag
+        )
+    else:
         head = _REPLY.pack(REPLY, record.qos, record.retain, len(topic), flag)
-        return b"".join((head, topic, *block, record.payload))
+    return (head, topic, *block)
+
+
+def encode(record: Record) -> bytes:
+    """Serialize a record (all kinds but ``WorkerUp``, whose payload is a descriptor)."""
+    if isinstance(record, (Done, Deliver, Publish, Reply)):
+        data = encode_parts(record)
+        return data if isinstance(data, bytes) else b"".join(data)
+    if isinstance(record, Published):
+        return _PUBLISHED.pack(PUBLISHED, record.request_id, record.error)
     if isinstance(record, Subscribe):
         return _SUBSCRIBE.pack(SUBSCRIBE, record.qos) + record.topic_filter.encode()
     if isinstance(record, Unsubscribe):
