@@ -198,6 +198,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.replot:
         saved = json.loads(Path(args.replot).read_text())
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         print("wrote", *growth_report.charts(saved["summary"], Path(args.out)))
         return 0
     args.sizes = [int(x) for x in args.sizes.split(",")]

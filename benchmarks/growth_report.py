@@ -90,9 +90,13 @@ def charts(summary: dict[str, Rows], out: Path) -> list[Path]:
             for role in rs[0].get("cpu_us", {}):
                 if role in ("supervisor", "broker (in and out)") and not peer.startswith("A"):
                     continue
-                b.plot(sizes, [r["cpu_us"].get(role, 0) or None for r in rs], "o-", label=f"{peer}: {role}")
+                cpu = [r["cpu_us"].get(role, 0) or None for r in rs]
+                if any(cpu):  # a tiny run's CPU rounds to 0 ticks: nothing to draw on a log axis
+                    b.plot(sizes, cpu, "o-", label=f"{peer}: {role}")
         a.set(xscale="log", yscale="log", xlabel="payload (bytes)", ylabel="MB/s drained (QoS 1)")
-        b.set(xscale="log", yscale="log", xlabel="payload (bytes)", ylabel="CPU µs per message")
+        b.set(xscale="log", xlabel="payload (bytes)", ylabel="CPU µs per message")
+        if b.lines:
+            b.set_yscale("log")
         a.set_title("throughput", fontsize=9)
         b.set_title("CPU per message, by role (start-up taken off)", fontsize=9)
         a.legend(fontsize=7)
