@@ -58,3 +58,42 @@ def test_benchmark_harness_runs_dispatch_peers_and_keyed_workloads(tmp_path):
     for peer in ("procmqtt -w 2 ordered", "procmqtt -w 2 least_busy"):
         assert report["table"]["W3-K10"][peer]["lost"] == 0 and report["table"]["W3-K10"][peer]["rate"] > 0
         assert report["table"]["W8"][peer]["p99_ms"] is not None
+
+
+@pytest.mark.timeout(60)
+def test_growth_curves_run_and_report(tmp_path):
+    """Issue 16's curves (benchmarks/growth.py), one point each: payload, offered rate, workers."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "growth.py"),
+            "--scale",
+            "0.002",
+            "--reps",
+            "1",
+            "--peers",
+            "procmqtt",
+            "--sizes",
+            "65536",
+            "--rates",
+            "200",
+            "--workers",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=55,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "growth.json").read_text())
+    (payload,) = report["summary"]["payload"]
+    assert payload["key"] == ["procmqtt -w 2", 65536] and payload["lost"] == 0 and payload["rate"] > 0
+    assert {"agent", "worker"} <= set(payload["cpu_us"])
+    (latency,) = report["summary"]["latency"]
+    assert latency["lost"] == 0 and latency["p99_ms"] is not None
+    (workers,) = report["summary"]["workers"]
+    assert workers["ready_s"] > 0 and workers["stop_s"] > 0 and set(workers["pss_mean_mb"]) >= {"agent", "worker"}
+    assert report["machine"]["cores"] and report["model"]["agent_us"] >= 0

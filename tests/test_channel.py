@@ -8,6 +8,7 @@ import random
 import select
 import signal
 import socket
+import struct
 import time
 from collections import deque
 
@@ -134,6 +135,55 @@ def test_batches_keep_order_and_split_at_the_datagram_limit():
             got.extend(batch)
         assert [r.delivery_id for r in got if isinstance(r, channel.Done)] == list(range(20))
         assert isinstance(got[10], channel.Publish) and len(got[10].payload) == 200_000
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.unit
+def test_large_payloads_are_gathered_not_joined_and_arrive_whole_in_order():
+    """Issue 16: a large payload stays its own buffer until ``sendmsg`` gathers it; small records
+    around it are still batched, several large ones share a datagram, and one past INLINE_MAX
+    still goes through a memory file."""
+    big = [os.urandom(size) for size in (channel.GATHER_MIN, 20_000, 30_000, 300_000)]
+    parts = channel.encode_parts(channel.Deliver(7, "t/big", big[1], 1, False, False, FULL))
+    assert isinstance(parts, tuple) and parts[1] is big[1]  # the payload itself, not a copy
+    assert b"".join(parts) == channel.encode(channel.Deliver(7, "t/big", big[1], 1, False, False, FULL))
+    assert isinstance(channel.encode_parts(channel.Done(1)), bytes)
+    queue: deque[channel.Encoded] = deque()
+    for i, payload in enumerate(big):
+        queue.append(channel.encode_parts(channel.Done(i)))
+        queue.append(channel.encode_parts(channel.Deliver(i, f"t/{i}", payload, 1, False, bool(i % 2))))
+        queue.append(channel.encode_parts(channel.Reply(f"r/{i}", payload, 0, False, EMPTY)))
+    a, b = channel.pair()
+    with a, b:
+        assert channel.send_many(a, queue) and not queue
+        got: list[channel.Record] = []
+        datagrams = 0
+        while len(got) < 12:
+            batch = channel.receive(b)
+            assert batch
+            got.extend(batch)
+            datagrams += 1
+    assert datagrams < 12  # batched, not one datagram per record
+    for i, payload in enumerate(big):
+        done, deliver, reply = got[3 * i : 3 * i + 3]
+        assert done == channel.Done(i)
+        assert deliver == channel.Deliver(i, f"t/{i}", payload, 1, False, bool(i % 2))
+        assert reply == channel.Reply(f"r/{i}", payload, 0, False, EMPTY)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.unit
+def test_a_bad_record_in_a_memory_file_is_a_channel_error():
+    """The memory file is mapped while its records are decoded; a record that fails to decode is
+    still reported as ChannelError (not a BufferError from unmapping under a live view)."""
+    body = b"\xfe" + b"x" * (channel.INLINE_MAX + 10)
+    a, b = channel.pair()
+    with a, b:
+        channel._send_datagram(a, [struct.pack("!I", len(body)), body], 4 + len(body), [], True)
+        with pytest.raises(channel.ChannelError, match="unknown record kind 254"):
+            channel.receive(b)
+        channel.send(a, channel.Stop())
+        assert channel.receive(b) == [channel.Stop()]  # the channel carries on
 
 
 @pytest.mark.timeout(10)

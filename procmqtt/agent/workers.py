@@ -24,7 +24,7 @@ class WorkerChannel:
     slot: int
     generation: int
     sock: socket.socket
-    unsent: deque[bytes] = field(default_factory=deque)  # encoded records not yet sent
+    unsent: deque[channel.Encoded] = field(default_factory=deque)  # encoded records not yet sent
 
 
 class WorkerChannels:
@@ -46,7 +46,7 @@ class WorkerChannels:
 
     def write(self, worker: WorkerChannel, record: channel.Record) -> None:
         """Queue a record for a worker; the end of the pass sends each worker's queue as one batch."""
-        worker.unsent.append(channel.encode(record))
+        worker.unsent.append(channel.encode_parts(record))
         self.dirty.add(worker.slot)
 
     def answer(self, slot: int, generation: int, answer: channel.Published) -> None:

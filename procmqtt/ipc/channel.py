@@ -19,6 +19,7 @@ made in the supervisor before fork (``pair``); sending and receiving run in ever
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import socket
 import struct
@@ -26,7 +27,7 @@ import tempfile
 import threading
 from collections import deque
 
-from procmqtt.ipc.codec import ChannelError, decode, encode, encode_worker_up
+from procmqtt.ipc.codec import GATHER_MIN, ChannelError, Encoded, decode, encode, encode_parts, encode_worker_up
 from procmqtt.ipc.records import (  # re-exported: channel.<Record> is how the package names them
     AGENT_STARTED,
     DELIVER,
@@ -85,6 +86,7 @@ __all__ = [
     "BLOB",
     "DELIVER",
     "DONE",
+    "GATHER_MIN",
     "HOLDING",
     "INLINE_MAX",
     "PUBLISH",
@@ -106,6 +108,7 @@ __all__ = [
     "ChannelError",
     "Deliver",
     "Done",
+    "Encoded",
     "Holding",
     "Publish",
     "Published",
@@ -124,6 +127,7 @@ __all__ = [
     "WorkerUp",
     "decode",
     "encode",
+    "encode_parts",
     "encode_worker_up",
     "is_gone",
     "pair",
@@ -144,43 +148,43 @@ def pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def _memory_file(data: bytes) -> int:
+def _memory_file(parts: list[bytes]) -> int:
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("procmqtt-record", os.MFD_CLOEXEC)
     else:  # pragma: no cover - non-Linux
         with tempfile.TemporaryFile() as f:
             fd = os.dup(f.fileno())
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view) :]
     return fd
 
 
-def _read_memory_file(fd: int) -> bytes:
+def _map_memory_file(fd: int) -> mmap.mmap | bytes:
+    """The memory file's bytes, mapped rather than read: ``decode`` copies each payload out of the
+    mapping once, where reading it first would copy it twice. The descriptor is closed here; the
+    mapping stays valid until the caller closes it."""
     try:
         size = os.fstat(fd).st_size
-        chunks = []
-        offset = 0
-        while offset < size:
-            chunk = os.pread(fd, size - offset, offset)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            offset += len(chunk)
-        return b"".join(chunks)
+        if not size:
+            return b""
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
     finally:
         os.close(fd)
 
 
-def _send_datagram(sock: socket.socket, body: bytes, fds: list[int], block: bool) -> bool:
+def _send_datagram(sock: socket.socket, parts: list[bytes], size: int, fds: list[int], block: bool) -> bool:
+    """One datagram of ``size`` bytes gathered from ``parts`` by the kernel (still one atomic
+    ``sendmsg``), or a memory file of them if it is too large to go inline."""
     flags = 0 if block else socket.MSG_DONTWAIT
     fd_to_close = None
-    if len(body) > INLINE_MAX:
-        fd_to_close = _memory_file(body)
-        body, fds = bytes((BLOB,)), [*fds, fd_to_close]
+    if size > INLINE_MAX:
+        fd_to_close = _memory_file(parts)
+        parts, fds = [bytes((BLOB,))], [*fds, fd_to_close]
     try:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
-        sock.sendmsg([body], ancillary, flags)
+        sock.sendmsg(parts, ancillary, flags)
         return True
     except BlockingIOError:
         return False
@@ -196,27 +200,44 @@ def send(sock: socket.socket, record: Record, *, block: bool = True) -> bool:
     """
     if isinstance(record, WorkerUp):
         data = encode_worker_up(record)
-        return _send_datagram(sock, _FRAME.pack(len(data)) + data, [record.sock.fileno()], block)
-    return send_many(sock, deque([encode(record)]), block=block)
+        body = _FRAME.pack(len(data)) + data
+        return _send_datagram(sock, [body], len(body), [record.sock.fileno()], block)
+    return send_many(sock, deque([encode_parts(record)]), block=block)
 
 
-def send_many(sock: socket.socket, queue: deque[bytes], *, block: bool = True) -> bool:
+def send_many(sock: socket.socket, queue: deque[Encoded], *, block: bool = True) -> bool:
     """Send encoded records from the left of ``queue``, as few datagrams as fit, popping what went.
 
-    Batching is what makes the hot path cheap: one system call carries many records. Returns
-    False when ``block`` is False and the channel filled up before the queue was empty.
+    Batching is what makes the hot path cheap: one system call carries many records. Small records
+    are joined; a large payload (``encode_parts``) is its own buffer for ``sendmsg`` to gather, so
+    it is copied once, by the kernel. Returns False when ``block`` is False and the channel filled
+    up before the queue was empty.
     """
     while queue:
-        frames: list[bytes] = []
-        size = 0
+        parts: list[bytes] = []  # runs of joined bytes and large payloads, in order
+        run: list[bytes] = []
+        size = count = 0
         for data in queue:
-            if frames and size + _FRAME.size + len(data) > INLINE_MAX:
-                break
-            frames += (_FRAME.pack(len(data)), data)
-            size += _FRAME.size + len(data)
-        if not _send_datagram(sock, b"".join(frames), [], block):
+            if isinstance(data, bytes):
+                length = len(data)
+                if count and size + _FRAME.size + length > INLINE_MAX:
+                    break
+                run += (_FRAME.pack(length), data)
+            else:
+                head, payload = data
+                length = len(head) + len(payload)
+                if count and size + _FRAME.size + length > INLINE_MAX:
+                    break
+                run += (_FRAME.pack(length), head)
+                parts += (b"".join(run), payload)
+                run = []
+            size += _FRAME.size + length
+            count += 1
+        if run:
+            parts.append(b"".join(run))
+        if not _send_datagram(sock, parts, size, [], block):
             return False
-        for _ in range(len(frames) // 2):
+        for _ in range(count):
             queue.popleft()
     return True
 
@@ -249,11 +270,24 @@ def receive(sock: socket.socket) -> list[Record] | None:
         if nbytes == 0:
             return None
         raise ChannelError("truncated record")
-    body: bytes | memoryview = view[:nbytes]
-    if nbytes == 1 and body[0] == BLOB:
+    if nbytes == 1 and view[0] == BLOB:
         if not fds:
             raise ChannelError("blob record without its memory file")
-        body = _read_memory_file(fds.pop())
+        mapped = _map_memory_file(fds.pop())
+        try:
+            with memoryview(mapped) as body:  # released before the mapping closes
+                return _records(body, fds)
+        finally:
+            if isinstance(mapped, mmap.mmap):
+                try:
+                    mapped.close()
+                except BufferError:  # a decode error's traceback still holds a view: unmapped when freed
+                    pass
+    return _records(view[:nbytes], fds)
+
+
+def _records(body: memoryview, fds: list[int]) -> list[Record]:
+    """The length-prefixed records of one datagram; each decoded into values of its own."""
     records = []
     pos = 0
     while pos < len(body):

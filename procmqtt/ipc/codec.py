@@ -81,35 +81,27 @@ class ChannelError(Exception):
     """A record that cannot be decoded: a bug, never a dead peer."""
 
 
-def encode(record: Record) -> bytes:
-    """Serialize a record (all kinds but ``WorkerUp``, whose payload is a descriptor)."""
-    if isinstance(record, Deliver):
-        topic = record.topic.encode()
-        if record.properties is None:  # MQTT 3.1.1: the hot path stays as it was
-            return b"".join(
-                (
-                    _DELIVER.pack(
-                        DELIVER,
-                        record.delivery_id,
-                        record.qos,
-                        record.retain,
-                        record.redelivered,
-                        len(topic),
-                        _NO_PROPERTIES,
-                    ),
-                    topic,
-                    record.payload,
-                )
-            )
-        flag, block = _encode_properties(record.properties)
-        head = _DELIVER.pack(
-            DELIVER, record.delivery_id, record.qos, record.retain, record.redelivered, len(topic), flag
-        )
-        return b"".join((head, topic, *block, record.payload))
-    if isinstance(record, Published):
-        return _PUBLISHED.pack(PUBLISHED, record.request_id, record.error)
-    if isinstance(record, Done):
+GATHER_MIN = 4096
+"""A payload at least this large stays its own buffer in an encoded record (``encode_parts``)."""
+
+Encoded = bytes | tuple[bytes, bytes]
+"""An encoded record: its bytes, or its head and its payload for ``sendmsg`` to gather."""
+
+
+def encode_parts(record: Record) -> Encoded:
+    """A record's bytes, except that a large payload stays out of the join: the channel hands it
+    to the kernel as its own buffer, so it is not copied twice (into the record, then the
+    datagram). The hot records (Done, a 3.1.1 Deliver, Publish) are laid out here directly."""
+    if type(record) is Done:
         return _DONE.pack(DONE, record.delivery_id, record.outcome, record.seconds, record.retry_after)
+    if isinstance(record, Deliver) and record.properties is None:  # MQTT 3.1.1
+        topic = record.topic.encode()
+        head = _DELIVER.pack(
+            DELIVER, record.delivery_id, record.qos, record.retain, record.redelivered, len(topic), _NO_PROPERTIES
+        )
+        if len(record.payload) < GATHER_MIN:
+            return b"".join((head, topic, record.payload))
+        return head + topic, record.payload
     if isinstance(record, Publish):
         topic = record.topic.encode()
         flag, block = _encode_properties(record.properties)
@@ -123,12 +115,37 @@ def encode(record: Record) -> bytes:
             len(topic),
             flag | (_REQUEST if record.request else 0),
         )
-        return b"".join((head, topic, *block, record.payload))
-    if isinstance(record, Reply):
-        topic = record.topic.encode()
-        flag, block = _encode_properties(record.properties)
+        if len(record.payload) < GATHER_MIN:
+            return b"".join((head, topic, *block, record.payload))
+        return b"".join((head, topic, *block)), record.payload
+    if isinstance(record, (Deliver, Reply)):
+        parts = _head(record)
+        if len(record.payload) < GATHER_MIN:
+            return b"".join((*parts, record.payload))
+        return b"".join(parts), record.payload
+    return encode(record)
+
+
+def _head(record: Deliver | Reply) -> tuple[bytes, ...]:
+    """A Deliver with properties or a Reply: its bytes before the payload, which comes last."""
+    topic = record.topic.encode()
+    flag, block = _encode_properties(record.properties)
+    if isinstance(record, Deliver):
+        head = _DELIVER.pack(
+            DELIVER, record.delivery_id, record.qos, record.retain, record.redelivered, len(topic), flag
+        )
+    else:
         head = _REPLY.pack(REPLY, record.qos, record.retain, len(topic), flag)
-        return b"".join((head, topic, *block, record.payload))
+    return (head, topic, *block)
+
+
+def encode(record: Record) -> bytes:
+    """Serialize a record (all kinds but ``WorkerUp``, whose payload is a descriptor)."""
+    if isinstance(record, (Done, Deliver, Publish, Reply)):
+        data = encode_parts(record)
+        return data if isinstance(data, bytes) else b"".join(data)
+    if isinstance(record, Published):
+        return _PUBLISHED.pack(PUBLISHED, record.request_id, record.error)
     if isinstance(record, Subscribe):
         return _SUBSCRIBE.pack(SUBSCRIBE, record.qos) + record.topic_filter.encode()
     if isinstance(record, Unsubscribe):

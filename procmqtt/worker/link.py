@@ -75,7 +75,7 @@ class _AgentLink:
         self.wakeup = wakeup
         self.closed = False  # the agent side is gone for good (end of file)
         self.loop_thread: int | None = None  # async apps: the event loop's thread, the one reader
-        self._outbox: deque[bytes] = deque()  # encoded records for the agent, sent in batches
+        self._outbox: deque[channel.Encoded] = deque()  # encoded records for the agent, sent in batches
         self._flush_at = max(1, config.workers.prefetch // 2)  # so the agent never waits on a full batch
         self._send_lock = threading.Lock()  # keeps the outbox in order when threads publish
         self._inbox: deque[channel.Record] = deque()
@@ -93,14 +93,14 @@ class _AgentLink:
             self._send_locked(record)
 
     def _send_locked(self, record: channel.Record) -> None:
-        self._outbox.append(channel.encode(record))
+        self._outbox.append(channel.encode_parts(record))
         channel.send_many(self.upstream, self._outbox)
 
     def send_later(self, done: channel.Done) -> None:
         """Queue a completion to go with the next batch; its delivery is no longer in hand."""
         with self._send_lock:
             self._in_hand.pop(done.delivery_id, None)
-            self._outbox.append(channel.encode(done))
+            self._outbox.append(channel.encode_parts(done))
             if len(self._outbox) >= self._flush_at:
                 channel.send_many(self.upstream, self._outbox)
 

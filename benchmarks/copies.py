@@ -1,0 +1,82 @@
+"""What one large Deliver costs on its way through a channel, step by step (issue 16).
+
+    python3 benchmarks/copies.py                 # 64 KiB, 1 MiB, 4 MiB payloads
+    PYTHONPATH=/path/to/other/tree python3 benchmarks/copies.py   # the same steps in another tree
+
+Times, in one process and one thread, the steps the agent and a worker run per message: the
+payload copied out of the broker socket's read buffer, the record encoded and sent
+(``encode_parts`` + ``send_many`` where they exist, else ``encode`` + ``send_many``), and the
+worker's ``receive`` (the kernel's copy out and the payload's copy into its own ``bytes``). The
+first step is one plain copy of the payload (``bytes`` of a ``memoryview``): the yardstick. Median of many rounds,
+microseconds and page faults per message; CPU-bound and single-threaded, so it is steadier than an end-to-end run
+on a shared host, but still read it as ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+
+from procmqtt.ipc import channel
+
+
+def timed(step: Callable[[], object], rounds: int) -> tuple[float, float]:
+    """Median microseconds of ``step`` over ``rounds`` batches of 8 calls, and the page faults
+    per call (a fresh large buffer faults in page by page)."""
+    samples = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(8):
+            step()
+        samples.append((time.perf_counter() - start) / 8 * 1e6)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return statistics.median(samples), faults / rounds / 8
+
+
+def measure(size: int, rounds: int) -> dict[str, tuple[float, float]]:
+    payload = os.urandom(size)
+    buffer = bytearray(size + 64)
+    buffer[32 : 32 + size] = payload
+    view = memoryview(buffer)
+    record = channel.Deliver(1, "bench/x", payload, 1, False, False)
+    encode = getattr(channel, "encode_parts", channel.encode)
+    a, b = channel.pair()
+    a.setblocking(False)
+
+    def send_and_receive() -> None:
+        channel.send_many(a, deque([encode(record)]))
+        channel.receive(b)
+
+    encoded = channel.encode(record)
+    channel.send_many(a, deque([encoded]))
+    try:
+        return {
+            "agent: payload out of the read buffer (memcpy)": timed(lambda: bytes(view[32 : 32 + size]), rounds),
+            "agent: encode": timed(lambda: encode(record), rounds),
+            "agent + worker: encode, send_many, receive": timed(send_and_receive, rounds),
+        }
+    finally:
+        channel.receive(b)
+        a.close()
+        b.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="65536,1048576,4194304")
+    parser.add_argument("--rounds", type=int, default=200)
+    args = parser.parse_args()
+    print(f"procmqtt from {os.path.dirname(channel.__file__)}")
+    for size in map(int, args.sizes.split(",")):
+        for step, (us, faults) in measure(size, max(10, args.rounds * 65536 // max(size, 65536))).items():
+            print(f"{size:>9} B  {step:48} {us:9.1f} us {faults:8.0f} page faults")
+
+
+if __name__ == "__main__":
+    main()
