@@ -336,3 +336,35 @@ def test_msgspec_structs_validate_with_msgspecs_own_messages():
     with pytest.raises(InvalidPayload) as caught:
         decode(list[Struct], [{"celsius": 1}])
     assert caught.value.field == "body[0]" and "missing required field `seq`" in caught.value.problem
+
+
+DEEP = 100_000  # far past Python's recursion limit
+
+
+@dataclass
+class Chain:
+    next: Chain | None = None
+
+
+@pytest.mark.parametrize(
+    ("tp", "payload"),
+    [
+        (Reading, b"[" * DEEP + b"]" * DEEP),  # json.loads itself recurses
+        (list[Any], b"[" * DEEP + b"]" * DEEP),
+        (Chain, ('{"next": ' * 600 + "null" + "}" * 600).encode()),  # json.loads copes; the converter recurses
+    ],
+)
+def test_a_body_nested_too_deeply_is_invalid_not_an_error(tp: Any, payload: bytes):
+    """A hostile body costs one invalid message, never a RecursionError in the worker (which the
+    worker would count as a failure and, with ``on_error = "retry"``, retry in vain)."""
+    with pytest.raises(InvalidPayload, match="nested too deeply"):
+        decode(tp, payload)
+
+
+@pytest.mark.parametrize("library", ["pydantic", "msgspec"])
+def test_a_body_nested_too_deeply_is_invalid_with_the_model_libraries_too(library: str):
+    module = pytest.importorskip(library)
+    base = module.BaseModel if library == "pydantic" else module.Struct
+    model = type("Deep", (base,), {"__annotations__": {"x": list}, "x": []})
+    with pytest.raises(InvalidPayload):
+        decode(model, b'{"x": ' + b"[" * DEEP + b"]" * DEEP + b"}")

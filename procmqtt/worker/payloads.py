@@ -114,6 +114,9 @@ def _resolve(func: Callable[..., Any], name: str, annotation: Any, where: str) -
         ) from None
 
 
+TOO_DEEP = "nested too deeply (past Python's recursion limit)"
+
+
 def _decoder(name: str, annotation: Any, convert: Convert) -> Callable[[bytes], Any]:
     pydantic_model = _pydantic_model(annotation)
     if pydantic_model is not None:  # pydantic parses the JSON itself: one pass, its own messages
@@ -123,11 +126,18 @@ def _decoder(name: str, annotation: Any, convert: Convert) -> Callable[[bytes], 
         return lambda payload: _msgspec_call(msgspec.json.decode, payload, name, type=annotation)
 
     def decode(payload: bytes) -> Any:
+        # RecursionError: a body nested past Python's limit, in the parser or the converter; it
+        # never validates, so it is invalid (once), not a failure to retry
         try:
             value = json.loads(payload)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             raise InvalidPayload(name, f"not JSON ({exc})") from None
-        return convert(value, name)
+        except RecursionError:
+            raise InvalidPayload(name, TOO_DEEP) from None
+        try:
+            return convert(value, name)
+        except RecursionError:
+            raise InvalidPayload(name, TOO_DEEP) from None
 
     return decode
 
@@ -347,6 +357,8 @@ def _msgspec_call(decode: Callable[..., Any], value: Any, path: str, **kwargs: A
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         text, _, at = str(exc).partition(" - at `$")
         raise InvalidPayload(path + at.rstrip("`"), text) from None
+    except RecursionError:
+        raise InvalidPayload(path, TOO_DEEP) from None
 
 
 def _kind(tp: Any) -> str:
