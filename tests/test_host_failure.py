@@ -23,6 +23,8 @@ from harness import Procmqtt, records, require_mosquitto, wait_until
 KEEPALIVE = 2
 RATE = 100  # messages a second, numbered; the broker hands them to the members in turn
 WORKERS, PREFETCH = 2, 16
+SETTLE = 0.1  # s: Mosquitto logs the timeout, then drops the session within its loop pass; a message
+# it took in that pass (one, in 1 of ~12 runs, stamped 0.000 s after the log line) still went to b
 KNOWN_GONE = 100  # messages published after the broker noticed, before the link comes back
 
 
@@ -134,6 +136,7 @@ def test_a_member_host_cut_off_mid_stream_and_back(tmp_path, network, net_broker
             timeout=8 * KEEPALIVE,
         )
         detected = noticed["broker"]
+        dropped = detected + SETTLE  # from here the broker routes nothing to b's old session
         wait_until(lambda: _since(stream.sent, detected) >= KNOWN_GONE, 10, "more stream once b is known gone")
         up = time.monotonic()
         network.restore("b")
@@ -146,8 +149,13 @@ def test_a_member_host_cut_off_mid_stream_and_back(tmp_path, network, net_broker
     sent = stream.sent
     # What can still come: all of it with persistent sessions; with clean ones, what the broker
     # routed once it had dropped b (the rest it routed to b's gone session).
-    expected = set(range(total)) - (_window(sent, 0, detected) if clean else set())
-    wait_until(lambda: _handled(a, b) >= expected, 20, "every message that can still come")
+    expected = set(range(total)) - (_window(sent, 0, dropped) if clean else set())
+    try:
+        wait_until(lambda: _handled(a, b) >= expected, 20, "every message that can still come")
+    except AssertionError:
+        missing = sorted(expected - _handled(a, b))
+        late = [round(sent[n] - detected, 3) for n in missing[:20]]
+        raise AssertionError(f"{len(missing)} never handled, published s after the broker noticed: {late}") from None
     assert a.run.stop() == 0 and b.run.stop() == 0
 
     by_a, by_b = a.done(), b.done()
@@ -158,7 +166,7 @@ def test_a_member_host_cut_off_mid_stream_and_back(tmp_path, network, net_broker
     for n, t in sorted(by_a + by_b, key=lambda x: x[1]):
         first_done.setdefault(n, t)
     during, a_during = _window(sent, cut, up), _window(sent, cut, up) & {n for n, _ in by_a}
-    gone, a_gone = _window(sent, detected, up), _window(sent, detected, up) & {n for n, _ in by_a}
+    gone, a_gone = _window(sent, dropped, up), _window(sent, dropped, up) & {n for n, _ in by_a}
     not_a = sorted(during - a_during)  # routed to b: handled by b on its return, or lost
     waited = [first_done[n] - sent[n] for n in not_a if n in first_done]
     reconnected = [line for line in b.run.log().splitlines() if "connected to" in line][-1]
@@ -189,7 +197,7 @@ def test_a_member_host_cut_off_mid_stream_and_back(tmp_path, network, net_broker
         # Once the broker dropped b, every message goes to the live member; the loss is confined to
         # what b held and what the broker routed to it before it noticed the dead link.
         assert a_gone == gone, sorted(gone - a_gone)
-        assert all(sent[n] < detected for n in lost), [round(sent[n] - cut, 2) for n in lost]
+        assert all(sent[n] < dropped for n in lost), [round(sent[n] - cut, 2) for n in lost]
     else:
         assert "session present: True" in reconnected
         assert not lost, f"lost with persistent sessions: {lost}"
