@@ -179,6 +179,11 @@ def paho_client(port: int, client_id: str, clean: bool = True) -> mqtt.Client:
     c.max_inflight_messages_set(1000)
     c.connect("127.0.0.1", port)
     c.loop_start()
+    deadline = time.monotonic() + 10
+    while not c.is_connected():  # paced publishing starts its clock only once the broker answered
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{client_id}: no CONNACK from the broker on port {port} within 10 s")
+        time.sleep(0.001)
     return c
 
 

@@ -97,3 +97,27 @@ def test_growth_curves_run_and_report(tmp_path):
     (workers,) = report["summary"]["workers"]
     assert workers["ready_s"] > 0 and workers["stop_s"] > 0 and set(workers["pss_mean_mb"]) >= {"agent", "worker"}
     assert report["machine"]["cores"] and report["model"]["agent_us"] >= 0
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(10)
+def test_latencies_leave_out_the_start_up_transient(tmp_path):
+    """A paced run's first messages arrive together ~20 ms late for every peer: they would be
+    its p99. The warm-up share, by publish time across every process's file, is left out."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from common import read_latencies
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import struct
+
+    # two processes; messages published 1 ms apart; the first 20 (of 1,000) wait for 20 ms
+    sent = [100.0 + i / 1000 for i in range(1000)]
+    latency = [0.020 - i / 1000 if i < 20 else 0.0002 for i in range(1000)]
+    for pid in (1, 2):
+        with open(tmp_path / f"{pid}.lat", "wb") as f:
+            for i in range(pid - 1, 1000, 2):
+                f.write(struct.pack("=dd", sent[i], latency[i]))
+    kept = sorted(read_latencies(str(tmp_path)))
+    assert len(kept) == 950
+    assert kept[int(len(kept) * 0.99)] == pytest.approx(0.0002)
