@@ -97,3 +97,26 @@ def test_growth_curves_run_and_report(tmp_path):
     (workers,) = report["summary"]["workers"]
     assert workers["ready_s"] > 0 and workers["stop_s"] > 0 and set(workers["pss_mean_mb"]) >= {"agent", "worker"}
     assert report["machine"]["cores"] and report["model"]["agent_us"] >= 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("loop", ["sync", "async"])
+def test_worker_cost_runs(loop):
+    """Issue 16's per-message worker cost (benchmarks/worker_cost.py): every Done comes back."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "worker_cost.py"),
+            "--messages",
+            "200",
+            "--runs",
+            "1",
+            *(["--async"] if loop == "async" else []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=55,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"{loop} loop:" in result.stdout and "per message" in result.stdout
