@@ -105,8 +105,8 @@ class AsyncLoop(ServeLoop):
             if self.stop_reason is not None and not self.running:
                 return
             link.flush()  # completions go out before the loop waits, as in the sync loop
-            if not self.running:  # every Done is on the channel: a death now charges nothing
-                self.shared.set_current(self.slot, self.generation, 0)
+            if not self.running and self.current_written:  # every Done is on the channel: a death now charges nothing
+                self._set_delivery(0)  # (before its first message, the slot still names its predecessor's)
             await self.wake.wait()
 
     def _start(self, record: channel.Deliver) -> None:

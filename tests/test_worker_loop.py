@@ -1,0 +1,120 @@
+"""The serve loops' per-message bookkeeping, run in this process over socketpairs (issue 16).
+
+What the shared memory says after a worker ran (the supervisor's hang check and crash-loop count,
+the agent's charge for a dead worker's delivery) and the fast ``Message`` constructor."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import pytest
+
+from procmqtt import Message, Properties, Worker
+from procmqtt.config.loader import from_mapping
+from procmqtt.ipc import channel
+from procmqtt.ipc.shared import SharedState
+from procmqtt.message import delivered
+from procmqtt.worker.aio import AsyncLoop
+from procmqtt.worker.sync import SyncLoop
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(20)]
+
+
+class Noop(Worker):
+    def on_message(self, message: Message) -> None:
+        pass
+
+
+class AsyncNoop(Worker):
+    async def on_message(self, message: Message) -> None:
+        pass
+
+
+def run_loop(
+    kind: type[SyncLoop | AsyncLoop],
+    app: type[Worker],
+    shared: SharedState,
+    generation: int,
+    n: int,
+    stop_when: Callable[[], bool] | None = None,
+) -> int:
+    """One worker's life over ``n`` queued deliveries and a Stop; the Dones it sent. With
+    ``stop_when``, the Stop goes once the worker is idle: when ``stop_when()`` holds or 0.5 s after
+    the deliveries' Dones came back (the worker has long reached its wait by then)."""
+    agent_end, inbound = channel.pair()
+    upstream, agent_up = channel.pair()
+    queue: deque[channel.Encoded] = deque(
+        channel.encode_parts(channel.Deliver(i, "t/x", b"p", 1, False, False)) for i in range(1, n + 1)
+    )
+    channel.send_many(agent_end, queue)
+    if stop_when is None:
+        channel.send(agent_end, channel.Stop())
+        stopper = None
+    else:
+
+        def stop_once_idle() -> None:
+            deadline = time.monotonic() + 0.5
+            while not stop_when() and time.monotonic() < deadline:
+                time.sleep(0.005)  # polling the condition, bounded by the deadline
+            channel.send(agent_end, channel.Stop())
+
+        stopper = threading.Thread(target=stop_once_idle)
+        stopper.start()
+    loop = kind(app, 0, generation, from_mapping({}, "test"), inbound, upstream, shared)
+    try:
+        assert loop.run() == 0
+    finally:
+        loop.signals.close()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if stopper is not None:
+            stopper.join()
+    agent_up.setblocking(False)
+    dones = []
+    while True:
+        try:
+            dones += [r.delivery_id for r in channel.receive(agent_up) or () if isinstance(r, channel.Done)]
+        except BlockingIOError:
+            break
+    for s in (agent_end, inbound, upstream, agent_up):
+        s.close()
+    assert dones == list(range(1, n + 1))
+    return len(dones)
+
+
+@pytest.mark.parametrize(("kind", "app"), [(SyncLoop, Noop), (AsyncLoop, AsyncNoop)])
+def test_shared_words_after_a_run(kind, app):
+    """Finished counts every message, nobody is busy, and the slot names this worker's generation."""
+    shared = SharedState(2)
+    run_loop(kind, app, shared, 3, 40)
+    assert shared.finished(0) == 40
+    assert shared.busy_since(0) == 0.0
+    assert shared.current(0, 3) == 40  # the last stays current: the Stop came before the loop waited
+    assert shared.finished(1) == 0 and shared.current(1, 0) == 0  # the next slot untouched
+
+
+@pytest.mark.parametrize(("kind", "app"), [(SyncLoop, Noop), (AsyncLoop, AsyncNoop)])
+def test_a_new_worker_leaves_its_predecessors_delivery_until_its_first_message(kind, app):
+    """The agent reads what a dead worker was handling after its replacement may have booted: the
+    replacement must not overwrite the slot's generation before it is given a message. (The async
+    loop used to clear the slot on its first idle pass.)"""
+    shared = SharedState(1)
+    shared.set_current(0, 1, 77)  # generation 1 died handling delivery 77
+    run_loop(kind, app, shared, 2, 0, stop_when=lambda: shared.current(0, 1) != 77)  # boots, idles, stops
+    assert shared.current(0, 1) == 77
+
+
+def test_delivered_is_the_message_its_fields_make():
+    names = tuple(f.name for f in dataclasses.fields(Message))
+    assert names == ("topic", "payload", "qos", "retain", "redelivered", "properties")  # delivered sets these
+    props = Properties(user_properties=(("a", "b"),), content_type="x")
+    for args in [("t/1", b"data", 1, True, False, None), ("t/2", b"", 0, False, True, props)]:
+        fast, slow = delivered(*args), Message(*args)
+        assert type(fast) is Message
+        assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            fast.topic = "other"  # type: ignore[misc]
