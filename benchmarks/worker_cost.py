@@ -1,6 +1,6 @@
 """What a worker itself costs per message on a no-op drain (issue 16), without broker or agent.
 
-    python3 benchmarks/worker_cost.py                  # µs per message (sync loop), best of 7 runs
+    python3 benchmarks/worker_cost.py                  # µs (elapsed, CPU) per message, sync loop
     python3 benchmarks/worker_cost.py --async          # the same through the asyncio loop
     python3 benchmarks/worker_cost.py --callgrind      # instructions per message, under valgrind
     PYTHONPATH=/path/to/other/tree python3 benchmarks/worker_cost.py   # another tree's worker
@@ -54,8 +54,9 @@ class AsyncNoop(Worker):
         pass
 
 
-def one_run(messages: int, batch: int, use_async: bool, qos: int) -> float:
-    """Seconds for one worker's whole life over ``messages`` queued deliveries.
+def one_run(messages: int, batch: int, use_async: bool, qos: int) -> tuple[float, float]:
+    """Seconds, elapsed and of CPU (user and system: the kernel's side of each ``sendmsg`` and
+    ``recvmsg``, which callgrind does not see), of one worker's life over ``messages`` deliveries.
 
     The deliveries are encoded and the Dones counted in forked children, so that under callgrind
     (which counts each process apart) this process's count is the worker's alone.
@@ -66,9 +67,9 @@ def one_run(messages: int, batch: int, use_async: bool, qos: int) -> float:
     config = from_mapping({"workers": {"count": 1}}, "worker_cost")
     kind = AsyncLoop if use_async else SyncLoop
     loop = kind(AsyncNoop if use_async else Noop, 0, 1, config, inbound, upstream, SharedState(1))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     code = loop.run()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     loop.signals.close()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     done = in_child(lambda: _count_dones(agent_up))
@@ -76,7 +77,7 @@ def one_run(messages: int, batch: int, use_async: bool, qos: int) -> float:
         sys.exit(f"the worker exited {code} after {done} Done(s) for {messages} deliveries")
     for s in (agent_end, inbound, upstream, agent_up):
         s.close()
-    return elapsed
+    return elapsed, cpu
 
 
 def in_child(func: Callable[[], int]) -> int:
@@ -165,11 +166,11 @@ def main() -> None:
     if args.once:
         one_run(args.messages, args.batch, args.use_async, args.qos)
         return
-    empty = min(one_run(0, args.batch, args.use_async, args.qos) for _ in range(args.runs))
-    full = min(one_run(args.messages, args.batch, args.use_async, args.qos) for _ in range(args.runs))
-    per = (full - empty) / args.messages * 1e6
+    empty = [one_run(0, args.batch, args.use_async, args.qos) for _ in range(args.runs)]
+    full = [one_run(args.messages, args.batch, args.use_async, args.qos) for _ in range(args.runs)]
+    per, per_cpu = ((min(f[i] for f in full) - min(e[i] for e in empty)) / args.messages * 1e6 for i in (0, 1))
     print(
-        f"{'async' if args.use_async else 'sync'} loop: {per:.2f} µs per message "
+        f"{'async' if args.use_async else 'sync'} loop: {per:.2f} µs per message, {per_cpu:.2f} µs of CPU "
         f"(best of {args.runs} runs of {args.messages}, batch {args.batch}; load {os.getloadavg()[0]:.2f})"
     )
 

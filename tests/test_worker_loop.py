@@ -5,8 +5,10 @@ the agent's charge for a dead worker's delivery) and the fast ``Message`` constr
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import signal
+import socket
 import threading
 import time
 from collections import deque
@@ -35,6 +37,24 @@ class AsyncNoop(Worker):
         pass
 
 
+PEER: dict[str, socket.socket] = {}  # the agent's end of the running loop's upstream channel
+TAKEN: list[int] = []  # Done ids a handler read off it
+
+
+class AwaitsTheFirstDone(Worker):
+    """Message 2 waits (awaiting, so the loop idles) until message 1's Done is on the channel."""
+
+    async def on_message(self, message: Message) -> None:
+        if message.topic != "t/2":
+            return
+        deadline = time.monotonic() + 5
+        while 1 not in TAKEN and time.monotonic() < deadline:
+            try:
+                TAKEN.extend(r.delivery_id for r in channel.receive(PEER["up"]) or () if isinstance(r, channel.Done))
+            except BlockingIOError:
+                await asyncio.sleep(0.005)  # polling the condition, bounded by the deadline
+
+
 def run_loop(
     kind: type[SyncLoop | AsyncLoop],
     app: type[Worker],
@@ -43,13 +63,14 @@ def run_loop(
     n: int,
     stop_when: Callable[[], bool] | None = None,
 ) -> int:
-    """One worker's life over ``n`` queued deliveries and a Stop; the Dones it sent. With
+    """One worker's life over ``n`` queued deliveries and a Stop (topics ``t/<id>``); the number of
+    datagrams its Dones came in. With
     ``stop_when``, the Stop goes once the worker is idle: when ``stop_when()`` holds or 0.5 s after
     the deliveries' Dones came back (the worker has long reached its wait by then)."""
     agent_end, inbound = channel.pair()
     upstream, agent_up = channel.pair()
     queue: deque[channel.Encoded] = deque(
-        channel.encode_parts(channel.Deliver(i, "t/x", b"p", 1, False, False)) for i in range(1, n + 1)
+        channel.encode_parts(channel.Deliver(i, f"t/{i}", b"p", 1, False, False)) for i in range(1, n + 1)
     )
     channel.send_many(agent_end, queue)
     if stop_when is None:
@@ -66,6 +87,9 @@ def run_loop(
         stopper = threading.Thread(target=stop_once_idle)
         stopper.start()
     loop = kind(app, 0, generation, from_mapping({}, "test"), inbound, upstream, shared)
+    PEER["up"] = agent_up
+    agent_up.setblocking(False)
+    TAKEN.clear()
     try:
         assert loop.run() == 0
     finally:
@@ -73,17 +97,31 @@ def run_loop(
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         if stopper is not None:
             stopper.join()
-    agent_up.setblocking(False)
-    dones = []
+    dones, datagrams = list(TAKEN), 0
     while True:
         try:
-            dones += [r.delivery_id for r in channel.receive(agent_up) or () if isinstance(r, channel.Done)]
+            records = channel.receive(agent_up) or []
         except BlockingIOError:
             break
+        dones += [r.delivery_id for r in records if isinstance(r, channel.Done)]
+        datagrams += any(isinstance(r, channel.Done) for r in records)
     for s in (agent_end, inbound, upstream, agent_up):
         s.close()
     assert dones == list(range(1, n + 1))
-    return len(dones)
+    return datagrams
+
+
+def test_an_async_backlog_sends_its_dones_in_batches():
+    """Quick messages one after another (concurrency 1): the Dones go out every prefetch // 2 and
+    when the loop waits, as in the sync loop, not one datagram each (the loop used to flush on
+    every pass, so 40 messages made 40 datagrams)."""
+    assert run_loop(AsyncLoop, AsyncNoop, SharedState(1), 1, 40) <= 40 // 8 + 1
+
+
+def test_an_async_worker_sends_the_dones_it_has_before_it_waits():
+    """A handler awaiting (the loop idles) does not hold back the Done of the message before it."""
+    run_loop(AsyncLoop, AwaitsTheFirstDone, SharedState(1), 1, 3)
+    assert 1 in TAKEN
 
 
 @pytest.mark.parametrize(("kind", "app"), [(SyncLoop, Noop), (AsyncLoop, AsyncNoop)])
