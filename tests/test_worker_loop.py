@@ -20,8 +20,9 @@ from procmqtt import Message, Properties, Worker
 from procmqtt.config.loader import from_mapping
 from procmqtt.ipc import channel
 from procmqtt.ipc.shared import SharedState
-from procmqtt.message import delivered
+from procmqtt.message import Outcome, delivered
 from procmqtt.worker.aio import AsyncLoop
+from procmqtt.worker.loop import _Recycler
 from procmqtt.worker.sync import SyncLoop
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(20)]
@@ -156,3 +157,32 @@ def test_delivered_is_the_message_its_fields_make():
         assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
         with pytest.raises(dataclasses.FrozenInstanceError):
             fast.topic = "other"  # type: ignore[misc]
+
+
+class _Outbox:
+    def __init__(self) -> None:
+        self.sent: list[channel.Record] = []
+
+    def send_later(self, done: channel.Done) -> None:
+        self.sent.append(done)
+
+    send = send_later
+
+
+def test_the_hang_watch_follows_the_oldest_message_in_flight():
+    """Several in flight (the async loop): the slot names the oldest, whichever finishes first."""
+    shared = SharedState(1)
+    loop = SyncLoop(Noop, 0, 4, from_mapping({}, "test"), *channel.pair(), shared)
+    loop.link, loop.recycle = _Outbox(), _Recycler(loop.config)  # type: ignore[assignment]
+    deliveries = [channel.Deliver(i, f"t/{i}", b"", 1, False, False) for i in (1, 2, 3)]
+    for d in deliveries:
+        loop.started(d)
+    first, _, third = loop.running.values()
+    assert (shared.current(0, 4), shared.busy_since(0)) == (1, first)
+    loop.done(2, Outcome.OK)  # not the oldest: nothing moves
+    assert (shared.current(0, 4), shared.busy_since(0)) == (1, first)
+    loop.done(1, Outcome.OK)
+    assert (shared.current(0, 4), shared.busy_since(0)) == (3, third)
+    loop.done(3, Outcome.OK)
+    assert (shared.current(0, 4), shared.busy_since(0), shared.finished(0)) == (3, 0.0, 3)
+    assert [d.delivery_id for d in loop.link.sent] == [2, 1, 3]  # type: ignore[attr-defined]

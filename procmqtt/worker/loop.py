@@ -179,15 +179,13 @@ class ServeLoop:
         sent before it charges.
         """
         running = self.running
-        was_oldest = next(iter(running)) == delivery_id
         began = running.pop(delivery_id)
-        if was_oldest:
-            if running:
-                oldest, since = next(iter(running.items()))
-                self._set_delivery(oldest)
-                self._set_busy(since)
-            else:
-                self._set_busy(0.0)
+        if running:  # the oldest left is watched now (rewritten unchanged when this one was not the oldest)
+            oldest, since = next(iter(running.items()))
+            self._set_delivery(oldest)
+            self._set_busy(since)
+        else:
+            self._set_busy(0.0)
         self.finished += 1
         self._set_finished(self.finished)
         if isinstance(result, Retry):
