@@ -119,8 +119,16 @@ def test_an_async_backlog_sends_its_dones_in_batches():
     assert run_loop(AsyncLoop, AsyncNoop, SharedState(1), 1, 40) <= 40 // 8 + 1
 
 
-def test_an_async_worker_sends_the_dones_it_has_before_it_waits():
-    """A handler awaiting (the loop idles) does not hold back the Done of the message before it."""
+class _OwnLoop(asyncio.SelectorEventLoop):
+    """An event loop an app's policy would give (uvloop): the worker keeps it, unhooked."""
+
+
+@pytest.mark.parametrize("own_loop", [False, True])
+def test_an_async_worker_sends_the_dones_it_has_before_it_waits(own_loop, monkeypatch):
+    """A handler awaiting (the loop idles) does not hold back the Done of the message before it,
+    on the default event loop (its selector flushes) and on another (the loop flushes each pass)."""
+    if own_loop:
+        monkeypatch.setattr(asyncio, "new_event_loop", _OwnLoop)
     run_loop(AsyncLoop, AwaitsTheFirstDone, SharedState(1), 1, 3)
     assert 1 in TAKEN
 

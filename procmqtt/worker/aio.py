@@ -66,16 +66,16 @@ class AsyncLoop(ServeLoop):
 
     def setup(self) -> None:
         super().setup()
-        # With the default policy the loop's selector flushes the queued completions whenever the loop
+        # The default event loop gets a selector that flushes the queued completions whenever the loop
         # is about to block (``_WaitHook``): a backlog of quick messages sends its Dones in batches,
         # as the sync loop does, and none is held back while the worker waits. A policy the app set
         # (uvloop) keeps its own loop, and ``_serve`` flushes on every pass instead.
-        self.flush_on_wait = type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy
         self.serving = False  # the hook acts only in ``serve``: a dead agent's EPIPE then ends it as before
+        self.loop = asyncio.new_event_loop()
+        self.flush_on_wait = type(self.loop) is asyncio.SelectorEventLoop  # the default loop: hook it
         if self.flush_on_wait:
-            self.loop: asyncio.AbstractEventLoop = asyncio.SelectorEventLoop(_WaitHook(self._before_wait))
-        else:
-            self.loop = asyncio.new_event_loop()
+            self.loop.close()
+            self.loop = asyncio.SelectorEventLoop(_WaitHook(self._before_wait))
         asyncio.set_event_loop(self.loop)  # for libraries that still call get_event_loop()
         self.link.loop_thread = threading.get_ident()
         self.concurrency = self.config.workers.concurrency
