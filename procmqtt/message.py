@@ -174,3 +174,26 @@ class Message:
     def json(self) -> Any:
         """The payload parsed as JSON (raises ``ValueError`` if it is not)."""
         return _json.loads(self.payload)
+
+
+_new = object.__new__
+_set_topic, _set_payload, _set_qos, _set_retain, _set_redelivered, _set_properties = (
+    Message.__dict__[name].__set__ for name in ("topic", "payload", "qos", "retain", "redelivered", "properties")
+)
+
+
+def delivered(
+    topic: str, payload: bytes, qos: int, retain: bool, redelivered: bool, properties: Properties | None
+) -> Message:
+    """``Message(topic, payload, qos, retain, redelivered, properties)``, built for a worker's hot path.
+
+    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__`` (about 700 ns
+    for a Message); the slots' own setters take half that. The same object: equal, same hash."""
+    message = _new(Message)
+    _set_topic(message, topic)
+    _set_payload(message, payload)
+    _set_qos(message, qos)
+    _set_retain(message, retain)
+    _set_redelivered(message, redelivered)
+    _set_properties(message, properties)
+    return message

@@ -121,3 +121,26 @@ def test_latencies_leave_out_the_start_up_transient(tmp_path):
     kept = sorted(read_latencies(str(tmp_path)))
     assert len(kept) == 950
     assert kept[int(len(kept) * 0.99)] == pytest.approx(0.0002)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("loop", ["sync", "async"])
+def test_worker_cost_runs(loop):
+    """Issue 16's per-message worker cost (benchmarks/worker_cost.py): every Done comes back."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "worker_cost.py"),
+            "--messages",
+            "200",
+            "--runs",
+            "1",
+            *(["--async"] if loop == "async" else []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=55,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"{loop} loop:" in result.stdout and "per message" in result.stdout

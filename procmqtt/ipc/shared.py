@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Callable
+from functools import partial
 
 from procmqtt.config.schema import MAX_SLOTS  # the block's slots: the most workers
 
@@ -67,6 +69,16 @@ class SharedState:
             return 0
         delivery_id: int = _COUNT.unpack_from(self._mem, self._slot(slot, 3))[0]
         return delivery_id
+
+    def writers(self, slot: int) -> tuple[Callable[[float], None], Callable[[int], None], Callable[[int], None]]:
+        """One worker's per-message writes, each a single C call with its offset bound (a Python
+        setter costs twice as much): ``set_busy_since``, ``set_finished``, and the delivery word of
+        ``set_current`` alone, for a worker that already wrote its generation with ``set_current``."""
+        return (
+            partial(_DOUBLE.pack_into, self._mem, self._slot(slot, 0)),
+            partial(_COUNT.pack_into, self._mem, self._slot(slot, 1)),
+            partial(_COUNT.pack_into, self._mem, self._slot(slot, 3)),
+        )
 
     def reset_slot(self, slot: int) -> None:
         """Before a new worker starts in ``slot`` (supervisor); the agent's words stay."""

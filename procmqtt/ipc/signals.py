@@ -19,15 +19,27 @@ class SignalQueue:
         for fd in (self._read, self._write):
             os.set_blocking(fd, False)
         self._signums = list(signums)
+        self.caught = False  # set by the handler: a loop that checks per message reads the pipe only then
         self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
         for signum in self._signums:
-            signal.signal(signum, _record)
+            signal.signal(signum, self._record)
 
     def fileno(self) -> int:
         return self._read
 
+    def _record(self, signum: int, frame: object) -> None:
+        """The wakeup fd already carries the signal number; the flag spares ``pending`` a read."""
+        self.caught = True
+
+    def pending(self) -> bool:
+        """Whether a signal may be queued, without a system call: a worker asks before every message,
+        where a read of the pipe (and its ``BlockingIOError``) would cost more than a no-op handler.
+        The handler runs at the interpreter's next check, before the loop's next call returns."""
+        return self.caught
+
     def pop(self) -> list[int]:
         """Signals caught since the last call, oldest first."""
+        self.caught = False  # cleared before reading: a signal arriving now sets it again
         caught: list[int] = []
         while True:
             try:
@@ -45,7 +57,3 @@ class SignalQueue:
         signal.set_wakeup_fd(-1)
         os.close(self._read)
         os.close(self._write)
-
-
-def _record(signum: int, frame: object) -> None:
-    """Nothing to do: the wakeup fd already carries the signal number."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import selectors
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -46,12 +47,35 @@ async def _invoke(func: Callable[[], Any]) -> Any:
     return await maybe_await(func())
 
 
+class _WaitHook(selectors.DefaultSelector):
+    """The event loop's selector, calling ``before_wait`` whenever the loop is about to block: a
+    ``select`` with a timeout other than 0 (asyncio passes 0 while callbacks are ready to run)."""
+
+    def __init__(self, before_wait: Callable[[], None]) -> None:
+        super().__init__()
+        self.before_wait = before_wait
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is None or timeout > 0:
+            self.before_wait()
+        return super().select(timeout)
+
+
 class AsyncLoop(ServeLoop):
     """Runs each delivery as a task on a fresh event loop; the hooks run on that loop too."""
 
     def setup(self) -> None:
         super().setup()
+        # The default event loop gets a selector that flushes the queued completions whenever the loop
+        # is about to block (``_WaitHook``): a backlog of quick messages sends its Dones in batches,
+        # as the sync loop does, and none is held back while the worker waits. A policy the app set
+        # (uvloop) keeps its own loop, and ``_serve`` flushes on every pass instead.
+        self.serving = False  # the hook acts only in ``serve``: a dead agent's EPIPE then ends it as before
         self.loop = asyncio.new_event_loop()
+        self.flush_on_wait = type(self.loop) is asyncio.SelectorEventLoop  # the default loop: hook it
+        if self.flush_on_wait:
+            self.loop.close()
+            self.loop = asyncio.SelectorEventLoop(_WaitHook(self._before_wait))
         asyncio.set_event_loop(self.loop)  # for libraries that still call get_event_loop()
         self.link.loop_thread = threading.get_ident()
         self.concurrency = self.config.workers.concurrency
@@ -68,7 +92,11 @@ class AsyncLoop(ServeLoop):
         return self.loop.run_until_complete(_invoke(func))
 
     def serve(self) -> None:
-        self.loop.run_until_complete(self._serve())
+        self.serving = True
+        try:
+            self.loop.run_until_complete(self._serve())
+        finally:
+            self.serving = False
 
     def teardown(self) -> None:
         close_loop(self.loop)
@@ -104,10 +132,19 @@ class AsyncLoop(ServeLoop):
                 )
             if self.stop_reason is not None and not self.running:
                 return
-            link.flush()  # completions go out before the loop waits, as in the sync loop
-            if not self.running:  # every Done is on the channel: a death now charges nothing
-                self.shared.set_current(self.slot, self.generation, 0)
+            if not self.flush_on_wait:
+                self._before_wait()
             await self.wake.wait()
+
+    def _before_wait(self) -> None:
+        """Completions go out before the worker waits, as in the sync loop. With none running, every
+        Done is on the channel: a death now charges nothing (before its first message the slot
+        still names its predecessor's delivery, which the agent may not have read yet)."""
+        if not self.serving:
+            return
+        self.link.flush()
+        if not self.running and self.current_written:
+            self._set_delivery(0)
 
     def _start(self, record: channel.Deliver) -> None:
         message = self.started(record)

@@ -71,6 +71,8 @@ class Runner:
             if self.raise_errors:
                 raise
             return self._failed(message)
+        if result is None:  # the common case, without the two calls below
+            return Outcome.OK
         if inspect.iscoroutine(result):
             return self._coroutine(message, result)
         return self._outcome(message, result)

@@ -31,12 +31,13 @@ from procmqtt.errors import ExitCode
 from procmqtt.ipc import channel
 from procmqtt.ipc.shared import SharedState
 from procmqtt.ipc.signals import SignalQueue
-from procmqtt.message import Message, Outcome, Retry
+from procmqtt.message import Message, Outcome, Retry, delivered
 from procmqtt.worker.base import Worker
 from procmqtt.worker.handling import Runner
 from procmqtt.worker.link import _AgentLink
 
 _NO_DELAY = -1.0  # Done.retry_after when the handler named no delay: the configured schedule
+_monotonic = time.monotonic
 
 
 class ServeLoop:
@@ -72,6 +73,9 @@ class ServeLoop:
         self.shared = shared
         self.log = logs.get("worker")
         self.running: dict[int, float] = {}  # delivery id -> start time, oldest first
+        self.current_written = False  # set_current ran once: this worker's generation is in the slot
+        # The per-message shared-memory writes, each one C call (``SharedState.writers``).
+        self._set_busy, self._set_finished, self._set_delivery = shared.writers(slot)
         self.finished = 0
         self.stop_reason: str | None = None
 
@@ -155,12 +159,17 @@ class ServeLoop:
 
     def started(self, record: channel.Deliver) -> Message:
         """A delivery begins: the supervisor's hang check watches the oldest one in progress."""
-        began = time.monotonic()
-        if not self.running:
-            self.shared.set_current(self.slot, self.generation, record.delivery_id)
-            self.shared.set_busy_since(self.slot, began)
-        self.running[record.delivery_id] = began
-        return Message(record.topic, record.payload, record.qos, record.retain, record.redelivered, record.properties)
+        began = _monotonic()
+        running = self.running
+        if not running:
+            if self.current_written:
+                self._set_delivery(record.delivery_id)
+            else:  # the first: the generation too, which the agent reads of a dead predecessor until now
+                self.shared.set_current(self.slot, self.generation, record.delivery_id)
+                self.current_written = True
+            self._set_busy(began)
+        running[record.delivery_id] = began
+        return delivered(record.topic, record.payload, record.qos, record.retain, record.redelivered, record.properties)
 
     def done(self, delivery_id: int, result: Outcome | Retry) -> None:
         """A message is finished: move the hang watch on, queue its ``Done``, ``Retire`` when due.
@@ -169,31 +178,31 @@ class ServeLoop:
         on the channel): dying before that still charges it an attempt, and the agent reads what was
         sent before it charges.
         """
-        was_oldest = next(iter(self.running)) == delivery_id
-        began = self.running.pop(delivery_id)
-        if was_oldest:
-            if self.running:
-                oldest, since = next(iter(self.running.items()))
-                self.shared.set_current(self.slot, self.generation, oldest)
-                self.shared.set_busy_since(self.slot, since)
-            else:
-                self.shared.set_busy_since(self.slot, 0.0)
+        running = self.running
+        began = running.pop(delivery_id)
+        if running:  # the oldest left is watched now (rewritten unchanged when this one was not the oldest)
+            oldest, since = next(iter(running.items()))
+            self._set_delivery(oldest)
+            self._set_busy(since)
+        else:
+            self._set_busy(0.0)
         self.finished += 1
-        self.shared.set_finished(self.slot, self.finished)
+        self._set_finished(self.finished)
         if isinstance(result, Retry):
             done = channel.Done(
                 delivery_id,
                 Outcome.RETRY,
-                time.monotonic() - began,
+                _monotonic() - began,
                 _NO_DELAY if result.after is None else result.after,
             )
         else:
-            done = channel.Done(delivery_id, result, time.monotonic() - began)
+            done = channel.Done(delivery_id, result, _monotonic() - began)
         self.link.send_later(done)
-        reason = self.recycle.due(self.finished)
-        if reason:
-            self.log.info("recycling: %s; finishing what this worker holds", reason)
-            self.link.send(channel.Retire(self.slot, self.generation))
+        if self.recycle.watching:
+            reason = self.recycle.due(self.finished)
+            if reason:
+                self.log.info("recycling: %s; finishing what this worker holds", reason)
+                self.link.send(channel.Retire(self.slot, self.generation))
 
 
 class _Recycler:
@@ -205,6 +214,7 @@ class _Recycler:
         self.max_rss = w.max_memory_mb * 1024 * 1024
         self.next_memory_check = 0.0
         self.requested = False
+        self.watching = bool(self.limit or self.max_rss)  # else ``due`` never answers: not asked per message
 
     def due(self, finished: int) -> str | None:
         if self.requested:

@@ -20,7 +20,7 @@ class SyncLoop(ServeLoop):
         first), SIGTERM (stop after the current message), or the agent side closing for good."""
         link, runner = self.link, self.runner
         while True:
-            if self.signals.pop():
+            if self.signals.pending() and self.signals.pop():
                 self.stop("SIGTERM", logging.INFO, "SIGTERM: stopping after the current message")
                 return
             record = link.next()
