@@ -28,7 +28,6 @@ from typing import Any
 
 from procmqtt import logs
 from procmqtt.agent import health, metrics
-from procmqtt.agent.ackorder import AckOrder
 from procmqtt.agent.connection import ConnState
 from procmqtt.agent.deliveries import INVALID, Delivery, Effects, Inbound
 from procmqtt.agent.dispatch import DISPATCHERS
@@ -116,7 +115,6 @@ class Agent(Upstream):
             publishes=self.publishes,
             replies=self.replies,
         )
-        self.acks = AckOrder(lambda mid: self.session.client.ack(mid, 1))  # QoS 1, in arrival order
         self.oddities: Counter[str] = Counter()  # hostile or broken input handled, by kind (``_odd``)
         self.closed_passes = 0  # passes in a row whose wait list held a closed socket
         self.stopping = False
@@ -183,7 +181,6 @@ class Agent(Upstream):
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.config.workers.graceful_timeout
         held = self.ledger.stop()
-        self.acks.stop(self.ledger.epoch, self.ledger.online)
         self.log.info(
             "stopping (%s): %d worker(s) finish what they hold; %d undispatched message(s) "
             "stay unacknowledged at the broker",
@@ -222,9 +219,6 @@ class Agent(Upstream):
         timeout = 0.0 if buffered else TICK
         if next_due is not None:  # wake for the next held message
             timeout = max(0.0, min(timeout, next_due - now))
-        acks_due = self.acks.due()
-        if acks_due is not None:  # wake to send acknowledgements that waited long enough
-            timeout = max(0.0, min(timeout, acks_due - now))
         if session.state is ConnState.DISCONNECTED and wanted:
             timeout = max(0.0, min(timeout, session.next_attempt - now))
         try:
@@ -252,7 +246,6 @@ class Agent(Upstream):
             for worker in gone:
                 if self.workers.get(worker.slot) is worker:
                     self._forget_worker(worker)
-        self.acks.expire(time.monotonic(), self.ledger.epoch, self.ledger.online)
         # What this pass queued for the broker (acknowledgements, publishes) goes out in one write,
         # before the workers are woken: the broker's answers are then on their way while we flush.
         session.write()
@@ -307,7 +300,6 @@ class Agent(Upstream):
         if share.listening():  # the share_group check's messages (``sharecheck``) are not the app's
             batch = [m for m in batch if not share.arrived(m.topic, self.session.client)]
         self.metrics.received += len(batch)
-        self.acks.arrived([m.mid for m in batch if m.qos == 1], self.ledger.epoch)
         self.ledger.arrived(batch, properties)
 
     def _route_reply(self, m: Inbound, properties: Properties) -> None:
@@ -338,10 +330,7 @@ class Agent(Upstream):
         )
 
     def _acknowledge(self, mid: int, qos: int) -> None:
-        if qos == 1:
-            self.acks.ack(mid, self.ledger.epoch, time.monotonic())
-        else:
-            self.session.client.ack(mid, qos)
+        self.session.client.ack(mid, qos)
 
     def _requeued(self, d: Delivery) -> None:
         self.metrics.redelivered += 1
