@@ -9,6 +9,8 @@ import select
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections import deque
 
@@ -262,3 +264,25 @@ def test_writers_sigkilled_mid_send_never_corrupt_or_stall_the_channel():
         shared.close()
     print(f"kills={kills} records={received} large={big} longest_gap={longest_wait * 1000:.0f}ms")
     assert kills >= 50 and received >= 200 and big >= 20
+
+
+_CHURN = """
+import resource, sys
+from procmqtt.ipc import channel
+channel._receive_view()  # a process's first receive
+src = bytes(65536)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(50):  # payloads allocated and freed together, as a worker's or the agent's are
+    held = [bytearray(src) for _ in range(8)]
+    del held
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 400)
+"""
+
+
+@pytest.mark.skipif(os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc's dynamic mmap threshold")
+def test_freed_payloads_stay_with_the_process_instead_of_faulting_in_again():
+    """glibc gave freed 64 KiB payloads back to the kernel and faulted them in again: about 12 page
+    faults per payload here, 4-5 per message in a W6 worker (docs/performance.md, "Issue 16: W6")."""
+    out = subprocess.run([sys.executable, "-c", _CHURN], capture_output=True, text=True, timeout=30, check=True)
+    faults = float(out.stdout)
+    assert faults < 1, f"{faults} page faults per 64 KiB payload"

@@ -244,10 +244,27 @@ def send_many(sock: socket.socket, queue: deque[Encoded], *, block: bool = True)
 
 _local = threading.local()  # one receive buffer per thread: records are parsed from it in place
 
+HEAP_KEPT = 1024 * 1024
+"""Freed heap the C allocator may keep rather than give back (glibc: up to twice this)."""
+
+
+def _keep_freed_heap() -> None:
+    """Payloads of 64 KiB or so are allocated and freed once per message (the agent's copy out of
+    the broker's stream, ``decode``'s in the worker). glibc gives the top of its heap back to the
+    kernel as soon as 128 KiB of it are free, so the next payload faults its pages in again: 2-5
+    page faults per 64 KiB message in the agent and the workers. Freeing one block larger than
+    glibc's mmap threshold raises that threshold to the block's size and the trim threshold to
+    twice it (mallopt(3), "dynamic mmap threshold"): then up to ``2 x HEAP_KEPT`` of freed heap
+    stays with the process for the next payloads. Other allocators ignore this; it costs one
+    allocation per process."""
+    block = bytearray(HEAP_KEPT + 1)  # above the default threshold (128 KiB): mapped, and unmapped here
+    del block
+
 
 def _receive_view() -> memoryview:
     view = getattr(_local, "view", None)
     if view is None:
+        _keep_freed_heap()
         view = _local.view = memoryview(bytearray(INLINE_MAX + 64))
     return view
 
