@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from harness import Procmqtt, Subscriber, publisher, wait_until, write_config
+from harness import Procmqtt, Subscriber, publish_all, publisher, records, start, wait_until, write_config
 
 
 @pytest.mark.timeout(120)
@@ -49,4 +49,67 @@ def test_sigkilled_publishing_workers_never_corrupt_or_wedge_the_publish_channel
     assert "Traceback" not in run.log()
     out.close()
     done.close()
+    assert run.stop() == 0
+
+
+def _ring_payloads(count: int) -> tuple[list[tuple[str, bytes]], set[str]]:
+    """``count`` payloads of 64 KiB (large enough for the workers' rings), and their SHA-1s."""
+    items = [(f"load/{i % 10}", b"%08d" % i + os.urandom(65_528)) for i in range(count)]
+    return items, {hashlib.sha1(p).hexdigest() for _, p in items}
+
+
+def _ring_mapped(run) -> bool:
+    """Some worker maps its agent's ring (``ipc/ring.py``): the drain goes through it."""
+    for pid in run.pids("worker").values():
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                if "procmqtt-ring" in f.read():
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+def _done_shas(record_dir) -> list[str]:
+    return [r["sha"] for r in records(record_dir) if r["topic"].startswith("load/")]
+
+
+@pytest.mark.timeout(150)
+def test_sigkilled_workers_mid_drain_of_64k_payloads_lose_and_corrupt_nothing(tmp_path, broker, runs):
+    """The ring: a worker killed while its ring holds payloads; what it held goes to the others, whole."""
+    run, rec = start(runs, tmp_path, broker, topics={"load/#": 1}, workers=3, app={"delay": 0.004})
+    items, expected = _ring_payloads(1_500)
+    publish_all(publisher(broker), items, timeout=60)
+    wait_until(lambda: _ring_mapped(run), 30, "a worker to map its ring")
+    kills = 0
+    while len(set(_done_shas(rec))) < len(expected) * 0.8 and kills < 40:
+        workers = list(run.pids("worker").values())
+        if workers:
+            os.kill(random.choice(workers), signal.SIGKILL)
+            kills += 1
+        wait_until(lambda: len(run.pids("worker")) == 3, 20, "the worker replaced")
+        time.sleep(0.15)
+    wait_until(lambda: expected <= set(_done_shas(rec)), 90, "every payload handled")
+    done = _done_shas(rec)
+    print(f"kills={kills} done={len(done)} distinct={len(set(done))}")
+    assert kills >= 3
+    assert set(done) == expected  # nothing lost, nothing corrupt (a torn payload has another SHA-1)
+    assert "Traceback" not in run.log()
+    assert run.stop() == 0
+
+
+@pytest.mark.timeout(150)
+def test_sigkilled_agent_mid_drain_of_64k_payloads_loses_and_corrupts_nothing(tmp_path, broker, runs):
+    """The ring: a new agent makes new rings; workers that held the old one read the new one right."""
+    run, rec = start(runs, tmp_path, broker, topics={"load/#": 1}, workers=2, app={"delay": 0.002})
+    items, expected = _ring_payloads(1_500)
+    publish_all(publisher(broker), items, timeout=60)
+    for n, threshold in enumerate((300, 800), start=2):
+        wait_until(lambda t=threshold: len(records(rec)) >= t, 60, f"{threshold} handled")
+        assert _ring_mapped(run)
+        os.kill(run.pids("agent")[-1], signal.SIGKILL)
+        run.wait_for_log(r"started agent", count=n)
+    wait_until(lambda: expected <= set(_done_shas(rec)), 90, "every payload handled")
+    assert set(_done_shas(rec)) == expected
+    assert "Traceback" not in run.log()
     assert run.stop() == 0

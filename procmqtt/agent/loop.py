@@ -324,7 +324,7 @@ class Agent(Upstream):
 
     def _deliver(self, slot: int, d: Delivery) -> None:
         self.metrics.dispatched[slot] += 1
-        self._write(
+        self.channels.deliver(  # a large payload may go through the worker's ring (agent/workers.py)
             self.workers[slot],
             channel.Deliver(d.delivery_id, d.topic, d.payload, d.qos, d.retain, d.redelivered, d.properties),
         )

@@ -144,6 +144,7 @@ class Upstream:
         self.publishes.add(entry)
 
     def _done(self, record: channel.Done) -> None:
+        self.channels.done(record.delivery_id)  # its ring range, if any, is free again
         retry_after = record.retry_after if record.outcome is Outcome.RETRY else None  # negative: the schedule's
         invalid = record.outcome is Outcome.INVALID
         slot = self.ledger.done(

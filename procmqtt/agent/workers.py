@@ -4,6 +4,10 @@ Records for a worker are encoded when queued (``write``) and sent in one batch p
 end of the loop's pass (``flush``), never blocking: what the socket does not take waits for it to
 be writable. A worker never writes to its own channel (it writes to the shared publish channel),
 so its channel turning readable means end of file: the worker is gone (``at_eof``).
+
+A payload of ``ring.RING_MIN`` bytes or more goes through the worker's shared-memory ring when it
+has room (``deliver``; see ``ipc/ring.py``): its range is freed on the delivery's ``Done``
+(``done``) or with the whole ring when the worker's channel is removed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 
 from procmqtt.agent.outbox import EarlyAnswers
 from procmqtt.ipc import channel
+from procmqtt.ipc.ring import RING_MIN, Ring
 
 
 @dataclass(eq=False)
@@ -25,6 +30,8 @@ class WorkerChannel:
     generation: int
     sock: socket.socket
     unsent: deque[channel.Encoded] = field(default_factory=deque)  # encoded records not yet sent
+    ring: Ring | None = None  # made for the first large payload (``WorkerChannels.deliver``)
+    no_ring: bool = False  # its memory file could not be made: payloads go inline
 
 
 class WorkerChannels:
@@ -38,6 +45,7 @@ class WorkerChannels:
             self.by_slot[slot] = WorkerChannel(slot, generation, sock)
         self.dirty: set[int] = set()  # slots with records to flush at the end of this pass
         self.early_answers = EarlyAnswers({slot: gen for slot, (gen, _) in inherited.items()})
+        self.in_ring: dict[int, WorkerChannel] = {}  # delivery id -> the worker whose ring holds its payload
 
     def current(self, slot: int, generation: int) -> WorkerChannel | None:
         """The channel of that worker, if it is the one the agent knows in its slot."""
@@ -48,6 +56,47 @@ class WorkerChannels:
         """Queue a record for a worker; the end of the pass sends each worker's queue as one batch."""
         worker.unsent.append(channel.encode_parts(record))
         self.dirty.add(worker.slot)
+
+    def deliver(self, worker: WorkerChannel, record: channel.Deliver) -> None:
+        """Queue a delivery: a large payload through the worker's ring when it has room, else inline."""
+        if len(record.payload) >= RING_MIN and not worker.no_ring:
+            at = self._in_ring(worker, record)
+            if at is not None:
+                self.write(worker, at)
+                return
+        self.write(worker, record)
+
+    def _in_ring(self, worker: WorkerChannel, record: channel.Deliver) -> channel.DeliverAt | None:
+        """The payload copied into the ring and the record that names it (queued only after the
+        copy, so a torn write is never announced); None when it must go inline."""
+        ring = worker.ring
+        if ring is None:
+            try:
+                ring = worker.ring = Ring()
+            except OSError:  # no memory file (a descriptor limit, say): this worker's payloads go inline
+                worker.no_ring = True
+                return None
+        if ring.fd >= 0:  # the worker does not have it yet: its record goes ahead of any DeliverAt
+            try:
+                if not channel.send(worker.sock, channel.RingFile(ring.fd), block=False):
+                    return None  # the channel is full: inline now, the ring next time
+            except OSError:
+                return None  # the worker is gone; its end of file comes on a later pass
+            ring.sent()
+        offset = ring.put(record.delivery_id, record.payload)
+        if offset is None:
+            return None  # no room: the ring is full, or a range ahead is still held
+        self.in_ring[record.delivery_id] = worker
+        r = record
+        return channel.DeliverAt(
+            r.delivery_id, r.topic, offset, len(r.payload), r.qos, r.retain, r.redelivered, r.properties
+        )
+
+    def done(self, delivery_id: int) -> None:
+        """A delivery's Done arrived: its range of the ring (if it had one) may be written again."""
+        worker = self.in_ring.pop(delivery_id, None)
+        if worker is not None and worker.ring is not None:
+            worker.ring.free(delivery_id)
 
     def answer(self, slot: int, generation: int, answer: channel.Published) -> None:
         """How a worker's publish went: to the worker, or kept until its WorkerUp arrives."""
@@ -67,6 +116,11 @@ class WorkerChannels:
     def remove(self, worker: WorkerChannel) -> None:
         del self.by_slot[worker.slot]
         worker.sock.close()
+        if worker.ring is not None:  # dropped with its channel: nothing reads it again
+            for delivery_id in worker.ring.taken:
+                self.in_ring.pop(delivery_id, None)
+            worker.ring.close()
+            worker.ring = None
 
     def flush(self, writable: Iterable[WorkerChannel]) -> None:
         """Send what this pass queued, and what waited for a socket now ``writable``."""

@@ -31,6 +31,7 @@ from procmqtt.ipc.codec import GATHER_MIN, ChannelError, Encoded, decode, encode
 from procmqtt.ipc.records import (  # re-exported: channel.<Record> is how the package names them
     AGENT_STARTED,
     DELIVER,
+    DELIVER_AT,
     DONE,
     HOLDING,
     PUBLISH,
@@ -39,6 +40,7 @@ from procmqtt.ipc.records import (  # re-exported: channel.<Record> is how the p
     REPLY,
     RESTARTS,
     RETIRE,
+    RING_FILE,
     STOP,
     STOP_AGENT,
     SUBSCRIBE,
@@ -49,6 +51,7 @@ from procmqtt.ipc.records import (  # re-exported: channel.<Record> is how the p
     WORKER_UP,
     AgentStarted,
     Deliver,
+    DeliverAt,
     Done,
     Holding,
     Publish,
@@ -58,6 +61,7 @@ from procmqtt.ipc.records import (  # re-exported: channel.<Record> is how the p
     Reply,
     Restarts,
     Retire,
+    RingFile,
     Stop,
     StopAgent,
     Subscribe,
@@ -85,6 +89,7 @@ __all__ = [
     "AGENT_STARTED",
     "BLOB",
     "DELIVER",
+    "DELIVER_AT",
     "DONE",
     "GATHER_MIN",
     "HOLDING",
@@ -95,6 +100,7 @@ __all__ = [
     "REPLY",
     "RESTARTS",
     "RETIRE",
+    "RING_FILE",
     "SOCKET_BUFFER",
     "STOP",
     "STOP_AGENT",
@@ -107,6 +113,7 @@ __all__ = [
     "AgentStarted",
     "ChannelError",
     "Deliver",
+    "DeliverAt",
     "Done",
     "Encoded",
     "Holding",
@@ -117,6 +124,7 @@ __all__ = [
     "Reply",
     "Restarts",
     "Retire",
+    "RingFile",
     "Stop",
     "StopAgent",
     "Subscribe",
@@ -202,6 +210,9 @@ def send(sock: socket.socket, record: Record, *, block: bool = True) -> bool:
         data = encode_worker_up(record)
         body = _FRAME.pack(len(data)) + data
         return _send_datagram(sock, [body], len(body), [record.sock.fileno()], block)
+    if isinstance(record, RingFile):
+        body = _FRAME.pack(1) + encode(record)
+        return _send_datagram(sock, [body], len(body), [record.fd], block)
     return send_many(sock, deque([encode_parts(record)]), block=block)
 
 

@@ -16,6 +16,7 @@ import struct
 from procmqtt.ipc.records import (
     AGENT_STARTED,
     DELIVER,
+    DELIVER_AT,
     DONE,
     HOLDING,
     PUBLISH,
@@ -24,6 +25,7 @@ from procmqtt.ipc.records import (
     REPLY,
     RESTARTS,
     RETIRE,
+    RING_FILE,
     STOP,
     STOP_AGENT,
     SUBSCRIBE,
@@ -34,6 +36,7 @@ from procmqtt.ipc.records import (
     WORKER_UP,
     AgentStarted,
     Deliver,
+    DeliverAt,
     Done,
     Holding,
     Publish,
@@ -43,6 +46,7 @@ from procmqtt.ipc.records import (
     Reply,
     Restarts,
     Retire,
+    RingFile,
     Stop,
     StopAgent,
     Subscribe,
@@ -55,6 +59,7 @@ from procmqtt.ipc.records import (
 from procmqtt.message import EMPTY, Outcome, Properties
 
 _DELIVER = struct.Struct("!BQBBBHB")  # kind, delivery id, qos, retain, redelivered, topic length, properties
+_DELIVER_AT = struct.Struct("!BQBBBHBII")  # a deliver's fields, then the payload's offset and length in the ring
 _REPLY = struct.Struct("!BBBHB")  # kind, qos, retain, topic length, properties
 _PUBLISHED = struct.Struct("!BQB")  # kind, request id, error code (0 = ok)
 _DONE = struct.Struct("!BQBfd")  # kind, delivery id, outcome, seconds in the handler, retry delay
@@ -102,6 +107,8 @@ def encode_parts(record: Record) -> Encoded:
         if len(record.payload) < GATHER_MIN:
             return b"".join((head, topic, record.payload))
         return head + topic, record.payload
+    if type(record) is DeliverAt:
+        return _encode_deliver_at(record)
     if isinstance(record, Publish):
         topic = record.topic.encode()
         flag, block = _encode_properties(record.properties)
@@ -126,6 +133,23 @@ def encode_parts(record: Record) -> Encoded:
     return encode(record)
 
 
+def _encode_deliver_at(record: DeliverAt) -> bytes:
+    topic = record.topic.encode()
+    flag, block = _encode_properties(record.properties)
+    head = _DELIVER_AT.pack(
+        DELIVER_AT,
+        record.delivery_id,
+        record.qos,
+        record.retain,
+        record.redelivered,
+        len(topic),
+        flag,
+        record.offset,
+        record.length,
+    )
+    return b"".join((head, topic, *block))
+
+
 def _head(record: Deliver | Reply) -> tuple[bytes, ...]:
     """A Deliver with properties or a Reply: its bytes before the payload, which comes last."""
     topic = record.topic.encode()
@@ -141,7 +165,7 @@ def _head(record: Deliver | Reply) -> tuple[bytes, ...]:
 
 def encode(record: Record) -> bytes:
     """Serialize a record (all kinds but ``WorkerUp``, whose payload is a descriptor)."""
-    if isinstance(record, (Done, Deliver, Publish, Reply)):
+    if isinstance(record, (Done, Deliver, DeliverAt, Publish, Reply)):
         data = encode_parts(record)
         return data if isinstance(data, bytes) else b"".join(data)
     if isinstance(record, Published):
@@ -164,6 +188,8 @@ def encode(record: Record) -> bytes:
         return _RESTARTS.pack(RESTARTS, record.total) + record.cause.encode()
     if isinstance(record, AgentStarted):
         return bytes((AGENT_STARTED,))
+    if isinstance(record, RingFile):  # its descriptor travels beside it (``channel.send``)
+        return bytes((RING_FILE,))
     if isinstance(record, Sync):
         return _SYNC.pack(SYNC, record.slot, record.generation, record.last_request_id)
     if isinstance(record, SyncAck):
@@ -193,6 +219,16 @@ def decode(data: bytes | memoryview, fds: list[int]) -> Record:
         if flag:
             properties, end = _decode_properties(data, end, flag)
         return Deliver(did, topic, bytes(data[end:]), qos, bool(retain), bool(redelivered), properties)
+    if kind == DELIVER_AT:
+        _, did, qos, retain, redelivered, tlen, flag, offset, length = _DELIVER_AT.unpack_from(data)
+        end = _DELIVER_AT.size + tlen
+        topic = str(data[_DELIVER_AT.size : end], "utf-8")
+        properties = _decode_properties(data, end, flag)[0] if flag else None
+        return DeliverAt(did, topic, offset, length, qos, bool(retain), bool(redelivered), properties)
+    if kind == RING_FILE:
+        if not fds:
+            raise ChannelError("ring record without its memory file")
+        return RingFile(fds.pop(0))
     if kind == PUBLISHED:
         _, rid, error = _PUBLISHED.unpack(data)
         return Published(rid, error)

@@ -18,6 +18,8 @@ STOP = 3
 REPLY = 4
 AGENT_STARTED = 5
 SYNC_ACK = 6
+RING_FILE = 7
+DELIVER_AT = 8
 # Kinds: upstream (workers and supervisor -> agent)
 DONE = 10
 PUBLISH = 11
@@ -45,6 +47,29 @@ class Deliver:
     retain: bool
     redelivered: bool
     properties: Properties | None = None  # MQTT 5 only
+
+
+@dataclass(slots=True)
+class DeliverAt:
+    """A ``Deliver`` whose payload is in the worker's ring (``ipc/ring.py``) at ``offset``: the worker
+    copies it out when it reads the record and goes on with a plain ``Deliver``."""
+
+    delivery_id: int
+    topic: str
+    offset: int
+    length: int
+    qos: int
+    retain: bool
+    redelivered: bool
+    properties: Properties | None = None  # MQTT 5 only
+
+
+@dataclass(frozen=True, slots=True)
+class RingFile:
+    """The agent's ring for this worker: its memory file's descriptor (``SCM_RIGHTS``). Every
+    ``DeliverAt`` after it names this ring; one from a new agent replaces the old."""
+
+    fd: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +221,8 @@ class Restarts:
 
 Record = (
     Deliver
+    | DeliverAt
+    | RingFile
     | Reply
     | Published
     | AgentStarted

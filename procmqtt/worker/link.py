@@ -10,6 +10,10 @@ A restarted agent cannot answer for the publishes its dead predecessor had taken
 publish the new agent neither confirmed nor holds, so no ``wait()`` outlives the agent it waits on.
 The link also answers ``AgentStarted`` with ``Holding``: the deliveries it read and has not sent a
 ``Done`` for (running or queued), so that in ordered mode the new agent keeps their keys busy.
+
+A large payload may come in the agent's ring (``ipc/ring.py``): a ``RingFile`` record maps it
+(replacing any ring of an agent before), and each ``DeliverAt`` is copied out of it into a plain
+``Deliver`` as it is read, so nothing the worker holds refers to the ring.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 from procmqtt.config import Config
 from procmqtt.errors import PublishBufferFull
 from procmqtt.ipc import channel, poller
+from procmqtt.ipc.ring import RingReader
 from procmqtt.message import Message, Properties
 from procmqtt.worker.answers import (
     PublishError,
@@ -86,6 +91,7 @@ class _AgentLink:
         self._replies: dict[bytes, _ReplyWaiter] = {}  # correlation data -> request awaiting its reply
         self._request_of: dict[int, _ReplyWaiter] = {}  # publish request id -> its request, until confirmed
         self._lock = threading.Lock()  # one reader of ``inbound`` at a time
+        self.ring: RingReader | None = None  # the current agent's ring, once its RingFile arrives
 
     def send(self, record: channel.Record) -> None:
         """Send now, after whatever is queued (so completions never overtake each other)."""
@@ -199,6 +205,8 @@ class _AgentLink:
                 self._request_of.clear()
                 return
             for record in records:
+                if isinstance(record, channel.DeliverAt):
+                    record = self._from_ring(record)
                 if isinstance(record, channel.Deliver):
                     self._in_hand[record.delivery_id] = record.topic
                     self._inbox.append(record)
@@ -222,8 +230,19 @@ class _AgentLink:
                             self._send_locked(channel.Sync(self.slot, self.generation, self._last_request))
                 elif isinstance(record, channel.SyncAck):
                     self._fail_lost(record)
+                elif isinstance(record, channel.RingFile):
+                    if self.ring is not None:
+                        self.ring.close()
+                    self.ring = RingReader(record.fd)
                 else:
                     self._inbox.append(record)
+
+    def _from_ring(self, at: channel.DeliverAt) -> channel.Deliver:
+        """The payload copied out of the ring: its range may be reused once this delivery is done."""
+        if self.ring is None:
+            raise channel.ChannelError("a delivery in a ring before the ring")
+        payload = self.ring.read(at.offset, at.length)
+        return channel.Deliver(at.delivery_id, at.topic, payload, at.qos, at.retain, at.redelivered, at.properties)
 
     def _fail_lost(self, ack: channel.SyncAck) -> None:
         """Publishes up to the Sync that the agent neither confirmed (its answers came first) nor holds

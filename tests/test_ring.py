@@ -1,0 +1,157 @@
+"""The shared-memory ring per worker channel (``ipc/ring.py``): its allocator, property-tested; the
+records that name it; the agent's and the worker's sides of it."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from procmqtt.agent.workers import WorkerChannels
+from procmqtt.ipc import channel
+from procmqtt.ipc.ring import ALIGN, RING_MIN, RING_SIZE, Ring, RingReader, RingSpace
+
+pytestmark = pytest.mark.unit
+
+SIZE = 64 * ALIGN
+
+# A step: take a range of that many bytes, or give back the i-th range in use (modulo their number).
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("take"), st.integers(1, SIZE + ALIGN)), st.tuples(st.just("give"), st.integers(0, 1000))
+    ),
+    max_size=200,
+)
+
+
+@given(steps)
+@settings(max_examples=400, deadline=None)
+def test_ranges_in_use_never_overlap_and_stay_inside_the_ring(ops: list[tuple[str, int]]) -> None:
+    space = RingSpace(SIZE)
+    held: list[int] = []  # offsets taken and not given back
+    for op, n in ops:
+        if op == "take":
+            offset = space.take(n)
+            if offset is not None:
+                assert offset % ALIGN == 0 and offset >= 0 and offset + n <= SIZE
+                held.append(offset)
+        elif held:
+            assert space.give_back(held.pop(n % len(held)))
+        ranges = sorted(space.in_use())
+        for (a, length), (b, _) in itertools.pairwise(ranges):
+            assert a + length <= b, f"{ranges} overlap"
+        assert all(a >= 0 and a + length <= SIZE for a, length in ranges)
+        assert set(held) <= {a for a, _ in ranges}  # what is held is never free
+    for offset in held:
+        assert space.give_back(offset)
+    assert space.in_use() == []
+    assert space.take(SIZE) == 0  # empty again: the whole ring is free
+
+
+@given(st.lists(st.integers(1, SIZE // 4), min_size=1, max_size=300))
+@settings(max_examples=200, deadline=None)
+def test_given_back_in_order_the_ring_never_runs_out(lengths: list[int]) -> None:
+    """A worker that finishes in order with at most three ranges out never finds the ring full."""
+    space = RingSpace(SIZE)
+    out: list[int] = []
+    for n in lengths:
+        if len(out) == 3:
+            assert space.give_back(out.pop(0))
+        offset = space.take(n)
+        assert offset is not None
+        out.append(offset)
+
+
+@pytest.mark.parametrize("length", [0, SIZE + 1])
+def test_a_range_too_large_is_refused(length: int) -> None:
+    space = RingSpace(SIZE)
+    assert space.take(SIZE + 1) is None
+    if length:
+        assert space.take(length) is None
+
+
+def test_one_range_held_stops_the_others_from_passing_it() -> None:
+    space = RingSpace(4 * ALIGN)
+    first, second = space.take(ALIGN), space.take(ALIGN)
+    assert first == 0 and second == ALIGN
+    assert space.give_back(second)
+    assert space.take(2 * ALIGN) == 2 * ALIGN  # to the end
+    assert space.take(ALIGN) is None  # the first still held: no room behind it
+    assert not space.give_back(second)  # twice: refused
+    assert not space.give_back(3)  # unknown
+    assert space.give_back(first)
+    assert space.take(ALIGN) == 0  # wrapped
+
+
+def test_a_payload_written_by_the_agent_is_read_by_the_worker_through_the_channel() -> None:
+    agent_end, worker_end = channel.pair()
+    ring = Ring(RING_SIZE)
+    try:
+        assert channel.send(agent_end, channel.RingFile(ring.fd))
+        ring.sent()
+        payload = os.urandom(70_000)
+        offset = ring.put(7, payload)
+        assert offset is not None
+        channel.send(agent_end, channel.DeliverAt(7, "t/x", offset, len(payload), 1, False, True))
+        (attach,) = channel.receive(worker_end) or []
+        assert isinstance(attach, channel.RingFile)
+        reader = RingReader(attach.fd)
+        (at,) = channel.receive(worker_end) or []
+        assert at == channel.DeliverAt(7, "t/x", offset, len(payload), 1, False, True)
+        assert isinstance(at, channel.DeliverAt)
+        assert reader.read(at.offset, at.length) == payload
+        with pytest.raises(ValueError):
+            reader.read(RING_SIZE - 10, 11)
+        ring.free(7)
+        assert ring.space.in_use() == []
+        reader.close()
+    finally:
+        ring.close()
+        agent_end.close()
+        worker_end.close()
+
+
+def _drain(sock: socket.socket) -> list[channel.Record]:
+    out: list[channel.Record] = []
+    while True:
+        try:
+            out += channel.receive(sock) or []
+        except BlockingIOError:
+            return out
+
+
+def test_the_agent_sends_large_payloads_through_the_ring_and_frees_them_on_done() -> None:
+    agent_end, worker_end = channel.pair()
+    worker_end.setblocking(False)
+    channels = WorkerChannels({0: (1, agent_end)})
+    worker = channels.by_slot[0]
+    big, small = os.urandom(RING_MIN), os.urandom(RING_MIN - 1)
+    channels.deliver(worker, channel.Deliver(1, "t", big, 1, False, False))
+    channels.deliver(worker, channel.Deliver(2, "t", small, 1, False, False))
+    channels.flush([])
+    records = _drain(worker_end)
+    assert [type(r) for r in records] == [channel.RingFile, channel.DeliverAt, channel.Deliver]
+    ring_file, at = records[0], records[1]
+    assert isinstance(ring_file, channel.RingFile) and isinstance(at, channel.DeliverAt)
+    reader = RingReader(ring_file.fd)
+    assert reader.read(at.offset, at.length) == big
+    assert worker.ring is not None and worker.ring.space.in_use()
+    channels.done(2)  # inline: nothing to free
+    channels.done(1)
+    assert worker.ring.space.in_use() == [] and not channels.in_ring
+    # The ring full (here: one range held, then more than the rest): inline, in the record.
+    channels.deliver(worker, channel.Deliver(3, "t", big, 1, False, False))
+    channels.deliver(worker, channel.Deliver(4, "t", bytes(RING_SIZE - RING_MIN + 1), 1, False, False))
+    channels.flush([])
+    records = _drain(worker_end)
+    assert [type(r) for r in records] == [channel.DeliverAt, channel.Deliver]
+    # A worker gone: its ring goes with its channel.
+    ring = worker.ring
+    channels.remove(worker)
+    assert worker.ring is None and not channels.in_ring and ring.fd == -1
+    reader.close()
+    worker_end.close()
