@@ -7,6 +7,8 @@ Times, in one process and one thread, the steps the agent and a worker run per m
 payload copied out of the broker socket's read buffer, the record encoded and sent
 (``encode_parts`` + ``send_many`` where they exist, else ``encode`` + ``send_many``), and the
 worker's ``receive`` (the kernel's copy out and the payload's copy into its own ``bytes``). The
+ring step (where ``procmqtt.ipc.ring`` exists) is the same message through the worker's shared-memory
+ring: the payload copied into the ring, a ``DeliverAt`` sent and received, the payload copied out. The
 first step is one plain copy of the payload (``bytes`` of a ``memoryview``): the yardstick. Median of many rounds,
 microseconds and page faults per message; CPU-bound and single-threaded, so it is steadier than an end-to-end run
 on a shared host, but still read it as ratios within one run.
@@ -21,6 +23,7 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from procmqtt.ipc import channel
 
@@ -56,15 +59,44 @@ def measure(size: int, rounds: int) -> dict[str, tuple[float, float]]:
     encoded = channel.encode(record)
     channel.send_many(a, deque([encoded]))
     try:
-        return {
+        steps = {
             "agent: payload out of the read buffer (memcpy)": timed(lambda: bytes(view[32 : 32 + size]), rounds),
             "agent: encode": timed(lambda: encode(record), rounds),
             "agent + worker: encode, send_many, receive": timed(send_and_receive, rounds),
         }
+        try:
+            from procmqtt.ipc import ring  # absent in trees before the ring
+        except ImportError:
+            return steps
+        if size <= ring.RING_SIZE:
+            steps["agent + worker: through the ring"] = timed(_through_ring(ring, payload), rounds)
+        return steps
     finally:
         channel.receive(b)
         a.close()
         b.close()
+
+
+def _through_ring(ring: Any, payload: bytes) -> Callable[[], object]:
+    """One message through a ring: copied in, named by a ``DeliverAt``, received, copied out; each
+    range freed at once, as a ``Done`` would (so consecutive messages use consecutive ranges)."""
+    a, b = channel.pair()  # closed when the process ends
+    writer = ring.Ring()
+    channel.send(a, channel.RingFile(writer.fd))
+    writer.sent()
+    (attach,) = channel.receive(b) or []
+    reader = ring.RingReader(attach.fd)
+
+    def step() -> None:
+        offset = writer.put(1, payload)
+        channel.send_many(
+            a, deque([channel.encode_parts(channel.DeliverAt(1, "bench/x", offset, len(payload), 1, False, False))])
+        )
+        (at,) = channel.receive(b) or []
+        reader.read(at.offset, at.length)
+        writer.free(1)
+
+    return step
 
 
 def main() -> None:

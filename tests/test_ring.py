@@ -140,8 +140,10 @@ def test_the_agent_sends_large_payloads_through_the_ring_and_frees_them_on_done(
     reader = RingReader(ring_file.fd)
     assert reader.read(at.offset, at.length) == big
     assert worker.ring is not None and worker.ring.space.in_use()
-    channels.done(2)  # inline: nothing to free
-    channels.done(1)
+    channels.done(2, 0)  # inline: nothing to free
+    channels.done(1, 1)  # not from that slot (the ledger knew it elsewhere): nothing freed
+    assert worker.ring.space.in_use()
+    channels.done(1, 0)
     assert worker.ring.space.in_use() == [] and not channels.in_ring
     # The ring full (here: one range held, then more than the rest): inline, in the record.
     channels.deliver(worker, channel.Deliver(3, "t", big, 1, False, False))

@@ -144,13 +144,13 @@ class Upstream:
         self.publishes.add(entry)
 
     def _done(self, record: channel.Done) -> None:
-        self.channels.done(record.delivery_id)  # its ring range, if any, is free again
         retry_after = record.retry_after if record.outcome is Outcome.RETRY else None  # negative: the schedule's
         invalid = record.outcome is Outcome.INVALID
         slot = self.ledger.done(
             record.delivery_id, failed=record.failed, now=time.monotonic(), retry_after=retry_after, invalid=invalid
         )
         if slot >= 0:
+            self.channels.done(record.delivery_id, slot)  # its range of the worker's ring, if any, is free again
             self.metrics.done(slot, record.outcome, record.seconds)
             if invalid:
                 self.metrics.invalid += 1

@@ -92,10 +92,12 @@ class WorkerChannels:
             r.delivery_id, r.topic, offset, len(r.payload), r.qos, r.retain, r.redelivered, r.properties
         )
 
-    def done(self, delivery_id: int) -> None:
-        """A delivery's Done arrived: its range of the ring (if it had one) may be written again."""
-        worker = self.in_ring.pop(delivery_id, None)
-        if worker is not None and worker.ring is not None:
+    def done(self, delivery_id: int, slot: int) -> None:
+        """The Done of a delivery the ledger knew at ``slot`` arrived: its range of that worker's
+        ring (if it had one) may be written again. A Done the ledger did not know frees nothing."""
+        worker = self.in_ring.get(delivery_id)
+        if worker is not None and worker.slot == slot and worker.ring is not None:
+            del self.in_ring[delivery_id]
             worker.ring.free(delivery_id)
 
     def answer(self, slot: int, generation: int, answer: channel.Published) -> None:
