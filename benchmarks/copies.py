@@ -1,6 +1,7 @@
 """What one large Deliver costs on its way through a channel, step by step (issue 16).
 
     python3 benchmarks/copies.py                 # 64 KiB, 1 MiB, 4 MiB payloads
+    python3 benchmarks/copies.py --pipe 20000 --sizes 65536   # CPU per role, two processes
     PYTHONPATH=/path/to/other/tree python3 benchmarks/copies.py   # the same steps in another tree
 
 Times, in one process and one thread, the steps the agent and a worker run per message: the
@@ -12,6 +13,13 @@ ring: the payload copied into the ring, a ``DeliverAt`` sent and received, the p
 first step is one plain copy of the payload (``bytes`` of a ``memoryview``): the yardstick. Median of many rounds,
 microseconds and page faults per message; CPU-bound and single-threaded, so it is steadier than an end-to-end run
 on a shared host, but still read it as ratios within one run.
+
+``--pipe N`` measures instead the CPU of each role over N messages between two processes: the agent's
+side (``WorkerChannels``: ``deliver`` where it exists, else ``write``; ``flush``; each ``Done`` read
+back, ``done``) in this process, a worker's side (``receive``, the payload out of the ring or the
+record, a ``Done`` back) in a child, with a window of 16 messages as the default prefetch. The
+payload is copied out of a read buffer per message, as the agent does. CPU from ``os.times`` (10 ms
+ticks), start-up excluded.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import select
 import statistics
 import time
 from collections import deque
@@ -99,12 +108,79 @@ def _through_ring(ring: Any, payload: bytes) -> Callable[[], object]:
     return step
 
 
+def pipe(size: int, count: int, window: int = 16) -> tuple[float, float, float]:
+    """Agent and worker CPU microseconds per message, and messages per second (``--pipe``)."""
+    from procmqtt.agent.workers import WorkerChannels
+    from procmqtt.message import Outcome
+
+    down_agent, down_worker = channel.pair()
+    up_agent, up_worker = channel.pair()
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker
+        start = os.times()
+        ring = None
+        seen = 0
+        while seen < count:
+            dones: deque[channel.Encoded] = deque()
+            for record in channel.receive(down_worker) or []:
+                if type(record).__name__ == "RingFile":
+                    from procmqtt.ipc.ring import RingReader
+
+                    ring = RingReader(record.fd)  # type: ignore[union-attr]
+                    continue
+                if type(record).__name__ == "DeliverAt":
+                    assert ring is not None
+                    ring.read(record.offset, record.length)  # type: ignore[union-attr]
+                dones.append(channel.encode_parts(channel.Done(record.delivery_id, Outcome.OK)))  # type: ignore[union-attr]
+                seen += 1
+            channel.send_many(up_worker, dones)
+        end = os.times()
+        os.write(report_w, str((end.user + end.system - start.user - start.system) / count * 1e6).encode())
+        os._exit(0)
+    buffer = bytearray(size + 64)
+    buffer[32 : 32 + size] = os.urandom(size)
+    view = memoryview(buffer)
+    up_agent.setblocking(False)
+    channels = WorkerChannels({0: (1, down_agent)})
+    worker = channels.by_slot[0]
+    deliver = getattr(channels, "deliver", channels.write)
+    sent = done = 0
+    start, began = os.times(), time.perf_counter()
+    while done < count:
+        while sent < count and sent - done < window:
+            deliver(worker, channel.Deliver(sent, "bench/x", bytes(view[32 : 32 + size]), 1, False, False))
+            sent += 1
+        channels.flush([worker])
+        select.select([up_agent], [], [])
+        try:
+            while True:
+                for record in channel.receive(up_agent) or []:
+                    if hasattr(channels, "done"):
+                        channels.done(record.delivery_id, 0)  # type: ignore[union-attr]
+                    done += 1
+        except BlockingIOError:
+            pass
+    end, elapsed = os.times(), time.perf_counter() - began
+    os.waitpid(pid, 0)
+    worker_us = float(os.read(report_r, 100))
+    return (end.user + end.system - start.user - start.system) / count * 1e6, worker_us, count / elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="65536,1048576,4194304")
     parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--pipe", type=int, default=0, help="messages: CPU per role between two processes")
     args = parser.parse_args()
     print(f"procmqtt from {os.path.dirname(channel.__file__)}")
+    if args.pipe:
+        for size in map(int, args.sizes.split(",")):
+            agent_us, worker_us, rate = pipe(size, args.pipe)
+            print(
+                f"{size:>9} B  CPU per message: agent {agent_us:6.1f} us, worker {worker_us:6.1f} us; {rate:,.0f} msg/s"
+            )
+        return
     for size in map(int, args.sizes.split(",")):
         for step, (us, faults) in measure(size, max(10, args.rounds * 65536 // max(size, 65536))).items():
             print(f"{size:>9} B  {step:48} {us:9.1f} us {faults:8.0f} page faults")

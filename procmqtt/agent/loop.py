@@ -41,6 +41,7 @@ from procmqtt.agent.workers import WorkerChannel, WorkerChannels
 from procmqtt.config import Config
 from procmqtt.errors import ExitCode
 from procmqtt.ipc import channel, poller
+from procmqtt.ipc.ring import RING_MIN
 from procmqtt.ipc.shared import SharedState
 from procmqtt.ipc.signals import SignalQueue
 from procmqtt.message import EMPTY, Properties
@@ -324,10 +325,11 @@ class Agent(Upstream):
 
     def _deliver(self, slot: int, d: Delivery) -> None:
         self.metrics.dispatched[slot] += 1
-        self.channels.deliver(  # a large payload may go through the worker's ring (agent/workers.py)
-            self.workers[slot],
-            channel.Deliver(d.delivery_id, d.topic, d.payload, d.qos, d.retain, d.redelivered, d.properties),
-        )
+        record = channel.Deliver(d.delivery_id, d.topic, d.payload, d.qos, d.retain, d.redelivered, d.properties)
+        if len(d.payload) < RING_MIN:
+            self._write(self.workers[slot], record)
+        else:  # through the worker's ring if it has room (agent/workers.py)
+            self.channels.deliver(self.workers[slot], record)
 
     def _acknowledge(self, mid: int, qos: int) -> None:
         self.session.client.ack(mid, qos)

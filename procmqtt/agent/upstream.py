@@ -150,7 +150,8 @@ class Upstream:
             record.delivery_id, failed=record.failed, now=time.monotonic(), retry_after=retry_after, invalid=invalid
         )
         if slot >= 0:
-            self.channels.done(record.delivery_id, slot)  # its range of the worker's ring, if any, is free again
+            if self.channels.in_ring:  # its range of the worker's ring, if it had one, is free again
+                self.channels.done(record.delivery_id, slot)
             self.metrics.done(slot, record.outcome, record.seconds)
             if invalid:
                 self.metrics.invalid += 1
