@@ -22,7 +22,8 @@ Why a SIGKILL anywhere corrupts nothing:
 When a payload finds no room (``RingSpace.take`` returns None: the ring full, or a range ahead still
 held by an unfinished delivery), it travels as before, inside its record. So does every payload of
 a worker whose ``Ring`` record could not be sent yet (its channel full). The ring's memory is
-bounded by ``RING_SIZE`` per worker channel, pages touched only as they are used.
+bounded by ``RING_SIZE`` per worker channel, pages touched only as they are used; a worker keeps
+its last ring mapped until a new agent's replaces it.
 
 ``RingSpace`` is the allocator: pure, no memory, property-tested (``tests/test_ring.py``).
 """
