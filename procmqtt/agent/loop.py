@@ -333,7 +333,11 @@ class Agent(Upstream):
         )
 
     def _acknowledge(self, mid: int, qos: int) -> None:
-        self.session.client.ack(mid, qos)
+        stream, client = self.session.stream, self.session.client
+        live: Any = client.socket()  # paho may have replaced the connection's socket
+        if qos == 1 and stream is not None and live is stream and stream.puback(mid):
+            return  # straight into the write buffer (``brokersocket``)
+        client.ack(mid, qos)
 
     def _requeued(self, d: Delivery) -> None:
         self.metrics.redelivered += 1
