@@ -326,11 +326,14 @@ class Agent(Upstream):
     # --- the ledger's effects ------------------------------------------------------------------
 
     def _deliver(self, slot: int, d: Delivery) -> None:
+        """Once per message: ``WorkerChannels.write`` inlined."""
         self.metrics.dispatched[slot] += 1
-        self._write(
-            self.workers[slot],
-            channel.Deliver(d.delivery_id, d.topic, d.payload, d.qos, d.retain, d.redelivered, d.properties),
+        self.workers[slot].unsent.append(
+            channel.encode_parts(
+                channel.Deliver(d.delivery_id, d.topic, d.payload, d.qos, d.retain, d.redelivered, d.properties)
+            )
         )
+        self.channels.dirty.add(slot)
 
     def _acknowledge(self, mid: int, qos: int) -> None:
         stream, client = self.session.stream, self.session.client
