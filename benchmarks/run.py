@@ -468,10 +468,11 @@ def summarize(results: list[Result]) -> dict[str, dict[str, dict[str, Any]]]:
 def paired_ratios(results: list[Result]) -> dict[tuple[str, str], list[float]]:
     """Each repetition's rate over A's rate in the same repetition (measured minutes apart, not a
     whole run apart), per workload and peer. Results arrive in run order, so the i-th result of a
-    (workload, peer) belongs to the same repetition as A's i-th result for that workload."""
+    (workload, peer) belongs to the same repetition as A's i-th result for that workload. A paced
+    latency workload (W4, W8) compares p99 latencies instead: lower is better there."""
     seen: dict[tuple[str, str], list[float]] = {}
     for r in results:
-        seen.setdefault((r.workload, r.peer), []).append(r.rate)
+        seen.setdefault((r.workload, r.peer), []).append(r.rate if r.p99_ms is None else r.p99_ms)
     out = {}
     for (w, p), rates in seen.items():
         base = seen.get((w, PEERS[0].key), [])
@@ -657,7 +658,7 @@ def main() -> int:
     (out / "latest.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "latest.md").write_text(
         markdown(table, peers, workloads) + "\n\nPaired ratios (median of each "
-        "repetition's rate over A's in the same repetition) [range]:\n\n"
+        "repetition's rate over A's in the same repetition; for W4 and W8, its p99 latency over A's) [range]:\n\n"
         + paired_markdown(results, peers, workloads)
         + "\n"
     )

@@ -121,3 +121,42 @@ def test_poller_wait_takes_descriptors_above_1023_and_reports_eof_and_closed():
             poller.wait([high], [], 0)
     finally:
         a.close()
+
+
+@pytest.mark.unit
+def test_a_kept_poller_follows_what_each_pass_waits_on():
+    """The agent's loop keeps one poll object across passes (``poller.Poller``): a socket dropped
+    from the list, a descriptor number reused by a new socket, a writer that comes and goes and a
+    socket closed under it must all read as ``poller.wait`` reads them."""
+    import os
+    import socket
+
+    from procmqtt.ipc import poller
+
+    kept = poller.Poller()
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    try:
+        assert kept.wait([a, c], [], 0) == ([], [])
+        b.send(b"x")
+        d.send(b"y")
+        assert kept.wait([a, c], [c], 0) == ([a, c], [c])
+        assert kept.wait([a], [], 0) == ([a], [])  # c left the list: not reported although readable
+        assert kept.wait([a, c], [], 0) == ([a, c], [])  # and back
+        number = a.fileno()
+        a.close()
+        b.close()
+        with pytest.raises(poller.ClosedUnderUs):
+            kept.wait([a, c], [], 0)
+        e, f = socket.socketpair()  # a new socket may get the closed one's descriptor number
+        reused = socket.socket(fileno=os.dup2(e.fileno(), number)) if e.fileno() != number else e
+        try:
+            assert kept.wait([reused, c], [], 0) == ([c], [])  # the new socket, nothing to read yet
+            f.send(b"z")
+            assert kept.wait([reused, c], [reused], 0) == ([reused, c], [reused])
+        finally:
+            for s in {reused, e, f}:
+                s.close()
+    finally:
+        for s in (a, b, c, d):
+            s.close()

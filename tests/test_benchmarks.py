@@ -144,3 +144,23 @@ def test_worker_cost_runs(loop):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"{loop} loop:" in result.stdout and "per message" in result.stdout
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(10)
+def test_paired_ratios_compare_p99_latencies_for_paced_workloads():
+    """W4's paired ratio is a p99 over A's (it was the paced rate over A's, always 1.00)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    results = [
+        run.Result("A raw paho", "W4", rate=1000.0, p99_ms=2.0),
+        run.Result("procmqtt -w 2", "W4", rate=1000.0, p99_ms=3.0),
+        run.Result("A raw paho", "W1", rate=100.0),
+        run.Result("procmqtt -w 2", "W1", rate=150.0),
+    ]
+    ratios = run.paired_ratios(results)
+    assert ratios[("W4", "procmqtt -w 2")] == [1.5]
+    assert ratios[("W1", "procmqtt -w 2")] == [1.5]

@@ -20,7 +20,7 @@ import pytest
 from harness import publisher, records, start, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
-from procmqtt.agent.brokersocket import BrokerSocket, wrap_socket
+from procmqtt.agent.brokersocket import WRITE_LIMIT, BrokerSocket, wrap_socket
 
 
 def _length(n: int) -> bytes:
@@ -300,6 +300,29 @@ def test_what_paho_writes_goes_out_in_one_send_and_before_close(pair):
     buf.send(SUBACK)
     buf.close()  # paho closes right after DISCONNECT: what it wrote still goes
     assert a.recv(100) == SUBACK
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.unit
+def test_an_acknowledgement_goes_straight_into_the_write_buffer_while_it_has_room(pair):
+    """``puback`` writes the bytes paho's ``ack`` would, counted like paho's (``written``), and
+    declines when the buffer is full or the connection failed, so paho's queue takes it then."""
+    a, buf = pair
+    paho = mqtt.Client(CallbackAPIVersion.VERSION2, manual_ack=True)
+    paho._sock = buf  # paho's ack through the same buffer, for its bytes
+    paho.on_socket_register_write = lambda *args: None
+    paho.ack(0x1234, 1)
+    paho.loop_write()
+    by_paho = bytes(buf.out)
+    buf.out.clear()
+    assert buf.puback(0x1234) and bytes(buf.out) == by_paho == b"\x40\x02\x12\x34"
+    assert buf.written == 8
+    buf.send(os.urandom(WRITE_LIMIT))
+    assert not buf.puback(1) and buf.written == 8 + WRITE_LIMIT  # full: left to paho
+    buf.out.clear()
+    a.close()
+    assert buf.puback(2) and buf.flush()  # the peer is gone: the write fails
+    assert buf.error is not None and not buf.puback(1)  # the connection failed: paho hears of it
 
 
 @pytest.mark.timeout(10)

@@ -249,6 +249,31 @@ class LedgerMachine(RuleBasedStateMachine):
     )
     def done(self, data: st.DataObject, failed: bool, retry_after: float | None, invalid: bool) -> None:
         d = data.draw(st.sampled_from(sorted(self.ledger.deliveries.values(), key=lambda d: d.delivery_id)))
+        self._done(d, failed, retry_after, invalid, batch=False)
+
+    @precondition(lambda self: self.ledger.deliveries or self.old)
+    @rule(
+        data=st.data(),
+        outcomes=st.lists(
+            st.tuples(st.booleans(), st.sampled_from([None, None, 0.0, 2.0]), st.sampled_from([False, False, True])),
+            min_size=1,
+            max_size=4,
+        ),
+        old=st.integers(0, 2),
+    )
+    def done_together(self, data: st.DataObject, outcomes: list[tuple[bool, float | None, bool]], old: int) -> None:
+        """Several Dones read in one pass (the agent's ``_read_upstream``): each settled with
+        ``batch``, some for the agent before, then one ``dispatch`` (the invariants hold after it)."""
+        out = sorted(self.ledger.deliveries.values(), key=lambda d: d.delivery_id)
+        chosen = data.draw(st.lists(st.sampled_from(out), unique=True, max_size=len(outcomes))) if out else []
+        for d, (failed, retry_after, invalid) in zip(chosen, outcomes, strict=False):
+            self._done(d, failed, retry_after, invalid, batch=True)
+        for delivery_id in sorted(self.old)[:old]:
+            del self.old[delivery_id]
+            assert self.ledger.done(delivery_id, failed=False, now=self.now, batch=True) == -1
+        self.ledger.dispatch()
+
+    def _done(self, d: Delivery, failed: bool, retry_after: float | None, invalid: bool, *, batch: bool) -> None:
         slot = d.slot
         invalid = invalid and retry_after is None  # Outcome.INVALID carries no retry delay
         failed = failed and not invalid
@@ -262,7 +287,9 @@ class LedgerMachine(RuleBasedStateMachine):
             self.finished.add(d.payload)  # not handed out again: stays unacknowledged at the broker
         attempts = d.attempts
         assert (
-            self.ledger.done(d.delivery_id, failed=failed, now=self.now, retry_after=retry_after, invalid=invalid)
+            self.ledger.done(
+                d.delivery_id, failed=failed, now=self.now, retry_after=retry_after, invalid=invalid, batch=batch
+            )
             == slot
         )
         assert d.attempts == attempts + retried
@@ -270,7 +297,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert len(self.rec.dead_letters) + len(self.rec.drops) == given_up + 1
             assert (self.rec.dead_letters if self.ledger.dead_letters else self.rec.drops)[-1] == (d, INVALID)
         if d.delivery_id in self.ledger.seats[slot].outstanding:  # retried, and handed out again at once
-            assert d.redelivered and retried
+            assert d.redelivered and retried and not batch
         for due, _, h in self.ledger.held:
             assert due > self.now and h.redelivered and h.attempts < self.ledger.max_attempts
 

@@ -192,17 +192,25 @@ class DeliveryLedger:
         self.dispatch()
 
     def dispatch(self) -> None:
-        """Hand pending messages to ready workers with room, the dispatcher choosing among them."""
-        pending, seats, prefetch, deliver = self.pending, self.seats, self.prefetch, self._deliver
-        while pending and not self.stopping and not self.awaited:
-            ready = [slot for slot, s in seats.items() if s.ready and not s.retiring and len(s.outstanding) < prefetch]
-            if not ready:
-                return
-            slot = self.dispatcher.choose(ready)
+        """Hand pending messages to ready workers with room, the dispatcher choosing among them.
+
+        The ready workers are found once per call, not once per message: a delivery changes only
+        the chosen seat, which leaves the list once its window is full. Same choices, same order."""
+        pending = self.pending
+        if not pending or self.stopping or self.awaited:
+            return
+        seats, prefetch = self.seats, self.prefetch
+        ready = [slot for slot, s in seats.items() if s.ready and not s.retiring and len(s.outstanding) < prefetch]
+        deliver, choose, deliveries = self._deliver, self.dispatcher.choose, self.deliveries
+        while ready and pending:
+            slot = choose(ready)
             d = pending.popleft()
             d.slot = slot
-            seats[slot].outstanding[d.delivery_id] = None
-            self.deliveries[d.delivery_id] = d
+            outstanding = seats[slot].outstanding
+            outstanding[d.delivery_id] = None
+            deliveries[d.delivery_id] = d
+            if len(outstanding) >= prefetch:
+                ready.remove(slot)
             deliver(slot, d)
 
     def done(
@@ -213,6 +221,7 @@ class DeliveryLedger:
         now: float = 0.0,
         retry_after: float | None = None,
         invalid: bool = False,
+        batch: bool = False,
     ) -> int:
         """A worker finished a delivery: returns the slot that held it, or -1 if unknown (done for
         an earlier agent, freeing its key if reported in ``holding``, or already redelivered). A
@@ -220,13 +229,15 @@ class DeliveryLedger:
         ``now``) or acknowledged. ``retry_after``: the handler raised ``procmqtt.Retry``: retried
         after that many seconds (negative: the schedule's) whatever ``on_error`` says, counting an
         attempt. ``invalid``: its body did not validate (``Outcome.INVALID``): dead-lettered or
-        dropped at once, never retried."""
+        dropped at once, never retried. ``batch``: one of several outcomes read together; the caller
+        calls :meth:`dispatch` once after the last, so the freed windows fill in one go."""
         d = self.deliveries.pop(delivery_id, None)
         if d is None:
             key = self.carry.finished(delivery_id)
             if key is not None:
                 self._release(key)
-                self.dispatch()
+                if not batch:
+                    self.dispatch()
             return -1
         slot = d.slot
         del self.seats[slot].outstanding[delivery_id]  # a delivery is in ``deliveries`` while its seat holds it
@@ -239,7 +250,8 @@ class DeliveryLedger:
             self._failed_attempt(d, "on_message raised", front=False, now=now)
         else:
             self._acknowledge(d)
-        self.dispatch()
+        if not batch:
+            self.dispatch()
         return slot
 
     def settle(self, d: Delivery) -> None:

@@ -118,6 +118,10 @@ class Agent(Upstream):
         )
         self.oddities: Counter[str] = Counter()  # hostile or broken input handled, by kind (``_odd``)
         self.closed_passes = 0  # passes in a row whose wait list held a closed socket
+        self.poller = poller.Poller()  # kept across passes, told only what changed
+        self.known: object = None  # the workers' channels' version the lists below were built for
+        self.by_sock: dict[socket.socket, WorkerChannel] = {}
+        self.readers: list[Any] = []  # what every pass reads: the publish channel, signals, the workers
         self.stopping = False
         self.stop_deadline = 0.0
 
@@ -202,18 +206,17 @@ class Agent(Upstream):
         wanted = not self.stopping or self.publishes  # while stopping, only to flush publishes
         if session.state is ConnState.DISCONNECTED and now >= session.next_attempt and wanted:
             session.connect()
-        rlist: list[Any] = [self.upstream, self.signals]
-        wlist: list[Any] = []
-        by_sock: dict[socket.socket, WorkerChannel] = {}
-        for worker in self.workers.values():
-            by_sock[worker.sock] = worker
-            rlist.append(worker.sock)
-            if worker.unsent:
-                wlist.append(worker.sock)
+        if self.known is not self.channels.version:  # a worker came or went: the lists change
+            self.known = self.channels.version
+            self.by_sock = {worker.sock: worker for worker in self.workers.values()}
+            self.readers = [self.upstream, self.signals, *self.by_sock]
+        by_sock = self.by_sock
+        rlist: list[Any] = self.readers
+        wlist: list[Any] = [worker.sock for worker in self.workers.values() if worker.unsent]
         mqtt_sock = session.socket()
         buffered = False  # bytes already read from the broker that select would not announce
         if mqtt_sock is not None and session.want_data(now):
-            rlist.append(mqtt_sock)
+            rlist = [*rlist, mqtt_sock]
             buffered = session.stream is not None and mqtt_sock is session.stream and session.stream.waiting()
             if session.unwritten():
                 wlist.append(mqtt_sock)
@@ -223,7 +226,7 @@ class Agent(Upstream):
         if session.state is ConnState.DISCONNECTED and wanted:
             timeout = max(0.0, min(timeout, session.next_attempt - now))
         try:
-            readable, writable = poller.wait(rlist, wlist, timeout)
+            readable, writable = self.poller.wait(rlist, wlist, timeout)
         except poller.ClosedUnderUs as exc:
             self._closed_under_us(exc)
             return
@@ -324,15 +327,21 @@ class Agent(Upstream):
     # --- the ledger's effects ------------------------------------------------------------------
 
     def _deliver(self, slot: int, d: Delivery) -> None:
+        """Once per message: ``WorkerChannels.write`` inlined, or ``deliver`` for a large payload."""
         self.metrics.dispatched[slot] += 1
         record = channel.Deliver(d.delivery_id, d.topic, d.payload, d.qos, d.retain, d.redelivered, d.properties)
-        if len(d.payload) < RING_MIN:
-            self._write(self.workers[slot], record)
-        else:  # through the worker's ring if it has room (agent/workers.py)
+        if len(d.payload) >= RING_MIN:  # through the worker's ring if it has room (agent/workers.py)
             self.channels.deliver(self.workers[slot], record)
+            return
+        self.workers[slot].unsent.append(channel.encode_parts(record))
+        self.channels.dirty.add(slot)
 
     def _acknowledge(self, mid: int, qos: int) -> None:
-        self.session.client.ack(mid, qos)
+        stream, client = self.session.stream, self.session.client
+        live: Any = client.socket()  # paho may have replaced the connection's socket
+        if qos == 1 and stream is not None and live is stream and stream.puback(mid):
+            return  # straight into the write buffer (``brokersocket``)
+        client.ack(mid, qos)
 
     def _requeued(self, d: Delivery) -> None:
         self.metrics.redelivered += 1

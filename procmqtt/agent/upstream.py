@@ -26,6 +26,8 @@ from procmqtt.ipc.shared import SharedState
 from procmqtt.message import Outcome
 from procmqtt.worker.link import describe_error
 
+_OK = Outcome.OK
+
 
 class Upstream:
     """The publish channel's records, handled; mixed into ``Agent``."""
@@ -79,22 +81,30 @@ class Upstream:
             )
 
     def _read_upstream(self, limit: int | None) -> None:
+        """Read up to ``limit`` datagrams (None: all there are). Their ``Done``s settle without
+        dispatching; one ``dispatch`` after the last fills every window they freed at once, so a
+        pass hands out its batch with one look at the workers, not one per ``Done``."""
         count = 0
-        while limit is None or count < limit:
-            try:
-                records = channel.receive(self.upstream)
-            except BlockingIOError:
-                return
-            if records is None:
-                return
-            count += 1
-            for record in records:
-                self._handle_upstream(record)
+        try:
+            while limit is None or count < limit:
+                try:
+                    records = channel.receive(self.upstream)
+                except BlockingIOError:
+                    return
+                if records is None:
+                    return
+                count += 1
+                for record in records:
+                    if type(record) is channel.Done:
+                        self._done(record)
+                    else:
+                        self._handle_upstream(record)
+        finally:
+            self.ledger.dispatch()
 
     def _handle_upstream(self, record: channel.Record) -> None:
-        if isinstance(record, channel.Done):
-            self._done(record)
-        elif isinstance(record, channel.Publish):
+        """Every record but ``Done`` (``_read_upstream`` takes those)."""
+        if isinstance(record, channel.Publish):
             self._publish(record)
         elif isinstance(record, channel.Subscribe):
             self.session.runtime_subscribe(record)
@@ -144,16 +154,24 @@ class Upstream:
         self.publishes.add(entry)
 
     def _done(self, record: channel.Done) -> None:
-        retry_after = record.retry_after if record.outcome is Outcome.RETRY else None  # negative: the schedule's
-        invalid = record.outcome is Outcome.INVALID
-        slot = self.ledger.done(
-            record.delivery_id, failed=record.failed, now=time.monotonic(), retry_after=retry_after, invalid=invalid
-        )
+        """A worker's outcome, one of a batch (``_read_upstream`` dispatches after it)."""
+        outcome = record.outcome
+        if outcome is _OK:  # the common case: no clock, no retry, no dead letter
+            slot = self.ledger.done(record.delivery_id, failed=False, batch=True)
+        else:
+            slot = self.ledger.done(
+                record.delivery_id,
+                failed=outcome is Outcome.FAILED,
+                now=time.monotonic(),
+                retry_after=record.retry_after if outcome is Outcome.RETRY else None,  # negative: the schedule's
+                invalid=outcome is Outcome.INVALID,
+                batch=True,
+            )
         if slot >= 0:
             if self.channels.in_ring:  # its range of the worker's ring, if it had one, is free again
                 self.channels.done(record.delivery_id, slot)
-            self.metrics.done(slot, record.outcome, record.seconds)
-            if invalid:
+            self.metrics.done(slot, outcome, record.seconds)
+            if outcome is Outcome.INVALID:
                 self.metrics.invalid += 1
 
     def _published(self, entry: Outgoing, error: int) -> None:

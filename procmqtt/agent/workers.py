@@ -44,6 +44,7 @@ class WorkerChannels:
             sock.setblocking(False)
             self.by_slot[slot] = WorkerChannel(slot, generation, sock)
         self.dirty: set[int] = set()  # slots with records to flush at the end of this pass
+        self.version = object()  # replaced whenever a worker is added or removed
         self.early_answers = EarlyAnswers({slot: gen for slot, (gen, _) in inherited.items()})
         self.in_ring: dict[int, WorkerChannel] = {}  # delivery id -> the worker whose ring holds its payload
 
@@ -111,12 +112,14 @@ class WorkerChannels:
     def add(self, slot: int, generation: int, sock: socket.socket) -> WorkerChannel:
         """A new worker (the previous one in its slot is already removed); answers kept for it are queued."""
         worker = self.by_slot[slot] = WorkerChannel(slot, generation, sock)
+        self.version = object()
         for answer in self.early_answers.worker_up(slot, generation):
             self.write(worker, answer)
         return worker
 
     def remove(self, worker: WorkerChannel) -> None:
         del self.by_slot[worker.slot]
+        self.version = object()
         worker.sock.close()
         if worker.ring is not None:  # dropped with its channel: nothing reads it again
             for delivery_id in worker.ring.taken:

@@ -82,6 +82,7 @@ _MAX_FDS = 4
 _ANCDATA_SIZE = socket.CMSG_SPACE(_MAX_FDS * struct.calcsize("i"))
 
 _FRAME = struct.Struct("!I")  # length of one record inside a datagram
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)  # a plain int: flag enums' & and | are Python calls
 BLOB = 255
 """The kind byte of a datagram whose records are in the attached memory file."""
 
@@ -292,7 +293,7 @@ def receive(sock: socket.socket) -> list[Record] | None:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(payload) - len(payload) % struct.calcsize("i")
             fds.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
-    if msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or nbytes == 0:
+    if msg_flags & _TRUNCATED or nbytes == 0:
         for fd in fds:
             os.close(fd)
         if nbytes == 0:

@@ -82,6 +82,9 @@ _PAIR = struct.Struct("!HH")
 _HAS_FORMAT, _HAS_EXPIRY, _HAS_TYPE, _HAS_RESPONSE, _HAS_CORRELATION = 1, 2, 4, 8, 16
 
 
+_OUTCOMES = {int(o): o for o in Outcome}  # a dict lookup: ``Outcome(n)`` costs a µs per Done
+
+
 class ChannelError(Exception):
     """A record that cannot be decoded: a bug, never a dead peer."""
 
@@ -234,7 +237,7 @@ def decode(data: bytes | memoryview, fds: list[int]) -> Record:
         return Published(rid, error)
     if kind == DONE:
         _, did, outcome, seconds, retry_after = _DONE.unpack(data)
-        return Done(did, Outcome(outcome), seconds, retry_after)
+        return Done(did, _OUTCOMES[outcome] if outcome in _OUTCOMES else Outcome(outcome), seconds, retry_after)
     if kind == PUBLISH:
         _, slot, gen, rid, qos, retain, tlen, flags = _PUBLISH.unpack_from(data)
         end = _PUBLISH.size + tlen
