@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -12,29 +14,44 @@ import pytest
 from harness import ROOT
 
 
-def run_harness(out: Path, scale: str, peers: str, workloads: str) -> dict[str, Any]:
-    """``benchmarks/run.py`` with one repetition; its report (latest.json), after it exited 0."""
+def run_script(name: str, *args: str, timeout: float = 55) -> str:
+    """``benchmarks/<name>`` with ``args``; its standard output, after it exited 0."""
     result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "run.py"),
-            "--scale",
-            scale,
-            "--reps",
-            "1",
-            "--peers",
-            peers,
-            "--workloads",
-            workloads,
-            "--out",
-            str(out),
-        ],
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=timeout,
         check=False,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+def bench_module(name: str) -> Any:
+    """A module of ``benchmarks/``, imported for its pure functions."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def run_harness(out: Path, scale: str, peers: str, workloads: str) -> dict[str, Any]:
+    """``benchmarks/run.py`` with one repetition; its report (latest.json)."""
+    run_script(
+        "run.py",
+        "--scale",
+        scale,
+        "--reps",
+        "1",
+        "--peers",
+        peers,
+        "--workloads",
+        workloads,
+        "--out",
+        str(out),
+        timeout=110,
+    )
     report: dict[str, Any] = json.loads((out / "latest.json").read_text())
     return report
 
@@ -63,31 +80,11 @@ def test_benchmark_harness_runs_dispatch_peers_and_keyed_workloads(tmp_path):
 @pytest.mark.timeout(60)
 def test_growth_curves_run_and_report(tmp_path):
     """Issue 16's curves (benchmarks/growth.py), one point each: payload, offered rate, workers."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "growth.py"),
-            "--scale",
-            "0.002",
-            "--reps",
-            "1",
-            "--peers",
-            "procmqtt",
-            "--sizes",
-            "65536",
-            "--rates",
-            "200",
-            "--workers",
-            "2",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=55,
-        check=False,
+    run_script(
+        "growth.py",
+        *("--scale", "0.002", "--reps", "1", "--peers", "procmqtt", "--sizes", "65536"),
+        *("--rates", "200", "--workers", "2", "--out", str(tmp_path)),
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads((tmp_path / "growth.json").read_text())
     (payload,) = report["summary"]["payload"]
     assert payload["key"] == ["procmqtt -w 2", 65536] and payload["lost"] == 0 and payload["rate"] > 0
@@ -104,12 +101,7 @@ def test_growth_curves_run_and_report(tmp_path):
 def test_latencies_leave_out_the_start_up_transient(tmp_path):
     """A paced run's first messages arrive together ~20 ms late for every peer: they would be
     its p99. The warm-up share, by publish time across every process's file, is left out."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from common import read_latencies
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    import struct
+    read_latencies = bench_module("common").read_latencies
 
     # two processes; messages published 1 ms apart; the first 20 (of 1,000) wait for 20 ms
     sent = [100.0 + i / 1000 for i in range(1000)]
@@ -127,34 +119,15 @@ def test_latencies_leave_out_the_start_up_transient(tmp_path):
 @pytest.mark.parametrize("loop", ["sync", "async"])
 def test_worker_cost_runs(loop):
     """Issue 16's per-message worker cost (benchmarks/worker_cost.py): every Done comes back."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "worker_cost.py"),
-            "--messages",
-            "200",
-            "--runs",
-            "1",
-            *(["--async"] if loop == "async" else []),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=55,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert f"{loop} loop:" in result.stdout and "per message" in result.stdout
+    out = run_script("worker_cost.py", "--messages", "200", "--runs", "1", *(["--async"] if loop == "async" else []))
+    assert f"{loop} loop:" in out and "per message" in out
 
 
 @pytest.mark.unit
 @pytest.mark.timeout(10)
 def test_paired_ratios_compare_p99_latencies_for_paced_workloads():
     """W4's paired ratio is a p99 over A's (it was the paced rate over A's, always 1.00)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import run
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    run = bench_module("run")
     results = [
         run.Result("A raw paho", "W4", rate=1000.0, p99_ms=2.0),
         run.Result("procmqtt -w 2", "W4", rate=1000.0, p99_ms=3.0),

@@ -29,30 +29,7 @@ def wait(readers: Iterable[T], writers: Iterable[T] = (), timeout: float | None 
     Like ``select``, end of file and errors count as readable (and writable), so the caller's read
     or write finds them. Raises :class:`ClosedUnderUs` for a closed socket.
     """
-    poller = select.poll()
-    objects: dict[int, T] = {}
-    masks: dict[int, int] = {}
-    for objs, mask in ((readers, _WANT_READ), (writers, select.POLLOUT)):
-        for obj in objs:
-            fd = obj if isinstance(obj, int) else obj.fileno()  # type: ignore[attr-defined]
-            if fd < 0:
-                raise ClosedUnderUs(f"{obj!r} is closed")
-            objects[fd] = obj
-            masks[fd] = masks.get(fd, 0) | mask
-    for fd, mask in masks.items():
-        poller.register(fd, mask)
-    ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
-    readable: list[T] = []
-    writable: list[T] = []
-    for fd, events in poller.poll(ms):
-        if events & select.POLLNVAL:
-            raise ClosedUnderUs(f"{objects[fd]!r}: descriptor {fd} is not open")
-        mask = masks[fd]
-        if mask & _WANT_READ and events & _READ:
-            readable.append(objects[fd])
-        if mask & select.POLLOUT and events & _WRITE:
-            writable.append(objects[fd])
-    return readable, writable
+    return Poller().wait(readers, writers, timeout)
 
 
 class Poller:
