@@ -194,3 +194,44 @@ def test_the_hang_watch_follows_the_oldest_message_in_flight():
     loop.done(3, Outcome.OK)
     assert (shared.current(0, 4), shared.busy_since(0), shared.finished(0)) == (3, 0.0, 3)
     assert [d.delivery_id for d in loop.link.sent] == [2, 1, 3]  # type: ignore[attr-defined]
+
+
+def test_a_woken_worker_reads_one_datagram_before_it_runs_the_message(monkeypatch):
+    """Issue 16, W4: a delivery that arrives while the worker waits is handed over after one
+    ``recvmsg``, not after a second one that fails; what else came stays queued and is read, in
+    order, before the worker waits again."""
+    from procmqtt.worker import link as link_module
+
+    agent_in, worker_in = channel.pair()
+    agent_up, worker_up = channel.pair()
+    worker_in.setblocking(False)
+    link = link_module._AgentLink(0, 1, worker_in, worker_up, from_mapping({}, "test"))
+    first, second = (channel.Deliver(i, "t", b"x", 1, False, False, None) for i in (1, 2))
+    real_wait, real_receive = link_module.poller.wait, link_module.channel.receive
+    arrivals = deque([[first, second], [channel.Stop()]])  # what arrives during each wait
+    calls: list[str] = []
+
+    def wait(*args, **kwargs):  # the agent sends while the worker is in ``poll``
+        for record in arrivals.popleft() if arrivals else []:
+            channel.send(agent_in, record)
+        return real_wait(*args, **kwargs)
+
+    def receive(sock):
+        try:
+            records = real_receive(sock)
+        except BlockingIOError:
+            calls.append("empty")
+            raise
+        calls.append("read")
+        return records
+
+    monkeypatch.setattr(link_module.poller, "wait", wait)
+    monkeypatch.setattr(link_module.channel, "receive", receive)
+    try:
+        assert link.next(5) == first
+        assert calls == ["empty", "read"]  # the read before the wait, then the one datagram
+        assert link.next(5) == second  # read before waiting again, nothing lost or reordered
+        assert isinstance(link.next(5), channel.Stop)
+    finally:
+        for sock in (agent_in, worker_in, agent_up, worker_up):
+            sock.close()

@@ -176,20 +176,24 @@ class _AgentLink:
             with self._lock:
                 self._pump(min(remaining, 0.1), wake_on_signal=False)
 
-    def _pump(self, timeout: float | None, *, wake_on_signal: bool = True) -> bool:
-        """Read whatever the agent sent within ``timeout``; True if anything (or a signal) arrived."""
+    def _pump(self, timeout: float | None, *, wake_on_signal: bool = True, first: bool = False) -> bool:
+        """Read whatever the agent sent within ``timeout``; True if anything (or a signal) arrived.
+        ``first``: stop at the first datagram that brings a delivery or stop record (``_read``)."""
         fds: list[Any] = [self.inbound]
         if wake_on_signal and self.wakeup is not None:
             fds.append(self.wakeup)
         readable, _ = poller.wait(fds, [], timeout)
         if self.inbound not in readable:
             return bool(readable)
-        self._read()
+        self._read(first=first)
         return True
 
-    def _read(self) -> None:
-        """Everything already queued on the inbound channel, without waiting."""
-        while True:
+    def _read(self, *, first: bool = False) -> None:
+        """Everything already queued on the inbound channel, without waiting; with ``first``, only
+        up to the first datagram that queues a record for ``next``: a worker woken for one message
+        runs it without another ``recvmsg`` (and its ``BlockingIOError``) in front of it. What
+        stays queued is read before the worker waits again (``next``)."""
+        while not (first and self._inbox):
             try:
                 records = channel.receive(self.inbound)
             except BlockingIOError:
@@ -279,7 +283,7 @@ class _AgentLink:
                 self._read()
                 if not self._inbox and not self.closed:
                     self.flush()
-                    self._pump(timeout)
+                    self._pump(timeout, first=True)
         return self._inbox.popleft() if self._inbox else None
 
     def wait_for(self, handle: _Answer, timeout: float | None) -> bool:
