@@ -42,6 +42,22 @@ def _mosquitto() -> str | None:
 MOSQUITTO = _mosquitto()
 
 
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """``procmqtt ARGS`` from this checkout (from any ``cwd``), with none of the outer shell's
+    ``PROCMQTT_*`` variables, plus ``env``; it has 20 s to exit."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PROCMQTT_")}
+    clean["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), clean.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "procmqtt", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=20,
+        env={**clean, **(env or {})},
+        check=False,
+    )
+
+
 def require_mosquitto() -> str:
     """The mosquitto binary; without one, the calling test is skipped (one reason for all of them)."""
     if MOSQUITTO is None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from harness import ROOT
+from harness import run_cli
 
 from procmqtt import config, logs
 from procmqtt.cli import check
@@ -24,7 +22,6 @@ else:  # pragma: no cover - Python 3.10
 
 pytestmark = pytest.mark.timeout(30)
 
-CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("PROCMQTT_")}
 CONFIG = """
 [mqtt]
 host = "127.0.0.1"
@@ -43,18 +40,6 @@ api_token = "token-hunter2"
 """
 
 
-def procmqtt(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "procmqtt", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=20,
-        env={**CLEAN_ENV, **(env or {})},
-        check=False,
-    )
-
-
 @pytest.fixture
 def config_file(tmp_path: Path) -> str:
     path = tmp_path / "app.toml"
@@ -64,7 +49,7 @@ def config_file(tmp_path: Path) -> str:
 
 def test_check_lists_subscriptions_and_prints_the_configuration(config_file):
     # port 1: nothing listens there, and check must not try
-    result = procmqtt(
+    result = run_cli(
         "check", "tests/apps.py:Recorder", "-c", config_file, "-w", "3", env={"PROCMQTT_MQTT_HOST": "broker.invalid"}
     )
     assert result.returncode == 0, result.stderr
@@ -85,7 +70,7 @@ def test_check_lists_subscriptions_and_prints_the_configuration(config_file):
 
 
 def test_check_masks_secrets_from_the_file_and_the_environment(config_file, tmp_path):
-    result = procmqtt("check", "tests/apps.py:Recorder", "-c", config_file)
+    result = run_cli("check", "tests/apps.py:Recorder", "-c", config_file)
     assert result.returncode == 0, result.stderr
     assert "hunter2" not in result.stdout + result.stderr
     printed = tomllib.loads(result.stdout[result.stdout.index("# effective configuration") :])
@@ -98,7 +83,7 @@ def test_check_masks_secrets_from_the_file_and_the_environment(config_file, tmp_
         ("check", "tests/apps.py:Recorder", "-c", config_file),
         ("run", "tests/apps.py:Recorder", "-c", config_file, "--print-config"),
     ):
-        result = procmqtt(*command, env=env)
+        result = run_cli(*command, env=env)
         assert result.returncode == 0, result.stderr
         assert "s3cret" not in result.stdout + result.stderr and "hunter2" not in result.stdout
         assert 'password = "********"  # PROCMQTT_MQTT_PASSWORD' in result.stdout
@@ -120,8 +105,8 @@ def test_check_masks_secrets_from_the_file_and_the_environment(config_file, tmp_
 def test_check_fails_like_run(tmp_path, app, config_text, env, code):
     path = tmp_path / "c.toml"
     path.write_text(config_text)
-    checked = procmqtt("check", app, "-c", str(path), env=env)
-    ran = procmqtt("run", app, "-c", str(path), env=env)  # fails before any fork, so it returns at once
+    checked = run_cli("check", app, "-c", str(path), env=env)
+    ran = run_cli("run", app, "-c", str(path), env=env)  # fails before any fork, so it returns at once
     assert checked.returncode == ran.returncode == code
     assert checked.stderr == ran.stderr and len(checked.stderr.splitlines()) == 1
     assert checked.stderr.startswith("procmqtt: error: ") and checked.stdout == ""
@@ -131,18 +116,18 @@ def test_check_key_of_prints_the_order_key(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[workers]\ndispatch = "ordered"\norder_key = "sensors/{device}/#"\n')
     app = ("tests/apps.py:Recorder", "-c", str(path))
-    result = procmqtt("check", *app, "--key-of", "sensors/d1/temp", "--key-of", "x/y")
+    result = run_cli("check", *app, "--key-of", "sensors/d1/temp", "--key-of", "x/y")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         'sensors/d1/temp -> sensors/d1/#  # order_key = "sensors/{device}/#"',
         'x/y -> x/y  # order_key = "sensors/{device}/#"',
     ]
-    bad = procmqtt("check", *app, "--key-of", "a/+")
+    bad = run_cli("check", *app, "--key-of", "a/+")
     assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and "--key-of 'a/+'" in bad.stderr
 
 
 def test_check_help():
-    result = procmqtt("check", "--help")
+    result = run_cli("check", "--help")
     assert result.returncode == 0 and "--log-format" in result.stdout and "broker" in result.stdout
 
 
@@ -245,7 +230,7 @@ def test_check_prints_broker_feature_tables_and_the_shared_filters(tmp_path: Pat
         '[mqtt.tls]\ninsecure = true\n[mqtt.will]\ntopic = "presence/x"\npayload = "offline"\n'
         '[mqtt.topics]\n"a/#" = { qos = 1 }\n'
     )
-    result = procmqtt("check", "tests/apps.py:Recorder", "-c", str(path))
+    result = run_cli("check", "tests/apps.py:Recorder", "-c", str(path))
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "hunter2" not in out and 'password = "********"' in out

@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 from harness import (
@@ -17,6 +16,7 @@ from harness import (
     Procmqtt,
     publish_all,
     publisher,
+    run_cli,
     start,
     wait_until,
     write_config,
@@ -28,27 +28,13 @@ from procmqtt.supervisor import proctitle
 pytestmark = pytest.mark.timeout(30)
 
 
-def procmqtt(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROCMQTT_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))  # this checkout, from any cwd
-    return subprocess.run(
-        [sys.executable, "-m", "procmqtt", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=20,
-        env=env,
-        check=False,
-    )
-
-
 def test_version():
-    result = procmqtt("--version")
+    result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("procmqtt ")
 
 
 def test_run_help():
-    result = procmqtt("run", "--help")
+    result = run_cli("run", "--help")
     assert result.returncode == 0 and "--workers" in result.stdout and "--broker" in result.stdout
     assert "--print-config" in result.stdout and "--log-format" in result.stdout
 
@@ -57,12 +43,12 @@ def test_subcommands_are_one_dict():
     from procmqtt.cli import main as cli
 
     assert {"run", "check"} <= set(cli.COMMANDS)
-    result = procmqtt()
+    result = run_cli()
     assert "run" in result.stderr and "check" in result.stderr
 
 
 def test_no_command_is_a_usage_error():
-    assert procmqtt().returncode == 2
+    assert run_cli().returncode == 2
 
 
 @pytest.mark.parametrize(
@@ -77,7 +63,7 @@ def test_no_command_is_a_usage_error():
     ],
 )
 def test_usage_errors_exit_2_with_one_line(args, expected):
-    result = procmqtt("run", "tests/apps.py:Recorder", *args)
+    result = run_cli("run", "tests/apps.py:Recorder", *args)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"procmqtt: error: {expected}")
@@ -86,7 +72,7 @@ def test_usage_errors_exit_2_with_one_line(args, expected):
 
 def test_bad_config_file_exits_2(tmp_path):
     (tmp_path / "bad.toml").write_text("[mqtt.topics]\n'a/#/b' = { qos = 1 }\n")
-    result = procmqtt("run", "tests/apps.py:Recorder", "-c", str(tmp_path / "bad.toml"))
+    result = run_cli("run", "tests/apps.py:Recorder", "-c", str(tmp_path / "bad.toml"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         (
@@ -120,7 +106,7 @@ def test_config_mistakes_that_used_to_escape_exit_2(tmp_path, content, expected)
     """Each was a traceback (exit 1) or an agent crash loop: now one line, exit 2, from run and check."""
     (tmp_path / "bad.toml").write_bytes(content)
     for command in ("run", "check"):
-        result = procmqtt(command, "tests/apps.py:Recorder", "-c", str(tmp_path / "bad.toml"))
+        result = run_cli(command, "tests/apps.py:Recorder", "-c", str(tmp_path / "bad.toml"))
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"procmqtt: error: {tmp_path / 'bad.toml'}: {expected}"), lines
@@ -130,7 +116,7 @@ def test_config_mistakes_that_used_to_escape_exit_2(tmp_path, content, expected)
 def test_default_config_file_in_cwd_is_read(tmp_path):
     (tmp_path / "procmqtt.toml").write_text("[workers]\ncount = 0\n")
     (tmp_path / "app.py").write_text("from procmqtt import Worker\nclass A(Worker):\n    pass\n")
-    result = procmqtt("run", "app:A", cwd=tmp_path)
+    result = run_cli("run", "app:A", cwd=tmp_path)
     assert result.returncode == 2 and "procmqtt.toml: [workers] count" in result.stderr
 
 
@@ -144,7 +130,7 @@ def test_default_config_file_in_cwd_is_read(tmp_path):
     ],
 )
 def test_app_errors_exit_3(app, expected):
-    result = procmqtt("run", app)
+    result = run_cli("run", app)
     assert result.returncode == 3, result.stderr
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -163,7 +149,7 @@ def test_app_errors_exit_3(app, expected):
 def test_malformed_app_is_a_usage_error_exit_2(app, expected):
     """A command-line mistake, like a bad -w: exit 2 (docs/operations.md), not 3 (an app that does not import)."""
     for args in (["run", app], ["check", app], ["run", app, "--print-config"]):
-        result = procmqtt(*args)
+        result = run_cli(*args)
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"procmqtt: error: {expected}"), lines
@@ -174,7 +160,7 @@ def test_app_import_error_shows_where_in_the_app(tmp_path):
     (tmp_path / "helpers.py").write_text("def connect():\n    return connect_somewhere()\n")
     (tmp_path / "myapp.py").write_text("import helpers\nfrom procmqtt import Worker\n\nDB = helpers.connect()\n")
     for app in (f"{tmp_path}/myapp.py:App", "myapp:App"):
-        result = procmqtt("run", app, cwd=tmp_path)
+        result = run_cli("run", app, cwd=tmp_path)
         assert result.returncode == 3, result.stderr
         lines = [line for line in result.stderr.splitlines() if line.strip("^ ")]  # carets vary by Python version
         assert lines == [
@@ -191,7 +177,7 @@ def test_app_import_error_shows_where_in_the_app(tmp_path):
 
 def test_app_syntax_error_shows_the_line(tmp_path):
     (tmp_path / "bad.py").write_text("from procmqtt import Worker\nclass App(Worker:\n    pass\n")
-    result = procmqtt("check", f"{tmp_path}/bad.py:App")
+    result = run_cli("check", f"{tmp_path}/bad.py:App")
     assert result.returncode == 3, result.stderr
     lines = result.stderr.splitlines()
     assert lines[0].startswith(
@@ -203,7 +189,7 @@ def test_app_syntax_error_shows_the_line(tmp_path):
 
 def test_app_module_that_raises_exits_3(tmp_path):
     (tmp_path / "broken.py").write_text("import json\nraise RuntimeError('config missing')\n")
-    result = procmqtt("run", f"{tmp_path}/broken.py:App")
+    result = run_cli("run", f"{tmp_path}/broken.py:App")
     assert result.returncode == 3
     assert "importing" in result.stderr and "RuntimeError: config missing" in result.stderr
     assert "Traceback" not in result.stderr
@@ -212,7 +198,7 @@ def test_app_module_that_raises_exits_3(tmp_path):
 def test_pid_option_never_deletes_a_file_that_is_not_a_pid_file(tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
-    result = procmqtt("run", "tests/apps.py:Recorder", "--pid", str(notes))
+    result = run_cli("run", "tests/apps.py:Recorder", "--pid", str(notes))
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         (

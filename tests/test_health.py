@@ -14,7 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import ROOT, Mosquitto, Procmqtt, free_port, publish_all, publisher, records, wait_until, write_config
+from harness import (
+    ROOT,
+    Mosquitto,
+    Procmqtt,
+    free_port,
+    publish_all,
+    publisher,
+    records,
+    run_cli,
+    wait_until,
+    write_config,
+)
 from hostile_broker import HostileBroker
 
 from procmqtt import config
@@ -141,23 +152,11 @@ def test_health_config_defaults_and_the_metrics_port():
 # --- the command line: bad values exit 2 with one line ------------------------------------------------
 
 
-def procmqtt(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "procmqtt", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=20,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
-
-
 @pytest.mark.timeout(40)
 def test_run_with_a_bad_health_value_exits_2_with_one_line(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text(f'[app]\nrecord_dir = "{tmp_path}"\n')
-    result = procmqtt("run", "tests/apps.py:Recorder", "-c", str(path), env={"PROCMQTT_HEALTH_PORT": "http"})
+    result = run_cli("run", "tests/apps.py:Recorder", "-c", str(path), env={"PROCMQTT_HEALTH_PORT": "http"})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "procmqtt: error: PROCMQTT_HEALTH_PORT: expected an integer from 1 to 65535, got 'http'"
@@ -167,7 +166,7 @@ def test_run_with_a_bad_health_value_exits_2_with_one_line(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         path.write_text(f'[health]\nport = {port}\n[app]\nrecord_dir = "{tmp_path}"\n')
-        result = procmqtt("run", "tests/apps.py:Recorder", "-c", str(path))
+        result = run_cli("run", "tests/apps.py:Recorder", "-c", str(path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"procmqtt: error: {path}: [health] cannot listen on 127.0.0.1:{port}: Address already in use "

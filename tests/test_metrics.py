@@ -10,7 +10,7 @@ import sys
 import urllib.request
 
 import pytest
-from harness import ROOT, free_port, publish_all, publisher, records, start, wait_until
+from harness import ROOT, free_port, publish_all, publisher, records, run_cli, start, wait_until
 
 from procmqtt import config
 from procmqtt.agent import metrics
@@ -214,17 +214,11 @@ def test_metrics_config_errors(table, expected):
 # --- the command line, without a broker ----------------------------------------------------------
 
 
-def procmqtt(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "procmqtt", *args], capture_output=True, text=True, cwd=ROOT, timeout=20, check=False
-    )
-
-
 @pytest.mark.timeout(30)
 def test_status_without_metrics_is_a_config_error(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text("[workers]\ncount = 2\n")
-    result = procmqtt("status", "-c", str(path))
+    result = run_cli("status", "-c", str(path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         (
@@ -239,7 +233,7 @@ def test_status_with_nothing_listening_exits_1(tmp_path):
     port = free_port()
     path = tmp_path / "p.toml"
     path.write_text(f"[metrics]\nport = {port}\n")
-    result = procmqtt("status", "-c", str(path))
+    result = run_cli("status", "-c", str(path))
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"procmqtt: error: nothing answers on http://127.0.0.1:{port}/")
@@ -253,7 +247,7 @@ def test_run_with_metrics_port_in_use_exits_2(tmp_path):
         port = taken.getsockname()[1]
         path = tmp_path / "p.toml"
         path.write_text(f'[metrics]\nport = {port}\n[app]\nrecord_dir = "{tmp_path}"\n')
-        result = procmqtt("run", "tests/apps.py:Recorder", "-c", str(path))
+        result = run_cli("run", "tests/apps.py:Recorder", "-c", str(path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         (
@@ -381,7 +375,7 @@ def test_status_command_prints_the_table(tmp_path, broker, runs):
     publish_all(publisher(broker), [(f"load/{i}", b"x") for i in range(50)])
     wait_until(lambda: snap(port).processed == 50, 20, "50 processed")
     cfg = str(tmp_path / "procmqtt.toml")
-    result = procmqtt("status", "-c", cfg)
+    result = run_cli("status", "-c", cfg)
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines()]
     assert rows[0] == ["worker", "processed", "msg/s", "in-flight", "failed"]
