@@ -256,7 +256,7 @@ def send_many(sock: socket.socket, queue: deque[Encoded], *, block: bool = True)
 
 _local = threading.local()  # one receive buffer per thread: records are parsed from it in place
 
-HEAP_KEPT = 1024 * 1024
+HEAP_KEPT = 4 * 1024 * 1024
 """Freed heap the C allocator may keep rather than give back (glibc: up to twice this)."""
 
 
@@ -264,12 +264,14 @@ def _keep_freed_heap() -> None:
     """Payloads of 64 KiB or so are allocated and freed once per message (the agent's copy out of
     the broker's stream, ``decode``'s in the worker). glibc gives the top of its heap back to the
     kernel as soon as 128 KiB of it are free, so the next payload faults its pages in again: 2-5
-    page faults per 64 KiB message in the agent and the workers. Freeing one block larger than
-    glibc's mmap threshold raises that threshold to the block's size and the trim threshold to
-    twice it (mallopt(3), "dynamic mmap threshold"): then up to ``2 x HEAP_KEPT`` of freed heap
-    stays with the process for the next payloads. Other allocators ignore this; it costs one
-    allocation per process."""
-    block = bytearray(HEAP_KEPT + 1)  # above the default threshold (128 KiB): mapped, and unmapped here
+    page faults per 64 KiB message. Freeing one block larger than glibc's mmap threshold raises
+    that threshold to the block's size and the trim threshold to twice it (mallopt(3), "dynamic
+    mmap threshold"): then up to ``2 x HEAP_KEPT`` of freed heap stays with the process for the
+    next payloads. 4 MiB because the agent holds a broker window of payloads and its read-ahead at
+    once, 1-4 MiB of 64 KiB messages, which rises and falls with every pass; at 1 MiB (trim at 2)
+    it still faulted 1-2 pages per message. Other allocators ignore this. The block is ``bytes``:
+    calloc on a fresh mapping does not write it, so this costs one mmap and munmap, no page."""
+    block = bytes(HEAP_KEPT + 1)  # above the default threshold (128 KiB): mapped, and unmapped here
     del block
 
 
