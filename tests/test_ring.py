@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from procmqtt.agent.workers import WorkerChannels
 from procmqtt.ipc import channel
-from procmqtt.ipc.ring import ALIGN, RING_MIN, RING_SIZE, Ring, RingReader, RingSpace
+from procmqtt.ipc.ring import ALIGN, RING_FLOOR, RING_MAX, RING_MIN, Ring, RingReader, RingSpace, ring_size
 
 pytestmark = pytest.mark.unit
 
@@ -89,7 +89,7 @@ def test_one_range_held_stops_the_others_from_passing_it() -> None:
 
 def test_a_payload_written_by_the_agent_is_read_by_the_worker_through_the_channel() -> None:
     agent_end, worker_end = channel.pair()
-    ring = Ring(RING_SIZE)
+    ring = Ring(RING_MAX)
     try:
         assert channel.send(agent_end, channel.RingFile(ring.fd))
         ring.sent()
@@ -105,7 +105,7 @@ def test_a_payload_written_by_the_agent_is_read_by_the_worker_through_the_channe
         assert isinstance(at, channel.DeliverAt)
         assert reader.read(at.offset, at.length) == payload
         with pytest.raises(ValueError):
-            reader.read(RING_SIZE - 10, 11)
+            reader.read(RING_MAX - 10, 11)
         ring.free(7)
         assert ring.space.in_use() == []
         reader.close()
@@ -127,7 +127,7 @@ def _drain(sock: socket.socket) -> list[channel.Record]:
 def test_the_agent_sends_large_payloads_through_the_ring_and_frees_them_on_done() -> None:
     agent_end, worker_end = channel.pair()
     worker_end.setblocking(False)
-    channels = WorkerChannels({0: (1, agent_end)})
+    channels = WorkerChannels({0: (1, agent_end)}, 16)
     worker = channels.by_slot[0]
     big, small = os.urandom(RING_MIN), os.urandom(RING_MIN - 1)
     channels.deliver(worker, channel.Deliver(1, "t", big, 1, False, False))
@@ -140,6 +140,7 @@ def test_the_agent_sends_large_payloads_through_the_ring_and_frees_them_on_done(
     reader = RingReader(ring_file.fd)
     assert reader.read(at.offset, at.length) == big
     assert worker.ring is not None and worker.ring.space.in_use()
+    assert worker.ring.space.size == RING_FLOOR  # 16 payloads of 4 KiB, twice over: the least ring
     channels.done(2, 0)  # inline: nothing to free
     channels.done(1, 1)  # not from that slot (the ledger knew it elsewhere): nothing freed
     assert worker.ring.space.in_use()
@@ -147,7 +148,7 @@ def test_the_agent_sends_large_payloads_through_the_ring_and_frees_them_on_done(
     assert worker.ring.space.in_use() == [] and not channels.in_ring
     # The ring full (here: one range held, then more than the rest): inline, in the record.
     channels.deliver(worker, channel.Deliver(3, "t", big, 1, False, False))
-    channels.deliver(worker, channel.Deliver(4, "t", bytes(RING_SIZE - RING_MIN + 1), 1, False, False))
+    channels.deliver(worker, channel.Deliver(4, "t", bytes(RING_FLOOR - RING_MIN + 1), 1, False, False))
     channels.flush([])
     records = _drain(worker_end)
     assert [type(r) for r in records] == [channel.DeliverAt, channel.Deliver]
@@ -157,3 +158,58 @@ def test_the_agent_sends_large_payloads_through_the_ring_and_frees_them_on_done(
     assert worker.ring is None and not channels.in_ring and ring.fd == -1
     reader.close()
     worker_end.close()
+
+
+def test_a_ring_is_sized_for_twice_the_window_of_its_payloads() -> None:
+    assert ring_size(RING_MIN, 16) == RING_FLOOR
+    assert ring_size(64 * 1024, 16) == 2 * 1024 * 1024
+    assert ring_size(64 * 1024 + 1, 16) == RING_MAX
+    assert ring_size(1024 * 1024, 16) == RING_MAX  # capped: four such payloads at once
+    assert ring_size(64 * 1024, 1) == RING_FLOOR
+
+
+def test_a_larger_payload_gets_a_larger_ring_once_no_record_names_the_old_one() -> None:
+    """Payloads of 4 KiB, then 64 KiB, then 128 KiB, with a window of 4: the ring grows from 256 KiB
+    to 512 KiB at once (nothing queued), stays while records naming it wait to be sent, and grows
+    to 1 MiB on the next pass. The worker, switching rings as their records arrive, reads every
+    payload intact; a Done for a payload of a replaced ring frees nothing in the new one."""
+    agent_end, worker_end = channel.pair()
+    worker_end.setblocking(False)
+    channels = WorkerChannels({0: (1, agent_end)}, 4)
+    worker = channels.by_slot[0]
+    payloads = {i: os.urandom(n) for i, n in enumerate([4096, 65536, 131072, 131072], start=1)}
+    got: dict[int, bytes] = {}
+    sizes: list[int] = []
+    reader: RingReader | None = None
+
+    def worker_reads() -> None:
+        nonlocal reader
+        for record in _drain(worker_end):
+            if isinstance(record, channel.RingFile):
+                if reader is not None:
+                    reader.close()
+                reader = RingReader(record.fd)
+            else:
+                assert isinstance(record, channel.DeliverAt) and reader is not None
+                got[record.delivery_id] = reader.read(record.offset, record.length)
+
+    try:
+        for batch in ([1], [2, 3], [4]):
+            for i in batch:
+                channels.deliver(worker, channel.Deliver(i, "t", payloads[i], 1, False, False))
+            channels.flush([])
+            assert worker.ring is not None
+            sizes.append(worker.ring.space.size)
+            worker_reads()
+        assert sizes == [RING_FLOOR, 2 * RING_FLOOR, 4 * RING_FLOOR]
+        assert got == payloads
+        assert set(channels.in_ring) == {4}  # the replaced rings' ranges are forgotten
+        channels.done(2, 0)
+        assert worker.ring.space.in_use() and set(channels.in_ring) == {4}
+        channels.done(4, 0)
+        assert worker.ring.space.in_use() == [] and not channels.in_ring
+    finally:
+        if reader is not None:
+            reader.close()
+        agent_end.close()
+        worker_end.close()

@@ -85,7 +85,7 @@ class Agent(Upstream):
         self.health_listener = health_listener
         self.probes = health.Probes(shared) if health_listener is not None else None
         self.log = logs.get("agent")
-        self.channels = WorkerChannels(workers)
+        self.channels = WorkerChannels(workers, config.workers.prefetch)
         self.workers = self.channels.by_slot  # the workers the agent knows, by slot
         self._write = self.channels.write
         self.metrics = metrics.Counters(max(config.workers.count, max(self.workers, default=-1) + 1))

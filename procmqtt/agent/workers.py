@@ -7,7 +7,8 @@ so its channel turning readable means end of file: the worker is gone (``at_eof`
 
 A payload of ``ring.RING_MIN`` bytes or more goes through the worker's shared-memory ring when it
 has room (``deliver``; see ``ipc/ring.py``): its range is freed on the delivery's ``Done``
-(``done``) or with the whole ring when the worker's channel is removed.
+(``done``) or with the whole ring when the worker's channel is removed or the ring is replaced by
+a larger one (``_ring_for``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 from procmqtt.agent.outbox import EarlyAnswers
 from procmqtt.ipc import channel
-from procmqtt.ipc.ring import RING_MIN, Ring
+from procmqtt.ipc.ring import RING_MAX, RING_MIN, Ring, ring_size
 
 
 @dataclass(eq=False)
@@ -37,8 +38,10 @@ class WorkerChannel:
 class WorkerChannels:
     """The known workers' channels by slot, and answers kept for workers not known yet."""
 
-    def __init__(self, inherited: dict[int, tuple[int, socket.socket]]) -> None:
-        """``inherited``: slot -> (generation, socket) at the agent's fork."""
+    def __init__(self, inherited: dict[int, tuple[int, socket.socket]], prefetch: int) -> None:
+        """``inherited``: slot -> (generation, socket) at the agent's fork; ``prefetch``: a worker's
+        window, which sizes its ring."""
+        self.prefetch = prefetch
         self.by_slot: dict[int, WorkerChannel] = {}
         for slot, (generation, sock) in inherited.items():
             sock.setblocking(False)
@@ -70,28 +73,52 @@ class WorkerChannels:
     def _in_ring(self, worker: WorkerChannel, record: channel.Deliver) -> channel.DeliverAt | None:
         """The payload copied into the ring and the record that names it (queued only after the
         copy, so a torn write is never announced); None when it must go inline."""
-        ring = worker.ring
+        ring = self._ring_for(worker, len(record.payload))
         if ring is None:
-            try:
-                ring = worker.ring = Ring()
-            except OSError:  # no memory file (a descriptor limit, say): this worker's payloads go inline
-                worker.no_ring = True
-                return None
-        if ring.fd >= 0:  # the worker does not have it yet: its record goes ahead of any DeliverAt
-            try:
-                if not channel.send(worker.sock, channel.RingFile(ring.fd), block=False):
-                    return None  # the channel is full: inline now, the ring next time
-            except OSError:
-                return None  # the worker is gone; its end of file comes on a later pass
-            ring.sent()
+            return None
         offset = ring.put(record.delivery_id, record.payload)
         if offset is None:
-            return None  # no room: the ring is full, or a range ahead is still held
+            return None  # no room: the ring full, or a range ahead still held
         self.in_ring[record.delivery_id] = worker
         r = record
         return channel.DeliverAt(
             r.delivery_id, r.topic, offset, len(r.payload), r.qos, r.retain, r.redelivered, r.properties
         )
+
+    def _ring_for(self, worker: WorkerChannel, length: int) -> Ring | None:
+        """The worker's ring for a payload of ``length`` bytes: made for the first, replaced by a
+        larger one when a payload asks for more (``ring_size``) and no record naming the old one
+        is still queued (the worker reads in order: it copies those out before it switches). The
+        new ring's record goes ahead of the delivery; None (inline) if it cannot be sent now."""
+        ring = worker.ring
+        if ring is not None and (worker.unsent or ring.space.size >= min(RING_MAX, 2 * self.prefetch * length)):
+            return ring  # large enough (``ring_size``), or records naming it still wait to be sent
+        try:
+            larger = Ring(ring_size(length, self.prefetch))
+        except OSError:  # no memory file (a descriptor limit, say)
+            worker.no_ring = ring is None  # a worker without any ring: its payloads go inline
+            return ring
+        try:
+            sent = channel.send(worker.sock, channel.RingFile(larger.fd), block=False)
+        except OSError:
+            sent = False  # the worker is gone; its end of file comes on a later pass
+        if not sent:  # the channel is full: the ring we have (or inline) now, a new one next time
+            larger.close()
+            return ring
+        larger.sent()
+        if ring is not None:
+            self._drop_ring(worker)
+        worker.ring = larger
+        return larger
+
+    def _drop_ring(self, worker: WorkerChannel) -> None:
+        """The worker's ring is no longer written: its ranges are forgotten (the worker's mapping
+        stays valid until it replaces or unmaps it)."""
+        if worker.ring is not None:
+            for delivery_id in worker.ring.taken:
+                self.in_ring.pop(delivery_id, None)
+            worker.ring.close()
+            worker.ring = None
 
     def done(self, delivery_id: int, slot: int) -> None:
         """The Done of a delivery the ledger knew at ``slot`` arrived: its range of that worker's
@@ -121,11 +148,7 @@ class WorkerChannels:
         del self.by_slot[worker.slot]
         self.version = object()
         worker.sock.close()
-        if worker.ring is not None:  # dropped with its channel: nothing reads it again
-            for delivery_id in worker.ring.taken:
-                self.in_ring.pop(delivery_id, None)
-            worker.ring.close()
-            worker.ring = None
+        self._drop_ring(worker)  # dropped with its channel: nothing reads it again
 
     def flush(self, writable: Iterable[WorkerChannel]) -> None:
         """Send what this pass queued, and what waited for a socket now ``writable``."""
