@@ -11,6 +11,8 @@ import time
 import pytest
 from harness import Procmqtt, Subscriber, publish_all, publisher, records, start, wait_until, write_config
 
+from procmqtt.ipc.ring import RING_MAX
+
 
 @pytest.mark.timeout(120)
 def test_sigkilled_publishing_workers_never_corrupt_or_wedge_the_publish_channel(tmp_path, broker, runs):
@@ -52,9 +54,15 @@ def test_sigkilled_publishing_workers_never_corrupt_or_wedge_the_publish_channel
     assert run.stop() == 0
 
 
+_RING_SIZES = (4_096, 20_000, 65_536, 130_000)  # 256 KiB, 1, 2 and 4 MiB rings (``ring_size``)
+
+
 def _ring_payloads(count: int) -> tuple[list[tuple[str, bytes]], set[str]]:
-    """``count`` payloads of 64 KiB (large enough for the workers' rings), and their SHA-1s."""
-    items = [(f"load/{i % 10}", b"%08d" % i + os.urandom(65_528)) for i in range(count)]
+    """``count`` payloads large enough for the workers' rings, growing through the drain (a
+    quarter at each of ``_RING_SIZES``), so every worker's ring is replaced by larger ones while
+    workers or the agent are killed; and their SHA-1s."""
+    sizes = [_RING_SIZES[i * len(_RING_SIZES) // count] for i in range(count)]
+    items = [(f"load/{i % 10}", b"%08d" % i + os.urandom(n - 8)) for i, n in enumerate(sizes)]
     return items, {hashlib.sha1(p).hexdigest() for _, p in items}
 
 
@@ -70,12 +78,24 @@ def _ring_mapped(run) -> bool:
     return False
 
 
+def _ring_sizes(run) -> list[int]:
+    """The size of every ring the workers map now."""
+    sizes = []
+    for pid in run.pids("worker").values():
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                if "procmqtt-ring" in line:
+                    start, end = line.split()[0].split("-")
+                    sizes.append(int(end, 16) - int(start, 16))
+    return sizes
+
+
 def _done_shas(record_dir) -> list[str]:
     return [r["sha"] for r in records(record_dir) if r["topic"].startswith("load/")]
 
 
 @pytest.mark.timeout(150)
-def test_sigkilled_workers_mid_drain_of_64k_payloads_lose_and_corrupt_nothing(tmp_path, broker, runs):
+def test_sigkilled_workers_mid_drain_of_large_payloads_lose_and_corrupt_nothing(tmp_path, broker, runs):
     """The ring: a worker killed while its ring holds payloads; what it held goes to the others, whole."""
     run, rec = start(runs, tmp_path, broker, topics={"load/#": 1}, workers=3, app={"delay": 0.004})
     items, expected = _ring_payloads(1_500)
@@ -99,7 +119,7 @@ def test_sigkilled_workers_mid_drain_of_64k_payloads_lose_and_corrupt_nothing(tm
 
 
 @pytest.mark.timeout(150)
-def test_sigkilled_agent_mid_drain_of_64k_payloads_loses_and_corrupts_nothing(tmp_path, broker, runs):
+def test_sigkilled_agent_mid_drain_of_large_payloads_loses_and_corrupts_nothing(tmp_path, broker, runs):
     """The ring: a new agent makes new rings; workers that held the old one read the new one right."""
     run, rec = start(runs, tmp_path, broker, topics={"load/#": 1}, workers=2, app={"delay": 0.002})
     items, expected = _ring_payloads(1_500)
@@ -111,5 +131,8 @@ def test_sigkilled_agent_mid_drain_of_64k_payloads_loses_and_corrupts_nothing(tm
         run.wait_for_log(r"started agent", count=n)
     wait_until(lambda: expected <= set(_done_shas(rec)), 90, "every payload handled")
     assert set(_done_shas(rec)) == expected
+    # The last agent's rings grew past the 2 MiB of the 64 KiB payloads it started with; the
+    # workers map only the newest.
+    assert _ring_sizes(run) == [RING_MAX, RING_MAX]
     assert "Traceback" not in run.log()
     assert run.stop() == 0
