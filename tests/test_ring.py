@@ -213,3 +213,62 @@ def test_a_larger_payload_gets_a_larger_ring_once_no_record_names_the_old_one() 
             reader.close()
         agent_end.close()
         worker_end.close()
+
+
+def _fill(sock: socket.socket) -> None:
+    """Fill a non-blocking channel until the kernel takes no more."""
+    sock.setblocking(False)
+    while channel.send(sock, channel.Stop(), block=False):
+        pass
+
+
+def _kinds(sock: socket.socket) -> list[type]:
+    """The kinds of record waiting on the worker's end, Stops (the filler) left out."""
+    return [type(r) for r in _drain(sock) if not isinstance(r, channel.Stop)]
+
+
+def test_a_ring_whose_record_cannot_be_sent_waits_and_payloads_go_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's channel full when its first ring (or a larger one) is made: the memory file is
+    closed, the payload goes inline, and the next payload tries again. A memory file that cannot be
+    made leaves a worker without a ring inline for good, and one with a ring on the ring it has."""
+    agent_end, worker_end = channel.pair()
+    worker_end.setblocking(False)
+    channels = WorkerChannels({0: (1, agent_end)}, 4)
+    worker = channels.by_slot[0]
+    small, large = os.urandom(RING_MIN), os.urandom(65536)
+    try:
+        _fill(agent_end)
+        channels.deliver(worker, channel.Deliver(1, "t", small, 1, False, False))
+        assert worker.ring is None and not worker.no_ring
+        assert _kinds(worker_end) == []  # the worker reads its channel: room again
+        channels.flush([])
+        channels.deliver(worker, channel.Deliver(2, "t", small, 1, False, False))
+        channels.flush([])
+        assert _kinds(worker_end) == [channel.Deliver, channel.RingFile, channel.DeliverAt]
+        assert worker.ring is not None and worker.ring.space.size == RING_FLOOR
+        # A larger ring is due (64 KiB payloads, a window of 4: 512 KiB), but the channel is full.
+        _fill(agent_end)
+        channels.deliver(worker, channel.Deliver(3, "t", large, 1, False, False))
+        assert worker.ring.space.size == RING_FLOOR and set(channels.in_ring) == {2, 3}  # it fitted there
+        _drain(worker_end)
+        channels.flush([])
+        assert _kinds(worker_end) == [channel.DeliverAt]
+        # No memory file can be made: a worker with a ring keeps using it.
+        monkeypatch.setattr("procmqtt.agent.workers.Ring", _no_memory_file)
+        channels.done(2, 0)
+        channels.deliver(worker, channel.Deliver(4, "t", large, 1, False, False))
+        assert worker.ring.space.size == RING_FLOOR and not worker.no_ring and 4 in channels.in_ring
+        # ... and a worker without one stays inline.
+        other_agent_end, other_worker_end = channel.pair()
+        fresh = channels.add(1, 1, other_agent_end)
+        channels.deliver(fresh, channel.Deliver(5, "t", small, 1, False, False))
+        assert fresh.ring is None and fresh.no_ring
+        other_worker_end.close()
+        channels.remove(fresh)
+        channels.remove(worker)
+    finally:
+        worker_end.close()
+
+
+def _no_memory_file(size: int) -> Ring:
+    raise OSError(24, "Too many open files")
