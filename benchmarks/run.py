@@ -39,6 +39,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+import targets  # noqa: E402
 from common import calibrate, read_latencies, read_progress  # noqa: E402
 
 
@@ -643,6 +644,8 @@ def main() -> int:
     text = print_table(table, peers, workloads)
     print()
     print(text)
+    print()
+    print(targets.report(table))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {

@@ -137,3 +137,23 @@ def test_paired_ratios_compare_p99_latencies_for_paced_workloads():
     ratios = run.paired_ratios(results)
     assert ratios[("W4", "procmqtt -w 2")] == [1.5]
     assert ratios[("W1", "procmqtt -w 2")] == [1.5]
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(10)
+def test_the_targets_are_checked_against_paired_medians_of_one_run():
+    """benchmarks/targets.py: each target against its bound from the same run; what the run left
+    out is not measured, never met."""
+    targets = bench_module("targets")
+    table = {
+        "W1": {"A raw paho": {}, "C $share N=2": {"paired_ratio": 1.5}, "procmqtt -w 2": {"paired_ratio": 1.6}},
+        "W6": {"A raw paho": {}, "C $share N=2": {"paired_ratio": 1.2}, "procmqtt -w 2": {"paired_ratio": 1.05}},
+        "W4": {"A raw paho": {}, "procmqtt -w 4": {"paired_ratio": 1.3}},
+    }
+    verdicts = {t.describe(): met for t, _, _, met in targets.check(table)}
+    assert verdicts["W1 procmqtt -w 2 >= 1 x C $share N=2"] is True
+    assert verdicts["W1 procmqtt -w 4 >= 1 x C $share N=4"] is None  # not in this run
+    assert verdicts["W6 procmqtt -w 2 >= 1 x A"] is True
+    assert verdicts["W6 procmqtt -w 2 >= 0.9 x C $share N=2"] is False  # 1.05 < 0.9 x 1.2
+    assert verdicts["W4 p99 procmqtt -w 4 <= 1 x A's"] is False
+    assert "NOT met" in targets.report(table) and "not measured" in targets.report(table)
