@@ -211,6 +211,8 @@ def test_sighup_during_a_qos1_stream_loses_nothing_and_runs_the_new_code(tmp_pat
     write_app(source, "v2")
     run.signal(signal.SIGHUP)
     wait_until(lambda: any(r["version"] == "v2" for r in records(rec)), 20, "v2 handling messages")
+    # Every v2 worker started: a slot whose v1 worker were still finishing would go straight to v3.
+    wait_until(lambda: len(re.findall(r"started worker", run.log())) >= 6, 20, "every v2 worker started")
     write_app(source, "v3-longer")  # another size: no stale bytecode within the same second
     run.signal(signal.SIGHUP)  # a second reload while the first one's workers are fresh
     wait_until(lambda: any(r["version"] == "v3-longer" for r in records(rec)), 20, "v3 handling messages")
