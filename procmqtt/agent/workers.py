@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from procmqtt.agent.outbox import EarlyAnswers
 from procmqtt.ipc import channel
-from procmqtt.ipc.ring import RING_MAX, RING_MIN, Ring, ring_size
+from procmqtt.ipc.ring import RING_MIN, Ring, ring_size
 
 
 @dataclass(eq=False)
@@ -90,11 +90,11 @@ class WorkerChannels:
         larger one when a payload asks for more (``ring_size``) and no record naming the old one
         is still queued (the worker reads in order: it copies those out before it switches). The
         new ring's record goes ahead of the delivery; None (inline) if it cannot be sent now."""
-        ring = worker.ring
-        if ring is not None and (worker.unsent or ring.space.size >= min(RING_MAX, 2 * self.prefetch * length)):
-            return ring  # large enough (``ring_size``), or records naming it still wait to be sent
+        ring, size = worker.ring, ring_size(length, self.prefetch)
+        if ring is not None and (worker.unsent or ring.space.size >= size):
+            return ring  # large enough, or records naming it still wait to be sent
         try:
-            larger = Ring(ring_size(length, self.prefetch))
+            larger = Ring(size)
         except OSError:  # no memory file (a descriptor limit, say)
             worker.no_ring = ring is None  # a worker without any ring: its payloads go inline
             return ring

@@ -114,10 +114,8 @@ def ring_size(length: int, prefetch: int) -> int:
     """The ring a payload of ``length`` bytes asks for: room for twice a window of ``prefetch`` such
     payloads (slack for the wrap and for ranges freed a pass late), as a power of two within
     ``RING_FLOOR`` and ``RING_MAX``."""
-    size = RING_FLOOR
-    while size < 2 * prefetch * length and size < RING_MAX:
-        size *= 2
-    return size
+    want = 2 * prefetch * length
+    return min(RING_MAX, max(RING_FLOOR, 1 << (want - 1).bit_length()))  # the power of two at or above
 
 
 def _memory_file(size: int) -> int:
