@@ -227,7 +227,9 @@ def _kinds(sock: socket.socket) -> list[type]:
     return [type(r) for r in _drain(sock) if not isinstance(r, channel.Stop)]
 
 
-def test_a_ring_whose_record_cannot_be_sent_waits_and_payloads_go_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_ring_whose_record_cannot_be_sent_waits_and_payloads_go_inline(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """The worker's channel full when its first ring (or a larger one) is made: the memory file is
     closed, the payload goes inline, and the next payload tries again. A memory file that cannot be
     made leaves a worker without a ring inline for good, and one with a ring on the ring it has."""
@@ -262,7 +264,11 @@ def test_a_ring_whose_record_cannot_be_sent_waits_and_payloads_go_inline(monkeyp
         other_agent_end, other_worker_end = channel.pair()
         fresh = channels.add(1, 1, other_agent_end)
         channels.deliver(fresh, channel.Deliver(5, "t", small, 1, False, False))
+        channels.deliver(fresh, channel.Deliver(6, "t", small, 1, False, False))
         assert fresh.ring is None and fresh.no_ring
+        assert [r.getMessage() for r in caplog.records] == [
+            "worker 1: no ring ([Errno 24] Too many open files); its large payloads go inline"
+        ]  # said once, for the worker without a ring
         other_worker_end.close()
         channels.remove(fresh)
         channels.remove(worker)

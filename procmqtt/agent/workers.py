@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from procmqtt import logs
 from procmqtt.agent.outbox import EarlyAnswers
 from procmqtt.ipc import channel
 from procmqtt.ipc.ring import RING_MIN, Ring, ring_size
@@ -95,8 +96,10 @@ class WorkerChannels:
             return ring  # large enough, or records naming it still wait to be sent
         try:
             larger = Ring(size)
-        except OSError:  # no memory file (a descriptor limit, say)
-            worker.no_ring = ring is None  # a worker without any ring: its payloads go inline
+        except OSError as exc:  # no memory file (a descriptor limit, say)
+            if ring is None:  # a worker without any ring: its payloads go inline, said once
+                worker.no_ring = True
+                logs.get("agent").warning("worker %d: no ring (%s); its large payloads go inline", worker.slot, exc)
             return ring
         try:
             sent = channel.send(worker.sock, channel.RingFile(larger.fd), block=False)
